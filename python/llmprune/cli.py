@@ -1,0 +1,124 @@
+"""The `llmprune` command line: argument parsing, error reporting and wiring to the engines.
+
+Heavy imports (torch, transformers, the Rust core) happen inside the commands so that `--help` and
+argument errors are instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Optional
+
+import click
+import typer
+
+from llmprune.console import err
+from llmprune.errors import CheckFailed, UsageError
+
+app = typer.Typer(
+    name="llmprune",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Prune large language models stored as safetensors checkpoints, streaming, in little memory.",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from llmprune import __version__
+
+        typer.echo(f"llmprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Prune large language models stored as safetensors checkpoints, streaming, in little memory."""
+
+
+def _register_commands() -> None:
+    from llmprune import cmd_apply
+
+    cmd_apply.register(app)
+    for module in ("cmd_stats", "cmd_eval", "cmd_demo"):
+        try:
+            mod = __import__(f"llmprune.{module}", fromlist=["register"])
+        except ModuleNotFoundError as exc:  # a command module not present in this build
+            if exc.name != f"llmprune.{module}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register_commands()
+
+
+def _error(message: str, hint: str | None = None) -> None:
+    first = str(message).strip().splitlines() or ["unknown error"]
+    err.print(f"error: {' '.join(line.strip() for line in first)}", markup=False, soft_wrap=True)
+    if hint:
+        err.print(f"hint: {hint}", markup=False, soft_wrap=True)
+
+
+def _core_hint(exc: BaseException) -> str | None:
+    name = type(exc).__name__
+    if name == "StatsMismatchError":
+        return "compute statistics for this model with `llmprune stats MODEL`"
+    if name == "OutputError" and "not empty" in str(exc):
+        return "choose another --out, or pass --force to replace it"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    debug = os.environ.get("LLMPRUNE_DEBUG", "") not in ("", "0")
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="llmprune")
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.NoArgsIsHelpError as exc:
+        err.print(exc.ctx.get_help() if exc.ctx else str(exc), markup=False)
+        return 2
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "llmprune"
+        _error(exc.format_message(), f"see `{cmd} --help`")
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _error("interrupted; no output was written")
+        return 130
+    except CheckFailed as exc:
+        _error(str(exc))
+        return 1
+    except UsageError as exc:
+        if debug:
+            traceback.print_exc()
+        _error(str(exc), exc.hint)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        if debug:
+            traceback.print_exc()
+        _error(str(exc))
+        return 2
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
+        if debug:
+            traceback.print_exc()
+        mod = type(exc).__module__ or ""
+        if mod.startswith("llmprune"):
+            _error(str(exc), _core_hint(exc))
+        else:
+            _error(f"internal error: {type(exc).__name__}: {exc}", "rerun with LLMPRUNE_DEBUG=1 for a traceback")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+//! One error type for the whole core. Every variant names the file (and the tensor where one is
+//! involved) so a user can act on the message without a traceback.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error on a named path.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The model directory, its index or one of its shards is malformed.
+    #[error("invalid checkpoint {}: {msg}", path.display())]
+    InvalidCheckpoint { path: PathBuf, msg: String },
+
+    /// The stats sidecar is malformed.
+    #[error("invalid stats sidecar {}: {msg}", path.display())]
+    InvalidStats { path: PathBuf, msg: String },
+
+    /// The stats sidecar was computed for another model.
+    #[error("stats sidecar {} does not match the model: {msg}", path.display())]
+    StatsMismatch { path: PathBuf, msg: String },
+
+    /// A tensor cannot be pruned as asked (dtype, shape, N:M divisibility).
+    #[error("tensor {name} in {}: {msg}", path.display())]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        msg: String,
+    },
+
+    /// Bad arguments (sparsity range, N:M pattern, method/scope combination).
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// The output location cannot be used.
+    #[error("output {}: {msg}", path.display())]
+    Output { path: PathBuf, msg: String },
+
+    /// The caller asked to stop (Ctrl-C).
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::InvalidCheckpoint {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn tensor(path: impl Into<PathBuf>, name: &str, msg: impl Into<String>) -> Self {
+        Error::Tensor {
+            path: path.into(),
+            name: name.to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn arg(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+}
