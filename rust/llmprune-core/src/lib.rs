@@ -1,0 +1,20 @@
+//! llmprune-core: the streaming pruning engine behind `llmprune apply` and `llmprune inspect`.
+//!
+//! Pure Rust, no Python: checkpoints are memory-mapped and processed tensor by tensor, so memory
+//! stays bounded by the largest single tensor whatever the model size.
+
+pub mod apply;
+pub mod checkpoint;
+pub mod dtype;
+pub mod error;
+pub mod inspect;
+pub mod output;
+pub mod prunable;
+pub mod score;
+pub mod select;
+pub mod sidecar;
+
+pub use apply::{apply, ApplyOptions, ApplySummary, Progress};
+pub use error::{Error, Result};
+pub use score::Method;
+pub use select::{Scope, Target};

@@ -1,0 +1,156 @@
+//! Reading the stats sidecar (v1, see docs/sidecar.md) and checking it against a checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use crate::checkpoint::{hex, Checkpoint};
+use crate::error::{Error, Result};
+
+/// Per-input-channel statistics of one prunable weight.
+#[derive(Debug, Clone)]
+pub struct LayerStats {
+    pub act_sum: Vec<f64>,
+    pub act_sqsum: Vec<f64>,
+    pub count: i64,
+    /// Axis of the stored weight that indexes input features (1 for [out, in], 0 for [in, out]).
+    pub input_axis: usize,
+}
+
+pub struct Sidecar {
+    pub path: PathBuf,
+    pub meta: serde_json::Map<String, Value>,
+    pub layers: BTreeMap<String, LayerStats>,
+    /// sha256 of the sidecar file, recorded as provenance in the pruned shards.
+    pub sha256: String,
+}
+
+impl Sidecar {
+    pub fn open(path: &Path) -> Result<Sidecar> {
+        let bad = |msg: String| Error::InvalidStats {
+            path: path.to_path_buf(),
+            msg,
+        };
+        if !path.is_file() {
+            return Err(bad("file not found".into()));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let meta_text = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("llmprune"))
+            .ok_or_else(|| bad("no llmprune metadata: not a stats sidecar".into()))?;
+        let meta: serde_json::Map<String, Value> = serde_json::from_str(meta_text)
+            .map_err(|e| bad(format!("corrupt llmprune metadata: {e}")))?;
+        if meta.get("format_version").and_then(Value::as_u64) != Some(1) {
+            return Err(bad("unsupported format_version (expected 1)".into()));
+        }
+        let Some(Value::Object(layer_meta)) = meta.get("layers") else {
+            return Err(bad("metadata has no \"layers\" table".into()));
+        };
+        let mut layers = BTreeMap::new();
+        for (name, info) in layer_meta {
+            let input_axis = info.get("input_axis").and_then(Value::as_u64).unwrap_or(1) as usize;
+            if input_axis > 1 {
+                return Err(bad(format!("{name}: input_axis must be 0 or 1")));
+            }
+            let get = |suffix: &str, dtype: Dtype| -> Result<Vec<u8>> {
+                let key = format!("{name}.{suffix}");
+                let view = st
+                    .tensor(&key)
+                    .map_err(|_| bad(format!("missing tensor {key}")))?;
+                if view.dtype() != dtype {
+                    return Err(bad(format!("{key} must be {dtype:?}, found {:?}", view.dtype())));
+                }
+                Ok(view.data().to_vec())
+            };
+            let act_sum = f64s(&get("act_sum", Dtype::F64)?);
+            let act_sqsum = f64s(&get("act_sqsum", Dtype::F64)?);
+            let count_bytes = get("act_count", Dtype::I64)?;
+            if act_sum.len() != act_sqsum.len() || count_bytes.len() != 8 {
+                return Err(bad(format!("{name}: act_sum/act_sqsum/act_count shapes disagree")));
+            }
+            let count = i64::from_le_bytes(count_bytes[..8].try_into().expect("8 bytes"));
+            layers.insert(
+                name.clone(),
+                LayerStats {
+                    act_sum,
+                    act_sqsum,
+                    count,
+                    input_axis,
+                },
+            );
+        }
+        let sha256 = {
+            use sha2::{Digest, Sha256};
+            hex(&Sha256::digest(&bytes))
+        };
+        Ok(Sidecar {
+            path: path.to_path_buf(),
+            meta,
+            layers,
+            sha256,
+        })
+    }
+
+    /// Refuses a sidecar computed for another model, naming the first tensor that differs.
+    pub fn check_matches(&self, ckpt: &Checkpoint) -> Result<()> {
+        let mismatch = |msg: String| Error::StatsMismatch {
+            path: self.path.clone(),
+            msg,
+        };
+        let model = ckpt.describe();
+        if let Some(Value::Object(recorded)) = self.meta.get("model_tensors") {
+            let mut names: Vec<&String> = model.keys().chain(recorded.keys()).collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                let here = model.get(name).map(String::as_str);
+                let there = recorded.get(name).and_then(Value::as_str);
+                if here != there {
+                    return Err(mismatch(format!(
+                        "first differing tensor {name}: model has {}, statistics were computed for {}",
+                        here.unwrap_or("nothing"),
+                        there.unwrap_or("nothing")
+                    )));
+                }
+            }
+        }
+        let fp = self.meta.get("model_fingerprint").and_then(Value::as_str);
+        if fp != Some(ckpt.fingerprint().as_str()) {
+            return Err(mismatch("model fingerprint differs (tensor names, dtypes or shapes changed)".into()));
+        }
+        for (name, stats) in &self.layers {
+            let Some((_, t)) = ckpt.get(name) else {
+                return Err(mismatch(format!("prunable tensor {name} is not in the model")));
+            };
+            if t.shape.len() != 2 || t.shape[stats.input_axis] != stats.act_sum.len() {
+                return Err(mismatch(format!(
+                    "tensor {name} has shape {:?} but its statistics have {} input channels",
+                    t.shape,
+                    stats.act_sum.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `dense`, or the sequential method and target the statistics were taken with.
+    pub fn sequential(&self) -> Option<&serde_json::Map<String, Value>> {
+        match (self.meta.get("mode"), self.meta.get("sequential")) {
+            (Some(Value::String(m)), Some(Value::Object(s))) if m == "sequential" => Some(s),
+            _ => None,
+        }
+    }
+}
+
+fn f64s(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
