@@ -11,7 +11,6 @@ import sys
 import traceback
 from typing import Optional
 
-import click
 import typer
 
 from llmprune.console import err
@@ -69,6 +68,14 @@ def _error(message: str, hint: str | None = None) -> None:
         err.print(f"hint: {hint}", markup=False, soft_wrap=True)
 
 
+def _is_core_error(exc: BaseException) -> bool:
+    try:
+        from llmprune import _core
+    except ImportError:
+        return False
+    return isinstance(exc, _core.LlmpruneError)
+
+
 def _core_hint(exc: BaseException) -> str | None:
     name = type(exc).__name__
     if name == "StatsMismatchError":
@@ -84,18 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="llmprune")
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.NoArgsIsHelpError as exc:
-        err.print(exc.ctx.get_help() if exc.ctx else str(exc), markup=False)
-        return 2
-    except click.UsageError as exc:
-        cmd = exc.ctx.command_path if exc.ctx else "llmprune"
-        _error(exc.format_message(), f"see `{cmd} --help`")
-        return 2
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         _error("interrupted; no output was written")
         return 130
+    except typer.TyperException as exc:  # argument parsing (typer's usage errors)
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            err.print(ctx.get_help(), markup=False)
+            return 2
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _error(message, f"see `{ctx.command_path if ctx else 'llmprune'} --help`")
+        return getattr(exc, "exit_code", 2) or 2
     except CheckFailed as exc:
         _error(str(exc))
         return 1
@@ -112,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         if debug:
             traceback.print_exc()
-        mod = type(exc).__module__ or ""
-        if mod.startswith("llmprune"):
+        if _is_core_error(exc):
             _error(str(exc), _core_hint(exc))
         else:
             _error(f"internal error: {type(exc).__name__}: {exc}", "rerun with LLMPRUNE_DEBUG=1 for a traceback")
