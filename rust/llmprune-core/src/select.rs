@@ -80,30 +80,61 @@ pub struct Scratch {
 /// Appends to `scratch.pruned` the columns of one row to prune (row scope or N:M).
 /// `w` is the row as f32; `factors` the per-input-channel factor (None = magnitude).
 pub fn prune_row(w: &[f32], factors: Option<&[f32]>, target: Target, scratch: &mut Scratch) {
-    let keys = &mut scratch.keys;
-    keys.clear();
-    match factors {
-        Some(f) => keys.extend(w.iter().zip(f).enumerate().map(|(j, (&x, &f))| key(score(x, Some(f)), j))),
-        None => keys.extend(w.iter().enumerate().map(|(j, &x)| key(x.abs(), j))),
-    }
     scratch.pruned.clear();
     match target {
         Target::Sparsity(s) => {
-            let k = Target::count(s, keys.len());
+            let k = Target::count(s, w.len());
             if k == 0 {
                 return;
+            }
+            let keys = &mut scratch.keys;
+            keys.clear();
+            match factors {
+                Some(f) => keys.extend(w.iter().zip(f).enumerate().map(|(j, (&x, &f))| key(score(x, Some(f)), j))),
+                None => keys.extend(w.iter().enumerate().map(|(j, &x)| key(x.abs(), j))),
             }
             if k < keys.len() {
                 keys.select_nth_unstable(k - 1);
             }
             scratch.pruned.extend(keys[..k].iter().map(|&kk| kk as u32));
         }
-        Target::Pattern { n, m } => {
-            for chunk in keys.chunks_mut(m) {
-                chunk.sort_unstable();
-                scratch.pruned.extend(chunk[..n].iter().map(|&kk| kk as u32));
-            }
+        Target::Pattern { n, m } => prune_row_n_m(w, factors, n, m, &mut scratch.pruned),
+    }
+}
+
+/// N:M selection. For m <= 8 each key's rank within its run is counted with branch-free
+/// comparisons (keys are distinct, so ranks are a permutation) and ranks below n are pruned;
+/// longer runs use an insertion sort on a stack array.
+fn prune_row_n_m(w: &[f32], factors: Option<&[f32]>, n: usize, m: usize, pruned: &mut Vec<u32>) {
+    const STACK: usize = 64;
+    let mut heap = Vec::new();
+    let mut stack = [0u64; STACK];
+    for (g, chunk) in w.chunks(m).enumerate() {
+        let base = g * m;
+        let keys: &mut [u64] = if m <= STACK { &mut stack[..m] } else { heap.resize(m, 0); &mut heap[..] };
+        for (j, (slot, &x)) in keys.iter_mut().zip(chunk).enumerate() {
+            let f = factors.map(|f| f[base + j]);
+            *slot = key(score(x, f), base + j);
         }
+        if m <= 8 {
+            for &k in keys.iter() {
+                let rank: usize = keys.iter().map(|&o| (o < k) as usize).sum();
+                if rank < n {
+                    pruned.push(k as u32);
+                }
+            }
+            continue;
+        }
+        for i in 1..m {
+            let v = keys[i];
+            let mut j = i;
+            while j > 0 && keys[j - 1] > v {
+                keys[j] = keys[j - 1];
+                j -= 1;
+            }
+            keys[j] = v;
+        }
+        pruned.extend(keys[..n].iter().map(|&kk| kk as u32));
     }
 }
 
@@ -257,6 +288,20 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// N:M (rank path for m <= 8, sort path above) equals a stable sort within every run.
+        #[test]
+        fn n_m_matches_stable_sort(vals in proptest::collection::vec(0u8..4, 48), nm in proptest::sample::select(vec![(1usize, 2usize), (2, 4), (4, 8), (3, 8), (5, 16), (7, 12)])) {
+            let (n, m) = nm;
+            let w: Vec<f32> = vals.iter().map(|&v| v as f32 - 1.5).collect();
+            let got = row_mask(&w, Target::Pattern { n, m });
+            let mut want = Vec::new();
+            for chunk in w.chunks(m) {
+                let scores: Vec<f32> = chunk.iter().map(|x| x.abs()).collect();
+                want.extend(stable_sort_mask(&scores, n));
+            }
+            proptest::prop_assert_eq!(got, want);
+        }
+
         /// select_nth on packed keys prunes exactly what a stable sort prunes, ties included.
         #[test]
         fn matches_stable_sort(vals in proptest::collection::vec(0u8..6, 1..200), s in 0.0f64..0.999) {
