@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::output::{copy_tree, StagingDir};
 use crate::prunable::{resolve_prunable, Prunable};
 use crate::score::{channel_factors, Method};
-use crate::select::{mask_matrix, prune_row, Scope, Scratch, Target};
+use crate::select::{for_each_n_m_run, mask_matrix, prune_row, Scope, Scratch, Target};
 use crate::sidecar::Sidecar;
 
 /// Default location of the stats sidecar inside a model directory; never copied into outputs.
@@ -257,8 +257,25 @@ pub fn prune_tensor(
         return Ok(0);
     }
     if input_axis == 1 && (opts.scope == Scope::Row || matches!(opts.target, Target::Pattern { .. })) {
-        // Fused path: decode, score, select and zero one row at a time, rows in parallel.
         let row_bytes = cols * es;
+        if let Target::Pattern { n, m } = opts.target {
+            // N:M: zero pruned entries with a branch-free byte mask, run by run.
+            out.par_chunks_mut(row_bytes).for_each_init(Vec::new, |weights: &mut Vec<f32>, row| {
+                weights.resize(cols, 0.0);
+                decode_into(t.dtype, row, weights);
+                for_each_n_m_run(weights, factors, n, m, |base, flags| {
+                    let bytes = &mut row[base * es..(base + flags.len()) * es];
+                    for (elem, &pruned) in bytes.chunks_exact_mut(es).zip(flags) {
+                        let keep = (pruned as u8).wrapping_sub(1);
+                        for b in elem {
+                            *b &= keep;
+                        }
+                    }
+                });
+            });
+            return Ok((rows * (cols / m) * n) as u64);
+        }
+        // Fused path: decode, score, select and zero one row at a time, rows in parallel.
         let counts: u64 = out
             .par_chunks_mut(row_bytes)
             .map_init(Scratch::default, |scratch, row| {

@@ -102,40 +102,65 @@ pub fn prune_row(w: &[f32], factors: Option<&[f32]>, target: Target, scratch: &m
     }
 }
 
-/// N:M selection. For m <= 8 each key's rank within its run is counted with branch-free
-/// comparisons (keys are distinct, so ranks are a permutation) and ranks below n are pruned;
-/// longer runs use an insertion sort on a stack array.
-fn prune_row_n_m(w: &[f32], factors: Option<&[f32]>, n: usize, m: usize, pruned: &mut Vec<u32>) {
-    const STACK: usize = 64;
-    let mut heap = Vec::new();
-    let mut stack = [0u64; STACK];
-    for (g, chunk) in w.chunks(m).enumerate() {
-        let base = g * m;
-        let keys: &mut [u64] = if m <= STACK { &mut stack[..m] } else { heap.resize(m, 0); &mut heap[..] };
-        for (j, (slot, &x)) in keys.iter_mut().zip(chunk).enumerate() {
-            let f = factors.map(|f| f[base + j]);
-            *slot = key(score(x, f), base + j);
-        }
-        if m <= 8 {
-            for &k in keys.iter() {
-                let rank: usize = keys.iter().map(|&o| (o < k) as usize).sum();
-                if rank < n {
-                    pruned.push(k as u32);
-                }
-            }
-            continue;
-        }
-        for i in 1..m {
-            let v = keys[i];
-            let mut j = i;
-            while j > 0 && keys[j - 1] > v {
-                keys[j] = keys[j - 1];
-                j -= 1;
-            }
-            keys[j] = v;
-        }
-        pruned.extend(keys[..n].iter().map(|&kk| kk as u32));
+/// Longest run handled on the stack; longer runs fall back to a heap buffer.
+const STACK_RUN: usize = 64;
+
+/// Marks in `flags[..m]` which entries of one run of `m` columns (starting at column `base`) are
+/// pruned. For m <= 8 each key's rank within the run is counted with branch-free comparisons (keys
+/// are distinct, so ranks are a permutation); longer runs are ordered by an insertion sort.
+#[inline]
+pub fn n_m_run_flags(w: &[f32], factors: Option<&[f32]>, base: usize, n: usize, keys: &mut [u64], flags: &mut [bool]) {
+    let m = w.len();
+    for (j, (slot, &x)) in keys.iter_mut().zip(w).enumerate() {
+        let f = factors.map(|f| f[base + j]);
+        *slot = key(score(x, f), base + j);
     }
+    let keys = &mut keys[..m];
+    if m <= 8 {
+        for (flag, &k) in flags.iter_mut().zip(keys.iter()) {
+            let rank: usize = keys.iter().map(|&o| (o < k) as usize).sum();
+            *flag = rank < n;
+        }
+        return;
+    }
+    flags[..m].fill(false);
+    for i in 1..m {
+        let v = keys[i];
+        let mut j = i;
+        while j > 0 && keys[j - 1] > v {
+            keys[j] = keys[j - 1];
+            j -= 1;
+        }
+        keys[j] = v;
+    }
+    for &k in &keys[..n] {
+        flags[(k as u32 as usize) - base] = true;
+    }
+}
+
+/// Calls `run(base, flags)` for every run of `m` columns of a row.
+pub fn for_each_n_m_run(w: &[f32], factors: Option<&[f32]>, n: usize, m: usize, mut run: impl FnMut(usize, &[bool])) {
+    let mut keys_heap = Vec::new();
+    let mut flags_heap = Vec::new();
+    let mut keys_stack = [0u64; STACK_RUN];
+    let mut flags_stack = [false; STACK_RUN];
+    let (keys, flags): (&mut [u64], &mut [bool]) = if m <= STACK_RUN {
+        (&mut keys_stack[..m], &mut flags_stack[..m])
+    } else {
+        keys_heap.resize(m, 0);
+        flags_heap.resize(m, false);
+        (&mut keys_heap[..], &mut flags_heap[..])
+    };
+    for (g, chunk) in w.chunks(m).enumerate() {
+        n_m_run_flags(chunk, factors, g * m, n, keys, flags);
+        run(g * m, flags);
+    }
+}
+
+fn prune_row_n_m(w: &[f32], factors: Option<&[f32]>, n: usize, m: usize, pruned: &mut Vec<u32>) {
+    for_each_n_m_run(w, factors, n, m, |base, flags| {
+        pruned.extend(flags.iter().enumerate().filter(|(_, &f)| f).map(|(j, _)| (base + j) as u32));
+    });
 }
 
 /// Mask (true = pruned) of a row-major [rows, cols] f32 matrix. Used for layer scope, transposed

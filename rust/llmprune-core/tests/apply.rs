@@ -381,3 +381,34 @@ fn wanda_without_stats_is_a_clear_error() {
     let err = run(&o).unwrap_err();
     assert!(err.to_string().contains("llmprune stats"), "{err}");
 }
+
+#[test]
+fn fused_row_path_equals_mask_matrix() {
+    use llmprune_core::apply::prune_tensor;
+    use llmprune_core::checkpoint::TensorEntry;
+    use llmprune_core::dtype::decode;
+    use llmprune_core::select::mask_matrix;
+    for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+        let t = tensor("model.layers.0.mlp.up_proj.weight", dtype, &[24, 48], 7);
+        let entry = TensorEntry { name: t.name.clone(), dtype, shape: t.shape.clone(), start: 0, end: t.data.len() };
+        let factors: Vec<f32> = (0..48).map(|j| 0.5 + (j % 5) as f32).collect();
+        for target in [Target::Sparsity(0.5), Target::Sparsity(0.3), Target::Pattern { n: 2, m: 4 }, Target::Pattern { n: 4, m: 8 }, Target::Pattern { n: 5, m: 12 }] {
+            let mut o = opts(Path::new("."), Path::new("."), target);
+            o.method = Method::Wanda;
+            let mut out = Vec::new();
+            let count = prune_tensor(&entry, &t.data, 1, Some(&factors), &o, &mut out).unwrap();
+            let w = decode(dtype, &t.data);
+            let mask = mask_matrix(&w, 24, 48, Some(&factors), target, Scope::Row).unwrap();
+            let es = t.data.len() / w.len();
+            for (i, &m) in mask.iter().enumerate() {
+                let got = &out[i * es..(i + 1) * es];
+                if m {
+                    assert!(got.iter().all(|&b| b == 0), "{dtype:?} {target:?}: entry {i} must be +0");
+                } else {
+                    assert_eq!(got, &t.data[i * es..(i + 1) * es], "{dtype:?} {target:?}: entry {i} must be kept");
+                }
+            }
+            assert_eq!(count, mask.iter().filter(|&&m| m).count() as u64);
+        }
+    }
+}
