@@ -2,8 +2,7 @@
 //! write a complete output checkpoint. Only one tensor's output buffer is held at a time.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,8 +16,9 @@ use crate::error::{Error, Result};
 use crate::output::{copy_tree, StagingDir};
 use crate::prunable::{resolve_prunable, Prunable};
 use crate::score::{channel_factors, Method};
-use crate::select::{for_each_n_m_run, mask_matrix, prune_row, Scope, Scratch, Target};
+use crate::select::{mask_matrix, n_m_flags, prune_row, row_scores, Scope, Scratch, Target};
 use crate::sidecar::Sidecar;
+use crate::writer::ShardWriter;
 
 /// Default location of the stats sidecar inside a model directory; never copied into outputs.
 pub const DEFAULT_SIDECAR: &str = "llmprune-stats.safetensors";
@@ -196,41 +196,46 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     let tensors_total = ckpt.tensors().count();
     let mut bytes_done = 0u64;
     let mut tensors_done = 0usize;
-    let mut buf: Vec<u8> = Vec::new();
-    for shard in &ckpt.shards {
-        let out_path = staging.path.join(&shard.file_name);
-        if let Some(parent) = out_path.parent() {
-            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let file = File::create(&out_path).map_err(|e| Error::io(&out_path, e))?;
-        let mut w = BufWriter::with_capacity(1 << 22, file);
-        let header = shard_header(shard, &provenance)?;
-        w.write_all(&header).map_err(|e| Error::io(&out_path, e))?;
-        summary.bytes_written += header.len() as u64;
-        for t in &shard.tensors {
-            let data = shard.data(t);
-            match prunable.get(&t.name) {
-                Some(p) => {
-                    let f = factors[t.name.as_str()].as_deref();
-                    let pruned = pool.install(|| prune_tensor(t, data, p.input_axis, f, opts, &mut buf))?;
-                    w.write_all(&buf).map_err(|e| Error::io(&out_path, e))?;
-                    summary.tensors_pruned += 1;
-                    summary.params_pruned += pruned;
-                    summary.params_prunable += t.numel() as u64;
+    std::thread::scope(|scope| -> Result<()> {
+        let mut writer = ShardWriter::spawn(scope);
+        let result = (|| -> Result<()> {
+            for shard in &ckpt.shards {
+                let out_path = staging.path.join(&shard.file_name);
+                if let Some(parent) = out_path.parent() {
+                    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
                 }
-                None => {
-                    w.write_all(data).map_err(|e| Error::io(&out_path, e))?;
-                    summary.tensors_copied += 1;
+                writer.open(out_path)?;
+                writer.write_owned(shard_header(shard, &provenance)?)?;
+                for t in &shard.tensors {
+                    let data = shard.data(t);
+                    match prunable.get(&t.name) {
+                        Some(p) => {
+                            let f = factors[t.name.as_str()].as_deref();
+                            let mut buf = writer.buffer()?;
+                            let pruned = pool.install(|| prune_tensor(t, data, p.input_axis, f, opts, &mut buf))?;
+                            writer.write_owned(buf)?;
+                            summary.tensors_pruned += 1;
+                            summary.params_pruned += pruned;
+                            summary.params_prunable += t.numel() as u64;
+                        }
+                        None => {
+                            writer.write_borrowed(data)?;
+                            summary.tensors_copied += 1;
+                        }
+                    }
+                    bytes_done += t.nbytes() as u64;
+                    tensors_done += 1;
+                    progress(Progress { tensor: &t.name, bytes_done, bytes_total, tensors_done, tensors_total })?;
                 }
+                bytes_done += (8 + shard.header_len) as u64;
             }
-            summary.bytes_written += t.nbytes() as u64;
-            bytes_done += t.nbytes() as u64;
-            tensors_done += 1;
-            progress(Progress { tensor: &t.name, bytes_done, bytes_total, tensors_done, tensors_total })?;
-        }
-        w.flush().map_err(|e| Error::io(&out_path, e))?;
-        bytes_done += (8 + shard.header_len) as u64;
-    }
+            Ok(())
+        })();
+        let written = writer.finish();
+        result?;
+        summary.bytes_written = written?;
+        Ok(())
+    })?;
     if let Some(index) = &ckpt.index {
         write_index(index, &ckpt, &staging.path.join(INDEX_FILE))?;
     }
@@ -259,20 +264,21 @@ pub fn prune_tensor(
     if input_axis == 1 && (opts.scope == Scope::Row || matches!(opts.target, Target::Pattern { .. })) {
         let row_bytes = cols * es;
         if let Target::Pattern { n, m } = opts.target {
-            // N:M: zero pruned entries with a branch-free byte mask, run by run.
-            out.par_chunks_mut(row_bytes).for_each_init(Vec::new, |weights: &mut Vec<f32>, row| {
-                weights.resize(cols, 0.0);
-                decode_into(t.dtype, row, weights);
-                for_each_n_m_run(weights, factors, n, m, |base, flags| {
-                    let bytes = &mut row[base * es..(base + flags.len()) * es];
-                    for (elem, &pruned) in bytes.chunks_exact_mut(es).zip(flags) {
-                        let keep = (pruned as u8).wrapping_sub(1);
-                        for b in elem {
-                            *b &= keep;
-                        }
+            // N:M: zero pruned entries with a branch-free byte mask.
+            out.par_chunks_mut(row_bytes).for_each_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(weights, scores, flags): &mut (Vec<f32>, Vec<f32>, Vec<bool>), row| {
+                    weights.resize(cols, 0.0);
+                    decode_into(t.dtype, row, weights);
+                    row_scores(weights, factors, scores);
+                    n_m_flags(scores, n, m, flags);
+                    match es {
+                        2 => zero_flagged::<2>(row, flags),
+                        4 => zero_flagged::<4>(row, flags),
+                        _ => unreachable!("supported dtypes are 2 or 4 bytes"),
                     }
-                });
-            });
+                },
+            );
             return Ok((rows * (cols / m) * n) as u64);
         }
         // Fused path: decode, score, select and zero one row at a time, rows in parallel.
@@ -317,6 +323,17 @@ pub fn prune_tensor(
         }
     }
     Ok(count)
+}
+
+/// Sets the flagged elements (of ES bytes each) of `row` to zero without branching on the flags.
+#[inline]
+fn zero_flagged<const ES: usize>(row: &mut [u8], flags: &[bool]) {
+    for (elem, &pruned) in row.chunks_exact_mut(ES).zip(flags) {
+        let keep = (pruned as u8).wrapping_sub(1);
+        for b in elem.iter_mut() {
+            *b &= keep;
+        }
+    }
 }
 
 fn provenance_json(opts: &ApplyOptions, ckpt: &Checkpoint, sidecar: Option<&Sidecar>) -> String {

@@ -102,65 +102,65 @@ pub fn prune_row(w: &[f32], factors: Option<&[f32]>, target: Target, scratch: &m
     }
 }
 
-/// Longest run handled on the stack; longer runs fall back to a heap buffer.
-const STACK_RUN: usize = 64;
-
-/// Marks in `flags[..m]` which entries of one run of `m` columns (starting at column `base`) are
-/// pruned. For m <= 8 each key's rank within the run is counted with branch-free comparisons (keys
-/// are distinct, so ranks are a permutation); longer runs are ordered by an insertion sort.
-#[inline]
-pub fn n_m_run_flags(w: &[f32], factors: Option<&[f32]>, base: usize, n: usize, keys: &mut [u64], flags: &mut [bool]) {
-    let m = w.len();
-    for (j, (slot, &x)) in keys.iter_mut().zip(w).enumerate() {
-        let f = factors.map(|f| f[base + j]);
-        *slot = key(score(x, f), base + j);
-    }
-    let keys = &mut keys[..m];
-    if m <= 8 {
-        for (flag, &k) in flags.iter_mut().zip(keys.iter()) {
-            let rank: usize = keys.iter().map(|&o| (o < k) as usize).sum();
-            *flag = rank < n;
-        }
-        return;
-    }
-    flags[..m].fill(false);
-    for i in 1..m {
-        let v = keys[i];
-        let mut j = i;
-        while j > 0 && keys[j - 1] > v {
-            keys[j] = keys[j - 1];
-            j -= 1;
-        }
-        keys[j] = v;
-    }
-    for &k in &keys[..n] {
-        flags[(k as u32 as usize) - base] = true;
+/// Scores of one row into `out`: |w| * factor (f32), or |w| for magnitude.
+pub fn row_scores(w: &[f32], factors: Option<&[f32]>, out: &mut Vec<f32>) {
+    out.clear();
+    match factors {
+        Some(f) => out.extend(w.iter().zip(f).map(|(&x, &f)| x.abs() * f)),
+        None => out.extend(w.iter().map(|x| x.abs())),
     }
 }
 
-/// Calls `run(base, flags)` for every run of `m` columns of a row.
-pub fn for_each_n_m_run(w: &[f32], factors: Option<&[f32]>, n: usize, m: usize, mut run: impl FnMut(usize, &[bool])) {
-    let mut keys_heap = Vec::new();
-    let mut flags_heap = Vec::new();
-    let mut keys_stack = [0u64; STACK_RUN];
-    let mut flags_stack = [false; STACK_RUN];
-    let (keys, flags): (&mut [u64], &mut [bool]) = if m <= STACK_RUN {
-        (&mut keys_stack[..m], &mut flags_stack[..m])
-    } else {
-        keys_heap.resize(m, 0);
-        flags_heap.resize(m, false);
-        (&mut keys_heap[..], &mut flags_heap[..])
-    };
-    for (g, chunk) in w.chunks(m).enumerate() {
-        n_m_run_flags(chunk, factors, g * m, n, keys, flags);
-        run(g * m, flags);
+/// Rank of each entry of one run under (score, index) order, counted with branch-free
+/// comparisons; entries ranked below `n` are pruned. `M` is a compile-time run length so the
+/// double loop unrolls fully.
+#[inline(always)]
+fn n_m_run_fixed<const M: usize>(run: &[f32], n: usize, flags: &mut [bool]) {
+    let b: [u32; M] = std::array::from_fn(|i| run[i].to_bits());
+    for i in 0..M {
+        let mut rank = 0usize;
+        for j in 0..M {
+            // j before i wins ties (lower index is pruned first)
+            rank += if j < i { (b[j] <= b[i]) as usize } else { (b[j] < b[i]) as usize };
+        }
+        flags[i] = rank < n;
+    }
+}
+
+/// General run length: stable order by (score bits, position) with an insertion sort.
+fn n_m_run_general(run: &[f32], n: usize, flags: &mut [bool], order: &mut Vec<u64>) {
+    order.clear();
+    order.extend(run.iter().enumerate().map(|(j, s)| ((s.to_bits() as u64) << 32) | j as u64));
+    order.sort_unstable();
+    flags.fill(false);
+    for &k in &order[..n] {
+        flags[k as u32 as usize] = true;
+    }
+}
+
+/// Pruned flags of a whole row under an N:M pattern, from its scores (non-negative f32, so the
+/// bit patterns order like the values).
+pub fn n_m_flags(scores: &[f32], n: usize, m: usize, flags: &mut Vec<bool>) {
+    flags.clear();
+    flags.resize(scores.len(), false);
+    let mut order = Vec::new();
+    for (run, f) in scores.chunks_exact(m).zip(flags.chunks_exact_mut(m)) {
+        match m {
+            2 => n_m_run_fixed::<2>(run, n, f),
+            4 => n_m_run_fixed::<4>(run, n, f),
+            8 => n_m_run_fixed::<8>(run, n, f),
+            16 => n_m_run_fixed::<16>(run, n, f),
+            _ => n_m_run_general(run, n, f, &mut order),
+        }
     }
 }
 
 fn prune_row_n_m(w: &[f32], factors: Option<&[f32]>, n: usize, m: usize, pruned: &mut Vec<u32>) {
-    for_each_n_m_run(w, factors, n, m, |base, flags| {
-        pruned.extend(flags.iter().enumerate().filter(|(_, &f)| f).map(|(j, _)| (base + j) as u32));
-    });
+    let mut scores = Vec::new();
+    let mut flags = Vec::new();
+    row_scores(w, factors, &mut scores);
+    n_m_flags(&scores, n, m, &mut flags);
+    pruned.extend(flags.iter().enumerate().filter(|(_, &f)| f).map(|(j, _)| j as u32));
 }
 
 /// Mask (true = pruned) of a row-major [rows, cols] f32 matrix. Used for layer scope, transposed
