@@ -41,7 +41,7 @@ import random
 import re
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from urllib.parse import urlparse
@@ -86,7 +86,6 @@ class Corpus:
     description: str
     documents: Sequence[str]
     joiner: str = "\n\n"
-    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,7 +387,8 @@ def _load_hub_dataset(name: str, flag: str, *args: Any, local: bool = False, **k
         raise UsageError(f"could not load {name}: the `datasets` package is not installed", hint=hint) from exc
     if datasets_cache_dir is not None and "cache_dir" not in kwargs:
         kwargs["cache_dir"] = datasets_cache_dir
-    offline = local or _env_offline() or not hub_reachable()
+    env_offline = _env_offline()
+    offline = local or env_offline or not hub_reachable()
     try:
         with _offline_mode(offline):
             return datasets.load_dataset(*args, **kwargs)
@@ -398,7 +398,12 @@ def _load_hub_dataset(name: str, flag: str, *args: Any, local: bool = False, **k
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if len(reason) > 300:
             reason = reason[:297] + "..."
-        where = "" if local else (" (the Hugging Face hub is unreachable and it is not cached)" if offline else "")
+        if local or not offline:
+            where = ""
+        elif env_offline:
+            where = " (offline mode is set, HF_HUB_OFFLINE, and it is not in the local cache)"
+        else:
+            where = " (the Hugging Face hub is unreachable and it is not in the local cache)"
         raise UsageError(f"could not load {name}{where}: {reason}", hint=hint) from exc
 
 
