@@ -178,6 +178,5 @@ def assert_clean_error(
         for c in (contains,) if isinstance(contains, str) else contains:
             assert c.lower() in errors[0].lower(), f"{c!r} not in error line: {errors[0]}"
     if hint_contains is not None:
-        # the advice may be its own `hint:` line or part of the error line itself
-        assert any(hint_contains in ln for ln in lines), f"advice with {hint_contains!r} expected:\n{stderr}"
+        assert len(lines) == 2 and hint_contains in lines[1], f"a hint with {hint_contains!r} expected:\n{stderr}"
     return errors[0]

@@ -80,6 +80,8 @@ def _core_hint(exc: BaseException) -> str | None:
     name = type(exc).__name__
     if name == "StatsMismatchError":
         return "compute statistics for this model with `llmprune stats MODEL`"
+    if name == "InvalidArgumentError" and "needs activation statistics" in str(exc):
+        return "run `llmprune stats MODEL` first, or pass --stats PATH"
     if name == "OutputError" and "not empty" in str(exc):
         return "choose another --out, or pass --force to replace it"
     return None

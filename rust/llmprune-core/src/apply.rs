@@ -129,10 +129,9 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         Some(p) if opts.method.needs_stats() || opts.stats.is_some() => Some(Sidecar::open(&p)?),
         _ if opts.method.needs_stats() => {
             return Err(Error::arg(format!(
-                "method {} needs activation statistics, and {} has no {DEFAULT_SIDECAR}; run `llmprune stats {}` first or pass --stats PATH",
+                "method {} needs activation statistics, and {} has no {DEFAULT_SIDECAR}",
                 opts.method.name(),
                 opts.model_dir.display(),
-                opts.model_dir.display()
             )))
         }
         _ => None,

@@ -379,7 +379,7 @@ fn wanda_without_stats_is_a_clear_error() {
     let mut o = opts(&m, &root.path().join("out"), Target::Sparsity(0.5));
     o.method = Method::Wanda;
     let err = run(&o).unwrap_err();
-    assert!(err.to_string().contains("llmprune stats"), "{err}");
+    assert!(err.to_string().contains("needs activation statistics"), "{err}");
 }
 
 #[test]
