@@ -127,10 +127,10 @@ class Checkpoint:
         for f, ns in by_file.items():
             with safe_open(str(self.dir / f), framework="pt", device="cpu") as st:
                 for n in ns:
-                    t = st.get_tensor(n)
+                    t = st.get_tensor(n).to(device)
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
-                    out[n] = t.to(device)
+                    out[n] = t
         return out
 
 
@@ -397,7 +397,7 @@ class LayerStreamer:
             name = self.checkpoint_name(qual)
             if name is not None:
                 wanted[qual] = name
-        loaded = self.ckpt.load(set(wanted.values()), self.device, self.dtype)
+        loaded = self._load(wanted, {q for q, _, _, _, p in slots if p})
         by_old: dict[int, torch.Tensor] = {}
         pending = []
         for qual, mod, attr, t, is_param in slots:
@@ -423,6 +423,12 @@ class LayerStreamer:
                 raise UsageError(f"tensor {qual} is missing from the checkpoint in {self.ckpt.dir}")
             _set(mod, attr, tied, True)
 
+    def _load(self, names: dict[str, str], params: set[str]) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors by name: parameters in the compute dtype, buffers as stored."""
+        out = self.ckpt.load({n for q, n in names.items() if q in params}, self.device, self.dtype)
+        out.update(self.ckpt.load({n for q, n in names.items() if q not in params}, self.device, None))
+        return out
+
     def load_block(self, i: int) -> None:
         """Materialize block i's weights on the compute device."""
         blk = self.blocks[i]
@@ -434,7 +440,7 @@ class LayerStreamer:
                 raise UsageError(f"tensor {qual} is missing from the checkpoint in {self.ckpt.dir}")
             if name is not None:
                 names[qual] = name
-        loaded = self.ckpt.load(set(names.values()), self.device, self.dtype)
+        loaded = self._load(names, {q for q, _, _, _, p in slots if p})
         saved = []
         for qual, mod, attr, t, is_param in slots:
             saved.append((mod, attr, t, is_param))

