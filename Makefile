@@ -25,6 +25,8 @@ develop: setup
 
 test-rust:
 	cargo test --release -p llmprune-core
+	# one iteration of each criterion benchmark, so they keep compiling and running
+	cargo bench -p llmprune-core --bench select -- --test
 
 test-python: develop
 	$(PY) -m pytest -q
