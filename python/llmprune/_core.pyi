@@ -38,6 +38,25 @@ def apply(
     tensors_done, tensors_total) is called after every tensor (and may raise to stop).
     check_only validates everything (checkpoint, sidecar, output location) and writes nothing."""
 
+def apply_structured(
+    model_dir: str,
+    out_dir: str,
+    method: str,
+    *,
+    sparsity: float,
+    allocation: str = "global",
+    compensate: bool | None = None,
+    stats: str | None = None,
+    threads: int | None = None,
+    force: bool = False,
+    provenance: dict[str, str] | None = None,
+    progress: Callable[[str, int, int, int, int], None] | None = None,
+) -> str:
+    """Structured pruning (method flap, magnitude-sp or wanda-sp): remove attention groups and MLP
+    channels until `sparsity` of the decoder blocks' parameters are gone, and write the smaller
+    checkpoint into OUT; returns a JSON summary. allocation: global or uniform. compensate: fold the
+    removed channels' mean contribution into output-projection biases (None: on for flap only)."""
+
 def compute_mask(
     weight: npt.NDArray[np.float32],
     method: str,

@@ -8,8 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.console import byte_progress, print_json, warn
-from llmprune.options import JsonOpt, ModelArg, PatternOpt, SparsityOpt, check_method, parse_target, target_label
+from llmprune.console import byte_progress, err, print_json, warn
+from llmprune.errors import UsageError
+from llmprune.options import METHODS, JsonOpt, ModelArg, PatternOpt, SparsityOpt, parse_target, target_label
+
+# Remove whole attention groups and MLP channels: a smaller dense checkpoint (rust/.../structured).
+STRUCTURED_METHODS = ("flap", "magnitude-sp", "wanda-sp")
 
 APPLY_EPILOG = """Examples:
 
@@ -18,6 +22,10 @@ APPLY_EPILOG = """Examples:
   llmprune apply ./model --method stade --pattern 2:4 --out ./model-2of4
 
   llmprune apply ./model --method magnitude --sparsity 0.5 --scope layer --json
+
+  llmprune apply ./model --method flap --sparsity 0.2                     # structured: 20% of block parameters
+
+  llmprune apply ./model --method wanda-sp --sparsity 0.5 --allocation uniform
 """
 
 
@@ -32,14 +40,22 @@ def default_input_axis(model: Path) -> int:
 
 def default_out(model: Path, method: str, sparsity: float | None, pattern: tuple[int, int] | None, scope: str) -> Path:
     name = f"{model.resolve().name}-{method}-{target_label(sparsity, pattern)}"
-    if scope == "layer":
-        name += "-layer"
+    if scope in ("layer", "uniform"):
+        name += f"-{scope}"
     return model.resolve().parent / name
+
+
+def check_apply_method(method: str) -> None:
+    if method not in METHODS + STRUCTURED_METHODS:
+        raise UsageError(
+            f"unknown method {method!r}",
+            f"choose one of: {', '.join(METHODS)} (unstructured); {', '.join(STRUCTURED_METHODS)} (structured)",
+        )
 
 
 def apply_cmd(
     model: ModelArg,
-    method: Annotated[str, typer.Option("--method", "-m", help="magnitude, wanda, stade or stade-w.", show_default=False)],
+    method: Annotated[str, typer.Option("--method", "-m", help="magnitude, wanda, stade or stade-w (unstructured); flap, magnitude-sp or wanda-sp (structured).", show_default=False)],
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = None,
     stats: Annotated[Optional[Path], typer.Option("--stats", help="Stats sidecar [default: MODEL/llmprune-stats.safetensors].")] = None,
@@ -49,17 +65,30 @@ def apply_cmd(
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only prune tensors matching this glob (repeatable).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never prune tensors matching this glob (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty output directory.")] = False,
+    allocation: Annotated[Optional[str], typer.Option("--allocation", help="Structured methods: global (one threshold across layers and modules) or uniform (the same heads/channels kept in every layer).", show_default="global")] = None,
+    compensate: Annotated[Optional[bool], typer.Option("--compensate/--no-compensate", help="Structured methods: fold the removed channels' mean contribution into output-projection biases.", show_default="on for flap")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Prune a checkpoint into a new directory, streaming tensor by tensor."""
+    """Prune a checkpoint into a new directory, streaming tensor by tensor.
+
+    Unstructured and N:M methods zero weights in place; structured methods (flap, magnitude-sp,
+    wanda-sp) remove whole attention groups and MLP channels and write a smaller checkpoint, where
+    --sparsity is the fraction of the decoder blocks' parameters removed."""
     from llmprune import _core
 
-    check_method(method)
-    sparsity_v, pattern_v = parse_target(sparsity, pattern)
+    check_apply_method(method)
     if threads is not None and threads < 1:
-        from llmprune.errors import UsageError
-
         raise UsageError("--threads must be at least 1")
+    if method in STRUCTURED_METHODS:
+        if pattern is not None or sparsity is None:
+            raise UsageError(f"structured method {method} takes --sparsity S (the fraction of decoder-block parameters to remove), not --pattern")
+        if scope != "row" or include or exclude:
+            raise UsageError(f"--scope, --include and --exclude apply to unstructured methods, not to {method}")
+        apply_structured(model, method, sparsity, allocation or "global", compensate, stats, out, threads, force, json_out)
+        return
+    if allocation is not None or compensate is not None:
+        raise UsageError(f"--allocation and --compensate apply to the structured methods ({', '.join(STRUCTURED_METHODS)}), not to {method}")
+    sparsity_v, pattern_v = parse_target(sparsity, pattern)
     out_dir = out if out is not None else default_out(model, method, sparsity_v, pattern_v, scope)
     with byte_progress() as bar:
         task = bar.add_task("pruning", total=None, detail="")
@@ -95,6 +124,64 @@ def apply_cmd(
         f"{summary['method']} {target}: pruned {summary['params_pruned']:,} of {summary['params_prunable']:,} "
         f"prunable weights ({frac:.2%}) in {summary['tensors_pruned']} tensors; "
         f"wrote {summary['out']} in {summary['seconds']:.2f} s"
+    )
+
+
+def apply_structured(
+    model: Path,
+    method: str,
+    sparsity: float,
+    allocation: str,
+    compensate: bool | None,
+    stats: Path | None,
+    out: Path | None,
+    threads: int | None,
+    force: bool,
+    json_out: bool,
+) -> None:
+    from llmprune import _core
+
+    if allocation not in ("global", "uniform"):
+        raise UsageError(f"unknown --allocation {allocation!r}", "choose global or uniform")
+    out_dir = out if out is not None else default_out(model, method, sparsity, None, allocation if allocation == "uniform" else "row")
+    with byte_progress() as bar:
+        task = bar.add_task("pruning", total=None, detail="")
+
+        def on_tensor(name: str, done: int, total: int, n_done: int, n_total: int) -> None:
+            bar.update(task, completed=done, total=total, detail=f"{n_done}/{n_total} tensors")
+
+        summary = json.loads(
+            _core.apply_structured(
+                str(model),
+                str(out_dir),
+                method,
+                sparsity=sparsity,
+                allocation=allocation,
+                compensate=compensate,
+                stats=str(stats) if stats is not None else None,
+                threads=threads,
+                force=force,
+                progress=on_tensor,
+            )
+        )
+    for w in summary["warnings"]:
+        warn(w)
+    if summary["loader"] != "transformers":
+        err.print(
+            f"note: layers differ in size; load {summary['out']} with llmprune.load_pruned(path) (llmprune eval reads it directly)",
+            markup=False,
+            soft_wrap=True,
+        )
+    if json_out:
+        print_json(summary)
+        return
+    s = summary
+    typer.echo(
+        f"{s['method']} {s['sparsity']:g} ({s['allocation']}{', bias compensation' if s['compensate'] else ''}): "
+        f"kept {s['heads_after']} of {s['heads_before']} attention heads and {s['mlp_channels_after']:,} of "
+        f"{s['mlp_channels_before']:,} MLP channels; removed {s['params_removed']:,} of {s['block_params_before']:,} "
+        f"decoder-block parameters ({s['achieved_sparsity']:.4%}); wrote {s['out']} "
+        f"({s['bytes_written'] / 1e6:,.1f} MB, was {s['bytes_before'] / 1e6:,.1f} MB) in {s['seconds']:.2f} s"
     )
 
 

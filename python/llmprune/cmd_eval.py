@@ -10,7 +10,6 @@ from llmprune.console import print_json
 from llmprune.errors import UsageError
 from llmprune.options import DeviceOpt, JsonOpt, ModelArg
 
-DEFAULT_SEQLEN = 2048
 
 EVAL_EPILOG = """Examples:
 
@@ -38,7 +37,7 @@ def eval_cmd(
     from llmprune import data
     from llmprune.cmd_stats import _load_tokenizer
     from llmprune.evaluate import perplexity, require_lm_eval, zero_shot
-    from llmprune.stream import Checkpoint, load_config, resolve_device, resolve_dtype
+    from llmprune.stream import check_pass_inputs
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
     if tasks is not None and not task_list:
@@ -49,13 +48,7 @@ def eval_cmd(
         raise UsageError(f"--seqlen must be at least 2, not {seqlen}")
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be a positive integer, not {max_tokens}")
-    ckpt = Checkpoint(model)
-    resolve_dtype(dtype, ckpt.float_dtype(), resolve_device(device))
-    ctx = getattr(load_config(model), "max_position_embeddings", None)
-    if seqlen is None:
-        seqlen = min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 0 else DEFAULT_SEQLEN
-    elif isinstance(ctx, int) and 0 < ctx < seqlen:
-        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
+    seqlen = check_pass_inputs(model, device, dtype, seqlen)
     source = data.describe_source(data_src, data.EVAL)
     ids = data.eval_token_ids(data_src, _load_tokenizer(model), max_tokens)
     result = perplexity(model, ids, seqlen, device=device, dtype=dtype, progress=True)

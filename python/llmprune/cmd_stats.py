@@ -21,7 +21,6 @@ from llmprune.options import DeviceOpt, JsonOpt, ModelArg, PatternOpt, SparsityO
 
 DEFAULT_COMMAND = "compute"
 DEFAULT_NSAMPLES = 128
-DEFAULT_SEQLEN = 2048
 
 STATS_EPILOG = """Examples:
 
@@ -121,7 +120,7 @@ def stats_cmd(
     """
     from llmprune import data, sidecar
     from llmprune.stats import Sequential, collect_stats, init_distributed, shutdown_distributed, validate_sequential
-    from llmprune.stream import Checkpoint, load_config, resolve_device, resolve_dtype
+    from llmprune.stream import check_pass_inputs
 
     if nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, not {nsamples}")
@@ -137,13 +136,7 @@ def stats_cmd(
     elif method is not None or sparsity is not None or pattern is not None:
         raise UsageError("--method, --sparsity and --pattern only apply with --sequential", hint="add --sequential, or drop them: dense statistics serve every method")
 
-    ckpt = Checkpoint(model)  # a missing or broken checkpoint is reported before anything else
-    resolve_dtype(dtype, ckpt.float_dtype(), resolve_device(device))
-    ctx = getattr(load_config(model), "max_position_embeddings", None)
-    if seqlen is None:
-        seqlen = min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 0 else DEFAULT_SEQLEN
-    elif isinstance(ctx, int) and 0 < ctx < seqlen:
-        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
+    seqlen = check_pass_inputs(model, device, dtype, seqlen)
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
     source = data.describe_source(calib, data.CALIB)

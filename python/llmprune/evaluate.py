@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
 from llmprune.stream import LayerStreamer
 
@@ -67,7 +68,7 @@ def perplexity(
     per_window = seqlen * hidden_size * torch.empty((), dtype=streamer.dtype).element_size()
     chunk = max(1, min(windows, activation_budget // max(per_window, 1)))
     total_nll = 0.0
-    bar = _Bar(progress, streamer.num_blocks, windows)
+    bar = BlockProgress(progress, streamer.num_blocks, "windows", windows)
     with bar, torch.no_grad():
         for start in range(0, windows, chunk):
             part = batches[start : start + chunk]
@@ -86,7 +87,7 @@ def perplexity(
     )
 
 
-def _chunk_nll(streamer: LayerStreamer, part: torch.Tensor, bar: _Bar, first: int, windows: int) -> float:
+def _chunk_nll(streamer: LayerStreamer, part: torch.Tensor, bar: BlockProgress, first: int, windows: int) -> float:
     n = part.shape[0]
     tag = f"windows {first + 1}-{first + n} of {windows}: " if n < windows else ""
     bar.phase(f"{tag}embeddings", n)
@@ -108,39 +109,6 @@ def _chunk_nll(streamer: LayerStreamer, part: torch.Tensor, bar: _Bar, first: in
         total += float(nll)
         bar.step()
     return total
-
-
-class _Bar:
-    def __init__(self, enabled: bool, nblocks: int, windows: int):
-        self._p = None
-        self.nblocks = nblocks
-        if enabled:
-            from llmprune.console import count_progress
-
-            self._p = count_progress()
-            self._blocks = self._p.add_task("blocks", total=nblocks, detail="")
-            self._items = self._p.add_task("windows", total=windows, detail="")
-
-    def __enter__(self):
-        if self._p is not None:
-            self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._p is not None:
-            self._p.__exit__(*exc)
-
-    def phase(self, text: str, total: int) -> None:
-        if self._p is not None:
-            self._p.reset(self._items, total=total, description=text)
-
-    def step(self) -> None:
-        if self._p is not None:
-            self._p.advance(self._items)
-
-    def block_done(self, i: int) -> None:
-        if self._p is not None:
-            self._p.update(self._blocks, completed=i + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +133,12 @@ def zero_shot(model_dir: str | Path, tasks: list[str], *, device: str = "auto", 
     ckpt = Checkpoint(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, ckpt.float_dtype(), dev)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt).to(dev).eval()
+    from llmprune.structured import load_pruned, needs_load_pruned
+
+    if needs_load_pruned(model_dir):  # structurally pruned, layers of different sizes
+        model = load_pruned(model_dir, dtype=dt, device=dev)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt).to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(dev))
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
 from llmprune.sidecar import LayerStats
 from llmprune.stream import LayerStreamer
@@ -248,42 +249,6 @@ def _prune_block(streamer: LayerStreamer, i: int, stats: dict[str, LayerStats], 
 # --------------------------------------------------------------------------------------------
 
 
-class _Progress:
-    """Blocks and samples on stderr (rank 0 only); a no-op when disabled."""
-
-    def __init__(self, enabled: bool, nblocks: int, nsamples: int):
-        self.enabled = enabled
-        self.nsamples = nsamples
-        self._p = None
-        if enabled:
-            from llmprune.console import count_progress
-
-            self._p = count_progress()
-            self._blocks = self._p.add_task("blocks", total=nblocks, detail="")
-            self._samples = self._p.add_task("samples", total=nsamples, detail="")
-
-    def __enter__(self):
-        if self._p is not None:
-            self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._p is not None:
-            self._p.__exit__(*exc)
-
-    def phase(self, text: str, total: int | None = None) -> None:
-        if self._p is not None:
-            self._p.reset(self._samples, total=total or self.nsamples, description=text)
-
-    def sample(self) -> None:
-        if self._p is not None:
-            self._p.advance(self._samples)
-
-    def block_done(self, i: int) -> None:
-        if self._p is not None:
-            self._p.update(self._blocks, completed=i + 1)
-
-
 def collect_stats(
     model_dir: str | Path,
     samples: torch.Tensor,
@@ -315,9 +280,9 @@ def collect_stats(
     mask_fn = mask_fn or core_compute_mask
     layers: dict[str, LayerStats] = {}
     pruned: dict[str, int] = {}
-    with _Progress(progress and info.rank == 0, streamer.num_blocks, n) as bar, torch.no_grad():
+    with BlockProgress(progress and info.rank == 0, streamer.num_blocks, "samples", n) as bar, torch.no_grad():
         bar.phase("embeddings")
-        hidden = streamer.capture(mine, on_sample=bar.sample)
+        hidden = streamer.capture(mine, on_sample=bar.step)
         for i in range(streamer.num_blocks):
             streamer.load_block(i)
             prunable = streamer.prunable(i)
@@ -328,7 +293,7 @@ def collect_stats(
                     out = streamer.run_block(i, hidden[j : j + 1])
                     if sequential is None:
                         hidden[j] = out[0]
-                    bar.sample()
+                    bar.step()
             finally:
                 hooks.remove()
             hooks.reduce_across(info)
@@ -340,7 +305,7 @@ def collect_stats(
                 bar.phase(f"block {i} (pruned)")
                 for j in range(n):
                     hidden[j] = streamer.run_block(i, hidden[j : j + 1])[0]
-                    bar.sample()
+                    bar.step()
             streamer.free_block(i)
             bar.block_done(i)
     tokens = max((s.act_count for s in layers.values()), default=0)

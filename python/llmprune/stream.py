@@ -178,16 +178,35 @@ def load_config(model_dir: Path):
         raise UsageError(f"cannot read the model configuration in {model_dir}: {exc}") from None
 
 
+DEFAULT_SEQLEN = 2048
+
+
+def check_pass_inputs(model_dir: Path, device: str, dtype: str, seqlen: int | None) -> int:
+    """Validates MODEL, --device and --dtype before any text is loaded; returns the window length:
+    --seqlen, else min(2048, the model's context). A --seqlen beyond the context is an error."""
+    ckpt = Checkpoint(model_dir)  # a missing or broken checkpoint is reported before anything else
+    resolve_dtype(dtype, ckpt.float_dtype(), resolve_device(device))
+    ctx = getattr(load_config(model_dir), "max_position_embeddings", None)
+    if seqlen is None:
+        return min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 0 else DEFAULT_SEQLEN
+    if isinstance(ctx, int) and 0 < ctx < seqlen:
+        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
+    return seqlen
+
+
 def build_skeleton(config) -> nn.Module:
     """The causal LM with every parameter on the meta device (buffers such as rotary tables are real)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+
+    from llmprune.structured import resize_modules
 
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config)
     except ValueError as exc:
         raise UsageError(f"unsupported model architecture: {exc}") from None
+    resize_modules(model, config)  # a structurally pruned checkpoint whose layers differ in size
     return model.eval()
 
 
