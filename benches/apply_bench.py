@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -52,8 +53,8 @@ def shard_digest(path: Path) -> str:
 def fmt_row(label: str, m: Measurement, cp: Measurement, torch_m: Measurement | None) -> str:
     vs_torch = f"{torch_m.wall / m.wall:6.1f}x" if torch_m else "      -"
     return (
-        f"| {label:<26} | {m.wall:8.2f} | {m.cpu:8.2f} | {m.peak_rss / GIB:7.2f} | {m.peak_anon / GIB:8.3f} "
-        f"| {m.wall / cp.wall:6.2f}x | {vs_torch} |"
+        f"| {label:<26} | {m.wall:8.2f} | {m.durable:9.2f} | {m.cpu:8.2f} | {m.peak_rss / GIB:7.2f} | {m.peak_anon / GIB:8.3f} "
+        f"| {m.wall / cp.wall:6.2f}x | {m.durable / cp.durable:6.2f}x | {vs_torch} |"
     )
 
 
@@ -119,10 +120,11 @@ def main() -> None:
                 fresh()
                 remove_cgroup(group)
 
-    print(f"\n`apply` on {model.name} ({size / GIB:.2f} GiB bf16), page cache warm, "
-          f"{a.threads or 'all'} threads\n")
-    print("| command                    |   wall s |    cpu s | RSS GiB | anon GiB | vs cp   | vs torch |")
-    print("|----------------------------|----------|----------|---------|----------|---------|----------|")
+    load = os.getloadavg()[0]
+    print(f"\n`apply` on {model.name} ({size / GIB:.2f} GiB bf16), input in the page cache, dirty pages "
+          f"synced before each command, {a.threads or 'all'} threads, load average {load:.1f} at the end\n")
+    print("| command                    |   wall s | +sync s   |    cpu s | RSS GiB | anon GiB | vs cp   | +sync vs cp | vs torch |")
+    print("|----------------------------|----------|-----------|----------|---------|----------|---------|-------------|----------|")
     print(fmt_row("cp -r", cp, cp, None))
     for case, m, t in results:
         print(fmt_row(f"llmprune {case}", m, cp, t))

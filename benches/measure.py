@@ -18,6 +18,7 @@ from pathlib import Path
 class Measurement:
     wall: float
     cpu: float
+    durable: float  # wall time plus the `sync` that writes the command's dirty pages to disk
     peak_rss: int  # bytes
     peak_anon: int  # bytes
     returncode: int
@@ -36,7 +37,11 @@ def _status_kb(pid: int) -> dict[str, int]:
 
 
 def run(cmd: list[str], cgroup: Path | None = None, env: dict[str, str] | None = None) -> Measurement:
-    """Runs `cmd` (optionally inside a cgroup v1 memory group) and polls its memory every 10 ms."""
+    """Runs `cmd` (optionally inside a cgroup v1 memory group) and polls its memory every 10 ms.
+
+    Dirty pages left by earlier commands are synced first, untimed, so each command starts from the
+    same state; the sync after it is timed separately (`durable`)."""
+    subprocess.run(["sync"], check=True)
 
     def enter_cgroup() -> None:
         if cgroup is not None:
@@ -63,10 +68,13 @@ def run(cmd: list[str], cgroup: Path | None = None, env: dict[str, str] | None =
     stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     proc.stderr.close()
     rc = os.waitstatus_to_exitcode(status)
+    subprocess.run(["sync"], check=True)
+    durable = time.perf_counter() - start
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}): {stderr[-2000:]}")
     return Measurement(
         wall=wall,
+        durable=durable,
         cpu=usage.ru_utime + usage.ru_stime,
         peak_rss=max(peaks["rss"], usage.ru_maxrss) * 1024,
         peak_anon=peaks["anon"] * 1024,
