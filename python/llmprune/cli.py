@@ -61,6 +61,9 @@ def _register_commands() -> None:
 _register_commands()
 
 
+INTERRUPTED = 130
+
+
 def _error(message: str, hint: str | None = None) -> None:
     first = str(message).strip().splitlines() or ["unknown error"]
     err.print(f"error: {' '.join(line.strip() for line in first)}", markup=False, soft_wrap=True)
@@ -92,12 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("LLMPRUNE_DEBUG", "") not in ("", "0")
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="llmprune")
+        if rv == INTERRUPTED:  # typer turns Ctrl-C inside a command into this exit code
+            _error("interrupted; no output was written")
         return rv if isinstance(rv, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         _error("interrupted; no output was written")
-        return 130
+        return INTERRUPTED
     except typer.TyperException as exc:  # argument parsing (typer's usage errors)
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
