@@ -266,7 +266,7 @@ pub fn prune_tensor(
             // N:M: zero pruned entries with a branch-free byte mask.
             out.par_chunks_mut(row_bytes).for_each_init(
                 || (Vec::new(), Vec::new(), Vec::new()),
-                |(weights, scores, flags): &mut (Vec<f32>, Vec<f32>, Vec<bool>), row| {
+                |(weights, scores, flags): &mut (Vec<f32>, Vec<f32>, Vec<u8>), row| {
                     weights.resize(cols, 0.0);
                     decode_into(t.dtype, row, weights);
                     row_scores(weights, factors, scores);
@@ -324,13 +324,12 @@ pub fn prune_tensor(
     Ok(count)
 }
 
-/// Sets the flagged elements (of ES bytes each) of `row` to zero without branching on the flags.
+/// ANDs every element (of ES bytes) of `row` with its keep mask (`KEEP` or 0).
 #[inline]
-fn zero_flagged<const ES: usize>(row: &mut [u8], flags: &[bool]) {
-    for (elem, &pruned) in row.chunks_exact_mut(ES).zip(flags) {
-        let keep = (pruned as u8).wrapping_sub(1);
+fn zero_flagged<const ES: usize>(row: &mut [u8], keep: &[u8]) {
+    for (elem, &k) in row.chunks_exact_mut(ES).zip(keep) {
         for b in elem.iter_mut() {
-            *b &= keep;
+            *b &= k;
         }
     }
 }

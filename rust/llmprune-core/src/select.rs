@@ -111,46 +111,54 @@ pub fn row_scores(w: &[f32], factors: Option<&[f32]>, out: &mut Vec<f32>) {
     }
 }
 
-/// Rank of each entry of one run under (score, index) order, counted with branch-free
+/// Rank of each entry of every run under (score, index) order, counted with branch-free
 /// comparisons; entries ranked below `n` are pruned. `M` is a compile-time run length so the
-/// double loop unrolls fully.
-#[inline(always)]
-fn n_m_run_fixed<const M: usize>(run: &[f32], n: usize, flags: &mut [bool]) {
-    let b: [u32; M] = std::array::from_fn(|i| run[i].to_bits());
-    for i in 0..M {
-        let mut rank = 0usize;
-        for j in 0..M {
-            // j before i wins ties (lower index is pruned first)
-            rank += if j < i { (b[j] <= b[i]) as usize } else { (b[j] < b[i]) as usize };
+/// double loop unrolls fully and the dispatch on M happens once per row.
+fn n_m_fixed<const M: usize>(scores: &[f32], n: usize, flags: &mut [u8]) {
+    for (run, f) in scores.chunks_exact(M).zip(flags.chunks_exact_mut(M)) {
+        let b: [u32; M] = std::array::from_fn(|i| run[i].to_bits());
+        let f: &mut [u8; M] = f.try_into().expect("run of M");
+        for i in 0..M {
+            let mut rank = 0usize;
+            for j in 0..M {
+                // j before i wins ties (lower index is pruned first)
+                rank += if j < i { (b[j] <= b[i]) as usize } else { (b[j] < b[i]) as usize };
+            }
+            f[i] = KEEP * (rank >= n) as u8;
         }
-        flags[i] = rank < n;
     }
 }
 
 /// General run length: stable order by (score bits, position) with an insertion sort.
-fn n_m_run_general(run: &[f32], n: usize, flags: &mut [bool], order: &mut Vec<u64>) {
+fn n_m_run_general(run: &[f32], n: usize, flags: &mut [u8], order: &mut Vec<u64>) {
     order.clear();
     order.extend(run.iter().enumerate().map(|(j, s)| ((s.to_bits() as u64) << 32) | j as u64));
     order.sort_unstable();
-    flags.fill(false);
+    flags.fill(KEEP);
     for &k in &order[..n] {
-        flags[k as u32 as usize] = true;
+        flags[k as u32 as usize] = 0;
     }
 }
 
-/// Pruned flags of a whole row under an N:M pattern, from its scores (non-negative f32, so the
-/// bit patterns order like the values).
-pub fn n_m_flags(scores: &[f32], n: usize, m: usize, flags: &mut Vec<bool>) {
+/// Keep-mask byte of an entry: all ones to keep it, zero to prune it. Byte masks (rather than
+/// bools) let the zeroing loop be a plain AND that the compiler does not turn into a branch.
+pub const KEEP: u8 = 0xff;
+
+/// Keep masks (`KEEP` or 0) of a whole row under an N:M pattern, from its scores (non-negative f32,
+/// so the bit patterns order like the values).
+pub fn n_m_flags(scores: &[f32], n: usize, m: usize, flags: &mut Vec<u8>) {
     flags.clear();
-    flags.resize(scores.len(), false);
-    let mut order = Vec::new();
-    for (run, f) in scores.chunks_exact(m).zip(flags.chunks_exact_mut(m)) {
-        match m {
-            2 => n_m_run_fixed::<2>(run, n, f),
-            4 => n_m_run_fixed::<4>(run, n, f),
-            8 => n_m_run_fixed::<8>(run, n, f),
-            16 => n_m_run_fixed::<16>(run, n, f),
-            _ => n_m_run_general(run, n, f, &mut order),
+    flags.resize(scores.len(), KEEP);
+    match m {
+        2 => n_m_fixed::<2>(scores, n, flags),
+        4 => n_m_fixed::<4>(scores, n, flags),
+        8 => n_m_fixed::<8>(scores, n, flags),
+        16 => n_m_fixed::<16>(scores, n, flags),
+        _ => {
+            let mut order = Vec::new();
+            for (run, f) in scores.chunks_exact(m).zip(flags.chunks_exact_mut(m)) {
+                n_m_run_general(run, n, f, &mut order);
+            }
         }
     }
 }
@@ -160,7 +168,7 @@ fn prune_row_n_m(w: &[f32], factors: Option<&[f32]>, n: usize, m: usize, pruned:
     let mut flags = Vec::new();
     row_scores(w, factors, &mut scores);
     n_m_flags(&scores, n, m, &mut flags);
-    pruned.extend(flags.iter().enumerate().filter(|(_, &f)| f).map(|(j, _)| j as u32));
+    pruned.extend(flags.iter().enumerate().filter(|(_, &f)| f == 0).map(|(j, _)| j as u32));
 }
 
 /// Mask (true = pruned) of a row-major [rows, cols] f32 matrix. Used for layer scope, transposed
