@@ -254,19 +254,23 @@ pub fn prune_tensor(
     out: &mut Vec<u8>,
 ) -> Result<u64> {
     let es = float_size(t.dtype).expect("checked before writing");
-    out.clear();
-    out.extend_from_slice(data);
     let (rows, cols) = if input_axis == 1 { (t.shape[0], t.shape[1]) } else { (t.shape[1], t.shape[0]) };
     if rows == 0 || cols == 0 {
+        out.clear();
+        out.extend_from_slice(data);
         return Ok(0);
     }
     if input_axis == 1 && (opts.scope == Scope::Row || matches!(opts.target, Target::Pattern { .. })) {
+        // Rows are copied from the input map inside the parallel loop; the reused buffer is only
+        // resized (zero-filled where it grows), never cleared and refilled on one thread.
+        out.resize(data.len(), 0);
         let row_bytes = cols * es;
         if let Target::Pattern { n, m } = opts.target {
             // N:M: zero pruned entries with a branch-free byte mask.
-            out.par_chunks_mut(row_bytes).for_each_init(
+            out.par_chunks_mut(row_bytes).zip(data.par_chunks(row_bytes)).for_each_init(
                 || (Vec::new(), Vec::new(), Vec::new()),
-                |(weights, scores, flags): &mut (Vec<f32>, Vec<f32>, Vec<u8>), row| {
+                |(weights, scores, flags): &mut (Vec<f32>, Vec<f32>, Vec<u8>), (row, input)| {
+                    row.copy_from_slice(input);
                     weights.resize(cols, 0.0);
                     decode_into(t.dtype, row, weights);
                     row_scores(weights, factors, scores);
@@ -283,7 +287,9 @@ pub fn prune_tensor(
         // Fused path: decode, score, select and zero one row at a time, rows in parallel.
         let counts: u64 = out
             .par_chunks_mut(row_bytes)
-            .map_init(Scratch::default, |scratch, row| {
+            .zip(data.par_chunks(row_bytes))
+            .map_init(Scratch::default, |scratch, (row, input)| {
+                row.copy_from_slice(input);
                 scratch.weights.resize(cols, 0.0);
                 decode_into(t.dtype, row, &mut scratch.weights);
                 let w = std::mem::take(&mut scratch.weights);
@@ -299,6 +305,8 @@ pub fn prune_tensor(
         return Ok(counts);
     }
     // General path (layer scope or [in, out] storage): score the logical [out, in] matrix.
+    out.clear();
+    out.extend_from_slice(data);
     let stored = decode(t.dtype, data);
     let logical: Vec<f32> = if input_axis == 1 {
         stored

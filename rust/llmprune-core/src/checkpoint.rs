@@ -74,6 +74,9 @@ impl Shard {
         // SAFETY: the map is read-only; a checkpoint modified while being pruned is outside the
         // contract (as for every reader of safetensors files).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // Shards are read front to back: ask for aggressive read-ahead (a hint; failure is harmless).
+        #[cfg(unix)]
+        let _ = mmap.advise(memmap2::Advice::Sequential);
         let (header_len, metadata) =
             SafeTensors::read_metadata(&mmap).map_err(|e| header_error(path, &mmap, e))?;
         let header: serde_json::Map<String, Value> =
