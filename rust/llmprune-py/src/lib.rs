@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use llmprune_core::error::Error;
-use llmprune_core::{apply, score, select, ApplyOptions, Method, Scope, Target};
+use llmprune_core::{apply, score, select, structured, ApplyOptions, Method, Scope, Target};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyPermissionError};
@@ -66,6 +66,39 @@ fn parse_method(s: &str) -> PyResult<Method> {
     s.parse::<Method>().map_err(|e| CoreError(e).into())
 }
 
+/// Runs a long core call without the GIL, calling `progress(tensor, bytes_done, bytes_total,
+/// tensors_done, tensors_total)` after every tensor and checking for Ctrl-C; returns the JSON summary.
+/// An exception raised by the callback (or KeyboardInterrupt) stops the run and is re-raised.
+fn run_reporting(
+    py: Python<'_>,
+    progress: Option<Py<PyAny>>,
+    work: impl FnOnce(&mut dyn FnMut(apply::Progress) -> llmprune_core::Result<()>) -> llmprune_core::Result<String> + Send,
+) -> PyResult<String> {
+    let mut callback_error: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let mut report = |p: apply::Progress| -> llmprune_core::Result<()> {
+            Python::attach(|py| {
+                let outcome = py.check_signals().and_then(|_| match &progress {
+                    Some(cb) => cb
+                        .call1(py, (p.tensor, p.bytes_done, p.bytes_total, p.tensors_done, p.tensors_total))
+                        .map(|_| ()),
+                    None => Ok(()),
+                });
+                outcome.map_err(|e| {
+                    callback_error = Some(e);
+                    Error::Interrupted
+                })
+            })
+        };
+        work(&mut report)
+    });
+    match (result, callback_error) {
+        (Ok(summary), _) => Ok(summary),
+        (Err(_), Some(py_err)) => Err(py_err),
+        (Err(e), None) => Err(CoreError(e).into()),
+    }
+}
+
 #[pyfunction]
 #[pyo3(name = "apply", signature = (model_dir, out_dir, method, *, sparsity=None, pattern=None, scope="row",
     stats=None, threads=None, include=Vec::new(), exclude=Vec::new(), input_axis=1, force=false,
@@ -104,29 +137,40 @@ fn apply_checkpoint(
         provenance: provenance.unwrap_or_default(),
         check_only,
     };
-    let mut callback_error: Option<PyErr> = None;
-    let result = py.detach(|| {
-        let mut report = |p: apply::Progress| -> llmprune_core::Result<()> {
-            Python::attach(|py| {
-                let outcome = py.check_signals().and_then(|_| match &progress {
-                    Some(cb) => cb
-                        .call1(py, (p.tensor, p.bytes_done, p.bytes_total, p.tensors_done, p.tensors_total))
-                        .map(|_| ()),
-                    None => Ok(()),
-                });
-                outcome.map_err(|e| {
-                    callback_error = Some(e);
-                    Error::Interrupted
-                })
-            })
-        };
-        apply::apply(&opts, &mut report)
-    });
-    match (result, callback_error) {
-        (Ok(summary), _) => Ok(serde_json::to_string(&summary).expect("summary serializes")),
-        (Err(_), Some(py_err)) => Err(py_err),
-        (Err(e), None) => Err(CoreError(e).into()),
-    }
+    run_reporting(py, progress, |report| apply::apply(&opts, report).map(|s| serde_json::to_string(&s).expect("summary serializes")))
+}
+
+#[pyfunction]
+#[pyo3(signature = (model_dir, out_dir, method, *, sparsity, allocation="global", compensate=None, stats=None,
+    threads=None, force=false, provenance=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn apply_structured(
+    py: Python<'_>,
+    model_dir: PathBuf,
+    out_dir: PathBuf,
+    method: &str,
+    sparsity: f64,
+    allocation: &str,
+    compensate: Option<bool>,
+    stats: Option<PathBuf>,
+    threads: Option<usize>,
+    force: bool,
+    provenance: Option<BTreeMap<String, String>>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let opts = structured::StructuredOptions {
+        model_dir,
+        out_dir,
+        method: method.parse().map_err(CoreError)?,
+        sparsity,
+        allocation: allocation.parse().map_err(CoreError)?,
+        compensate,
+        stats,
+        threads,
+        force,
+        provenance: provenance.unwrap_or_default(),
+    };
+    run_reporting(py, progress, |report| structured::apply_structured(&opts, report).map(|s| serde_json::to_string(&s).expect("summary serializes")))
 }
 
 #[pyfunction]
@@ -208,6 +252,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TensorError", py.get_type::<TensorError>())?;
     m.add("OutputError", py.get_type::<OutputError>())?;
     m.add_function(wrap_pyfunction!(apply_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(apply_structured, m)?)?;
     m.add_function(wrap_pyfunction!(compute_mask, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(describe_model, m)?)?;

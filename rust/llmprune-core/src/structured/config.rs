@@ -1,0 +1,98 @@
+//! config.json of a structurally pruned checkpoint.
+//!
+//! Sizes every layer shares go into the stock fields, so transformers builds the right modules:
+//! LLaMA gets `num_attention_heads`, `num_key_value_heads`, `intermediate_size` and an explicit
+//! `head_dim` (the head size no longer follows from hidden_size / heads), plus `attention_bias` /
+//! `mlp_bias` when biases were added. OPT derives its head size from hidden_size / heads, so a
+//! checkpoint with heads removed cannot be described by a stock OPT config.
+//!
+//! Every output also records its per-layer sizes under `llmprune.structured.layers`, and
+//! `llmprune.loader` says whether stock `from_pretrained` builds it (`transformers`) or
+//! `llmprune.load_pruned` must resize the modules layer by layer (`llmprune.load_pruned`); for the
+//! latter the stock fields keep the input's values.
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::structured::arch::{Family, Rules};
+use crate::structured::plan::LayerPlan;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LayerShape {
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub intermediate_size: usize,
+}
+
+pub fn layer_shapes(rules: &Rules, plans: &[LayerPlan]) -> Vec<LayerShape> {
+    plans
+        .iter()
+        .map(|p| LayerShape {
+            num_attention_heads: p.attn_keep.len() * rules.q_per_kv,
+            num_key_value_heads: p.attn_keep.len(),
+            intermediate_size: p.mlp_keep.len(),
+        })
+        .collect()
+}
+
+/// True when a stock transformers config can describe every layer.
+pub fn stock_loadable(rules: &Rules, shapes: &[LayerShape]) -> bool {
+    let uniform = shapes.windows(2).all(|w| w[0] == w[1]);
+    match rules.family {
+        Family::Llama => uniform,
+        Family::Opt => {
+            let heads = rules.config.get("num_attention_heads").and_then(Value::as_u64).unwrap_or(0) as usize;
+            uniform && shapes.iter().all(|s| s.num_attention_heads == heads)
+        }
+    }
+}
+
+pub struct Rewrite<'a> {
+    pub shapes: &'a [LayerShape],
+    pub added_attn_bias: bool,
+    pub added_mlp_bias: bool,
+    /// method, sparsity, allocation, ... recorded beside the layer sizes.
+    pub provenance: serde_json::Map<String, Value>,
+}
+
+pub fn rewrite(rules: &Rules, r: &Rewrite) -> serde_json::Map<String, Value> {
+    let mut c = rules.config.clone();
+    let stock = stock_loadable(rules, r.shapes);
+    match rules.family {
+        Family::Llama => {
+            c.insert("head_dim".into(), rules.head_dim.into());
+            if stock {
+                if let Some(s) = r.shapes.first() {
+                    c.insert("num_attention_heads".into(), s.num_attention_heads.into());
+                    c.insert("num_key_value_heads".into(), s.num_key_value_heads.into());
+                    c.insert("intermediate_size".into(), s.intermediate_size.into());
+                }
+            }
+            if r.added_attn_bias {
+                c.insert("attention_bias".into(), true.into());
+            }
+            if r.added_mlp_bias {
+                c.insert("mlp_bias".into(), true.into());
+            }
+        }
+        Family::Opt => {
+            if stock {
+                if let Some(s) = r.shapes.first() {
+                    c.insert("ffn_dim".into(), s.intermediate_size.into());
+                }
+            }
+        }
+    }
+    let mut structured = r.provenance.clone();
+    structured.insert("family".into(), rules.family.name().into());
+    structured.insert("head_dim".into(), rules.head_dim.into());
+    structured.insert("layers".into(), serde_json::to_value(r.shapes).expect("shapes serialize"));
+    c.insert(
+        "llmprune".into(),
+        json!({
+            "loader": if stock { "transformers" } else { "llmprune.load_pruned" },
+            "structured": Value::Object(structured),
+        }),
+    );
+    c
+}

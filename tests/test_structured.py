@@ -1,0 +1,486 @@
+"""Structured pruning (`apply --method flap|magnitude-sp|wanda-sp`) against an independent reference.
+
+The reference below is written from the definitions in README.md (and FLAP in REFERENCE.md) with
+numpy only: group scores, per-layer standardization, the cost-weighted global threshold or the
+uniform counts, the slices of every tensor and the compensated biases. Outputs are then loaded with
+stock transformers (uniform) or `llmprune.load_pruned` (layers of different sizes) and run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import reference as R
+import stats_helpers as H
+from conftest import assert_clean_error, copy_model, listing, tree_hashes
+
+STRUCTURED = ["flap", "magnitude-sp", "wanda-sp"]
+
+
+# --------------------------------------------------------------------------------------------
+# The reference
+# --------------------------------------------------------------------------------------------
+
+
+def layer_modules(cfg: dict[str, Any], tensors: dict[str, R.RawTensor]) -> list[dict[str, Any]]:
+    """Per layer: prefix, and for "attn" / "mlp" the input projections (name, rows per group), the
+    output projection (name, columns per group) and the number of groups."""
+    if cfg["model_type"] == "llama":
+        base, attn_in, attn_out, mlp_in, mlp_out = "model.layers.", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.o_proj", ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"
+        heads = cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads") or heads
+        hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    elif cfg["model_type"] == "opt":
+        base, attn_in, attn_out, mlp_in, mlp_out = "model.decoder.layers.", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.out_proj", ["fc1"], "fc2"
+        heads = kv = cfg["num_attention_heads"]
+        hd = cfg["hidden_size"] // heads
+    else:
+        raise ValueError(cfg["model_type"])
+    qpk = heads // kv
+    out = []
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"{base}{i}."
+        groups = tensors[f"{p}{attn_in[1]}.weight"].shape[0] // hd
+        rpg = [qpk * hd, hd, hd]
+        out.append(
+            {
+                "prefix": p,
+                "attn": {"inputs": [(f"{p}{m}", r) for m, r in zip(attn_in, rpg)], "output": (f"{p}{attn_out}", qpk * hd), "groups": groups},
+                "mlp": {"inputs": [(f"{p}{m}", 1) for m in mlp_in], "output": (f"{p}{mlp_out}", 1), "groups": tensors[f"{p}{mlp_in[0]}.weight"].shape[0]},
+            }
+        )
+    return out
+
+
+def f64(t: R.RawTensor) -> np.ndarray:
+    return R.to_f32(t).astype(np.float64)
+
+
+def group_scores(method: str, mod: dict[str, Any], tensors, stats) -> np.ndarray:
+    name, cpg = mod["output"]
+    w = f64(tensors[f"{name}.weight"])
+    if method == "magnitude-sp":
+        total = (w**2).sum(axis=0).reshape(-1, cpg).sum(axis=1)
+        for n, rpg in mod["inputs"]:
+            total += (f64(tensors[f"{n}.weight"]) ** 2).sum(axis=1).reshape(-1, rpg).sum(axis=1)
+        return np.sqrt(total)
+    s = stats[f"{name}.weight"]
+    n = float(s["act_count"])
+    if method == "flap":
+        mu = s["act_sum"] / n
+        var = np.maximum((s["act_sqsum"] - n * mu * mu) / (n - 1.0), 0.0)
+        return (var * (w**2).sum(axis=0)).reshape(-1, cpg).sum(axis=1)
+    if method == "wanda-sp":
+        ch = np.sqrt(s["act_sqsum"] / n) * np.abs(w).sum(axis=0)
+        return ch.reshape(-1, cpg).sum(axis=1) / (w.shape[0] * cpg)
+    raise ValueError(method)
+
+
+def standardize(s: np.ndarray) -> np.ndarray:
+    if s.size < 2:
+        return np.zeros_like(s)
+    std = s.std(ddof=1)
+    if not (np.isfinite(std) and std > 0):
+        return np.zeros_like(s)
+    return (s - s.mean()) / std
+
+
+def group_cost(mod: dict[str, Any], tensors) -> int:
+    hidden = tensors[f"{mod['inputs'][0][0]}.weight"].shape[1]
+    rows = sum(r * (hidden + (f"{n}.bias" in tensors)) for n, r in mod["inputs"])
+    name, cpg = mod["output"]
+    return rows + cpg * tensors[f"{name}.weight"].shape[0]
+
+
+def reference_plan(method, sparsity, allocation, cfg, tensors, stats):
+    """(layers, kept attention groups per layer, kept MLP channels per layer, removed params)."""
+    layers = layer_modules(cfg, tensors)
+    scores = [{k: group_scores(method, L[k], tensors, stats) for k in ("attn", "mlp")} for L in layers]
+    cost = [{k: group_cost(L[k], tensors) for k in ("attn", "mlp")} for L in layers]
+    params = [sum(t.numel for n, t in tensors.items() if n.startswith(L["prefix"])) for L in layers]
+    removed: list[dict[str, list[int]]] = [{"attn": [], "mlp": []} for _ in layers]
+    if allocation == "global":
+        entries = [(li, k, g) for k in ("attn", "mlp") for li in range(len(layers)) for g in range(len(scores[li][k]))]
+        z = np.concatenate([standardize(scores[li][k]) for k in ("attn", "mlp") for li in range(len(layers))])
+        order = np.argsort(z, kind="stable")
+        cum = np.concatenate([[0], np.cumsum([cost[entries[i][0]][entries[i][1]] for i in order])])
+        k = int(np.argmin(np.abs(cum.astype(np.float64) - sparsity * sum(params))))
+        for i in order[:k]:
+            li, kind, g = entries[i]
+            removed[li][kind].append(g)
+    else:
+        for li in range(len(layers)):
+            G, I = len(scores[li]["attn"]), len(scores[li]["mlp"])
+            h = min(math.floor(sparsity * G + 0.5), G)
+            c = math.floor((sparsity * params[li] - h * cost[li]["attn"]) / cost[li]["mlp"] + 0.5)
+            c = min(max(c, 0), I)
+            removed[li]["attn"] = list(np.argsort(scores[li]["attn"], kind="stable")[:h])
+            removed[li]["mlp"] = list(np.argsort(scores[li]["mlp"], kind="stable")[:c])
+    keep = [{k: sorted(set(range(layers[li][k]["groups"])) - set(map(int, removed[li][k]))) for k in ("attn", "mlp")} for li in range(len(layers))]
+    total_removed = sum(len(removed[li][k]) * cost[li][k] for li in range(len(layers)) for k in ("attn", "mlp"))
+    return layers, keep, total_removed, sum(params)
+
+
+def expand(groups: list[int], per: int) -> np.ndarray:
+    return np.array([g * per + j for g in groups for j in range(per)], dtype=np.int64)
+
+
+def expected_tensors(layers, keep, tensors, stats, compensate: bool) -> dict[str, tuple[str, Any]]:
+    """name -> ("bits", uint array) for sliced / added-zero tensors, ("values", float32) for
+    compensated biases. Tensors not listed are copied unchanged."""
+    out: dict[str, tuple[str, Any]] = {}
+    for L, K in zip(layers, keep):
+        for kind in ("attn", "mlp"):
+            mod, kept = L[kind], K[kind]
+            pruned = len(kept) < mod["groups"]
+            add_bias = compensate and f"{mod['output'][0]}.bias" not in tensors and any(len(k[kind]) < l[kind]["groups"] for l, k in zip(layers, keep))
+            for n, rpg in mod["inputs"]:
+                rows = expand(kept, rpg)
+                out[f"{n}.weight"] = ("bits", R.bits(tensors[f"{n}.weight"])[rows])
+                if f"{n}.bias" in tensors:
+                    out[f"{n}.bias"] = ("bits", R.bits(tensors[f"{n}.bias"])[rows])
+                elif add_bias:
+                    out[f"{n}.bias"] = ("bits", np.zeros(len(rows), dtype=np.uint16 if tensors[f"{n}.weight"].dtype != "F32" else np.uint32))
+            name, cpg = mod["output"]
+            cols = expand(kept, cpg)
+            out[f"{name}.weight"] = ("bits", R.bits(tensors[f"{name}.weight"])[:, cols])
+            if compensate and (pruned or add_bias):
+                w = f64(tensors[f"{name}.weight"])
+                s = stats[f"{name}.weight"]
+                mu = s["act_sum"] / float(s["act_count"])
+                gone = np.setdiff1d(np.arange(w.shape[1]), cols)
+                b = w[:, gone] @ mu[gone]
+                if f"{name}.bias" in tensors:
+                    b = b + f64(tensors[f"{name}.bias"])
+                out[f"{name}.bias"] = ("values", b.astype(np.float32))
+    return out
+
+
+def check_output(out_dir: Path, model_dir: Path, expected) -> None:
+    tin, _ = R.read_checkpoint(model_dir)
+    tout, metas = R.read_checkpoint(out_dir)
+    assert set(tout) == set(tin) | set(expected), set(tout) ^ (set(tin) | set(expected))
+    for name, t in tout.items():
+        if name not in expected:
+            assert t.data == tin[name].data, f"{name} must be copied unchanged"
+            continue
+        kind, ref = expected[name]
+        if kind == "bits":
+            got = R.bits(t)
+            assert got.shape == ref.shape and np.array_equal(got, ref), name
+        else:
+            got = R.to_f32(t)
+            # f64 sums rounded once to f32 and then to the dtype: at most one unit in the last place
+            rtol = {"BF16": 2.0**-7, "F16": 2.0**-10, "F32": 1e-6}[t.dtype]
+            ref_d = R.to_f32(R.RawTensor(name, t.dtype, ref.shape, R.from_f32(ref, t.dtype), ""))
+            np.testing.assert_allclose(got, ref_d, rtol=rtol, atol=1e-30, err_msg=name)
+    for m in metas.values():
+        prov = json.loads(m["llmprune"])
+        assert prov["method"] in STRUCTURED
+    if (out_dir / R.INDEX_NAME).exists():
+        idx = json.loads((out_dir / R.INDEX_NAME).read_text())
+        assert idx["metadata"]["total_size"] == sum(len(t.data) for t in tout.values())
+        assert set(idx["weight_map"]) == set(tout)
+        assert all(tout[n].file == f for n, f in idx["weight_map"].items())
+
+
+def apply_json(run_cli, model: Path, *args: Any) -> dict[str, Any]:
+    code, out, err = run_cli(["apply", model, *args, "--json"])
+    assert code == 0, err
+    return json.loads(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Slices and biases equal the reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("method", STRUCTURED)
+def test_matches_reference(run_cli, tiny_model, tmp_path, method, allocation):
+    model = copy_model(tiny_model, tmp_path / "m")
+    sparsity = 0.3
+    out = tmp_path / "out"
+    s = apply_json(run_cli, model, "--method", method, "--sparsity", sparsity, "--allocation", allocation, "--out", out)
+    cfg = H.read_config(model)
+    tensors, _ = R.read_checkpoint(model)
+    stats = tiny_model.stats
+    layers, keep, removed, block_params = reference_plan(method, sparsity, allocation, cfg, tensors, stats)
+    compensate = method == "flap"
+    assert s["compensate"] is compensate
+    assert s["params_removed"] == removed and s["block_params_before"] == block_params
+    assert s["achieved_sparsity"] == removed / block_params
+    assert [(x["num_key_value_heads"], x["intermediate_size"]) for x in s["per_layer"]] == [(len(k["attn"]), len(k["mlp"])) for k in keep]
+    check_output(out, model, expected_tensors(layers, keep, tensors, stats, compensate))
+    tout, _ = R.read_checkpoint(out)
+    assert s["block_params_after"] == sum(t.numel for n, t in tout.items() if n.startswith("model.layers."))
+    assert s["block_params_after"] == block_params - removed + s["bias_params_added"]
+    new = H.read_config(out)
+    assert new["head_dim"] == cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert new["llmprune"]["structured"]["layers"] == s["per_layer"]
+    assert new.get("attention_bias", False) is compensate and new.get("mlp_bias", False) is compensate
+    if allocation == "uniform":
+        assert s["loader"] == "transformers"
+        kv = {len(k["attn"]) for k in keep}
+        assert len(kv) == 1 and new["num_key_value_heads"] == kv.pop()
+        assert new["intermediate_size"] == len(keep[0]["mlp"])
+
+
+def test_opt_matches_reference(run_cli, tmp_path):
+    model = H.tiny_opt_dir(tmp_path / "m" / "tiny", dtype="float32")
+    stats = R.reference_stats(R.load_f32_model(model), R.random_samples(4, 32))
+    R.write_sidecar(model, stats)
+    out = tmp_path / "out"
+    s = apply_json(run_cli, model, "--method", "flap", "--sparsity", "0.25", "--out", out)
+    tensors, _ = R.read_checkpoint(model)
+    layers, keep, removed, _ = reference_plan("flap", 0.25, "global", H.read_config(model), tensors, stats)
+    assert s["params_removed"] == removed and s["family"] == "opt"
+    check_output(out, model, expected_tensors(layers, keep, tensors, stats, True))
+    pruned = load_and_compare_perplexity(out)
+    assert pruned.model.decoder.layers[0].self_attn.num_heads == s["per_layer"][0]["num_attention_heads"]
+
+
+# --------------------------------------------------------------------------------------------
+# Compensation: constant inputs are removed without changing the output
+# --------------------------------------------------------------------------------------------
+
+
+def constant_channel_model(path: Path, n_const: int) -> Path:
+    """A float32 LLaMA with biases where KV group 0 of every layer has zero value rows (its heads
+    output the value bias, a constant) and the first n_const MLP channels have zero gate/up rows (they
+    output silu(gate bias) * up bias, a constant)."""
+    from transformers import LlamaForCausalLM
+
+    config = R.tiny_llama_config(attention_bias=True, mlp_bias=True)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config)
+    hd = config.hidden_size // config.num_attention_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                lin.bias.normal_(0, 0.5)
+            layer.self_attn.v_proj.weight[:hd] = 0.0
+            layer.mlp.gate_proj.weight[:n_const] = 0.0
+            layer.mlp.up_proj.weight[:n_const] = 0.0
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_compensation_reproduces_dense_output(run_cli, tmp_path):
+    n_const = 32
+    model = constant_channel_model(tmp_path / "m" / "tiny", n_const)
+    dense = R.load_f32_model(model)
+    R.write_sidecar(model, R.reference_stats(dense, R.random_samples(4, 32)))
+    tensors, _ = R.read_checkpoint(model)
+    cfg = H.read_config(model)
+    layers = layer_modules(cfg, tensors)
+    # uniform allocation removing exactly one KV group and n_const channels per layer
+    params = sum(t.numel for n, t in tensors.items() if n.startswith("model.layers.0."))
+    sparsity = (group_cost(layers[0]["attn"], tensors) + n_const * group_cost(layers[0]["mlp"], tensors)) / params
+    ids = R.random_samples(2, 24, seed=9)
+    with torch.no_grad():
+        want = dense(ids).logits
+    from transformers import AutoModelForCausalLM
+
+    for compensate in (True, False):
+        out = tmp_path / f"out-{compensate}"
+        flag = "--compensate" if compensate else "--no-compensate"
+        s = apply_json(run_cli, model, "--method", "flap", "--sparsity", repr(sparsity), "--allocation", "uniform", flag, "--out", out)
+        assert s["per_layer"] == [{"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128 - n_const}] * 2
+        w = R.read_checkpoint(out)[0]["model.layers.0.self_attn.k_proj.weight"]
+        assert np.array_equal(R.to_f32(w), R.to_f32(tensors["model.layers.0.self_attn.k_proj.weight"])[16:]), "KV group 0 must go"
+        pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = pruned(ids).logits
+        diff = (got - want).abs().max().item()
+        if compensate:
+            assert diff < 2e-5, diff
+        else:
+            assert diff > 1e-2, "without compensation the constant channels' contribution is lost"
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped-query attention, loading, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def load_and_compare_perplexity(out: Path):
+    """load_pruned's full forward and the layer-streamed perplexity agree; returns the model."""
+    import llmprune
+    from llmprune.evaluate import perplexity
+
+    model = llmprune.load_pruned(out)
+    ids = torch.randint(0, 256, (1, 3 * 16), generator=torch.Generator().manual_seed(4))
+    total = 0.0
+    with torch.no_grad():
+        for w in range(3):
+            x = ids[:, w * 16 : (w + 1) * 16]
+            logits = model(input_ids=x).logits.float()
+            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
+    ref = math.exp(total / (3 * 15))
+    res = perplexity(out, ids, 16, device="cpu")
+    assert math.isclose(res.perplexity, ref, rel_tol=1e-4), (res.perplexity, ref)
+    return model
+
+
+def test_gqa_groups_stay_consistent(run_cli, tiny_models, tmp_path):
+    # 8 query heads share 2 key/value heads: a group is one KV head and its 4 query heads
+    tm = tiny_models("float32", sharded=False, stats=True, num_attention_heads=8, num_key_value_heads=2)
+    model = copy_model(tm, tmp_path / "m")
+    out = tmp_path / "out"
+    s = apply_json(run_cli, model, "--method", "wanda-sp", "--sparsity", "0.4", "--allocation", "uniform", "--out", out)
+    assert s["per_layer"][0] == {"num_attention_heads": 4, "num_key_value_heads": 1, "intermediate_size": s["per_layer"][0]["intermediate_size"]}
+    tin, tout = R.read_checkpoint(model)[0], R.read_checkpoint(out)[0]
+    hd = 8  # 64 / 8
+    for i in range(2):
+        p = f"model.layers.{i}.self_attn."
+        k_in, k_out = R.to_f32(tin[p + "k_proj.weight"]), R.to_f32(tout[p + "k_proj.weight"])
+        g = next(g for g in range(2) if np.array_equal(k_in[g * hd : (g + 1) * hd], k_out))
+        heads = slice(g * 4 * hd, (g + 1) * 4 * hd)
+        assert np.array_equal(R.to_f32(tout[p + "q_proj.weight"]), R.to_f32(tin[p + "q_proj.weight"])[heads])
+        assert np.array_equal(R.to_f32(tout[p + "v_proj.weight"]), R.to_f32(tin[p + "v_proj.weight"])[g * hd : (g + 1) * hd])
+        assert np.array_equal(R.to_f32(tout[p + "o_proj.weight"]), R.to_f32(tin[p + "o_proj.weight"])[:, heads])
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert pruned.config.num_attention_heads == 4 and pruned.config.num_key_value_heads == 1
+    with torch.no_grad():
+        assert torch.isfinite(pruned(R.random_samples(1, 12)).logits).all()
+
+
+def test_uniform_output_loads_with_transformers(run_cli, tiny_models, tmp_path):
+    model = copy_model(tiny_models("bfloat16", sharded=True, stats=True), tmp_path / "m")
+    out = tmp_path / "out"
+    s = apply_json(run_cli, model, "--method", "flap", "--sparsity", "0.5", "--allocation", "uniform", "--out", out)
+    assert s["loader"] == "transformers" and s["bias_params_added"] > 0
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert stock.config.attention_bias and stock.config.mlp_bias
+    assert sum(p.numel() for p in stock.parameters()) == s["model_params_after"]
+    ours = load_and_compare_perplexity(out)
+    ids = R.random_samples(1, 20, seed=2)
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, ours(ids).logits)
+
+
+def test_non_uniform_loads_with_load_pruned(run_cli, tiny_models, tmp_path):
+    model = copy_model(tiny_models("bfloat16", sharded=True, stats=True), tmp_path / "m")
+    H.add_tokenizer(model)
+    s = apply_json(run_cli, model, "--method", "flap", "--sparsity", "0.3")
+    out = Path(s["out"])
+    assert out == model.parent / "tiny-flap-0.3"
+    assert s["loader"] == "llmprune.load_pruned"
+    sizes = {(x["num_key_value_heads"], x["intermediate_size"]) for x in s["per_layer"]}
+    assert len(sizes) > 1, "global allocation should differ between layers here"
+    pruned = load_and_compare_perplexity(out)
+    assert sum(p.numel() for p in pruned.parameters()) == s["model_params_after"]
+    for layer, size in zip(pruned.model.layers, s["per_layer"]):
+        assert layer.mlp.down_proj.in_features == size["intermediate_size"]
+        assert layer.self_attn.k_proj.out_features == size["num_key_value_heads"] * 16
+    code, stdout, err = run_cli(["eval", out, "--seqlen", "16", "--max-tokens", "200", "--device", "cpu", "--json"])
+    assert code == 0, err
+    assert math.isfinite(json.loads(stdout)["perplexity"])
+
+
+def test_text_summary_and_default_names(run_cli, tiny_model, tmp_path):
+    model = copy_model(tiny_model, tmp_path / "m")
+    code, out, err = run_cli(["apply", model, "--method", "magnitude-sp", "--sparsity", "0.2", "--allocation", "uniform"])
+    assert code == 0, err
+    assert (model.parent / "tiny-magnitude-sp-0.2-uniform" / "config.json").is_file()
+    assert out.startswith("magnitude-sp 0.2 (uniform): kept ") and "decoder-block parameters" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def expect_failure(run_cli, model: Path, args: list[Any], **kw: Any) -> str:
+    before, hashes = listing(model.parent), tree_hashes(model)
+    code, out, err = run_cli(["apply", model, *args])
+    msg = assert_clean_error(code, out, err, **kw)
+    assert listing(model.parent) == before, "nothing may be left behind"
+    assert tree_hashes(model) == hashes
+    return msg
+
+
+def test_removing_every_head_of_a_layer(run_cli, tiny_models, tmp_path):
+    # one key/value head per layer: any attention group removed empties the layer
+    model = copy_model(tiny_models("bfloat16", sharded=False, stats=False, num_key_value_heads=1), tmp_path / "m")
+    expect_failure(run_cli, model, ["--method", "magnitude-sp", "--sparsity", "0.6", "--allocation", "uniform"], contains=("layer 0", "attention groups"), hint_contains=None)
+
+
+def test_architecture_without_group_rule(run_cli, tmp_path):
+    model = H.tiny_gpt2_dir(tmp_path / "m" / "tiny")
+    expect_failure(run_cli, model, ["--method", "magnitude-sp", "--sparsity", "0.2"], contains=("no group rule", "gpt2"))
+
+
+@pytest.mark.parametrize(
+    "args,contains",
+    [
+        (["--method", "flap", "--pattern", "2:4"], "--sparsity"),
+        (["--method", "flap"], "--sparsity"),
+        (["--method", "flap", "--sparsity", "1.0"], "sparsity"),
+        (["--method", "flap", "--sparsity", "-0.1"], "sparsity"),
+        (["--method", "flap", "--sparsity", "0.2", "--allocation", "per-layer"], "allocation"),
+        (["--method", "flap", "--sparsity", "0.2", "--scope", "layer"], "--scope"),
+        (["--method", "wanda-sp", "--sparsity", "0.2", "--include", "*q_proj*"], "--include"),
+        (["--method", "wanda", "--sparsity", "0.2", "--allocation", "uniform"], "structured"),
+        (["--method", "magnitude", "--sparsity", "0.2", "--no-compensate"], "structured"),
+    ],
+)
+def test_bad_arguments(run_cli, tiny_model, tmp_path, args, contains):
+    expect_failure(run_cli, copy_model(tiny_model, tmp_path / "m"), args, contains=contains)
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp"])
+def test_needs_sidecar(run_cli, tiny_models, tmp_path, method):
+    model = copy_model(tiny_models("bfloat16", sharded=True, stats=False), tmp_path / "m")
+    expect_failure(run_cli, model, ["--method", method, "--sparsity", "0.2"], hint_contains="llmprune stats")
+    # magnitude-sp needs none, unless asked to compensate
+    expect_failure(run_cli, model, ["--method", "magnitude-sp", "--sparsity", "0.2", "--compensate"], contains="statistics")
+
+
+def test_sidecar_of_another_model(run_cli, tiny_models, tmp_path):
+    model = copy_model(tiny_models("bfloat16", sharded=True, stats=False), tmp_path / "m")
+    other = tiny_models("bfloat16", sharded=False, stats=True, intermediate_size=96)
+    shutil.copy(other.sidecar, model / R.SIDECAR_NAME)
+    expect_failure(run_cli, model, ["--method", "flap", "--sparsity", "0.2"], contains="does not match")
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark, at a tiny size so it cannot rot
+# --------------------------------------------------------------------------------------------
+
+
+def test_structured_bench_tiny(tiny_models, tmp_path):
+    import subprocess
+    import sys
+
+    model = copy_model(tiny_models("bfloat16", sharded=False, stats=True), tmp_path / "m")  # with its sidecar
+    H.add_tokenizer(model)
+    rows = tmp_path / "rows.json"
+    cmd = [
+        sys.executable, str(Path(__file__).resolve().parent.parent / "benches" / "structured_bench.py"),
+        "--model", str(model), "--workdir", str(tmp_path / "w"), "--sparsities", "0.3",
+        "--variants", "flap:global,flap:uniform:nocomp", "--seqlen", "32", "--max-tokens", "256",
+        "--latency-tokens", "16", "--latency-runs", "1", "--latency-rounds", "2", "--device", "cpu", "--json", str(rows),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("| dense |", "| flap global | 30% |", "| flap uniform, no compensation | 30% |"):
+        assert row in proc.stdout, proc.stdout
+    doc = json.loads(rows.read_text())
+    assert len(doc) == 3 and all(math.isfinite(r["perplexity"]) and r["cpu_ms"] > 0 for r in doc)
+    assert [r["compensate"] for r in doc] == [False, True, False]
+    assert doc[1]["params"] < doc[0]["params"] and doc[1]["bytes"] < doc[0]["bytes"]
+    assert list((tmp_path / "w").iterdir()) == [], "pruned checkpoints are removed"
