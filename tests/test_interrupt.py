@@ -33,14 +33,17 @@ def test_sigint_stops_the_cli(tmp_path):
     """A real SIGINT to the CLI process while it prunes a checkpoint big enough to take a while."""
     model = tmp_path / "ck"
     gen = os.path.join(os.path.dirname(__file__), "..", "benches", "make_checkpoint.py")
-    subprocess.run([sys.executable, gen, str(model), "--shape", "1b", "--layers", "3"], check=True)
+    subprocess.run([sys.executable, gen, str(model), "--shape", "1b", "--layers", "6"], check=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmprune", "apply", str(model), "--method", "magnitude", "--sparsity", "0.5", "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # a shell without job control starts background jobs with SIGINT ignored; undo that
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    time.sleep(1.5)  # past start-up, inside the Rust loop
+    # signal as soon as the staging directory exists: the Rust loop is then running
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".ck-") for p in tmp_path.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
