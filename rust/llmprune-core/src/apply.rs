@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::checkpoint::{Checkpoint, Shard, TensorEntry, INDEX_FILE};
 use crate::dtype::{decode, decode_into, float_size};
 use crate::error::{Error, Result};
-use crate::output::{copy_tree, StagingDir};
+use crate::output::{copy_other_files, encode_header, metadata_with_provenance, write_index, StagingDir};
 use crate::prunable::{resolve_prunable, Prunable};
 use crate::score::{channel_factors, Method};
 use crate::select::{mask_matrix, n_m_flags, prune_row, row_scores, Scope, Scratch, Target};
@@ -236,9 +236,10 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         Ok(())
     })?;
     if let Some(index) = &ckpt.index {
-        write_index(index, &ckpt, &staging.path.join(INDEX_FILE))?;
+        let total: u64 = ckpt.tensors().map(|(_, t)| t.nbytes() as u64).sum();
+        write_index(index, total, None, &staging.path.join(INDEX_FILE))?;
     }
-    copy_other_files(&ckpt, &staging.path)?;
+    copy_other_files(&ckpt, &staging.path, &[])?;
     staging.commit()?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
@@ -359,52 +360,11 @@ fn provenance_json(opts: &ApplyOptions, ckpt: &Checkpoint, sidecar: Option<&Side
     Value::Object(p).to_string()
 }
 
-/// The shard's header with `llmprune` provenance added to `__metadata__`, padded to 8 bytes and
-/// prefixed with its length. Tensor offsets are unchanged: pruning keeps every tensor's size.
+/// The shard's header with `llmprune` provenance added to `__metadata__`. Tensor offsets are
+/// unchanged: pruning keeps every tensor's size.
 fn shard_header(shard: &Shard, provenance: &str) -> Result<Vec<u8>> {
-    let mut header = shard.header.clone();
-    let mut meta = match header.remove("__metadata__") {
-        Some(Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
-    meta.insert("llmprune".into(), provenance.into());
-    let mut out = serde_json::Map::new();
-    out.insert("__metadata__".into(), Value::Object(meta));
-    out.extend(header);
-    let mut json = serde_json::to_vec(&Value::Object(out))
-        .map_err(|e| Error::checkpoint(&shard.path, format!("cannot serialize header: {e}")))?;
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&json);
-    Ok(bytes)
-}
-
-fn write_index(index: &serde_json::Map<String, Value>, ckpt: &Checkpoint, path: &Path) -> Result<()> {
-    let mut index = index.clone();
-    let total: u64 = ckpt.tensors().map(|(_, t)| t.nbytes() as u64).sum();
-    let meta = index.entry("metadata").or_insert_with(|| Value::Object(Default::default()));
-    if let Value::Object(m) = meta {
-        m.insert("total_size".into(), total.into());
-    }
-    let text = serde_json::to_string_pretty(&Value::Object(index)).expect("JSON value serializes");
-    fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
-}
-
-fn copy_other_files(ckpt: &Checkpoint, dst: &Path) -> Result<()> {
-    let dir = &ckpt.dir;
-    let skip = |rel: &Path| {
-        rel == Path::new(INDEX_FILE)
-            || rel == Path::new(DEFAULT_SIDECAR)
-            || ckpt.shards.iter().any(|s| Path::new(&s.file_name) == rel)
-    };
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name();
-        copy_tree(&entry.path(), &dst.join(&name), Path::new(&name), &skip)?;
-    }
-    Ok(())
+    let tensors = shard.header.iter().filter(|(k, _)| *k != "__metadata__").map(|(k, v)| (k.clone(), v.clone()));
+    encode_header(shard, metadata_with_provenance(shard, provenance), tensors)
 }
 
 /// Resolved prunable set, re-exported for the bindings.

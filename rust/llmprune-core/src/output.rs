@@ -1,8 +1,14 @@
 //! The output directory: refusing to overwrite the input, a temporary sibling directory that is
 //! removed on any failure, and the final rename into place.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::apply::DEFAULT_SIDECAR;
+use crate::checkpoint::{Checkpoint, Shard, INDEX_FILE};
 
 use crate::error::{Error, Result};
 
@@ -134,4 +140,72 @@ pub fn copy_tree(src: &Path, dst: &Path, rel: &Path, skip: &dyn Fn(&Path) -> boo
     } else {
         fs::copy(src, dst).map_err(|e| Error::io(src, e))
     }
+}
+
+/// The shard's `__metadata__` entries with `llmprune` provenance added.
+pub fn metadata_with_provenance(shard: &Shard, provenance: &str) -> serde_json::Map<String, Value> {
+    let mut meta = match shard.header.get("__metadata__") {
+        Some(Value::Object(m)) => m.clone(),
+        _ => serde_json::Map::new(),
+    };
+    meta.insert("llmprune".into(), provenance.into());
+    meta
+}
+
+/// A safetensors header: `__metadata__` first, then `tensors`, serialized, padded with spaces to 8
+/// bytes and prefixed with its little-endian length.
+pub fn encode_header(
+    shard: &Shard,
+    meta: serde_json::Map<String, Value>,
+    tensors: impl IntoIterator<Item = (String, Value)>,
+) -> Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), Value::Object(meta));
+    header.extend(tensors);
+    let mut json = serde_json::to_vec(&Value::Object(header))
+        .map_err(|e| Error::checkpoint(&shard.path, format!("cannot serialize header: {e}")))?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    Ok(bytes)
+}
+
+/// Writes index.json with a new `total_size` and, when given, a new weight map.
+pub fn write_index(
+    index: &serde_json::Map<String, Value>,
+    total: u64,
+    weight_map: Option<&BTreeMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    let mut index = index.clone();
+    let meta = index.entry("metadata").or_insert_with(|| Value::Object(Default::default()));
+    if let Value::Object(m) = meta {
+        m.insert("total_size".into(), total.into());
+    }
+    if let Some(map) = weight_map {
+        let map: serde_json::Map<String, Value> = map.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();
+        index.insert("weight_map".into(), Value::Object(map));
+    }
+    let text = serde_json::to_string_pretty(&Value::Object(index)).expect("JSON value serializes");
+    fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// Everything else in the model directory (tokenizer, generation config, ...): not the shards, the
+/// index, the stats sidecar (it describes the unpruned model), nor the top-level files in `rewritten`.
+pub fn copy_other_files(ckpt: &Checkpoint, dst: &Path, rewritten: &[&str]) -> Result<()> {
+    let dir = &ckpt.dir;
+    let skip = |rel: &Path| {
+        rel == Path::new(INDEX_FILE)
+            || rel == Path::new(DEFAULT_SIDECAR)
+            || rewritten.iter().any(|f| rel == Path::new(f))
+            || ckpt.shards.iter().any(|s| Path::new(&s.file_name) == rel)
+    };
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        copy_tree(&entry.path(), &dst.join(&name), Path::new(&name), &skip)?;
+    }
+    Ok(())
 }

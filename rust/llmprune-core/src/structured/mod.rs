@@ -15,7 +15,7 @@ pub mod slice;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -25,7 +25,7 @@ use crate::apply::{build_pool, Progress, DEFAULT_SIDECAR};
 use crate::checkpoint::{dtype_name, Checkpoint, Shard, INDEX_FILE};
 use crate::dtype::float_size;
 use crate::error::{Error, Result};
-use crate::output::{copy_tree, StagingDir};
+use crate::output::{copy_other_files, encode_header, metadata_with_provenance, write_index, StagingDir};
 use crate::sidecar::Sidecar;
 use crate::writer::ShardWriter;
 
@@ -246,13 +246,14 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         written
     })?;
     if let Some(index) = &ckpt.index {
-        write_index(index, &weight_map, tensor_bytes, &staging.path.join(INDEX_FILE))?;
+        write_index(index, tensor_bytes, Some(&weight_map), &staging.path.join(INDEX_FILE))?;
     }
     let new_config = config::rewrite(&rules, &config::Rewrite { shapes: &shapes, added_attn_bias: add_attn, added_mlp_bias: add_mlp, provenance: prov });
     let config_path = staging.path.join("config.json");
     let text = serde_json::to_string_pretty(&Value::Object(new_config)).expect("JSON value serializes");
     fs::write(&config_path, text + "\n").map_err(|e| Error::io(&config_path, e))?;
-    copy_other_files(&ckpt, &staging.path)?;
+    // config.json is rewritten above
+    copy_other_files(&ckpt, &staging.path, &["config.json"])?;
     let out = staging.commit()?;
 
     let loader = if config::stock_loadable(&rules, &shapes) { "transformers" } else { "llmprune.load_pruned" };
@@ -328,60 +329,16 @@ fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Vec<OutEntry<'a>> {
     out
 }
 
-/// The shard's header for the new tensors and offsets, input metadata kept and provenance added,
-/// padded to 8 bytes and prefixed with its length.
+/// The shard's header for the new tensors and offsets, input metadata kept and provenance added.
 fn shard_header(shard: &Shard, plan: &[OutEntry], provenance: &str) -> Result<Vec<u8>> {
-    let mut meta = match shard.header.get("__metadata__") {
-        Some(Value::Object(m)) => m.clone(),
-        _ => serde_json::Map::new(),
-    };
-    meta.insert("llmprune".into(), provenance.into());
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), Value::Object(meta));
     let mut offset = 0usize;
-    for e in plan {
-        header.insert(
-            e.name.clone(),
-            serde_json::json!({"dtype": dtype_name(e.dtype), "shape": e.shape, "data_offsets": [offset, offset + e.nbytes]}),
-        );
-        offset += e.nbytes;
-    }
-    let mut json = serde_json::to_vec(&Value::Object(header))
-        .map_err(|e| Error::checkpoint(&shard.path, format!("cannot serialize header: {e}")))?;
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&json);
-    Ok(bytes)
-}
-
-fn write_index(index: &serde_json::Map<String, Value>, weight_map: &BTreeMap<String, String>, total: u64, path: &Path) -> Result<()> {
-    let mut index = index.clone();
-    let meta = index.entry("metadata").or_insert_with(|| Value::Object(Default::default()));
-    if let Value::Object(m) = meta {
-        m.insert("total_size".into(), total.into());
-    }
-    let map: serde_json::Map<String, Value> = weight_map.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();
-    index.insert("weight_map".into(), Value::Object(map));
-    let text = serde_json::to_string_pretty(&Value::Object(index)).expect("JSON value serializes");
-    fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
-}
-
-/// Everything else in the model directory (tokenizer, generation config, ...): not the shards,
-/// the index, the config (rewritten) or the stats sidecar (it describes the unpruned model).
-fn copy_other_files(ckpt: &Checkpoint, dst: &Path) -> Result<()> {
-    let dir = &ckpt.dir;
-    let skip = |rel: &Path| {
-        rel == Path::new(INDEX_FILE)
-            || rel == Path::new(DEFAULT_SIDECAR)
-            || rel == Path::new("config.json")
-            || ckpt.shards.iter().any(|s| Path::new(&s.file_name) == rel)
-    };
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name();
-        copy_tree(&entry.path(), &dst.join(&name), Path::new(&name), &skip)?;
-    }
-    Ok(())
+    let tensors: Vec<(String, Value)> = plan
+        .iter()
+        .map(|e| {
+            let v = serde_json::json!({"dtype": dtype_name(e.dtype), "shape": e.shape, "data_offsets": [offset, offset + e.nbytes]});
+            offset += e.nbytes;
+            (e.name.clone(), v)
+        })
+        .collect();
+    encode_header(shard, metadata_with_provenance(shard, provenance), tensors)
 }
