@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,6 +28,18 @@ APPLY_EPILOG = """Examples:
 
   llmprune apply ./model --method wanda-sp --sparsity 0.5 --allocation uniform
 """
+
+
+def _with_progress(run: Callable[[Callable[..., None]], str]) -> dict:
+    """Runs a core call that reports (name, bytes done, bytes total, tensors done, tensors total)
+    under a byte progress bar; returns its JSON summary parsed."""
+    with byte_progress() as bar:
+        task = bar.add_task("pruning", total=None, detail="")
+
+        def on_tensor(name: str, done: int, total: int, n_done: int, n_total: int) -> None:
+            bar.update(task, completed=done, total=total, detail=f"{n_done}/{n_total} tensors")
+
+        return json.loads(run(on_tensor))
 
 
 def default_input_axis(model: Path) -> int:
@@ -92,29 +105,23 @@ def apply_cmd(
         raise UsageError(f"--allocation and --compensate apply to the structured methods ({', '.join(STRUCTURED_METHODS)}), not to {method}")
     sparsity_v, pattern_v = parse_target(sparsity, pattern)
     out_dir = out if out is not None else default_out(model, method, sparsity_v, pattern_v, scope)
-    with byte_progress() as bar:
-        task = bar.add_task("pruning", total=None, detail="")
-
-        def on_tensor(name: str, done: int, total: int, n_done: int, n_total: int) -> None:
-            bar.update(task, completed=done, total=total, detail=f"{n_done}/{n_total} tensors")
-
-        summary = json.loads(
-            _core.apply(
-                str(model),
-                str(out_dir),
-                method,
-                sparsity=sparsity_v,
-                pattern=pattern_v,
-                scope=scope,
-                stats=str(stats) if stats is not None else None,
-                threads=threads,
-                include=include or [],
-                exclude=exclude or [],
-                input_axis=default_input_axis(model),
-                force=force,
-                progress=on_tensor,
-            )
+    summary = _with_progress(
+        lambda on_tensor: _core.apply(
+            str(model),
+            str(out_dir),
+            method,
+            sparsity=sparsity_v,
+            pattern=pattern_v,
+            scope=scope,
+            stats=str(stats) if stats is not None else None,
+            threads=threads,
+            include=include or [],
+            exclude=exclude or [],
+            input_axis=default_input_axis(model),
+            force=force,
+            progress=on_tensor,
         )
+    )
     for w in summary["warnings"]:
         warn(w)
     if json_out:
@@ -146,26 +153,20 @@ def apply_structured(
     if allocation not in ("global", "uniform"):
         raise UsageError(f"unknown --allocation {allocation!r}", "choose global or uniform")
     out_dir = out if out is not None else default_out(model, method, sparsity, None, allocation if allocation == "uniform" else "row")
-    with byte_progress() as bar:
-        task = bar.add_task("pruning", total=None, detail="")
-
-        def on_tensor(name: str, done: int, total: int, n_done: int, n_total: int) -> None:
-            bar.update(task, completed=done, total=total, detail=f"{n_done}/{n_total} tensors")
-
-        summary = json.loads(
-            _core.apply_structured(
-                str(model),
-                str(out_dir),
-                method,
-                sparsity=sparsity,
-                allocation=allocation,
-                compensate=compensate,
-                stats=str(stats) if stats is not None else None,
-                threads=threads,
-                force=force,
-                progress=on_tensor,
-            )
+    summary = _with_progress(
+        lambda on_tensor: _core.apply_structured(
+            str(model),
+            str(out_dir),
+            method,
+            sparsity=sparsity,
+            allocation=allocation,
+            compensate=compensate,
+            stats=str(stats) if stats is not None else None,
+            threads=threads,
+            force=force,
+            progress=on_tensor,
         )
+    )
     for w in summary["warnings"]:
         warn(w)
     if summary["loader"] != "transformers":
