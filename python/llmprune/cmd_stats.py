@@ -30,6 +30,8 @@ STATS_EPILOG = """Examples:
 
   llmprune stats ./model --sequential --method wanda --sparsity 0.5
 
+  llmprune stats ./model --grad --nsamples 32 --seqlen 256      # + gradient statistics for hywia
+
   torchrun --nproc-per-node 4 -m llmprune stats ./model    # data-parallel over 4 GPUs
 
   llmprune stats merge a.safetensors b.safetensors --out ab.safetensors
@@ -113,8 +115,13 @@ def stats_cmd(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method of --sequential: magnitude, wanda, stade or stade-w.", show_default=False)] = None,
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = None,
+    grad: Annotated[bool, typer.Option("--grad", help="Also collect gradient statistics of the language-model loss (for --method hywia), with a layer-streamed backward pass.")] = False,
+    grad_mode: Annotated[str, typer.Option("--grad-mode", help="streamed (one block in memory) or full (every block loaded, one whole-model backward per sample).")] = "streamed",
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
+
+    With --grad, also the per-row and per-column gradient estimates that --method hywia fuses
+    (computed in float32 unless --dtype says otherwise).
 
     Merge sidecars of disjoint calibration sets with `llmprune stats merge A B ... --out C`.
     """
@@ -136,7 +143,20 @@ def stats_cmd(
     elif method is not None or sparsity is not None or pattern is not None:
         raise UsageError("--method, --sparsity and --pattern only apply with --sequential", hint="add --sequential, or drop them: dense statistics serve every method")
 
+    if grad:
+        if seq is not None:
+            raise UsageError("--grad and --sequential cannot be combined", hint="gradient statistics are taken on the dense model")
+        if grad_mode not in ("streamed", "full"):
+            raise UsageError(f"unknown --grad-mode {grad_mode!r}", hint="use streamed or full")
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise UsageError("--grad runs in one process", hint="launch it without torchrun")
+        if dtype == "auto":
+            dtype = "float32"
+    elif grad_mode != "streamed":
+        raise UsageError("--grad-mode applies with --grad only")
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
+    if grad and seqlen < 2:
+        raise UsageError("gradient statistics need windows of at least 2 tokens", hint="raise --seqlen")
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
     source = data.describe_source(calib, data.CALIB)
@@ -146,7 +166,14 @@ def stats_cmd(
     info = init_distributed(device)
     try:
         samples = data.calibration_samples(calib, _load_tokenizer(model), nsamples, seqlen, seed)
-        result = collect_stats(model, samples, device=device, dtype=dtype, sequential=seq, dist=info, progress=True)
+        grad_result = None
+        if grad:
+            from llmprune.grad import collect_grad_stats
+
+            grad_result = collect_grad_stats(model, samples, device=device, dtype=dtype, mode=grad_mode, progress=True)
+            result = grad_result.stats
+        else:
+            result = collect_stats(model, samples, device=device, dtype=dtype, sequential=seq, dist=info, progress=True)
         if info.rank == 0:
             fingerprint, tensors = sidecar.describe_model(model)
             sidecar.write(
@@ -157,21 +184,26 @@ def stats_cmd(
                 calibration={"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "tokens": result.tokens},
                 mode=result.mode,
                 sequential=seq.as_meta() if seq is not None else None,
+                grad=grad_result.layers if grad_result is not None else None,
+                grad_meta=grad_result.meta(seqlen) if grad_result is not None else None,
             )
         info.barrier()
     finally:
         shutdown_distributed(info)
     if info.rank != 0:
         return
-    tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
+    seconds = grad_result.seconds if grad_result is not None else result.seconds
+    tps = result.tokens / seconds if seconds > 0 else 0.0
     summary = {
         "out": str(out_path),
         "tokens": result.tokens,
         "blocks": result.blocks,
-        "seconds": round(result.seconds, 3),
+        "seconds": round(seconds, 3),
         "tokens_per_s": round(tps, 1),
         "device": result.device,
     }
+    if grad_result is not None:
+        summary["grad"] = {"mode": grad_result.mode, "loss": round(grad_result.loss, 6), "nsamples": grad_result.nsamples}
     if json_out:
         summary.update({"layers": len(result.layers), "dtype": result.dtype, "world_size": result.world_size, "mode": result.mode})
         print_json(summary)
@@ -179,7 +211,8 @@ def stats_cmd(
     procs = f" x {result.world_size} processes" if result.world_size > 1 else ""
     typer.echo(
         f"wrote {out_path}: statistics of {len(result.layers)} weights over {result.tokens:,} tokens "
-        f"({result.blocks} blocks, {result.seconds:.1f} s, {tps:,.0f} tokens/s on {result.device}{procs})"
+        f"({result.blocks} blocks, {seconds:.1f} s, {tps:,.0f} tokens/s on {result.device}{procs})"
+        + (f"; gradient statistics ({grad_result.mode} backward, mean loss {grad_result.loss:.4f})" if grad_result is not None else "")
     )
 
 

@@ -35,10 +35,24 @@ class LayerStats:
 
 
 @dataclass
+class GradStats:
+    """HyWIA gradient estimates of one weight (docs/sidecar.md): [split, quantity, row] sums in
+    `out`, [split, quantity, column] sums in `inp`, samples per split in `count`."""
+
+    out: np.ndarray
+    inp: np.ndarray
+    count: np.ndarray
+
+
+GRAD_SUFFIXES = ("grad_out", "grad_in", "grad_count")
+
+
+@dataclass
 class Sidecar:
     path: Path
     meta: dict[str, Any]
     layers: dict[str, LayerStats]
+    grad: dict[str, GradStats] | None = None
 
 
 def describe_model(model_dir: str | Path) -> tuple[str, dict[str, str]]:
@@ -81,8 +95,10 @@ def write(
     calibration: dict[str, Any],
     mode: str = "dense",
     sequential: dict[str, Any] | None = None,
+    grad: dict[str, GradStats] | None = None,
+    grad_meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a v1 sidecar atomically; returns its path."""
+    """Write a v1 sidecar atomically (with gradient statistics when `grad` is given); returns its path."""
     if mode not in ("dense", "sequential"):
         raise ValueError(f"mode must be dense or sequential, not {mode!r}")
     if (mode == "sequential") != (sequential is not None):
@@ -97,6 +113,7 @@ def write(
         "mode": mode,
         "sequential": sequential,
         "layers": {name: {"input_axis": int(layers[name].input_axis)} for name in sorted(layers)},
+        "grad": grad_meta if grad is not None else None,
     }
     tensors: dict[str, np.ndarray] = {}
     for name in sorted(layers):
@@ -104,6 +121,11 @@ def write(
         tensors[f"{name}.act_sum"] = np.ascontiguousarray(s.act_sum, dtype=np.float64)
         tensors[f"{name}.act_sqsum"] = np.ascontiguousarray(s.act_sqsum, dtype=np.float64)
         tensors[f"{name}.act_count"] = np.array([int(s.act_count)], dtype=np.int64)
+    for name in sorted(grad or {}):
+        g = (grad or {})[name]
+        tensors[f"{name}.grad_out"] = np.ascontiguousarray(g.out, dtype=np.float64)
+        tensors[f"{name}.grad_in"] = np.ascontiguousarray(g.inp, dtype=np.float64)
+        tensors[f"{name}.grad_count"] = np.ascontiguousarray(g.count, dtype=np.int64)
     return _atomic_save(Path(path), tensors, {"llmprune": json.dumps(meta)})
 
 
@@ -167,7 +189,22 @@ def read(path: str | Path) -> Sidecar:
                 act_count=int(count.reshape(-1)[0]),
                 input_axis=int((li or {}).get("input_axis", 1)),
             )
-    return Sidecar(path=p, meta=meta, layers=layers)
+        grad = _read_grad(p, f, keys, info) if meta.get("grad") else None
+    return Sidecar(path=p, meta=meta, layers=layers, grad=grad)
+
+
+def _read_grad(p: Path, f: Any, keys: set[str], info: dict[str, Any]) -> dict[str, GradStats]:
+    grad = {}
+    for name in info:
+        for suffix in GRAD_SUFFIXES:
+            if f"{name}.{suffix}" not in keys:
+                raise UsageError(f"{p}: missing tensor {name}.{suffix}")
+        grad[name] = GradStats(
+            out=f.get_tensor(f"{name}.grad_out"),
+            inp=f.get_tensor(f"{name}.grad_in"),
+            count=f.get_tensor(f"{name}.grad_count"),
+        )
+    return grad
 
 
 def _combine(values: list[Any]) -> Any:
@@ -184,6 +221,12 @@ def merge(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
     if len(paths) < 2:
         raise UsageError("merge needs at least two sidecars", hint="llmprune stats merge A B ... --out C")
     cars = [read(p) for p in paths]
+    for c in cars:
+        if c.grad is not None:
+            raise UsageError(
+                f"{c.path} carries gradient statistics (stats --grad), which do not add up across calibration sets",
+                hint="run stats --grad once over all the samples instead",
+            )
     first = cars[0]
     fp = first.meta.get("model_fingerprint")
     for c in cars[1:]:

@@ -259,11 +259,15 @@ def collect_stats(
     dist: DistInfo | None = None,
     progress: bool = False,
     mask_fn: MaskFn | None = None,
+    streamer: LayerStreamer | None = None,
+    on_hidden: Callable[[int, torch.Tensor], None] | None = None,
 ) -> StatsResult:
     """Statistics of every prunable weight over `samples` ([nsamples, seqlen] token ids).
 
     With `dist` active, `samples` are the full set: this rank takes its slice and the sums are
-    all-reduced, so every rank returns the global statistics.
+    all-reduced, so every rank returns the global statistics. `on_hidden(i, h)` sees the inputs of
+    block i ([n, L, H], a buffer reused afterwards: copy what you keep) and, with i = number of
+    blocks, the last block's outputs; the gradient pass keeps them.
     """
     t0 = time.perf_counter()
     info = dist or DistInfo()
@@ -271,7 +275,8 @@ def collect_stats(
         raise UsageError("no calibration samples")
     if samples.shape[0] < info.world_size:
         raise UsageError(f"{samples.shape[0]} samples cannot be shared among {info.world_size} processes", hint="raise --nsamples")
-    streamer = LayerStreamer(model_dir, device=device, dtype=dtype, local_rank=info.local_rank)
+    if streamer is None:
+        streamer = LayerStreamer(model_dir, device=device, dtype=dtype, local_rank=info.local_rank)
     ctx = streamer.max_positions
     if ctx is not None and samples.shape[1] > ctx:
         raise UsageError(f"seqlen {samples.shape[1]} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
@@ -284,6 +289,8 @@ def collect_stats(
         bar.phase("embeddings")
         hidden = streamer.capture(mine, on_sample=bar.step)
         for i in range(streamer.num_blocks):
+            if on_hidden is not None:
+                on_hidden(i, hidden)
             streamer.load_block(i)
             prunable = streamer.prunable(i)
             hooks = _BlockHooks(prunable, streamer.device)
@@ -308,6 +315,8 @@ def collect_stats(
                     bar.step()
             streamer.free_block(i)
             bar.block_done(i)
+        if on_hidden is not None:
+            on_hidden(streamer.num_blocks, hidden)
     tokens = max((s.act_count for s in layers.values()), default=0)
     return StatsResult(
         layers=layers,

@@ -537,17 +537,18 @@ class LayerStreamer:
             self._out_format = fmt
         return h
 
-    @torch.no_grad()
-    def logits(self, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, final_hidden: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         """The model's logits for ids [1, L] given the last block's output [1, L, H]: the model's own
-        final norm / projection / LM head run on it (the LM head must have been loaded, with_head)."""
+        final norm / projection / LM head run on it (the LM head must have been loaded, with_head).
+        With grad, the logits stay differentiable with respect to final_hidden."""
         if self._out_format is None:
             raise RuntimeError("run the blocks before asking for logits")
         n = self.num_blocks
         stand_ins = [_Passthrough(b, self._out_format, final_hidden if k == n - 1 else None) for k, b in enumerate(self.blocks)]
         originals = self._swap_blocks(stand_ins)
         try:
-            out = self._forward_ids(ids)
+            with torch.set_grad_enabled(grad):
+                out = self._forward_ids(ids)
         finally:
             self._restore_blocks(originals)
         return out.logits if hasattr(out, "logits") else out[0]
