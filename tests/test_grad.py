@@ -182,3 +182,26 @@ def test_cli_grad_bad_input(run_cli, cli_copy, args, contains):
     code, out, err = run_cli(["stats", cli_copy, "--nsamples", "2", *args])
     assert_clean_error(code, out, err, contains=contains)
     assert sorted(p.name for p in cli_copy.iterdir()) == before
+
+
+def test_spilled_block_inputs_give_the_same_estimates(models, monkeypatch):
+    """With the kept block inputs in file-backed maps (as for a model whose activations exceed memory)."""
+    import os
+    import tempfile
+
+    path = models("llama")
+    ids = R.random_samples(3, 10, vocab=256, seed=6)
+    in_memory = collect_grad_stats(path, ids, device="cpu")
+    tmp = tempfile.mkdtemp()
+    monkeypatch.setenv("LLMPRUNE_GRAD_SPILL", "1")
+    monkeypatch.setenv("TMPDIR", tmp)
+    tempfile.tempdir = None
+    try:
+        spilled = collect_grad_stats(path, ids, device="cpu")
+    finally:
+        tempfile.tempdir = None
+    assert spilled.spilled and not in_memory.spilled
+    assert os.listdir(tmp) == []  # removed afterwards
+    for name, g in in_memory.layers.items():
+        np.testing.assert_array_equal(spilled.layers[name].out, g.out)
+        np.testing.assert_array_equal(spilled.layers[name].inp, g.inp)

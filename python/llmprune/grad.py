@@ -21,6 +21,10 @@ the model's own loss; it is the fallback for architectures whose blocks cannot b
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +52,7 @@ class GradResult:
     mode: str
     nsamples: int
     seconds: float
+    spilled: bool = False  # the kept block inputs went to a temporary file
 
     def meta(self, seqlen: int) -> dict[str, Any]:
         return {
@@ -131,19 +136,71 @@ def collect_grad_stats(
     streamer = LayerStreamer(model_dir, device=device, dtype=dtype, with_head=True)
     _check_samples(streamer, samples)
     n = samples.shape[0]
-    kept: list[torch.Tensor] = []
-    keep = mode == "streamed"
+    with _InputStore(streamer.num_blocks + 1, mode == "streamed") as kept:
+        stats = collect_stats(model_dir, samples, device=device, dtype=dtype, progress=progress, streamer=streamer, on_hidden=kept.put)
+        if mode == "streamed":
+            layers, loss = _streamed_backward(streamer, samples, kept, progress)
+        else:
+            layers, loss = _full_backward(streamer, samples, progress)
+    return GradResult(layers=layers, stats=stats, loss=loss, mode=mode, nsamples=n, seconds=time.perf_counter() - t0, spilled=kept.spilled)
 
-    def on_hidden(i: int, h: torch.Tensor) -> None:
-        if keep:
-            kept.append(h.to("cpu", copy=True))
 
-    stats = collect_stats(model_dir, samples, device=device, dtype=dtype, progress=progress, streamer=streamer, on_hidden=on_hidden)
-    if mode == "streamed":
-        layers, loss = _streamed_backward(streamer, samples, kept, progress)
-    else:
-        layers, loss = _full_backward(streamer, samples, progress)
-    return GradResult(layers=layers, stats=stats, loss=loss, mode=mode, nsamples=n, seconds=time.perf_counter() - t0)
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+class _InputStore:
+    """The kept block inputs, in CPU memory, or in a file-backed map in a temporary directory
+    ($TMPDIR) when they would take more than half the available memory (or LLMPRUNE_GRAD_SPILL=1)."""
+
+    def __init__(self, slots: int, enabled: bool):
+        self.slots = slots
+        self.enabled = enabled
+        self.items: list[torch.Tensor | None] = [None] * slots
+        self.tmp: str | None = None
+        self.spilled = False
+
+    def __enter__(self) -> "_InputStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.items = [None] * self.slots
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def put(self, i: int, h: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        if i == 0:
+            total = h.numel() * h.element_size() * self.slots
+            self.spilled = os.environ.get("LLMPRUNE_GRAD_SPILL") == "1" or total > _available_memory() // 2
+            if self.spilled:
+                self.tmp = tempfile.mkdtemp(prefix="llmprune-grad-")
+        if self.spilled:
+            assert self.tmp is not None
+            t = torch.from_file(os.path.join(self.tmp, f"block{i}.bin"), shared=True, size=h.numel(), dtype=h.dtype).view(h.shape)
+            t.copy_(h)
+            self.items[i] = t
+        else:
+            self.items[i] = h.to("cpu", copy=True)
+
+    def take(self, i: int) -> torch.Tensor:
+        t = self.items[i]
+        assert t is not None, f"block {i} inputs were not kept"
+        return t
+
+    def drop(self, i: int) -> None:
+        self.items[i] = None
+        if self.spilled and self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.tmp, f"block{i}.bin"))
 
 
 def _prunable_weights(streamer: LayerStreamer, i: int) -> list[tuple[str, torch.nn.Parameter, int]]:
@@ -154,12 +211,12 @@ def _prunable_weights(streamer: LayerStreamer, i: int) -> list[tuple[str, torch.
     return out
 
 
-def _streamed_backward(streamer: LayerStreamer, samples: torch.Tensor, kept: list[torch.Tensor], progress: bool) -> tuple[dict[str, GradStats], float]:
+def _streamed_backward(streamer: LayerStreamer, samples: torch.Tensor, kept: _InputStore, progress: bool) -> tuple[dict[str, GradStats], float]:
     n = samples.shape[0]
     nb = streamer.num_blocks
     dev = streamer.device
-    final = kept.pop()
-    upstream = torch.empty_like(final)
+    final = kept.take(nb)
+    upstream = torch.empty(final.shape, dtype=final.dtype)
     losses = []
     with BlockProgress(progress, nb, "samples", n) as bar:
         bar.phase("loss gradient")
@@ -171,12 +228,13 @@ def _streamed_backward(streamer: LayerStreamer, samples: torch.Tensor, kept: lis
             losses.append(float(loss.detach()))
             bar.step()
         del final
+        kept.drop(nb)
         layers: dict[str, GradStats] = {}
         for i in reversed(range(nb)):
             streamer.load_block(i)
             weights = _prunable_weights(streamer, i)
             accs = [_GradAccumulator(w, axis) for _, w, axis in weights]
-            inputs = kept[i]
+            inputs = kept.take(i)
             bar.phase(f"block {i} backward")
             for j in range(n):
                 h = inputs[j : j + 1].to(dev).requires_grad_(True)
@@ -189,8 +247,8 @@ def _streamed_backward(streamer: LayerStreamer, samples: torch.Tensor, kept: lis
                 bar.step()
             for (name, _, _), acc in zip(weights, accs):
                 layers[name] = acc.result()
-            del accs, weights
-            kept[i] = torch.empty(0)
+            del accs, weights, inputs
+            kept.drop(i)
             streamer.free_block(i)
             bar.block_done(nb - 1 - i)
     return layers, float(np.mean(losses))
