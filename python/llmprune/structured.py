@@ -94,7 +94,7 @@ def resize_modules(model: nn.Module, config: Any) -> None:
             raise UsageError(f"config.json records structured pruning of an unknown family {family!r}")
 
 
-def _checkpoint_names(model: nn.Module, names: set[str]) -> dict[str, str]:
+def checkpoint_names(model: nn.Module, names: set[str]) -> dict[str, str]:
     """Model state key -> checkpoint tensor name (checkpoints may omit or add the base prefix)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     out = {}
@@ -121,7 +121,7 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype | str | None = None, dev
     elif not isinstance(dtype, torch.dtype):
         raise UsageError(f"dtype must be None, 'auto' or a torch dtype, not {dtype!r}")
     model = build_skeleton(config)  # resizes every layer (resize_modules)
-    mapping = _checkpoint_names(model, set(ckpt.entries))
+    mapping = checkpoint_names(model, set(ckpt.entries))
     state = ckpt.load(mapping.values(), torch.device("cpu"), dtype)
     params = dict(model.named_parameters())
     for key, name in mapping.items():
