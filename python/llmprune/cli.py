@@ -48,7 +48,7 @@ def _register_commands() -> None:
     from llmprune import cmd_apply
 
     cmd_apply.register(app)
-    for module in ("cmd_stats", "cmd_eval", "cmd_demo"):
+    for module in ("cmd_stats", "cmd_eval", "cmd_finetune", "cmd_demo"):
         try:
             mod = __import__(f"llmprune.{module}", fromlist=["register"])
         except ModuleNotFoundError as exc:  # a command module not present in this build

@@ -1,0 +1,180 @@
+"""`llmprune finetune MODEL`: LoRA recovery fine-tuning of a pruned checkpoint, merged into a new one."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmprune.console import count_progress, print_json
+from llmprune.errors import UsageError
+from llmprune.options import DeviceOpt, JsonOpt, ModelArg
+
+DEFAULT_SEQLEN = 256  # LLM-Pruner's cutoff length
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+FINETUNE_EPILOG = """Examples:
+
+  llmprune finetune ./model-flap-0.2                     # built-in text (State of the Union, 1900-1949)
+
+  llmprune finetune ./model-wanda-sp-0.3 --data c4 --nsamples 1024 --epochs 2 --lr 1e-4
+
+  llmprune finetune ./model --data notes.txt --steps 200 --rank 16 --alpha 32 --out ./model-tuned --json
+"""
+
+
+def default_out(model: Path) -> Path:
+    return model.resolve().parent / f"{model.resolve().name}-lora"
+
+
+def finetune_cmd(
+    model: ModelArg,
+    data_src: Annotated[Optional[str], typer.Option("--data", help="Training text: sotu (built-in, offline; the 1900-1949 calibration split), c4, wikitext2, or a .txt / .jsonl path. Never the evaluation split.", show_default="sotu")] = None,
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Random windows of text to train on.")] = 256,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per window.", show_default=f"{DEFAULT_SEQLEN}, or the model's context if shorter")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (cycling through the windows); instead of --epochs.", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the windows.", show_default="1")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Windows per optimizer step.")] = 4,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (constant).")] = 1e-4,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (the update is scaled by alpha / rank).")] = 16.0,
+    dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the LoRA input.")] = 0.05,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated names of the block linears to adapt.", show_default=",".join(DEFAULT_TARGETS))] = None,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the text windows, the LoRA initialization and the batch order.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.", show_default="MODEL-lora beside MODEL")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty output directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Recover the quality of a pruned model: train LoRA adapters on calibration text (as LLM-Pruner's
+    recovery stage does), merge them and write a checkpoint of the same tensors, shapes and dtypes.
+
+    Trains in float32 on the CPU; on CUDA under bfloat16 autocast with float32 weights."""
+    from llmprune import finetune as ft
+
+    lora = _lora_settings(rank, alpha, dropout, targets)
+    for flag, value in (("--nsamples", nsamples), ("--batch-size", batch_size), ("--steps", steps), ("--epochs", epochs)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive integer, not {value}")
+    if seqlen is not None and seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2, not {seqlen}")
+    if not lr > 0:
+        raise UsageError(f"--lr must be positive, not {lr}")
+    if steps is not None and epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    ft.require_peft()
+
+    from llmprune import _core, data
+    from llmprune.cmd_stats import _load_tokenizer
+    from llmprune.staging import StagingDir
+    from llmprune.stream import Checkpoint, load_config, resolve_device
+
+    t0 = time.perf_counter()
+    ckpt = Checkpoint(model)
+    dev = resolve_device(device)
+    ctx = getattr(load_config(ckpt.dir), "max_position_embeddings", None)
+    if seqlen is None:
+        seqlen = min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 1 else DEFAULT_SEQLEN
+    if isinstance(ctx, int) and 0 < ctx < seqlen:
+        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
+    staging = StagingDir(model, out if out is not None else default_out(model), force)
+    tokenizer = _load_tokenizer(model)
+    net, loader = ft.load_model(model)
+    ft.target_modules(net, lora)  # a bad --targets is reported before the text is read
+    source = data.describe_source(data_src, data.CALIB)
+    samples = data.calibration_samples(data_src, tokenizer, nsamples, seqlen, seed)
+    total = steps if steps is not None else (epochs or 1) * -(-nsamples // batch_size)
+    train = ft.TrainSettings(steps=total, batch_size=batch_size, lr=lr, seed=seed)
+
+    with count_progress() as bar:
+        task = bar.add_task("fine-tuning", total=total, detail="")
+        merged, result = ft.train_lora(
+            net, samples, lora, train, dev, on_step=lambda step, loss: bar.update(task, completed=step, detail=f"loss {loss:.4f}")
+        )
+    provenance = {
+        "llmprune_version": _core.__version__,
+        "method": "lora",
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "targets": list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in result.modules)),
+        "steps": total,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "data": source,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "tokens": result.tokens,
+        "final_loss": result.loss_last(),
+        "source_fingerprint": _source_fingerprint(model),
+    }
+    with staging:
+        ft.write_checkpoint(ckpt, ft.changed_weights(merged, result.modules, ckpt), staging.path, provenance)
+        ft.check_same_layout(ckpt, staging.path)
+        out_dir = staging.commit()
+    summary = {
+        "method": "lora",
+        "out": str(out_dir),
+        "steps": total,
+        "epochs": round(total * batch_size / nsamples, 4),
+        "tokens": result.tokens,
+        "loss_first": result.loss_first(),
+        "loss_last": result.loss_last(),
+        "seconds_training": round(result.seconds, 3),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "device": str(dev),
+        "precision": result.precision,
+        "loader": loader,
+        "data": source,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "batch_size": batch_size,
+        "lr": lr,
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "targets": provenance["targets"],
+        "modules": len(result.modules),
+        "trainable_params": result.trainable_params,
+        "seed": seed,
+    }
+    if json_out:
+        print_json(summary)
+        return
+    window = min(ft.LOSS_WINDOW, total)
+    typer.echo(
+        f"lora r={rank} on {len(result.modules)} linears: {total} steps, {result.tokens:,} tokens of {source} on {dev}; "
+        f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} (mean of the first / last {window} steps); "
+        f"wrote {out_dir} in {summary['seconds']:.1f} s"
+    )
+
+
+def _lora_settings(rank: int, alpha: float, dropout: float, targets: str | None):
+    from llmprune.finetune import LoraSettings
+
+    if rank < 1:
+        raise UsageError(f"--rank must be a positive integer, not {rank}")
+    if not alpha > 0:
+        raise UsageError(f"--alpha must be positive, not {alpha}")
+    if not 0 <= dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), not {dropout}")
+    if targets is None:
+        return LoraSettings(rank, alpha, dropout, DEFAULT_TARGETS, targets_given=False)
+    names = tuple(dict.fromkeys(t.strip() for t in targets.split(",") if t.strip()))
+    if not names:
+        raise UsageError("--targets names no layer", hint=f"e.g. --targets {','.join(DEFAULT_TARGETS[:4])}")
+    return LoraSettings(rank, alpha, dropout, names, targets_given=True)
+
+
+def _source_fingerprint(model: Path) -> str:
+    from llmprune import _core
+
+    return json.loads(_core.describe_model(str(model)))["fingerprint"]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune", no_args_is_help=True, epilog=FINETUNE_EPILOG)(finetune_cmd)

@@ -1,0 +1,267 @@
+"""LoRA recovery fine-tuning after pruning (LLM-Pruner's recovery stage), merged back into a checkpoint.
+
+The whole model is loaded in float32 (stock transformers, or `load_pruned` when layers differ in
+size), LoRA adapters (peft) are put on the chosen linear layers of the decoder blocks, and the causal
+LM loss is minimized on windows of calibration text with AdamW at a constant learning rate (no
+weight decay, no warm-up). On CUDA the forward and backward passes run under bfloat16 autocast where
+the GPU supports it (the weights, the adapters and the optimizer state stay float32); on the CPU
+everything is float32. The adapters are then merged (`merge_and_unload`) and the changed weights
+written back, cast once to each tensor's own dtype, under the input's tensor names and shard files;
+every other tensor is copied unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from llmprune.errors import UsageError
+from llmprune.stream import Checkpoint, find_blocks, linear_input_axis
+
+PEFT_HINT = "pip install 'llmprune[finetune]'"
+LOSS_WINDOW = 10  # steps averaged for the first and last loss of the summary
+
+
+@dataclass
+class LoraSettings:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    targets_given: bool = False  # explicit --targets: every name must match; default: those present
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    tokens: int
+    seconds: float
+    precision: str
+    modules: list[str] = field(default_factory=list)
+    trainable_params: int = 0
+
+    def loss_first(self) -> float:
+        return _mean(self.losses[:LOSS_WINDOW])
+
+    def loss_last(self) -> float:
+        return _mean(self.losses[-LOSS_WINDOW:])
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"fine-tuning needs the `peft` package, which is not installed ({exc})", hint=PEFT_HINT) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(model_dir: Path) -> tuple[nn.Module, str]:
+    """The whole checkpoint as a float32 CPU causal LM, and which loader built it."""
+    from llmprune.structured import load_pruned, needs_load_pruned
+
+    if needs_load_pruned(model_dir):  # structurally pruned, layers of different sizes
+        return load_pruned(model_dir, dtype=torch.float32), "llmprune.load_pruned"
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our own bar comes next; stderr stays quiet until then
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), "transformers"
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def target_modules(model: nn.Module, lora: LoraSettings) -> list[str]:
+    """Full names of the decoder blocks' linear layers whose own name is one of the targets."""
+    path, blocks = find_blocks(model)
+    found: dict[str, list[str]] = {}
+    for i, block in enumerate(blocks):
+        for name, mod in block.named_modules():
+            if name and linear_input_axis(mod) is not None:
+                found.setdefault(name.rsplit(".", 1)[-1], []).append(f"{path}.{i}.{name}")
+    available = ", ".join(sorted(found))
+    missing = [t for t in lora.targets if t not in found]
+    if len(missing) == len(lora.targets) or (lora.targets_given and missing):
+        raise UsageError(
+            f"--targets {','.join(missing)}: no such linear layer in the decoder blocks",
+            hint=f"this model's block linears are: {available}",
+        )
+    return [m for t in lora.targets for m in found.get(t, [])]
+
+
+def _precision(device: torch.device) -> tuple[str, torch.dtype | None]:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16-autocast", torch.bfloat16
+    return "float32", None
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def batches(samples: torch.Tensor, batch_size: int, steps: int, seed: int):
+    """`steps` batches of rows of `samples`, each epoch in a fresh random order (per `seed`)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = samples.shape[0]
+    done = 0
+    while done < steps:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            if done == steps:
+                return
+            yield samples[order[start : start + batch_size]]
+            done += 1
+
+
+def train_lora(
+    model: nn.Module,
+    samples: torch.Tensor,
+    lora: LoraSettings,
+    train: TrainSettings,
+    device: torch.device,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[nn.Module, TrainResult]:
+    """Fine-tunes LoRA adapters on `samples` [N, L] and returns the merged model (on the CPU)."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = target_modules(model, lora)
+    torch.manual_seed(train.seed)
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.to(device).train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+    precision, autocast = _precision(device)
+    losses: list[float] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    for step, batch in enumerate(batches(samples, train.batch_size, train.steps, train.seed), 1):
+        ids = batch.to(device)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        tokens += ids.numel()
+        if not math.isfinite(losses[-1]):
+            raise UsageError(f"the training loss became {losses[-1]} at step {step}", hint="use a smaller --lr")
+        if on_step is not None:
+            on_step(step, losses[-1])
+    seconds = time.perf_counter() - t0
+    merged = peft_model.merge_and_unload().to("cpu").eval()
+    return merged, TrainResult(losses, tokens, seconds, precision, modules, sum(p.numel() for p in params))
+
+
+# --------------------------------------------------------------------------------------------
+# The output checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def changed_weights(model: nn.Module, modules: list[str], ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name -> merged weight of every LoRA-targeted module."""
+    from llmprune.structured import checkpoint_names
+
+    keys = {f"{m}.weight" for m in modules}
+    state = model.state_dict()
+    mapping = checkpoint_names(model, set(ckpt.entries))
+    missing = sorted(keys - mapping.keys())
+    if missing:
+        raise RuntimeError(f"tensor {missing[0]} of the model has no counterpart in {ckpt.dir}")
+    return {mapping[k]: state[k] for k in sorted(keys)}
+
+
+def write_checkpoint(ckpt: Checkpoint, changed: dict[str, torch.Tensor], out_dir: Path, provenance: dict[str, Any]) -> None:
+    """The input's shards with the `changed` tensors replaced (each cast to the input tensor's dtype),
+    and every other file of the input (index, config, tokenizer) copied."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llmprune.staging import give_plain_mode
+
+    for f in ckpt.files:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(ckpt.dir / f), framework="pt", device="cpu") as st:
+            meta = dict(st.metadata() or {})
+            for name in st.keys():
+                t = st.get_tensor(name)
+                tensors[name] = changed[name].detach().to(t.dtype).contiguous() if name in changed else t
+        meta["llmprune"] = json.dumps(_with_parent(provenance, meta.get("llmprune")))
+        (out_dir / f).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out_dir / f), metadata=meta)
+        give_plain_mode(out_dir / f)
+    _copy_other_files(ckpt, out_dir)
+
+
+def _copy_other_files(ckpt: Checkpoint, out_dir: Path) -> None:
+    """Everything but the shards and the stats sidecar (it describes the weights before training)."""
+    from llmprune.sidecar import SIDECAR_NAME
+
+    skip = {ckpt.dir / f for f in ckpt.files} | {ckpt.dir / SIDECAR_NAME}
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if Path(folder, n) in skip]
+
+    for entry in ckpt.dir.iterdir():
+        if entry in skip:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, out_dir / entry.name, ignore=ignore)
+        else:
+            shutil.copy2(entry, out_dir / entry.name)
+
+
+def _with_parent(provenance: dict[str, Any], previous: str | None) -> dict[str, Any]:
+    """The input's own provenance (e.g. how it was pruned) kept under "input"."""
+    if not previous:
+        return provenance
+    try:
+        parent: Any = json.loads(previous)
+    except ValueError:
+        parent = previous
+    return {**provenance, "input": parent}
+
+
+def check_same_layout(ckpt: Checkpoint, out_dir: Path) -> None:
+    """Merged LoRA changes values only: every tensor keeps its name, shard, dtype and shape."""
+    out = Checkpoint(out_dir)
+    if out.entries == ckpt.entries:
+        return
+    for name in sorted(set(ckpt.entries) | set(out.entries)):
+        a, b = ckpt.entries.get(name), out.entries.get(name)
+        if a != b:
+            raise RuntimeError(f"the output's tensor {name} is {b}, the input's is {a}")
