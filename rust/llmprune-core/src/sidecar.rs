@@ -19,10 +19,50 @@ pub struct LayerStats {
     pub input_axis: usize,
 }
 
+/// Gradient statistics of one prunable weight (`llmprune stats --grad`), each [split, quantity,
+/// feature] flattened row-major: split 0 all samples, 1 the even-indexed ones (A), 2 the odd (B);
+/// quantity 0 Σ|w·g|, 1 Σw·g, 2 Σw²·F, 3 Σ|w·g − ½w²·F| (see docs/hywia.md).
+#[derive(Debug, Clone)]
+pub struct GradStats {
+    /// Per output row, summed over the input axis: [3, 4, out_features].
+    pub per_output: Vec<f64>,
+    /// Per input column, summed over the output axis: [3, 4, in_features].
+    pub per_input: Vec<f64>,
+    /// Samples in split all / A / B.
+    pub count: [i64; 3],
+}
+
+impl GradStats {
+    pub const SPLITS: usize = 3;
+    pub const QUANTITIES: usize = 4;
+
+    fn plane(v: &[f64], split: usize, quantity: usize) -> &[f64] {
+        let n = v.len() / (Self::SPLITS * Self::QUANTITIES);
+        let at = (split * Self::QUANTITIES + quantity) * n;
+        &v[at..at + n]
+    }
+
+    /// One quantity of one split, per output row.
+    pub fn rows(&self, split: usize, quantity: usize) -> &[f64] {
+        Self::plane(&self.per_output, split, quantity)
+    }
+
+    /// One quantity of one split, per input column.
+    pub fn cols(&self, split: usize, quantity: usize) -> &[f64] {
+        Self::plane(&self.per_input, split, quantity)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.per_output.len() / (Self::SPLITS * Self::QUANTITIES)
+    }
+}
+
 pub struct Sidecar {
     pub path: PathBuf,
     pub meta: serde_json::Map<String, Value>,
     pub layers: BTreeMap<String, LayerStats>,
+    /// Present only for sidecars written with `stats --grad`.
+    pub grads: BTreeMap<String, GradStats>,
     /// sha256 of the sidecar file, recorded as provenance in the pruned shards.
     pub sha256: String,
 }
@@ -53,6 +93,7 @@ impl Sidecar {
             return Err(bad("metadata has no \"layers\" table".into()));
         };
         let mut layers = BTreeMap::new();
+        let mut grads = BTreeMap::new();
         for (name, info) in layer_meta {
             let input_axis = info.get("input_axis").and_then(Value::as_u64).unwrap_or(1) as usize;
             if input_axis > 1 {
@@ -75,6 +116,9 @@ impl Sidecar {
                 return Err(bad(format!("{name}: act_sum/act_sqsum/act_count shapes disagree")));
             }
             let count = i64::from_le_bytes(count_bytes[..8].try_into().expect("8 bytes"));
+            if let Some(g) = read_grads(&st, name, act_sum.len()).map_err(bad)? {
+                grads.insert(name.clone(), g);
+            }
             layers.insert(
                 name.clone(),
                 LayerStats {
@@ -93,6 +137,7 @@ impl Sidecar {
             path: path.to_path_buf(),
             meta,
             layers,
+            grads,
             sha256,
         })
     }
@@ -135,6 +180,13 @@ impl Sidecar {
                     stats.act_sum.len()
                 )));
             }
+            let out = t.shape[1 - stats.input_axis];
+            if let Some(g) = self.grads.get(name).filter(|g| g.out_features() != out) {
+                return Err(mismatch(format!(
+                    "tensor {name} has {out} output features but its gradient statistics have {}",
+                    g.out_features()
+                )));
+            }
         }
         Ok(())
     }
@@ -146,6 +198,43 @@ impl Sidecar {
             _ => None,
         }
     }
+}
+
+/// `W.grad_out`, `W.grad_in` and `W.grad_count` of one weight: all three or none.
+fn read_grads(st: &SafeTensors, name: &str, in_features: usize) -> std::result::Result<Option<GradStats>, String> {
+    let keys = ["grad_out", "grad_in", "grad_count"].map(|s| format!("{name}.{s}"));
+    let views = keys.clone().map(|k| st.tensor(&k).ok());
+    if views.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let [Some(out), Some(inp), Some(count)] = views else {
+        let missing: Vec<&str> = keys.iter().zip(&views).filter(|(_, v)| v.is_none()).map(|(k, _)| k.as_str()).collect();
+        return Err(format!("missing tensor {}: gradient statistics come as grad_out, grad_in and grad_count together", missing.join(", ")));
+    };
+    let planes = GradStats::SPLITS * GradStats::QUANTITIES;
+    let floats = |key: &str, view: &safetensors::tensor::TensorView, len: Option<usize>| -> std::result::Result<Vec<f64>, String> {
+        let ok_shape = matches!(view.shape(), [3, 4, n] if len.is_none_or(|l| *n == l));
+        if view.dtype() != Dtype::F64 || !ok_shape {
+            let want = len.map_or("n".to_string(), |l| l.to_string());
+            return Err(format!("{key} must be F64 [3, 4, {want}], found {:?} {:?}", view.dtype(), view.shape()));
+        }
+        let v = f64s(view.data());
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(format!("{key} holds a non-finite value at flat index {i}"));
+        }
+        debug_assert_eq!(v.len() % planes, 0);
+        Ok(v)
+    };
+    let per_output = floats(&keys[0], &out, None)?;
+    let per_input = floats(&keys[1], &inp, Some(in_features))?;
+    if count.dtype() != Dtype::I64 || count.shape() != [3] {
+        return Err(format!("{} must be I64 [3], found {:?} {:?}", keys[2], count.dtype(), count.shape()));
+    }
+    let c: Vec<i64> = count.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+    if c.iter().any(|&n| n < 0) {
+        return Err(format!("{} holds a negative sample count {c:?}", keys[2]));
+    }
+    Ok(Some(GradStats { per_output, per_input, count: [c[0], c[1], c[2]] }))
 }
 
 fn f64s(bytes: &[u8]) -> Vec<f64> {
