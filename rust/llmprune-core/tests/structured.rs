@@ -7,7 +7,7 @@ use std::path::Path;
 
 use llmprune_core::checkpoint::Checkpoint;
 use llmprune_core::error::Error;
-use llmprune_core::structured::{apply_structured, Allocation, StructMethod, StructuredOptions, StructuredSummary};
+use llmprune_core::structured::{apply_structured, Allocation, Fusion, HywiaOptions, StructMethod, StructuredOptions, StructuredSummary};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -103,10 +103,22 @@ fn write_model(dir: &Path, tensors: &[T], config: &serde_json::Value, sharded: b
     fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
 
+/// One sidecar tensor: name, dtype, shape, bytes.
+type Array = (String, Dtype, Vec<usize>, Vec<u8>);
+
+fn f64_bytes(x: &[f64]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
 /// A dense sidecar whose statistics for every weight are deterministic functions of the channel.
 fn write_sidecar(dir: &Path, tensors: &[T]) {
+    write_sidecar_with(dir, tensors, |_| Vec::new());
+}
+
+/// `write_sidecar` plus the tensors `extra` gives for each weight.
+fn write_sidecar_with(dir: &Path, tensors: &[T], extra: impl Fn(&T) -> Vec<Array>) {
     let ck = Checkpoint::open(dir).unwrap();
-    let mut arrays: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut arrays: Vec<Array> = Vec::new();
     let mut layers = serde_json::Map::new();
     for t in tensors.iter().filter(|t| t.name.contains(".layers.") && t.shape.len() == 2) {
         let cols = t.shape[1];
@@ -115,10 +127,10 @@ fn write_sidecar(dir: &Path, tensors: &[T]) {
         let sum: Vec<f64> = (0..cols).map(|j| n as f64 * (j as f64 + 1.0) / 4.0).collect();
         let var: Vec<f64> = rand_vals(cols, t.name.len() as u32).iter().map(|v| (*v as f64).abs() + 0.1).collect();
         let sq: Vec<f64> = sum.iter().zip(&var).map(|(s, v)| v * (n as f64 - 1.0) + s * s / n as f64).collect();
-        let f64b = |x: &[f64]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-        arrays.push((format!("{}.act_sum", t.name), Dtype::F64, vec![cols], f64b(&sum)));
-        arrays.push((format!("{}.act_sqsum", t.name), Dtype::F64, vec![cols], f64b(&sq)));
+        arrays.push((format!("{}.act_sum", t.name), Dtype::F64, vec![cols], f64_bytes(&sum)));
+        arrays.push((format!("{}.act_sqsum", t.name), Dtype::F64, vec![cols], f64_bytes(&sq)));
         arrays.push((format!("{}.act_count", t.name), Dtype::I64, vec![1], n.to_le_bytes().to_vec()));
+        arrays.extend(extra(t));
         layers.insert(t.name.clone(), serde_json::json!({"input_axis": 1}));
     }
     let meta = serde_json::json!({
@@ -142,6 +154,7 @@ fn opts(model: &Path, out: &Path, method: StructMethod, sparsity: f64, allocatio
         threads: Some(2),
         force: false,
         provenance: BTreeMap::new(),
+        hywia: None,
     }
 }
 
@@ -395,4 +408,150 @@ fn bad_input_is_refused_before_writing() {
     let e = run(&opts(&m, &out, StructMethod::MagnitudeSp, 1.0, Allocation::Global)).unwrap_err().to_string();
     assert!(e.contains("sparsity must be in [0, 1)"), "{e}");
     assert!(!out.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// hywia: gradient statistics written here make the fine estimate reproducible between the two
+// halves of the samples and the coarse one reversed, so adaptive fusion follows the fine ranking.
+// ---------------------------------------------------------------------------------------------
+
+/// Per MLP channel: the fine estimate on every split, the coarse one on all samples and half A
+/// (half B gets 10 minus it: the opposite ranking).
+const FINE: [f64; INTER] = [3.0, 1.0, 4.0, 1.5, 5.0, 9.0];
+const COARSE: [f64; INTER] = [9.0, 5.0, 1.5, 4.0, 1.0, 3.0];
+
+/// Row statistics of q_proj and gate_proj; every other plane is zero. q_proj's rows come 2·HD per
+/// group: group 0 holds the fine value, group 1 the coarse one (swapped in half B).
+fn hywia_rows(name: &str, split: usize, q: usize, row: usize) -> f64 {
+    if name.ends_with("q_proj.weight") {
+        let g = row / (2 * HD);
+        return match q {
+            0 => (g == 0) as u8 as f64,
+            1 => ((g == 1) != (split == 2)) as u8 as f64,
+            _ => 0.0,
+        };
+    }
+    if name.ends_with("gate_proj.weight") {
+        return match (q, split) {
+            (0, _) => FINE[row],
+            (1, 2) => 10.0 - COARSE[row],
+            (1, _) => COARSE[row],
+            _ => 0.0,
+        };
+    }
+    0.0
+}
+
+fn grad_arrays(t: &T, counts: [i64; 3]) -> Vec<Array> {
+    let plane = |n: usize, f: &dyn Fn(usize, usize, usize) -> f64| -> Vec<f64> {
+        (0..3).flat_map(|s| (0..4).flat_map(move |q| (0..n).map(move |i| f(s, q, i)))).collect()
+    };
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    vec![
+        (format!("{}.grad_out", t.name), Dtype::F64, vec![3, 4, rows], f64_bytes(&plane(rows, &|s, q, i| hywia_rows(&t.name, s, q, i)))),
+        (format!("{}.grad_in", t.name), Dtype::F64, vec![3, 4, cols], f64_bytes(&plane(cols, &|_, _, _| 0.0))),
+        (format!("{}.grad_count", t.name), Dtype::I64, vec![3], counts.iter().flat_map(|c| c.to_le_bytes()).collect()),
+    ]
+}
+
+fn hywia_opts(m: &Path, out: &Path, sparsity: f64, h: HywiaOptions) -> StructuredOptions {
+    StructuredOptions { hywia: Some(h), ..opts(m, out, StructMethod::Hywia, sparsity, Allocation::Uniform) }
+}
+
+fn kept(dir: &Path, layer: usize) -> (Vec<f32>, Vec<f32>) {
+    let b = read(dir);
+    let w = |n: &str| b[&format!("model.layers.{layer}.{n}.weight")].1.clone();
+    (w("self_attn.k_proj"), w("mlp.gate_proj"))
+}
+
+#[test]
+fn hywia_follows_the_reliable_estimate() {
+    let root = tempfile::tempdir().unwrap();
+    let m = root.path().join("m");
+    let ts = llama_tensors(false);
+    write_model(&m, &ts, &llama_config(KV), false);
+    write_sidecar_with(&m, &ts, |t| grad_arrays(t, [4, 2, 2]));
+    let a = read(&m);
+    let w = |l: usize, n: &str| a[&format!("model.layers.{l}.{n}.weight")].1.clone();
+    // one attention group and two channels per layer (see magnitude_sp_slices_the_lowest_norm_groups)
+    let s = 144.0 / 352.0;
+    for (fusion, drop_group, keep_c) in [(Fusion::Adaptive, 1, [0, 2, 4, 5]), (Fusion::Fine, 1, [0, 2, 4, 5]), (Fusion::Coarse, 0, [0, 1, 3, 5])] {
+        let out = root.path().join(format!("out-{}", fusion.name()));
+        let r = run(&hywia_opts(&m, &out, s, HywiaOptions { fusion, ..HywiaOptions::default() })).unwrap();
+        assert_eq!((r.skip_first, r.skip_last, r.fusion_mode.as_deref()), (Some(0), Some(0), Some(fusion.name())));
+        let f = r.fusion.as_ref().unwrap();
+        assert_eq!(f.len(), LAYERS);
+        assert_eq!((f[0].attn.rho_fine, f[0].attn.rho_coarse, f[0].mlp.rho_fine, f[0].mlp.rho_coarse), (1.0, -1.0, 1.0, -1.0));
+        assert!(fusion != Fusion::Adaptive || (f[1].mlp.alpha_fine > 0.999 && f[1].mlp.alpha_fine < 1.0), "{:?}", f[1]);
+        for l in 0..LAYERS {
+            let (k, gate) = kept(&out, l);
+            assert_eq!(k, rows(&w(l, "self_attn.k_proj"), HIDDEN, &expand(&[1 - drop_group], HD)), "{fusion:?} layer {l}");
+            assert_eq!(gate, rows(&w(l, "mlp.gate_proj"), HIDDEN, &keep_c), "{fusion:?} layer {l}");
+        }
+        let c = config(&out);
+        assert_eq!(c["llmprune"]["structured"]["fusion_mode"], fusion.name());
+        assert!(!r.compensate && c.get("attention_bias").is_none());
+    }
+
+    // the first layer skipped: layer 1 alone carries the target (S' = 2S)
+    let out = root.path().join("out-skip");
+    let r = run(&hywia_opts(&m, &out, s / 2.0, HywiaOptions { skip_first: Some(1), ..HywiaOptions::default() })).unwrap();
+    assert_eq!((r.per_layer[0].num_key_value_heads, r.per_layer[0].intermediate_size), (KV, INTER));
+    assert_eq!((r.per_layer[1].num_key_value_heads, r.per_layer[1].intermediate_size), (1, 4));
+    assert_eq!(r.fusion.unwrap().iter().map(|f| f.layer).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(read(&out)[&"model.layers.0.mlp.down_proj.weight".to_string()], a["model.layers.0.mlp.down_proj.weight"]);
+    let e = run(&hywia_opts(&m, &root.path().join("x"), 0.6, HywiaOptions { skip_first: Some(1), ..HywiaOptions::default() })).unwrap_err().to_string();
+    assert!(e.contains("must stay below 1"), "{e}");
+    let e = run(&hywia_opts(&m, &root.path().join("x"), 0.1, HywiaOptions { skip_first: Some(1), skip_last: Some(1), ..HywiaOptions::default() })).unwrap_err().to_string();
+    assert!(e.contains("leave no layer"), "{e}");
+    assert!(!root.path().join("x").exists());
+}
+
+#[test]
+fn hywia_refuses_missing_or_malformed_gradient_statistics() {
+    let root = tempfile::tempdir().unwrap();
+    let m = root.path().join("m");
+    let ts = llama_tensors(false);
+    write_model(&m, &ts, &llama_config(KV), false);
+    let out = root.path().join("out");
+    let hy = |m: &Path, h: HywiaOptions| run(&hywia_opts(m, &out, 0.2, h)).unwrap_err().to_string();
+
+    let e = hy(&m, HywiaOptions::default());
+    assert!(e.contains("needs gradient statistics"), "{e}");
+    write_sidecar(&m, &ts);
+    let e = hy(&m, HywiaOptions::default());
+    assert!(e.contains("method hywia needs gradient statistics;") && e.contains("has none"), "{e}");
+
+    // one half of the samples is empty: adaptive fusion cannot compare halves, fine needs none
+    write_sidecar_with(&m, &ts, |t| grad_arrays(t, [1, 1, 0]));
+    let e = hy(&m, HywiaOptions::default());
+    assert!(e.contains("adaptive fusion") && e.contains("1 and 0 samples"), "{e}");
+    assert!(!out.exists());
+    let fine = root.path().join("fine");
+    assert!(run(&hywia_opts(&m, &fine, 0.2, HywiaOptions { fusion: Fusion::Fine, ..HywiaOptions::default() })).is_ok());
+
+    type Spoil = fn(&mut Array);
+    let malformed: [(&str, Spoil); 3] = [
+        ("must be F64 [3, 4,", |a| a.1 = Dtype::I64),
+        ("must be F64 [3, 4,", |a| a.2 = vec![4, 3, a.2[2]]),
+        ("non-finite", |a| a.3[..8].copy_from_slice(&f64::NAN.to_le_bytes())),
+    ];
+    for (want, spoil) in malformed {
+        write_sidecar_with(&m, &ts, |t| {
+            let mut v = grad_arrays(t, [4, 2, 2]);
+            spoil(&mut v[1]);
+            v
+        });
+        let e = hy(&m, HywiaOptions::default());
+        assert!(e.contains("invalid stats sidecar") && e.contains(want), "{e}");
+    }
+    write_sidecar_with(&m, &ts, |t| grad_arrays(t, [4, 2, 2]).into_iter().take(2).collect());
+    let e = hy(&m, HywiaOptions::default());
+    assert!(e.contains("grad_count") && e.contains("together"), "{e}");
+
+    // options of hywia with another method
+    let o = StructuredOptions { hywia: Some(HywiaOptions::default()), ..opts(&m, &out, StructMethod::WandaSp, 0.2, Allocation::Uniform) };
+    assert!(run(&o).unwrap_err().to_string().contains("apply to method hywia"));
+    let e = hy(&m, HywiaOptions { temperature: -1.0, ..HywiaOptions::default() });
+    assert!(e.contains("--fusion-temperature"), "{e}");
 }

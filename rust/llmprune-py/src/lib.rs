@@ -142,7 +142,8 @@ fn apply_checkpoint(
 
 #[pyfunction]
 #[pyo3(signature = (model_dir, out_dir, method, *, sparsity, allocation="global", compensate=None, stats=None,
-    threads=None, force=false, provenance=None, progress=None))]
+    threads=None, force=false, provenance=None, progress=None, fusion=None, taylor=None, fusion_temperature=None,
+    skip_first=None, skip_last=None))]
 #[allow(clippy::too_many_arguments)]
 fn apply_structured(
     py: Python<'_>,
@@ -157,7 +158,25 @@ fn apply_structured(
     force: bool,
     provenance: Option<BTreeMap<String, String>>,
     progress: Option<Py<PyAny>>,
+    fusion: Option<&str>,
+    taylor: Option<&str>,
+    fusion_temperature: Option<f64>,
+    skip_first: Option<usize>,
+    skip_last: Option<usize>,
 ) -> PyResult<String> {
+    let given = fusion.is_some() || taylor.is_some() || fusion_temperature.is_some() || skip_first.is_some() || skip_last.is_some();
+    let hywia = if given {
+        let d = structured::HywiaOptions::default();
+        Some(structured::HywiaOptions {
+            fusion: fusion.map_or(Ok(d.fusion), str::parse).map_err(CoreError)?,
+            taylor: taylor.map_or(Ok(d.taylor), str::parse).map_err(CoreError)?,
+            temperature: fusion_temperature.unwrap_or(d.temperature),
+            skip_first,
+            skip_last,
+        })
+    } else {
+        None
+    };
     let opts = structured::StructuredOptions {
         model_dir,
         out_dir,
@@ -169,6 +188,7 @@ fn apply_structured(
         threads,
         force,
         provenance: provenance.unwrap_or_default(),
+        hywia,
     };
     run_reporting(py, progress, |report| structured::apply_structured(&opts, report).map(|s| serde_json::to_string(&s).expect("summary serializes")))
 }

@@ -4,6 +4,7 @@
 //!   (unbiased variance from the sidecar's sums), summed over the group's channels.
 //! - `wanda-sp`: the mean over the group's columns of the output projection of |W_ij| · ‖X_j‖,
 //!   with ‖X_j‖ = sqrt(Σx_j² / n).
+//! - `hywia`: fused gradient-based estimates from the sidecar's gradient statistics (`hywia.rs`).
 //! - `magnitude-sp`: the L2 norm of all the group's weights (its rows of every input projection
 //!   and its columns of the output projection; biases are not counted).
 //!
@@ -25,6 +26,7 @@ pub enum StructMethod {
     Flap,
     MagnitudeSp,
     WandaSp,
+    Hywia,
 }
 
 impl StructMethod {
@@ -33,6 +35,7 @@ impl StructMethod {
             StructMethod::Flap => "flap",
             StructMethod::MagnitudeSp => "magnitude-sp",
             StructMethod::WandaSp => "wanda-sp",
+            StructMethod::Hywia => "hywia",
         }
     }
 
@@ -53,8 +56,9 @@ impl FromStr for StructMethod {
             "flap" => Ok(StructMethod::Flap),
             "magnitude-sp" => Ok(StructMethod::MagnitudeSp),
             "wanda-sp" => Ok(StructMethod::WandaSp),
+            "hywia" => Ok(StructMethod::Hywia),
             other => Err(Error::arg(format!(
-                "unknown structured method {other:?}; expected flap, magnitude-sp or wanda-sp"
+                "unknown structured method {other:?}; expected flap, magnitude-sp, wanda-sp or hywia"
             ))),
         }
     }
@@ -201,6 +205,7 @@ fn module_scores(method: StructMethod, ckpt: &Checkpoint, sidecar: Option<&Sidec
             }
             Ok(total.into_iter().map(f64::sqrt).collect())
         }
+        StructMethod::Hywia => Err(Error::arg("method hywia is scored from gradient statistics by hywia::score_layers")),
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod hywia;
 pub mod metric;
 pub mod plan;
 pub mod slice;
@@ -31,6 +32,7 @@ use crate::writer::ShardWriter;
 
 pub use arch::{Family, Rules};
 pub use config::LayerShape;
+pub use hywia::{Fusion, HywiaOptions, LayerFusion, Taylor};
 pub use metric::{LayerScores, StructMethod};
 pub use plan::{Allocation, LayerBudget, LayerPlan};
 
@@ -51,6 +53,8 @@ pub struct StructuredOptions {
     pub threads: Option<usize>,
     pub force: bool,
     pub provenance: BTreeMap<String, String>,
+    /// Options of method hywia (None: its defaults); refused with the other methods.
+    pub hywia: Option<HywiaOptions>,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,6 +93,14 @@ pub struct StructuredSummary {
     pub threads: usize,
     pub stats: Option<String>,
     pub warnings: Vec<String>,
+    /// hywia only (null otherwise): the settings, the layers kept whole at each end, and the fusion
+    /// weights and split-half reliabilities of every pruned layer.
+    pub fusion_mode: Option<String>,
+    pub taylor: Option<String>,
+    pub fusion_temperature: Option<f64>,
+    pub skip_first: Option<usize>,
+    pub skip_last: Option<usize>,
+    pub fusion: Option<Vec<LayerFusion>>,
 }
 
 fn open_sidecar(opts: &StructuredOptions, needed: bool) -> Result<Option<Sidecar>> {
@@ -99,13 +111,13 @@ fn open_sidecar(opts: &StructuredOptions, needed: bool) -> Result<Option<Sidecar
     match path {
         Some(p) if needed || opts.stats.is_some() => Ok(Some(Sidecar::open(&p)?)),
         _ if needed => {
-            let who = if opts.method.needs_stats() {
-                format!("method {}", opts.method.name())
-            } else {
-                "bias compensation (--compensate)".to_string()
+            let who = match opts.method {
+                StructMethod::Hywia => "method hywia needs gradient".to_string(),
+                m if m.needs_stats() => format!("method {} needs activation", m.name()),
+                _ => "bias compensation (--compensate) needs activation".to_string(),
             };
             Err(Error::arg(format!(
-                "{who} needs activation statistics, and {} has no {DEFAULT_SIDECAR}",
+                "{who} statistics, and {} has no {DEFAULT_SIDECAR}",
                 opts.model_dir.display()
             )))
         }
@@ -140,6 +152,20 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     }
     let ckpt = Checkpoint::open(&opts.model_dir)?;
     let rules = Rules::from_checkpoint(&ckpt)?;
+    let hywia = match (opts.method, &opts.hywia) {
+        (StructMethod::Hywia, o) => {
+            let o = o.clone().unwrap_or_default();
+            o.validate()?;
+            let (first, last) = o.skipped(rules.layers.len())?;
+            Some((o, first, last))
+        }
+        (_, None) => None,
+        (m, Some(_)) => return Err(Error::arg(format!("fusion and layer-skipping options apply to method hywia, not to {}", m.name()))),
+    };
+    let frozen: Vec<bool> = match &hywia {
+        Some((_, first, last)) => (0..rules.layers.len()).map(|i| i < *first || i >= rules.layers.len() - last).collect(),
+        None => vec![false; rules.layers.len()],
+    };
     let compensate = opts.compensate.unwrap_or(opts.method.compensates_by_default());
     let sidecar = open_sidecar(opts, opts.method.needs_stats() || compensate)?;
     let mut warnings = Vec::new();
@@ -162,9 +188,15 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         }
     }
     let pool = build_pool(opts.threads)?;
-    let scores = pool.install(|| metric::score_layers(opts.method, &rules, &ckpt, sidecar.as_ref()))?;
+    let (scores, fusion) = match (&hywia, &sidecar) {
+        (Some((o, _, _)), Some(sc)) => {
+            let (scores, fusion) = hywia::score_layers(&rules, sc, o, &frozen)?;
+            (scores, Some(fusion))
+        }
+        _ => (pool.install(|| metric::score_layers(opts.method, &rules, &ckpt, sidecar.as_ref()))?, None),
+    };
     let budgets = layer_budgets(&ckpt, &rules);
-    let plans = plan::plan(&scores, &budgets, opts.sparsity, opts.allocation)?;
+    let plans = plan::plan_skipping(&scores, &budgets, opts.sparsity, opts.allocation, &frozen)?;
     let (edits, add_attn, add_mlp) = pool.install(|| slice::build_edits(&ckpt, sidecar.as_ref(), &rules, &plans, compensate))?;
     if rules.family == Family::Opt && (add_attn || add_mlp) {
         return Err(Error::arg(
@@ -182,6 +214,13 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     prov.insert("allocation".into(), opts.allocation.name().into());
     prov.insert("compensate".into(), compensate.into());
     prov.insert("achieved_sparsity".into(), (params_removed as f64 / block_before.max(1) as f64).into());
+    if let Some((o, first, last)) = &hywia {
+        prov.insert("fusion_mode".into(), o.fusion.name().into());
+        prov.insert("taylor".into(), o.taylor.name().into());
+        prov.insert("fusion_temperature".into(), o.temperature.into());
+        prov.insert("skip_first".into(), (*first).into());
+        prov.insert("skip_last".into(), (*last).into());
+    }
     let mut shard_prov = prov.clone();
     shard_prov.insert("llmprune_version".into(), env!("CARGO_PKG_VERSION").into());
     shard_prov.insert("stats_sha256".into(), sidecar.as_ref().map(|s| Value::from(s.sha256.clone())).unwrap_or(Value::Null));
@@ -287,6 +326,12 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         threads: pool.current_num_threads(),
         stats: sidecar.as_ref().map(|s| s.path.display().to_string()),
         warnings,
+        fusion_mode: hywia.as_ref().map(|(o, _, _)| o.fusion.name().into()),
+        taylor: hywia.as_ref().map(|(o, _, _)| o.taylor.name().into()),
+        fusion_temperature: hywia.as_ref().map(|(o, _, _)| o.temperature),
+        skip_first: hywia.as_ref().map(|h| h.1),
+        skip_last: hywia.as_ref().map(|h| h.2),
+        fusion,
     })
 }
 

@@ -10,6 +10,11 @@
 //! Uniform allocation: every layer removes h = ⌊S·G + ½⌋ of its G attention groups and then the
 //! number of MLP channels, ⌊x + ½⌋ (at least 0), that brings the layer closest to removing S of its
 //! parameters; in each layer the lowest scores go, lower index first on ties.
+//!
+//! Skipped (frozen) layers keep everything. Uniform allocation then targets, in every other layer,
+//! S' = S · (parameters of all decoder layers) / (parameters of the layers not skipped), so the
+//! model as a whole still loses S; global allocation ranks only the groups of the layers not
+//! skipped against the same overall target S × (parameters of all decoder layers).
 
 use crate::error::{Error, Result};
 use crate::structured::metric::LayerScores;
@@ -95,12 +100,36 @@ fn keep_all_but(n: usize, removed: impl IntoIterator<Item = usize>) -> Vec<usize
 }
 
 pub fn plan(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allocation: Allocation) -> Result<Vec<LayerPlan>> {
+    plan_skipping(scores, budgets, sparsity, allocation, &vec![false; scores.len()])
+}
+
+/// `plan` with the layers where `frozen` is true left whole.
+pub fn plan_skipping(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allocation: Allocation, frozen: &[bool]) -> Result<Vec<LayerPlan>> {
     if !(0.0..1.0).contains(&sparsity) {
         return Err(Error::arg(format!("sparsity must be in [0, 1), got {sparsity}")));
     }
+    let skipped = frozen.iter().filter(|&&f| f).count();
+    let local = if skipped == 0 {
+        sparsity
+    } else {
+        if skipped == scores.len() {
+            return Err(Error::arg(format!("all {skipped} layers are skipped; no layer is left to prune")));
+        }
+        let total: u64 = budgets.iter().map(|b| b.params).sum();
+        let free: u64 = budgets.iter().zip(frozen).filter(|(_, &f)| !f).map(|(b, _)| b.params).sum();
+        let local = sparsity * total as f64 / free as f64;
+        if local >= 1.0 {
+            return Err(Error::arg(format!(
+                "sparsity {sparsity} of the decoder layers' {total} parameters is {local:.4} of the {free} in the {} layers not \
+                 skipped; it must stay below 1: lower --sparsity or skip fewer layers",
+                scores.len() - skipped
+            )));
+        }
+        local
+    };
     let plans = match allocation {
-        Allocation::Global => global(scores, budgets, sparsity),
-        Allocation::Uniform => uniform(scores, budgets, sparsity),
+        Allocation::Global => global(scores, budgets, sparsity, frozen),
+        Allocation::Uniform => uniform(scores, budgets, local, frozen),
     };
     for (i, (p, s)) in plans.iter().zip(scores).enumerate() {
         let what = if p.attn_keep.is_empty() {
@@ -120,13 +149,14 @@ pub fn plan(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allo
     Ok(plans)
 }
 
-fn global(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64) -> Vec<LayerPlan> {
+fn global(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, frozen: &[bool]) -> Vec<LayerPlan> {
     // (z, cost, layer, is_mlp, index), attention of every layer first, then MLP.
     let mut entries: Vec<(f64, u64, usize, bool, usize)> = Vec::new();
-    for (l, (s, b)) in scores.iter().zip(budgets).enumerate() {
+    let free = || scores.iter().zip(budgets).enumerate().filter(|(l, _)| !frozen[*l]);
+    for (l, (s, b)) in free() {
         entries.extend(standardize(&s.attn).into_iter().enumerate().map(|(g, z)| (z, b.attn_cost, l, false, g)));
     }
-    for (l, (s, b)) in scores.iter().zip(budgets).enumerate() {
+    for (l, (s, b)) in free() {
         entries.extend(standardize(&s.mlp).into_iter().enumerate().map(|(g, z)| (z, b.mlp_cost, l, true, g)));
     }
     entries.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -154,11 +184,15 @@ fn global(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64) -> Vec
         .collect()
 }
 
-fn uniform(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64) -> Vec<LayerPlan> {
+fn uniform(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, frozen: &[bool]) -> Vec<LayerPlan> {
     scores
         .iter()
         .zip(budgets)
-        .map(|(s, b)| {
+        .zip(frozen)
+        .map(|((s, b), &skip)| {
+            if skip {
+                return LayerPlan { attn_keep: (0..s.attn.len()).collect(), mlp_keep: (0..s.mlp.len()).collect() };
+            }
             let h = ((sparsity * s.attn.len() as f64 + 0.5).floor() as usize).min(s.attn.len());
             let rest = sparsity * b.params as f64 - (h as u64 * b.attn_cost) as f64;
             let c = if b.mlp_cost == 0 { 0.0 } else { (rest / b.mlp_cost as f64 + 0.5).floor().max(0.0) };
@@ -228,5 +262,29 @@ mod tests {
         let e = plan(&scores, &[b], 0.9, Allocation::Global).unwrap_err().to_string();
         assert!(e.contains("layer 0"), "{e}");
         assert!(plan(&scores, &[b], 1.0, Allocation::Global).is_err());
+    }
+
+    #[test]
+    fn skipped_layers_keep_everything_and_the_rest_carries_the_target() {
+        let scores = vec![layer(&[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0]), layer(&[5.0, 1.0], &[4.0, 3.0, 2.0, 1.0])];
+        let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 40 };
+        let frozen = [true, false];
+        // S' = 0.15 · 80 / 40 = 0.3: as uniform 0.3 on layer 1 alone (h = 1, 2 channels)
+        let p = plan_skipping(&scores, &[b, b], 0.15, Allocation::Uniform, &frozen).unwrap();
+        assert_eq!(p[0], LayerPlan { attn_keep: vec![0, 1], mlp_keep: vec![0, 1, 2, 3] });
+        assert_eq!(p[1], LayerPlan { attn_keep: vec![0], mlp_keep: vec![0, 1] });
+        // global: target 0.15 · 80 = 12 from layer 1 only: channel 3 (z −1.16), head 1 (z −0.71),
+        // channel 2 (z −0.39) cost 1 + 10 + 1
+        let p = plan_skipping(&scores, &[b, b], 0.15, Allocation::Global, &frozen).unwrap();
+        assert_eq!(p[0], LayerPlan { attn_keep: vec![0, 1], mlp_keep: vec![0, 1, 2, 3] });
+        assert_eq!(p[1], LayerPlan { attn_keep: vec![0], mlp_keep: vec![0, 1] });
+        // no frozen layer: exactly `plan`
+        for a in [Allocation::Uniform, Allocation::Global] {
+            assert_eq!(plan_skipping(&scores, &[b, b], 0.3, a, &[false, false]).unwrap(), plan(&scores, &[b, b], 0.3, a).unwrap());
+        }
+        let e = plan_skipping(&scores, &[b, b], 0.5, Allocation::Uniform, &frozen).unwrap_err().to_string();
+        assert!(e.contains("must stay below 1"), "{e}");
+        let e = plan_skipping(&scores, &[b, b], 0.1, Allocation::Global, &[true, true]).unwrap_err().to_string();
+        assert!(e.contains("no layer is left"), "{e}");
     }
 }
