@@ -51,11 +51,18 @@ def apply_structured(
     force: bool = False,
     provenance: dict[str, str] | None = None,
     progress: Callable[[str, int, int, int, int], None] | None = None,
+    fusion: str | None = None,
+    taylor: str | None = None,
+    fusion_temperature: float | None = None,
+    skip_first: int | None = None,
+    skip_last: int | None = None,
 ) -> str:
-    """Structured pruning (method flap, magnitude-sp or wanda-sp): remove attention groups and MLP
-    channels until `sparsity` of the decoder blocks' parameters are gone, and write the smaller
+    """Structured pruning (method flap, magnitude-sp, wanda-sp or hywia): remove attention groups and
+    MLP channels until `sparsity` of the decoder blocks' parameters are gone, and write the smaller
     checkpoint into OUT; returns a JSON summary. allocation: global or uniform. compensate: fold the
-    removed channels' mean contribution into output-projection biases (None: on for flap only)."""
+    removed channels' mean contribution into output-projection biases (None: on for flap only).
+    hywia only (None: its defaults, see docs/hywia.md): fusion adaptive|fine|coarse, taylor
+    first|mix, fusion_temperature > 0, skip_first / skip_last layers kept whole."""
 
 def compute_mask(
     weight: npt.NDArray[np.float32],
