@@ -85,7 +85,18 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the pruned and recovered checkpoints")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="only print the table of these --json records together (runs split by sparsity)")
     a = ap.parse_args()
+    if a.merge:
+        records = [json.loads(p.read_text()) for p in a.merge]
+        merged = dict(records[0])
+        merged["rows"] = [r for rec in records for r in rec["rows"]]
+        merged["stats"] = next((rec["stats"] for rec in records if rec.get("stats")), None)
+        table = render(merged)
+        print(table)
+        if a.markdown:
+            a.markdown.write_text(table + "\n")
+        return
     names = [v for v in a.variants.split(",") if v] + [v for v in a.ablations.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
@@ -93,7 +104,8 @@ def main() -> None:
     if not (a.model / "config.json").is_file():
         sys.exit(f"{a.model} is not a model directory; `make demo` (or `llmprune demo-model`) creates demo-out/smollm2-135m")
     a.workdir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"model": a.model.name, "rows": []}
+    settings = {k: getattr(a, k) for k in ("grad_nsamples", "grad_seqlen", "lora_steps", "lora_batch", "lora_seqlen", "lora_lr", "seqlen", "max_tokens")}
+    record: dict[str, Any] = {"model": a.model.name, "rows": [], "settings": settings}
     stats = a.stats
     if stats is None:
         stats = a.workdir / "stats-grad.safetensors"
@@ -104,6 +116,10 @@ def main() -> None:
     def evaluate(path: Path) -> dict[str, Any]:
         return cli("eval", path, "--seqlen", a.seqlen, "--max-tokens", a.max_tokens, "--device", a.device)
 
+    from llmprune import sidecar
+
+    grad_meta = sidecar.read(stats).meta.get("grad") or {}
+    record["settings"].update(grad_nsamples=grad_meta.get("nsamples"), grad_seqlen=grad_meta.get("seqlen"))
     dense = evaluate(a.model)
     record["dense"] = dense
     main_set = {v for v in a.variants.split(",") if v}
@@ -123,7 +139,7 @@ def main() -> None:
             if name in main_set:
                 tuned = a.workdir / f"{name}-{s:g}-lora"
                 ft = cli(
-                    "finetune", out, "--data", "sotu", "--steps", a.lora_steps, "--batch-size", a.lora_batch,
+                    "finetune", out, "--data", "sotu", "--nsamples", a.lora_steps * a.lora_batch, "--steps", a.lora_steps, "--batch-size", a.lora_batch,
                     "--seqlen", a.lora_seqlen, "--lr", a.lora_lr, "--device", a.device, "--out", tuned, "--force",
                 )
                 row.update({"ppl_lora": evaluate(tuned)["perplexity"], "lora": ft})
@@ -134,7 +150,7 @@ def main() -> None:
             record["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "lora"}), file=sys.stderr)
 
-    table = render(record, a)
+    table = render(record)
     print(table)
     if a.markdown:
         a.markdown.write_text(table + "\n")
@@ -142,7 +158,8 @@ def main() -> None:
         a.json.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def render(record: dict[str, Any], a: argparse.Namespace) -> str:
+def render(record: dict[str, Any]) -> str:
+    a = argparse.Namespace(**record["settings"])
     sparsities = sorted({r["sparsity"] for r in record["rows"]})
     head = "| variant |" + "".join(f" {s:.0%}: removed | ppl | ppl after LoRA |" for s in sparsities)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -163,7 +180,7 @@ def render(record: dict[str, Any], a: argparse.Namespace) -> str:
         f"\n{record['model']}; gradient statistics: {a.grad_nsamples} windows x {a.grad_seqlen} tokens of the calibration text"
         + (f" ({st.get('seconds', 0):.1f} s on {st.get('device', '?')})" if st else "")
         + f"; perplexity on {record['dense']['tokens']:,} held-out tokens in windows of {a.seqlen}"
-        + f"; LoRA r=8, alpha=16, {a.lora_steps} steps x {a.lora_batch} x {a.lora_seqlen} tokens, lr {a.lora_lr:g}"
+        + f"; LoRA r=8, alpha=16, {a.lora_steps} steps x {a.lora_batch} windows x {a.lora_seqlen} tokens (each window once), lr {a.lora_lr:g}"
         + (f" ({lora.get('seconds', 0):.1f} s per run on {lora.get('device', '?')})" if lora else "")
         + ". 'removed' is the share of decoder-block parameters removed."
     )
