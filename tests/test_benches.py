@@ -37,3 +37,27 @@ def test_make_checkpoint_is_loadable(tmp_path):
     assert desc["tensors"]["model.layers.0.mlp.down_proj.weight"] == "BF16[256,688]"
     report = json.loads(_core.inspect(str(out)))
     assert report["prunable"]["zeros"] == 0
+
+
+def test_hywia_bench_tiny(tmp_path):
+    """stats --grad, apply (hywia, flap), eval, finetune and eval again through the CLI, on a tiny LLaMA."""
+    import reference as R
+    import stats_helpers as H
+
+    model = R.tiny_llama_dir(tmp_path / "tiny", num_hidden_layers=4)
+    H.add_tokenizer(model)
+    cmd = [
+        sys.executable, str(ROOT / "benches" / "hywia_bench.py"), "--model", str(model), "--workdir", str(tmp_path / "w"),
+        "--sparsities", "0.2", "--variants", "hywia-adaptive,flap", "--ablations", "hywia-fine-mix",
+        "--grad-nsamples", "2", "--grad-seqlen", "16", "--lora-steps", "2", "--lora-batch", "1", "--lora-seqlen", "16",
+        "--seqlen", "32", "--max-tokens", "256", "--device", "cpu", "--json", str(tmp_path / "r.json"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("| dense |", "| hywia-adaptive |", "| flap |", "| hywia-fine-mix |"):
+        assert row in proc.stdout, proc.stdout
+    import json
+
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [("ppl_lora" in r) for r in rows] == [True, True, False]
+    assert all(r["ppl"] > 1 for r in rows)
