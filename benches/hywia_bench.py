@@ -180,8 +180,12 @@ def render(record: dict[str, Any]) -> str:
         f"\n{record['model']}; gradient statistics: {a.grad_nsamples} windows x {a.grad_seqlen} tokens of the calibration text"
         + (f" ({st.get('seconds', 0):.1f} s on {st.get('device', '?')})" if st else "")
         + f"; perplexity on {record['dense']['tokens']:,} held-out tokens in windows of {a.seqlen}"
-        + f"; LoRA r=8, alpha=16, {a.lora_steps} steps x {a.lora_batch} windows x {a.lora_seqlen} tokens (each window once), lr {a.lora_lr:g}"
-        + (f" ({lora.get('seconds', 0):.1f} s per run on {lora.get('device', '?')})" if lora else "")
+        + (
+            f"; LoRA r=8, alpha=16, {a.lora_steps} steps x {a.lora_batch} windows x {a.lora_seqlen} tokens (each window once), "
+            f"lr {a.lora_lr:g} ({lora.get('seconds', 0):.1f} s per run on {lora.get('device', '?')})"
+            if lora
+            else ""
+        )
         + ". 'removed' is the share of decoder-block parameters removed."
     )
     return "\n".join(lines) + "\n" + note
