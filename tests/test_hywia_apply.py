@@ -232,7 +232,7 @@ def test_statistics_from_stats_grad(run_cli, tmp_path):
     H.add_tokenizer(model)
     code, _, err = run_cli(["stats", model, "--grad", "--nsamples", "4", "--seqlen", "24", "--device", "cpu"])
     assert code == 0, err
-    s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.3", "--taylor", "mix", "--out", tmp_path / "out")
+    s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.3", "--fusion", "adaptive", "--taylor", "mix", "--out", tmp_path / "out")
     tensors, _ = R.read_checkpoint(model)
     layers = layer_modules(H.read_config(model), tensors)
     frozen = [i < 1 or i >= LAYERS - 1 for i in range(LAYERS)]
@@ -248,7 +248,7 @@ def test_reliability_decides_the_fusion(run_cli, base_model, tmp_path):
     """Where the fine estimate is noise-free between halves and the coarse one noisy (layers 3k), the
     fine estimate dominates; the other way round in layers 3k+2."""
     model, _ = model_with_grads(base_model, tmp_path / "m")
-    s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.2", "--out", tmp_path / "out")
+    s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.2", "--fusion", "adaptive", "--out", tmp_path / "out")
     by_layer = {f["layer"]: f for f in s["fusion"]}
     assert by_layer[3]["mlp"]["rho_fine"] == 1.0 and by_layer[3]["mlp"]["alpha_fine"] > 0.99
     assert by_layer[5]["mlp"]["rho_coarse"] == 1.0 and by_layer[5]["mlp"]["alpha_coarse"] > 0.99
@@ -268,7 +268,7 @@ def test_outputs_load_and_run(run_cli, base_model, tmp_path):
     assert code == 0, err
     assert stdout.startswith("hywia 0.25 (uniform): kept "), stdout
     line = stdout.splitlines()[1]
-    assert line.startswith("fusion adaptive (taylor first, temperature 0.1): mean alpha_fine ") and "over 8 pruned layers" in line, line
+    assert line.startswith("fusion fine (taylor first, temperature 0.1): mean alpha_fine 1.000 ") and "over 8 pruned layers" in line, line
     assert line.endswith("first 1 and last 1 layers kept whole"), line
     # the skipped layers keep every head and channel, so layers differ in size
     out = model.parent / "tiny-hywia-0.25"
@@ -312,9 +312,10 @@ def test_sidecar_without_gradient_statistics(run_cli, base_model, tmp_path):
 
 def test_adaptive_needs_both_halves(run_cli, base_model, tmp_path):
     model, _ = model_with_grads(base_model, tmp_path / "m", counts=(1, 1, 0))
-    expect_failure(run_cli, model, ["--method", "hywia", "--sparsity", "0.2"], contains="adaptive fusion", hint_contains="--fusion fine|coarse")
-    # one estimate alone needs no halves
-    s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.2", "--fusion", "fine", "--out", tmp_path / "out")
+    expect_failure(run_cli, model, ["--method", "hywia", "--sparsity", "0.2", "--fusion", "adaptive"], contains="adaptive fusion", hint_contains="--fusion fine|coarse")
+    # one estimate alone (the default, fine) needs no halves
+    s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.2", "--out", tmp_path / "out")
+    assert s["fusion_mode"] == "fine"
     assert all((f[k]["alpha_fine"], f[k]["alpha_coarse"]) == (1.0, 0.0) for f in s["fusion"] for k in ("attn", "mlp"))
 
 

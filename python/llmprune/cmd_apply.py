@@ -104,7 +104,7 @@ def apply_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty output directory.")] = False,
     allocation: Annotated[Optional[str], typer.Option("--allocation", help="Structured methods: global (one threshold across layers and modules) or uniform (the same heads/channels kept in every layer).", show_default="global; uniform for hywia")] = None,
     compensate: Annotated[Optional[bool], typer.Option("--compensate/--no-compensate", help="Structured methods: fold the removed channels' mean contribution into output-projection biases.", show_default="on for flap")] = None,
-    fusion: Annotated[Optional[str], typer.Option("--fusion", help="hywia: adaptive (weigh the fine and coarse estimates by their split-half reliability), fine or coarse.", show_default="adaptive")] = None,
+    fusion: Annotated[Optional[str], typer.Option("--fusion", help="hywia: fine (per-weight estimate, the measured best), coarse (whole-group estimate) or adaptive (both, weighed by their split-half reliability).", show_default="fine")] = None,
     taylor: Annotated[Optional[str], typer.Option("--taylor", help="hywia: first (first-order Taylor) or mix (minus half the diagonal Fisher term).", show_default="first")] = None,
     fusion_temperature: Annotated[Optional[float], typer.Option("--fusion-temperature", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1")] = None,
     skip_first: Annotated[Optional[int], typer.Option("--skip-first", help="hywia: keep the first N decoder layers whole.", show_default="round(layers/8)")] = None,

@@ -524,7 +524,7 @@ fn hywia_refuses_missing_or_malformed_gradient_statistics() {
 
     // one half of the samples is empty: adaptive fusion cannot compare halves, fine needs none
     write_sidecar_with(&m, &ts, |t| grad_arrays(t, [1, 1, 0]));
-    let e = hy(&m, HywiaOptions::default());
+    let e = hy(&m, HywiaOptions { fusion: Fusion::Adaptive, ..HywiaOptions::default() });
     assert!(e.contains("adaptive fusion") && e.contains("1 and 0 samples"), "{e}");
     assert!(!out.exists());
     let fine = root.path().join("fine");

@@ -83,7 +83,7 @@ pub struct HywiaOptions {
 
 impl Default for HywiaOptions {
     fn default() -> Self {
-        HywiaOptions { fusion: Fusion::Adaptive, taylor: Taylor::First, temperature: 0.1, skip_first: None, skip_last: None }
+        HywiaOptions { fusion: Fusion::Fine, taylor: Taylor::First, temperature: 0.1, skip_first: None, skip_last: None }
     }
 }
 
