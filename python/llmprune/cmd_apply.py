@@ -56,14 +56,17 @@ def hinted(hints: tuple[tuple[str, str], ...]) -> Iterator[None]:
 
 def _with_progress(run: Callable[[Callable[..., None]], str]) -> dict:
     """Runs a core call that reports (name, bytes done, bytes total, tensors done, tensors total)
-    under a byte progress bar; returns its JSON summary parsed."""
+    under a byte progress bar; prints its warnings and returns its JSON summary parsed."""
     with byte_progress() as bar:
         task = bar.add_task("pruning", total=None, detail="")
 
         def on_tensor(name: str, done: int, total: int, n_done: int, n_total: int) -> None:
             bar.update(task, completed=done, total=total, detail=f"{n_done}/{n_total} tensors")
 
-        return json.loads(run(on_tensor))
+        summary = json.loads(run(on_tensor))
+    for w in summary["warnings"]:
+        warn(w)
+    return summary
 
 
 def default_input_axis(model: Path) -> int:
@@ -159,8 +162,6 @@ def apply_cmd(
             progress=on_tensor,
         )
     )
-    for w in summary["warnings"]:
-        warn(w)
     if json_out:
         print_json(summary)
         return
@@ -208,8 +209,6 @@ def apply_structured(
             **hywia,
         )
     )
-    for w in summary["warnings"]:
-        warn(w)
     if summary["loader"] != "transformers":
         err.print(
             f"note: layers differ in size; load {summary['out']} with llmprune.load_pruned(path) (llmprune eval reads it directly)",

@@ -155,8 +155,6 @@ def stats_cmd(
     elif grad_mode != "streamed":
         raise UsageError("--grad-mode applies with --grad only")
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
-    if grad and seqlen < 2:
-        raise UsageError("gradient statistics need windows of at least 2 tokens", hint="raise --seqlen")
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
     source = data.describe_source(calib, data.CALIB)

@@ -84,8 +84,9 @@ class _GradAccumulator:
 
     def result(self) -> GradStats:
         w = self.weight.detach().float()
-        # stored weights are [out, in] (axis 1 is the input) or GPT-2's [in, out]
-        row_axis, col_axis = (1, 0) if self.input_axis == 1 else (0, 1)
+        # stored weights are [out, in] (axis 1 is the input) or GPT-2's [in, out]; per-row sums
+        # reduce the input axis, per-column sums the other one
+        a = self.input_axis
         outs, inps = [], []
         for g_sum, g2_sum, n in (
             (self.g[0] + self.g[1], self.g2[0] + self.g2[1], self.n[0] + self.n[1]),
@@ -93,14 +94,14 @@ class _GradAccumulator:
             (self.g[1], self.g2[1], self.n[1]),
         ):
             if n == 0:
-                outs.append(torch.zeros((4, w.shape[1 - self.input_axis]), dtype=torch.float64))
-                inps.append(torch.zeros((4, w.shape[self.input_axis]), dtype=torch.float64))
+                outs.append(torch.zeros((4, w.shape[1 - a]), dtype=torch.float64))
+                inps.append(torch.zeros((4, w.shape[a]), dtype=torch.float64))
                 continue
             s = w * (g_sum / n)
             h = w * w * (g2_sum / n)
             q = torch.stack([s.abs(), s, h, (s - 0.5 * h).abs()]).double()
-            outs.append(q.sum(dim=1 + row_axis).cpu())
-            inps.append(q.sum(dim=1 + col_axis).cpu())
+            outs.append(q.sum(dim=1 + a).cpu())
+            inps.append(q.sum(dim=2 - a).cpu())
         return GradStats(
             out=torch.stack(outs).numpy(),
             inp=torch.stack(inps).numpy(),
@@ -113,7 +114,7 @@ def _sample_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device))
 
 
-def _check_samples(streamer: LayerStreamer, samples: torch.Tensor) -> None:
+def _check_samples(samples: torch.Tensor) -> None:
     if samples.dim() != 2 or samples.shape[0] < 1:
         raise UsageError("no calibration samples")
     if samples.shape[1] < 2:
@@ -132,13 +133,15 @@ def collect_grad_stats(
     """Activation and gradient statistics of every prunable weight over `samples` [n, L]."""
     if mode not in MODES:
         raise UsageError(f"unknown gradient mode {mode!r}", hint="use streamed or full")
+    _check_samples(samples)
     t0 = time.perf_counter()
     streamer = LayerStreamer(model_dir, device=device, dtype=dtype, with_head=True)
-    _check_samples(streamer, samples)
     n = samples.shape[0]
-    with _InputStore(streamer.num_blocks + 1, mode == "streamed") as kept:
-        stats = collect_stats(model_dir, samples, device=device, dtype=dtype, progress=progress, streamer=streamer, on_hidden=kept.put)
-        if mode == "streamed":
+    streamed = mode == "streamed"
+    with _InputStore(streamer.num_blocks + 1) as kept:
+        on_hidden = kept.put if streamed else None
+        stats = collect_stats(model_dir, samples, device=device, dtype=dtype, progress=progress, streamer=streamer, on_hidden=on_hidden)
+        if streamed:
             layers, loss = _streamed_backward(streamer, samples, kept, progress)
         else:
             layers, loss = _full_backward(streamer, samples, progress)
@@ -160,9 +163,8 @@ class _InputStore:
     """The kept block inputs, in CPU memory, or in a file-backed map in a temporary directory
     ($TMPDIR) when they would take more than half the available memory (or LLMPRUNE_GRAD_SPILL=1)."""
 
-    def __init__(self, slots: int, enabled: bool):
+    def __init__(self, slots: int):
         self.slots = slots
-        self.enabled = enabled
         self.items: list[torch.Tensor | None] = [None] * slots
         self.tmp: str | None = None
         self.spilled = False
@@ -176,8 +178,6 @@ class _InputStore:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def put(self, i: int, h: torch.Tensor) -> None:
-        if not self.enabled:
-            return
         if i == 0:
             total = h.numel() * h.element_size() * self.slots
             self.spilled = os.environ.get("LLMPRUNE_GRAD_SPILL") == "1" or total > _available_memory() // 2

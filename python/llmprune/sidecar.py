@@ -121,8 +121,7 @@ def write(
         tensors[f"{name}.act_sum"] = np.ascontiguousarray(s.act_sum, dtype=np.float64)
         tensors[f"{name}.act_sqsum"] = np.ascontiguousarray(s.act_sqsum, dtype=np.float64)
         tensors[f"{name}.act_count"] = np.array([int(s.act_count)], dtype=np.int64)
-    for name in sorted(grad or {}):
-        g = (grad or {})[name]
+    for name, g in sorted((grad or {}).items()):
         tensors[f"{name}.grad_out"] = np.ascontiguousarray(g.out, dtype=np.float64)
         tensors[f"{name}.grad_in"] = np.ascontiguousarray(g.inp, dtype=np.float64)
         tensors[f"{name}.grad_count"] = np.ascontiguousarray(g.count, dtype=np.int64)
