@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Shard, TensorEntry};
 use crate::dtype::{decode_into, float_size};
 use crate::error::{Error, Result};
 use crate::sidecar::{LayerStats, Sidecar};
@@ -118,17 +118,24 @@ pub fn row_squares(ckpt: &Checkpoint, name: &str) -> Result<Vec<f64>> {
     if cols == 0 {
         return Ok(vec![0.0; t.shape[0]]);
     }
-    Ok(shard
+    Ok(map_rows(shard, t, es, |row| row.iter().map(|&w| square(w)).sum()))
+}
+
+/// f of every row of a stored [rows, cols] float tensor (element size `es`, cols > 0), decoded to
+/// f32, computed in parallel, in row order.
+pub fn map_rows<T: Send>(shard: &Shard, t: &TensorEntry, es: usize, f: impl Fn(&[f32]) -> T + Sync + Send) -> Vec<T> {
+    let cols = t.shape[1];
+    shard
         .data(t)
         .par_chunks(cols * es)
         .map_init(
             || vec![0f32; cols],
             |row, bytes| {
                 decode_into(t.dtype, bytes, row);
-                row.iter().map(|&w| (w as f64) * (w as f64)).sum()
+                f(row)
             },
         )
-        .collect())
+        .collect()
 }
 
 fn square(w: f32) -> f64 {

@@ -8,11 +8,11 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::checkpoint::Checkpoint;
-use crate::dtype::{decode, decode_into, float_size};
+use crate::dtype::{decode, float_size};
 use crate::error::{Error, Result};
 use crate::sidecar::Sidecar;
 use crate::structured::arch::{ColTensor, Module, Rules};
-use crate::structured::metric::output_stats;
+use crate::structured::metric::{map_rows, output_stats};
 use crate::structured::plan::LayerPlan;
 
 /// The fate of one input tensor.
@@ -119,17 +119,7 @@ fn compensated_bias(ckpt: &Checkpoint, sidecar: &Sidecar, out: &ColTensor, remov
     let n = stats.count as f64;
     let mu: Vec<(usize, f64)> = removed_cols.iter().map(|&j| (j, stats.act_sum[j] / n)).collect();
     let es = float_size(t.dtype).expect("checked by the scoring pass");
-    let mut bias: Vec<f64> = shard
-        .data(t)
-        .par_chunks(cols * es)
-        .map_init(
-            || vec![0f32; cols],
-            |row, bytes| {
-                decode_into(t.dtype, bytes, row);
-                mu.iter().map(|&(j, m)| row[j] as f64 * m).sum()
-            },
-        )
-        .collect();
+    let mut bias: Vec<f64> = map_rows(shard, t, es, |row| mu.iter().map(|&(j, m)| row[j] as f64 * m).sum());
     if let Some(b) = &out.bias {
         let (bshard, bt) = ckpt.get(b).expect("checked by the group rules");
         if float_size(bt.dtype).is_none() {
