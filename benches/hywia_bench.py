@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from structured_bench import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,17 +47,6 @@ VARIANTS: dict[str, list[str]] = {
 }
 MAIN = "hywia-fine,hywia-coarse,hywia-adaptive,flap,magnitude-sp"
 ABLATIONS = "hywia-fine-mix,hywia-coarse-mix,hywia-adaptive-mix,hywia-adaptive-T0.02,hywia-adaptive-T0.5,hywia-adaptive-T10,hywia-adaptive-noskip,hywia-adaptive-global"
-
-
-def cli(*args: Any) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "llmprune", *map(str, args), "--json"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
-    out = json.loads(proc.stdout)
-    out.setdefault("wall_seconds", time.perf_counter() - t0)
-    return out
 
 
 def mean_alpha(summary: dict[str, Any]) -> float | None:
