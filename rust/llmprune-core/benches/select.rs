@@ -1,7 +1,8 @@
 //! Scoring + selection throughput per method (bytes of bf16 weights per second), 1 and 2 threads.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use llmprune_core::apply::{build_pool, prune_tensor, ApplyOptions};
+use llmprune_core::apply::{prune_tensor, ApplyOptions};
+use llmprune_core::pool::pool as build_pool;
 use llmprune_core::checkpoint::TensorEntry;
 use llmprune_core::score::{channel_factors, Method};
 use llmprune_core::select::{Scope, Target};

@@ -1,7 +1,8 @@
 //! Prunes one synthetic 1024x4096 bf16 tensor once, single-threaded: a fixed workload for
 //! instruction counting (`valgrind --tool=callgrind`), which unlike wall time does not depend on
 //! what else the machine is doing. Usage: prune_one magnitude|wanda|stade 0.5|2:4
-use llmprune_core::apply::{build_pool, prune_tensor, ApplyOptions};
+use llmprune_core::apply::{prune_tensor, ApplyOptions};
+use llmprune_core::pool::pool as build_pool;
 use llmprune_core::checkpoint::TensorEntry;
 use llmprune_core::score::{channel_factors, Method};
 use llmprune_core::select::{Scope, Target};

@@ -2,26 +2,24 @@
 //! write a complete output checkpoint. Only one tensor's output buffer is held at a time.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::checkpoint::{Checkpoint, Shard, TensorEntry, INDEX_FILE};
+use crate::checkpoint::{Shard, TensorEntry};
 use crate::dtype::{decode, decode_into, float_size};
 use crate::error::{Error, Result};
-use crate::output::{copy_other_files, encode_header, metadata_with_provenance, write_index, StagingDir};
+use crate::output::{encode_header, metadata_with_provenance};
+use crate::pool;
 use crate::prunable::{resolve_prunable, Prunable};
+use crate::run::{Run, StatsNeed};
 use crate::score::{channel_factors, Method};
 use crate::select::{mask_matrix, n_m_flags, prune_row, row_scores, Scope, Scratch, Target};
 use crate::sidecar::Sidecar;
-use crate::writer::ShardWriter;
 
-/// Default location of the stats sidecar inside a model directory; never copied into outputs.
-pub const DEFAULT_SIDECAR: &str = "llmprune-stats.safetensors";
+pub use crate::run::Progress;
 
 #[derive(Clone, Debug)]
 pub struct ApplyOptions {
@@ -43,15 +41,6 @@ pub struct ApplyOptions {
     pub check_only: bool,
 }
 
-/// Reported after every tensor; returning an error stops the run and removes partial output.
-pub struct Progress<'a> {
-    pub tensor: &'a str,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub tensors_done: usize,
-    pub tensors_total: usize,
-}
-
 #[derive(Debug, Serialize)]
 pub struct ApplySummary {
     pub out: String,
@@ -71,27 +60,6 @@ pub struct ApplySummary {
     pub threads: usize,
     pub stats: Option<String>,
     pub warnings: Vec<String>,
-}
-
-pub fn build_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
-    let n = threads
-        .or_else(|| std::env::var("LLMPRUNE_NUM_THREADS").ok().and_then(|v| v.parse().ok()))
-        .unwrap_or(0);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("llmprune-{i}"))
-        .build()
-        .map_err(|e| Error::arg(format!("cannot start {n} threads: {e}")))
-}
-
-fn stats_path(opts: &ApplyOptions) -> Option<PathBuf> {
-    match &opts.stats {
-        Some(p) => Some(p.clone()),
-        None => {
-            let p = opts.model_dir.join(DEFAULT_SIDECAR);
-            p.is_file().then_some(p)
-        }
-    }
 }
 
 fn sequential_warning(sidecar: &Sidecar, method: Method, target: Target) -> Option<String> {
@@ -121,31 +89,19 @@ fn sequential_warning(sidecar: &Sidecar, method: Method, target: Target) -> Opti
 }
 
 pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<()>) -> Result<ApplySummary> {
-    let started = Instant::now();
     opts.target.validate(opts.scope)?;
-    let ckpt = Checkpoint::open(&opts.model_dir)?;
-
-    let sidecar = match stats_path(opts) {
-        Some(p) if opts.method.needs_stats() || opts.stats.is_some() => Some(Sidecar::open(&p)?),
-        _ if opts.method.needs_stats() => {
-            return Err(Error::arg(format!(
-                "method {} needs activation statistics, and {} has no {DEFAULT_SIDECAR}",
-                opts.method.name(),
-                opts.model_dir.display(),
-            )))
-        }
-        _ => None,
-    };
-    let mut warnings = Vec::new();
-    if let Some(sc) = &sidecar {
-        sc.check_matches(&ckpt)?;
-        warnings.extend(sequential_warning(sc, opts.method, opts.target));
+    let need = opts.method.needs_stats().then(|| StatsNeed::activations(&format!("method {}", opts.method.name())));
+    let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), need)?;
+    let pool = pool::pool(opts.threads)?;
+    if let Some(sc) = &run.sidecar {
+        run.warnings.extend(sequential_warning(sc, opts.method, opts.target));
     }
-    let prunable = resolve_prunable(&ckpt, sidecar.as_ref(), opts)?;
+    let ckpt = &run.ckpt;
+    let prunable = resolve_prunable(ckpt, run.sidecar.as_ref(), &opts.include, &opts.exclude, opts.default_input_axis)?;
     // Every per-tensor check happens before anything is written.
-    let mut factors: BTreeMap<&str, Option<Vec<f32>>> = BTreeMap::new();
+    let mut factors: BTreeMap<String, Option<Vec<f32>>> = BTreeMap::new();
     for (name, p) in &prunable {
-        let (shard, t) = ckpt.get(name).expect("resolved from the checkpoint");
+        let (shard, t) = ckpt.get(name).ok_or_else(|| Error::Internal(format!("{name} resolved but not in the checkpoint")))?;
         if float_size(t.dtype).is_none() {
             return Err(Error::tensor(&shard.path, name, format!(
                 "dtype {:?} is not supported for pruning (BF16, F16 and F32 are)", t.dtype
@@ -162,19 +118,19 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
                 )));
             }
         }
-        let stats = sidecar.as_ref().and_then(|s| s.layers.get(name.as_str()));
-        factors.insert(name.as_str(), channel_factors(opts.method, name, stats)?);
+        let stats = run.sidecar.as_ref().and_then(|s| s.layers.get(name.as_str()));
+        factors.insert(name.clone(), channel_factors(opts.method, name, stats)?);
     }
 
-    let staging = StagingDir::prepare(&opts.model_dir, &opts.out_dir, opts.force)?;
-    let pool = build_pool(opts.threads)?;
+    let staging = run.stage(&opts.out_dir, opts.force)?;
+    let run = run;
     let mut summary = ApplySummary {
         out: staging.target().display().to_string(),
         method: opts.method.name().into(),
         sparsity: match opts.target { Target::Sparsity(s) => Some(s), _ => None },
         pattern: match opts.target { Target::Pattern { .. } => Some(opts.target.describe()), _ => None },
         scope: match opts.scope { Scope::Row => "row".into(), Scope::Layer => "layer".into() },
-        shards: ckpt.shards.len(),
+        shards: run.ckpt.shards.len(),
         tensors_pruned: 0,
         tensors_copied: 0,
         params_pruned: 0,
@@ -182,66 +138,39 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         bytes_written: 0,
         seconds: 0.0,
         threads: pool.current_num_threads(),
-        stats: sidecar.as_ref().map(|s| s.path.display().to_string()),
-        warnings,
+        stats: run.stats_path(),
+        warnings: run.warnings.clone(),
     };
     if opts.check_only {
-        summary.seconds = started.elapsed().as_secs_f64();
+        summary.seconds = run.seconds();
         return Ok(summary);
     }
 
-    let provenance = provenance_json(opts, &ckpt, sidecar.as_ref());
-    let bytes_total = ckpt.total_bytes();
-    let tensors_total = ckpt.tensors().count();
-    let mut bytes_done = 0u64;
-    let mut tensors_done = 0usize;
-    std::thread::scope(|scope| -> Result<()> {
-        let mut writer = ShardWriter::spawn(scope);
-        let result = (|| -> Result<()> {
-            for shard in &ckpt.shards {
-                let out_path = staging.path.join(&shard.file_name);
-                if let Some(parent) = out_path.parent() {
-                    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let provenance = run.provenance(provenance_fields(opts), &opts.provenance);
+    summary.bytes_written = run.write_shards(&staging, progress, |shard, out| {
+        out.header(shard_header(shard, &provenance)?)?;
+        for t in &shard.tensors {
+            let data = shard.data(t);
+            match prunable.get(&t.name) {
+                Some(p) => {
+                    let f = factors[t.name.as_str()].as_deref();
+                    let pruned = out.fill(|buf| pool.install(|| prune_tensor(t, data, p.input_axis, f, opts, buf)))?;
+                    summary.tensors_pruned += 1;
+                    summary.params_pruned += pruned;
+                    summary.params_prunable += t.numel() as u64;
                 }
-                writer.open(out_path)?;
-                writer.write_owned(shard_header(shard, &provenance)?)?;
-                for t in &shard.tensors {
-                    let data = shard.data(t);
-                    match prunable.get(&t.name) {
-                        Some(p) => {
-                            let f = factors[t.name.as_str()].as_deref();
-                            let mut buf = writer.buffer()?;
-                            let pruned = pool.install(|| prune_tensor(t, data, p.input_axis, f, opts, &mut buf))?;
-                            writer.write_owned(buf)?;
-                            summary.tensors_pruned += 1;
-                            summary.params_pruned += pruned;
-                            summary.params_prunable += t.numel() as u64;
-                        }
-                        None => {
-                            writer.write_borrowed(data)?;
-                            summary.tensors_copied += 1;
-                        }
-                    }
-                    bytes_done += t.nbytes() as u64;
-                    tensors_done += 1;
-                    progress(Progress { tensor: &t.name, bytes_done, bytes_total, tensors_done, tensors_total })?;
+                None => {
+                    out.copy(data)?;
+                    summary.tensors_copied += 1;
                 }
-                bytes_done += (8 + shard.header_len) as u64;
             }
-            Ok(())
-        })();
-        let written = writer.finish();
-        result?;
-        summary.bytes_written = written?;
+            out.done(&t.name, t.nbytes())?;
+        }
         Ok(())
     })?;
-    if let Some(index) = &ckpt.index {
-        let total: u64 = ckpt.tensors().map(|(_, t)| t.nbytes() as u64).sum();
-        write_index(index, total, None, &staging.path.join(INDEX_FILE))?;
-    }
-    copy_other_files(&ckpt, &staging.path, &[])?;
-    staging.commit()?;
-    summary.seconds = started.elapsed().as_secs_f64();
+    let total: u64 = run.ckpt.tensors().map(|(_, t)| t.nbytes() as u64).sum();
+    run.finish(staging, total, None, &[])?;
+    summary.seconds = run.seconds();
     Ok(summary)
 }
 
@@ -254,7 +183,7 @@ pub fn prune_tensor(
     opts: &ApplyOptions,
     out: &mut Vec<u8>,
 ) -> Result<u64> {
-    let es = float_size(t.dtype).expect("checked before writing");
+    let es = float_size(t.dtype).ok_or_else(|| Error::Internal(format!("{}: dtype checked before writing", t.name)))?;
     let (rows, cols) = if input_axis == 1 { (t.shape[0], t.shape[1]) } else { (t.shape[1], t.shape[0]) };
     if rows == 0 || cols == 0 {
         out.clear();
@@ -343,21 +272,15 @@ fn zero_flagged<const ES: usize>(row: &mut [u8], keep: &[u8]) {
     }
 }
 
-fn provenance_json(opts: &ApplyOptions, ckpt: &Checkpoint, sidecar: Option<&Sidecar>) -> String {
+fn provenance_fields(opts: &ApplyOptions) -> serde_json::Map<String, Value> {
     let mut p = serde_json::Map::new();
-    p.insert("llmprune_version".into(), env!("CARGO_PKG_VERSION").into());
     p.insert("method".into(), opts.method.name().into());
     match opts.target {
         Target::Sparsity(s) => p.insert("sparsity".into(), s.into()),
         Target::Pattern { .. } => p.insert("pattern".into(), opts.target.describe().into()),
     };
     p.insert("scope".into(), if opts.scope == Scope::Row { "row" } else { "layer" }.into());
-    p.insert("stats_sha256".into(), sidecar.map(|s| Value::from(s.sha256.clone())).unwrap_or(Value::Null));
-    p.insert("source_fingerprint".into(), ckpt.fingerprint().into());
-    for (k, v) in &opts.provenance {
-        p.insert(k.clone(), v.clone().into());
-    }
-    Value::Object(p).to_string()
+    p
 }
 
 /// The shard's header with `llmprune` provenance added to `__metadata__`. Tensor offsets are

@@ -4,7 +4,7 @@
 //! every tensor lives in exactly one shard, headers parse and their offsets tile the data section.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
+use std::fs::{self, File};
 use std::path::{Component, Path, PathBuf};
 
 use memmap2::Mmap;
@@ -77,31 +77,14 @@ impl Shard {
         // Shards are read front to back: ask for aggressive read-ahead (a hint; failure is harmless).
         #[cfg(unix)]
         let _ = mmap.advise(memmap2::Advice::Sequential);
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| header_error(path, &mmap, e))?;
-        let header: serde_json::Map<String, Value> =
-            serde_json::from_slice(&mmap[8..8 + header_len])
-                .map_err(|e| Error::checkpoint(path, format!("corrupt JSON header: {e}")))?;
-        let data_start = 8 + header_len;
-        let mut tensors: Vec<TensorEntry> = metadata
-            .tensors()
-            .into_iter()
-            .map(|(name, info)| TensorEntry {
-                name,
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                start: data_start + info.data_offsets.0,
-                end: data_start + info.data_offsets.1,
-            })
-            .collect();
-        tensors.sort_by_key(|t| (t.start, t.end));
+        let parsed = parse_header(&mmap, path)?;
         Ok(Shard {
             file_name: file_name.to_string(),
             path: path.to_path_buf(),
             mmap,
-            header_len,
-            header,
-            tensors,
+            header_len: parsed.header_len,
+            header: parsed.header,
+            tensors: parsed.tensors,
         })
     }
 
@@ -118,6 +101,57 @@ impl Shard {
     pub fn data(&self, t: &TensorEntry) -> &[u8] {
         &self.mmap[t.start..t.end]
     }
+}
+
+/// A validated safetensors header: its length, the raw JSON (key order kept) and the tensors in
+/// file order with absolute byte ranges.
+pub struct ParsedHeader {
+    pub header_len: usize,
+    pub header: serde_json::Map<String, Value>,
+    pub tensors: Vec<TensorEntry>,
+}
+
+/// Parses and validates the header of a whole safetensors file held in `buf`: the length prefix,
+/// the JSON, every tensor's dtype, shape and offsets (which must tile the data section exactly).
+/// Works on bytes only, so the fuzz harness exercises exactly what `Shard::open` runs.
+pub fn parse_header(buf: &[u8], path: &Path) -> Result<ParsedHeader> {
+    if buf.len() < 8 {
+        return Err(Error::checkpoint(
+            path,
+            format!("truncated file: {} bytes, too short for a safetensors header", buf.len()),
+        ));
+    }
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(buf).map_err(|e| header_error(path, buf, e))?;
+    let data_start = header_len
+        .checked_add(8)
+        .filter(|&s| s <= buf.len())
+        .ok_or_else(|| Error::checkpoint(path, "header length runs past the end of the file"))?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&buf[8..data_start])
+        .map_err(|e| Error::checkpoint(path, format!("corrupt JSON header: {e}")))?;
+    let mut tensors = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let (a, b) = info.data_offsets;
+        let (start, end) = match (data_start.checked_add(a), data_start.checked_add(b)) {
+            (Some(s), Some(e)) if s <= e && e <= buf.len() => (s, e),
+            _ => return Err(Error::checkpoint(path, format!("tensor {name}: data offsets out of range"))),
+        };
+        let Some(nbytes) = byte_size(info.dtype, &info.shape) else {
+            return Err(Error::checkpoint(path, format!("tensor {name}: shape {:?} overflows", info.shape)));
+        };
+        if nbytes != end - start {
+            return Err(Error::checkpoint(path, format!("tensor {name}: data offsets do not match its dtype and shape")));
+        }
+        tensors.push(TensorEntry { name, dtype: info.dtype, shape: info.shape.clone(), start, end });
+    }
+    tensors.sort_by_key(|t| (t.start, t.end));
+    Ok(ParsedHeader { header_len, header, tensors })
+}
+
+/// Bytes of a tensor of `dtype` and `shape`, or None when the size overflows.
+pub fn byte_size(dtype: Dtype, shape: &[usize]) -> Option<usize> {
+    let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    Some(numel.checked_mul(dtype.bitsize())? / 8)
 }
 
 /// Turns the safetensors crate's terse errors into messages that name what is wrong.
@@ -150,8 +184,8 @@ fn header_error(path: &Path, buf: &[u8], e: SafeTensorError) -> Error {
 }
 
 fn first_size_mismatch(buf: &[u8]) -> Option<String> {
-    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?) as usize;
-    let header: HashMap<String, Value> = serde_json::from_slice(buf.get(8..8 + n)?).ok()?;
+    let n = usize::try_from(u64::from_le_bytes(buf.get(..8)?.try_into().ok()?)).ok()?;
+    let header: HashMap<String, Value> = serde_json::from_slice(buf.get(8..8usize.checked_add(n)?)?).ok()?;
     let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
     names.sort();
     names.into_iter().find(|name| {
@@ -160,10 +194,7 @@ fn first_size_mismatch(buf: &[u8]) -> Option<String> {
         let shape: Option<Vec<usize>> = serde_json::from_value(info["shape"].clone()).ok();
         let offs: Option<(usize, usize)> = serde_json::from_value(info["data_offsets"].clone()).ok();
         match (dtype, shape, offs) {
-            (Some(d), Some(s), Some((a, b))) => {
-                let bits: usize = s.iter().product::<usize>() * d.bitsize();
-                b < a || bits / 8 != b - a
-            }
+            (Some(d), Some(s), Some((a, b))) => b < a || byte_size(d, &s) != Some(b - a),
             _ => true,
         }
     }).cloned()
@@ -190,9 +221,12 @@ impl Checkpoint {
         if !dir.join("config.json").is_file() {
             return Err(Error::checkpoint(dir, "no config.json in the model directory"));
         }
+        let root = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
         let index_path = dir.join(INDEX_FILE);
         let (index, shard_names) = if index_path.is_file() {
-            let (index, names) = read_index(&index_path)?;
+            let path = contained(&root, dir, INDEX_FILE)?;
+            let text = fs::read(&path).map_err(|e| Error::io(&index_path, e))?;
+            let (index, names) = parse_index(&text, &index_path)?;
             (Some(index), names)
         } else if dir.join(SINGLE_FILE).is_file() {
             (None, vec![SINGLE_FILE.to_string()])
@@ -211,6 +245,7 @@ impl Checkpoint {
                     format!("shard {name} named by the index is missing"),
                 ));
             }
+            contained(&root, dir, name)?;
             shards.push(Shard::open(&path, name)?);
         }
         let mut locations = HashMap::new();
@@ -285,10 +320,9 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Parses index.json and returns it with its shard file names in first-use order.
-fn read_index(path: &Path) -> Result<(serde_json::Map<String, Value>, Vec<String>)> {
-    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let index: serde_json::Map<String, Value> = serde_json::from_slice(&text)
+/// Parses index.json (its bytes) and returns it with its shard file names, sorted.
+pub fn parse_index(text: &[u8], path: &Path) -> Result<(serde_json::Map<String, Value>, Vec<String>)> {
+    let index: serde_json::Map<String, Value> = serde_json::from_slice(text)
         .map_err(|e| Error::checkpoint(path, format!("corrupt JSON: {e}")))?;
     let Some(Value::Object(map)) = index.get("weight_map") else {
         return Err(Error::checkpoint(path, "no \"weight_map\" object"));
@@ -308,6 +342,42 @@ fn read_index(path: &Path) -> Result<(serde_json::Map<String, Value>, Vec<String
     }
     names.sort();
     Ok((index, names))
+}
+
+/// Where a file of the model directory really lives, refusing symbolic links that lead out of it.
+///
+/// Policy (docs/architecture.md): a link is followed when its target lies inside the model
+/// directory, or, for a Hugging Face hub snapshot (`<repo>/snapshots/<revision>/`), inside the
+/// same repository's `blobs/` folder where the hub keeps the real files. Any other link is refused.
+pub fn contained(root: &Path, dir: &Path, rel: impl AsRef<Path>) -> Result<PathBuf> {
+    let rel = rel.as_ref();
+    let path = dir.join(rel);
+    let real = fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+    if allowed_target(root, &real) {
+        return Ok(real);
+    }
+    Err(Error::checkpoint(
+        dir,
+        format!(
+            "{} is a symbolic link to {}, outside the model directory; llmprune follows links only within it",
+            rel.display(),
+            real.display()
+        ),
+    ))
+}
+
+/// Whether a resolved path may be read as part of the model rooted at the canonical `root`.
+pub fn allowed_target(root: &Path, real: &Path) -> bool {
+    if real.starts_with(root) {
+        return true;
+    }
+    let snapshots = root.parent();
+    match snapshots.and_then(Path::parent) {
+        Some(repo) if snapshots.and_then(Path::file_name) == Some(std::ffi::OsStr::new("snapshots")) => {
+            real.starts_with(repo.join("blobs"))
+        }
+        _ => false,
+    }
 }
 
 /// A shard name must be a relative path inside the model directory ending in `.safetensors`.

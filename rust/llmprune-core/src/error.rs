@@ -1,5 +1,6 @@
 //! One error type for the whole core. Every variant names the file (and the tensor where one is
-//! involved) so a user can act on the message without a traceback.
+//! involved) so a user can act on the message without a traceback; `hint()` carries the suggested
+//! next step as data, so no caller has to search message text for it.
 
 use std::path::PathBuf;
 
@@ -36,16 +37,24 @@ pub enum Error {
     },
 
     /// Bad arguments (sparsity range, N:M pattern, method/scope combination).
-    #[error("{0}")]
-    InvalidArgument(String),
+    #[error("{msg}")]
+    InvalidArgument { msg: String, hint: Option<String> },
 
     /// The output location cannot be used.
     #[error("output {}: {msg}", path.display())]
-    Output { path: PathBuf, msg: String },
+    Output {
+        path: PathBuf,
+        msg: String,
+        hint: Option<String>,
+    },
 
-    /// The caller asked to stop (Ctrl-C).
+    /// The caller asked to stop (Ctrl-C, SIGTERM).
     #[error("interrupted")]
     Interrupted,
+
+    /// A bug: something the core believed impossible happened (a caught panic, for one).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -63,6 +72,13 @@ impl Error {
         }
     }
 
+    pub fn stats(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::InvalidStats {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
     pub fn tensor(path: impl Into<PathBuf>, name: &str, msg: impl Into<String>) -> Self {
         Error::Tensor {
             path: path.into(),
@@ -72,6 +88,43 @@ impl Error {
     }
 
     pub fn arg(msg: impl Into<String>) -> Self {
-        Error::InvalidArgument(msg.into())
+        Error::InvalidArgument {
+            msg: msg.into(),
+            hint: None,
+        }
+    }
+
+    pub fn arg_hint(msg: impl Into<String>, hint: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            msg: msg.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
+    pub fn output(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Output {
+            path: path.into(),
+            msg: msg.into(),
+            hint: None,
+        }
+    }
+
+    pub fn output_hint(path: impl Into<PathBuf>, msg: impl Into<String>, hint: impl Into<String>) -> Self {
+        Error::Output {
+            path: path.into(),
+            msg: msg.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
+    /// The next step a user can take, when there is an obvious one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::StatsMismatch { .. } => Some("compute statistics for this model with `llmprune stats MODEL`".into()),
+            Error::InvalidStats { .. } => Some("recompute the statistics with `llmprune stats MODEL`".into()),
+            Error::InvalidArgument { hint, .. } | Error::Output { hint, .. } => hint.clone(),
+            Error::Internal(_) => Some("this is a bug in llmprune; please report it with the command line".into()),
+            _ => None,
+        }
     }
 }

@@ -9,14 +9,17 @@ pub mod dtype;
 pub mod error;
 pub mod inspect;
 pub mod output;
+pub mod pool;
 pub mod prunable;
+pub mod run;
 pub mod score;
 pub mod select;
 pub mod sidecar;
 pub mod structured;
 pub mod writer;
 
-pub use apply::{apply, ApplyOptions, ApplySummary, Progress};
+pub use apply::{apply, ApplyOptions, ApplySummary};
+pub use run::Progress;
 pub use error::{Error, Result};
 pub use score::Method;
 pub use select::{Scope, Target};

@@ -1,16 +1,21 @@
-//! The output directory: refusing to overwrite the input, a temporary sibling directory that is
-//! removed on any failure, and the final rename into place.
+//! Where output goes: refusing to overwrite the input, a temporary sibling directory (or file) that
+//! is removed on any failure, the final rename into place, cleanup of what a killed run left, and
+//! the copy of the model directory's other files under the symbolic-link policy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::apply::DEFAULT_SIDECAR;
-use crate::checkpoint::{Checkpoint, Shard, INDEX_FILE};
-
+use crate::checkpoint::{allowed_target, Checkpoint, Shard, INDEX_FILE};
 use crate::error::{Error, Result};
+use crate::sidecar::DEFAULT_SIDECAR;
+
+const OTHER_HINT: &str = "choose another --out";
+const FORCE_HINT: &str = "choose another --out, or pass --force to replace it";
+/// Infix of every temporary name: `.<name>.llmprune-tmp-<pid>` beside the destination.
+const TMP_INFIX: &str = ".llmprune-tmp-";
 
 /// A directory beside the target that becomes the target only on `commit`; dropped uncommitted,
 /// it is deleted with everything written so far.
@@ -19,28 +24,83 @@ pub struct StagingDir {
     target: PathBuf,
     force: bool,
     committed: bool,
+    /// Leftovers of killed runs found beside the target (removed, or named when still in use).
+    pub warnings: Vec<String>,
 }
 
 fn canonical_or_joined(p: &Path) -> Result<PathBuf> {
+    if p.as_os_str().is_empty() {
+        return Err(Error::output_hint(p, "is empty", OTHER_HINT));
+    }
     if p.exists() {
         return fs::canonicalize(p).map_err(|e| Error::io(p, e));
     }
-    let name = p.file_name().ok_or_else(|| Error::Output {
-        path: p.to_path_buf(),
-        msg: "not a directory name".into(),
-    })?;
+    let name = p
+        .file_name()
+        .ok_or_else(|| Error::output_hint(p, "not a directory name", OTHER_HINT))?;
     let parent = match p.parent() {
         Some(pp) if !pp.as_os_str().is_empty() => pp.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if !parent.is_dir() {
-        return Err(Error::Output {
-            path: p.to_path_buf(),
-            msg: format!("parent directory {} does not exist", parent.display()),
-        });
+        return Err(Error::output_hint(
+            p,
+            format!("parent directory {} does not exist", parent.display()),
+            OTHER_HINT,
+        ));
     }
     let parent = fs::canonicalize(&parent).map_err(|e| Error::io(&parent, e))?;
     Ok(parent.join(name))
+}
+
+/// The temporary name beside `target` for this process.
+fn temp_beside(target: &Path) -> Result<(PathBuf, String)> {
+    let parent = target.parent().unwrap_or(Path::new("."));
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::output_hint(target, "not a file or directory name", OTHER_HINT))?
+        .to_string_lossy()
+        .into_owned();
+    let prefix = format!(".{name}{TMP_INFIX}");
+    Ok((parent.join(format!("{prefix}{}", std::process::id())), prefix))
+}
+
+fn process_alive(pid: u32) -> Option<bool> {
+    let proc_root = Path::new("/proc");
+    proc_root.join("self").exists().then(|| proc_root.join(pid.to_string()).exists())
+}
+
+/// Removes the temporary files or directories that runs killed without a chance to clean up (e.g.
+/// by SIGKILL) left beside `target`; one still owned by a live process is only named.
+pub fn clean_stale(target: &Path) -> Vec<String> {
+    let mut notes = Vec::new();
+    let Ok((own, prefix)) = temp_beside(target) else { return notes };
+    let parent = own.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let Ok(entries) = fs::read_dir(&parent) else { return notes };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let digits = name.strip_prefix(&prefix).map(|p| p.split(|c: char| !c.is_ascii_digit()).next().unwrap_or(""));
+        let Some(pid) = digits.and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let path = entry.path();
+        if pid == std::process::id() {
+            continue;
+        }
+        match process_alive(pid) {
+            Some(false) => {
+                let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                match removed {
+                    Ok(()) => notes.push(format!("removed {}, left by an interrupted run (process {pid})", path.display())),
+                    Err(e) => notes.push(format!("cannot remove {}, left by an interrupted run: {e}", path.display())),
+                }
+            }
+            _ => notes.push(format!(
+                "{} may belong to a running llmprune (process {pid}); if none runs, remove it: rm -rf '{}'",
+                path.display(),
+                path.display()
+            )),
+        }
+    }
+    notes
 }
 
 impl StagingDir {
@@ -49,65 +109,60 @@ impl StagingDir {
     pub fn prepare(model_dir: &Path, target: &Path, force: bool) -> Result<StagingDir> {
         let model = fs::canonicalize(model_dir).map_err(|e| Error::io(model_dir, e))?;
         let out = canonical_or_joined(target)?;
-        let refuse = |msg: &str| Error::Output {
-            path: target.to_path_buf(),
-            msg: msg.to_string(),
-        };
+        let refuse = |msg: &str, hint: &str| Error::output_hint(target, msg, hint);
         if out == model {
-            return Err(refuse("is the input model directory; llmprune never writes over its input"));
+            return Err(refuse("is the input model directory; llmprune never writes over its input", OTHER_HINT));
         }
         if out.starts_with(&model) {
-            return Err(refuse("is inside the input model directory"));
+            return Err(refuse("is inside the input model directory", OTHER_HINT));
         }
         if model.starts_with(&out) {
-            return Err(refuse("contains the input model directory"));
+            return Err(refuse("contains the input model directory", OTHER_HINT));
         }
         if out.exists() {
             if !out.is_dir() {
-                return Err(refuse("exists and is not a directory"));
+                return Err(refuse("exists and is not a directory", OTHER_HINT));
             }
-            let non_empty = fs::read_dir(&out)
-                .map_err(|e| Error::io(&out, e))?
-                .next()
-                .is_some();
-            if non_empty && !force {
-                return Err(refuse("exists and is not empty"));
+            if !force && !is_empty_dir(&out)? {
+                return Err(refuse("exists and is not empty", FORCE_HINT));
             }
         }
-        let parent = out.parent().expect("canonical path has a parent");
-        let name = out.file_name().expect("canonical path has a name").to_string_lossy();
-        let path = parent.join(format!(".{name}.llmprune-tmp-{}", std::process::id()));
+        let warnings = clean_stale(&out);
+        let (path, _) = temp_beside(&out)?;
         if path.exists() {
             fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         }
-        fs::create_dir(&path).map_err(|e| Error::Output {
-            path: target.to_path_buf(),
-            msg: format!("cannot create a directory in {}: {e}", parent.display()),
+        let parent = out.parent().unwrap_or(Path::new("."));
+        fs::create_dir(&path).map_err(|e| {
+            Error::output_hint(target, format!("cannot create a directory in {}: {e}", parent.display()), OTHER_HINT)
         })?;
-        Ok(StagingDir {
-            path,
-            target: out,
-            force,
-            committed: false,
-        })
+        Ok(StagingDir { path, target: out, force, committed: false, warnings })
     }
 
     pub fn target(&self) -> &Path {
         &self.target
     }
 
-    /// Moves the finished output into place.
+    /// Moves the finished output into place. An empty directory at the target is replaced; a
+    /// non-empty one only with `force` (it may have appeared while the output was written).
     pub fn commit(mut self) -> Result<PathBuf> {
         if self.target.exists() {
-            if !self.force {
-                return Err(Error::Output {
-                    path: self.target.clone(),
-                    msg: "appeared while pruning; not replaced".into(),
-                });
+            if !self.target.is_dir() || (!self.force && !is_empty_dir(&self.target)?) {
+                return Err(Error::output_hint(&self.target, "appeared while writing; not replaced", FORCE_HINT));
             }
-            fs::remove_dir_all(&self.target).map_err(|e| Error::io(&self.target, e))?;
+            // The old target goes aside first, so a failed rename can put it back.
+            let mut old = self.path.clone().into_os_string();
+            old.push("-old");
+            let old = PathBuf::from(old);
+            fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
+            if let Err(e) = fs::rename(&self.path, &self.target) {
+                let _ = fs::rename(&old, &self.target);
+                return Err(Error::io(&self.target, e));
+            }
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            fs::rename(&self.path, &self.target).map_err(|e| Error::io(&self.target, e))?;
         }
-        fs::rename(&self.path, &self.target).map_err(|e| Error::io(&self.target, e))?;
         self.committed = true;
         Ok(self.target.clone())
     }
@@ -121,25 +176,53 @@ impl Drop for StagingDir {
     }
 }
 
-/// Copies `src` (file or directory tree) to `dst`, leaving out the entries whose path relative to
-/// the top of the copy `skip` selects.
-pub fn copy_tree(src: &Path, dst: &Path, rel: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<u64> {
-    if skip(rel) {
-        return Ok(0);
+fn is_empty_dir(p: &Path) -> Result<bool> {
+    Ok(fs::read_dir(p).map_err(|e| Error::io(p, e))?.next().is_none())
+}
+
+/// Whether two paths name the same existing file (through links or different spellings).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
     }
-    let meta = fs::metadata(src).map_err(|e| Error::io(src, e))?;
-    if meta.is_dir() {
-        fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
-        let mut total = 0;
-        for entry in fs::read_dir(src).map_err(|e| Error::io(src, e))? {
-            let entry = entry.map_err(|e| Error::io(src, e))?;
-            let name = entry.file_name();
-            total += copy_tree(&entry.path(), &dst.join(&name), &rel.join(&name), skip)?;
-        }
-        Ok(total)
-    } else {
-        fs::copy(src, dst).map_err(|e| Error::io(src, e))
+}
+
+/// Refuses to write `dest` when it is the file `input` that the command reads.
+pub fn check_not_input(dest: &Path, input: &Path) -> Result<()> {
+    if same_file(dest, input) {
+        return Err(Error::output_hint(dest, format!("is the input {}; llmprune never writes over its input", input.display()), "choose another --out"));
     }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, renamed into place when complete.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::output_hint(path, format!("directory {} does not exist", parent.display()), "choose another location with --out"));
+    }
+    if path.is_dir() {
+        return Err(Error::output_hint(path, "is a directory", "give a file name with --out"));
+    }
+    let _ = clean_stale(path);
+    let (tmp, _) = temp_beside(path)?;
+    let result = fs::write(&tmp, bytes).and_then(|_| fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(match e.kind() {
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => Error::output_hint(
+                path,
+                format!("directory {} is not writable", parent.display()),
+                "choose another location with --out",
+            ),
+            _ => Error::io(path, e),
+        });
+    }
+    Ok(())
 }
 
 /// The shard's `__metadata__` entries with `llmprune` provenance added.
@@ -194,18 +277,74 @@ pub fn write_index(
 
 /// Everything else in the model directory (tokenizer, generation config, ...): not the shards, the
 /// index, the stats sidecar (it describes the unpruned model), nor the top-level files in `rewritten`.
+///
+/// Symbolic links follow the checkpoint's policy (`checkpoint::contained`): links that resolve
+/// inside the model directory (or a hub snapshot's blobs) are copied as what they point to, others
+/// are refused; a folder reached a second time (a link cycle such as `loop -> .`) is not entered
+/// again. Anything but files and folders (sockets, pipes, devices) is refused.
 pub fn copy_other_files(ckpt: &Checkpoint, dst: &Path, rewritten: &[&str]) -> Result<()> {
     let dir = &ckpt.dir;
+    let root = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
     let skip = |rel: &Path| {
         rel == Path::new(INDEX_FILE)
             || rel == Path::new(DEFAULT_SIDECAR)
             || rewritten.iter().any(|f| rel == Path::new(f))
             || ckpt.shards.iter().any(|s| Path::new(&s.file_name) == rel)
     };
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name();
-        copy_tree(&entry.path(), &dst.join(&name), Path::new(&name), &skip)?;
+    let mut copier = Copier { root: &root, dir, visited: HashSet::from([root.clone()]), skip: &skip };
+    copier.children(dir, dst, Path::new(""))
+}
+
+struct Copier<'a> {
+    root: &'a Path,
+    dir: &'a Path,
+    visited: HashSet<PathBuf>,
+    skip: &'a dyn Fn(&Path) -> bool,
+}
+
+impl Copier<'_> {
+    fn children(&mut self, src: &Path, dst: &Path, rel: &Path) -> Result<()> {
+        let mut entries: Vec<_> = fs::read_dir(src)
+            .map_err(|e| Error::io(src, e))?
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| Error::io(src, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let name = entry.file_name();
+            self.entry(&entry.path(), &dst.join(&name), &rel.join(&name))?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    fn entry(&mut self, src: &Path, dst: &Path, rel: &Path) -> Result<()> {
+        if (self.skip)(rel) {
+            return Ok(());
+        }
+        let link = fs::symlink_metadata(src).map_err(|e| Error::io(src, e))?.file_type().is_symlink();
+        let real = fs::canonicalize(src).map_err(|e| {
+            Error::checkpoint(self.dir, format!("{} cannot be read ({e}); a broken symbolic link?", rel.display()))
+        })?;
+        if link && !allowed_target(self.root, &real) {
+            return Err(Error::checkpoint(
+                self.dir,
+                format!(
+                    "{} is a symbolic link to {}, outside the model directory; llmprune follows links only within it",
+                    rel.display(),
+                    real.display()
+                ),
+            ));
+        }
+        let meta = fs::metadata(&real).map_err(|e| Error::io(src, e))?;
+        if meta.is_dir() {
+            if !self.visited.insert(real.clone()) {
+                return Ok(());
+            }
+            fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+            self.children(&real, dst, rel)
+        } else if meta.is_file() {
+            fs::copy(&real, dst).map(|_| ()).map_err(|e| Error::io(src, e))
+        } else {
+            Err(Error::checkpoint(self.dir, format!("{} is neither a file nor a folder; llmprune copies only those", rel.display())))
+        }
+    }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::apply::ApplyOptions;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::sidecar::Sidecar;
@@ -12,6 +11,22 @@ use crate::sidecar::Sidecar;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prunable {
     pub input_axis: usize,
+}
+
+/// Model types whose checkpoints store linear weights as [in, out] (GPT-2's Conv1D).
+pub const INPUT_AXIS_0_MODEL_TYPES: [&str; 1] = ["gpt2"];
+
+/// The input axis of weights that no sidecar describes, from config.json's `model_type`: 0 for
+/// the Conv1D families, else 1 (an unreadable config is reported by `Checkpoint::open`).
+pub fn default_input_axis(model_dir: &std::path::Path) -> usize {
+    let model_type = std::fs::read(model_dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("model_type").and_then(|t| t.as_str()).map(str::to_string));
+    match model_type {
+        Some(t) if INPUT_AXIS_0_MODEL_TYPES.contains(&t.as_str()) => 0,
+        _ => 1,
+    }
 }
 
 /// `*` matches any run of characters (dots included), `?` any one character.
@@ -52,7 +67,9 @@ pub fn in_decoder_block(name: &str) -> bool {
 pub fn resolve_prunable(
     ckpt: &Checkpoint,
     sidecar: Option<&Sidecar>,
-    opts: &ApplyOptions,
+    include: &[String],
+    exclude: &[String],
+    default_input_axis: usize,
 ) -> Result<BTreeMap<String, Prunable>> {
     let mut set: BTreeMap<String, Prunable> = match sidecar {
         Some(sc) => sc
@@ -64,19 +81,19 @@ pub fn resolve_prunable(
             .tensors()
             .filter(|(_, t)| t.shape.len() == 2)
             .filter(|(_, t)| {
-                if opts.include.is_empty() {
+                if include.is_empty() {
                     in_decoder_block(&t.name)
                 } else {
-                    opts.include.iter().any(|g| glob_match(g, &t.name))
+                    include.iter().any(|g| glob_match(g, &t.name))
                 }
             })
-            .map(|(_, t)| (t.name.clone(), Prunable { input_axis: opts.default_input_axis }))
+            .map(|(_, t)| (t.name.clone(), Prunable { input_axis: default_input_axis }))
             .collect(),
     };
-    if sidecar.is_some() && !opts.include.is_empty() {
-        set.retain(|name, _| opts.include.iter().any(|g| glob_match(g, name)));
+    if sidecar.is_some() && !include.is_empty() {
+        set.retain(|name, _| include.iter().any(|g| glob_match(g, name)));
     }
-    set.retain(|name, _| !opts.exclude.iter().any(|g| glob_match(g, name)));
+    set.retain(|name, _| !exclude.iter().any(|g| glob_match(g, name)));
     if set.is_empty() {
         return Err(Error::arg(format!(
             "no prunable tensors in {} (check --include / --exclude)",

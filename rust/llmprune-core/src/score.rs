@@ -15,6 +15,8 @@ pub enum Method {
 }
 
 impl Method {
+    pub const ALL: [Method; 4] = [Method::Magnitude, Method::Wanda, Method::Stade, Method::StadeW];
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Magnitude => "magnitude",

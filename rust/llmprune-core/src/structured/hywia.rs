@@ -270,11 +270,14 @@ fn module_grads<'a>(sidecar: &'a Sidecar, m: &Module, fusion: Fusion) -> Result<
             return Err(invalid(format!("gradient statistics of {name} cover 0 samples")));
         }
         if fusion == Fusion::Adaptive && g.count[1].min(g.count[2]) == 0 {
-            return Err(Error::arg(format!(
-                "adaptive fusion compares two halves of the calibration samples, and the gradient statistics of {name} \
-                 have {} and {} samples in them",
-                g.count[1], g.count[2]
-            )));
+            return Err(Error::arg_hint(
+                format!(
+                    "adaptive fusion compares two halves of the calibration samples, and the gradient statistics of {name} \
+                     have {} and {} samples in them",
+                    g.count[1], g.count[2]
+                ),
+                "take the statistics with --nsamples 2 or more, or pass --fusion fine|coarse",
+            ));
         }
         out.push(g);
     }
@@ -285,7 +288,10 @@ fn module_grads<'a>(sidecar: &'a Sidecar, m: &Module, fusion: Fusion) -> Result<
 /// the layers that are pruned.
 pub fn score_layers(rules: &Rules, sidecar: &Sidecar, opts: &HywiaOptions, frozen: &[bool]) -> Result<(Vec<LayerScores>, Vec<LayerFusion>)> {
     if sidecar.grads.is_empty() {
-        return Err(Error::arg(format!("method hywia needs gradient statistics; {} has none", sidecar.path.display())));
+        return Err(Error::arg_hint(
+            format!("method hywia needs gradient statistics; {} has none", sidecar.path.display()),
+            "run: llmprune stats MODEL --grad",
+        ));
     }
     let mut scores = Vec::with_capacity(rules.layers.len());
     let mut fusion = Vec::new();

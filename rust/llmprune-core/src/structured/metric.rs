@@ -30,6 +30,8 @@ pub enum StructMethod {
 }
 
 impl StructMethod {
+    pub const ALL: [StructMethod; 4] = [StructMethod::Flap, StructMethod::MagnitudeSp, StructMethod::WandaSp, StructMethod::Hywia];
+
     pub fn name(self) -> &'static str {
         match self {
             StructMethod::Flap => "flap",

@@ -17,18 +17,17 @@ pub mod slice;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::apply::{build_pool, Progress, DEFAULT_SIDECAR};
-use crate::checkpoint::{dtype_name, Checkpoint, Shard, INDEX_FILE};
+use crate::checkpoint::{dtype_name, Checkpoint, Shard};
 use crate::dtype::float_size;
 use crate::error::{Error, Result};
-use crate::output::{copy_other_files, encode_header, metadata_with_provenance, write_index, StagingDir};
+use crate::output::{encode_header, metadata_with_provenance};
+use crate::pool;
+use crate::run::{Progress, Run, StatsNeed};
 use crate::sidecar::Sidecar;
-use crate::writer::ShardWriter;
 
 pub use arch::{Family, Rules};
 pub use config::LayerShape;
@@ -103,25 +102,16 @@ pub struct StructuredSummary {
     pub fusion: Option<Vec<LayerFusion>>,
 }
 
-fn open_sidecar(opts: &StructuredOptions, needed: bool) -> Result<Option<Sidecar>> {
-    let path = opts.stats.clone().or_else(|| {
-        let p = opts.model_dir.join(DEFAULT_SIDECAR);
-        p.is_file().then_some(p)
-    });
-    match path {
-        Some(p) if needed || opts.stats.is_some() => Ok(Some(Sidecar::open(&p)?)),
-        _ if needed => {
-            let who = match opts.method {
-                StructMethod::Hywia => "method hywia needs gradient".to_string(),
-                m if m.needs_stats() => format!("method {} needs activation", m.name()),
-                _ => "bias compensation (--compensate) needs activation".to_string(),
-            };
-            Err(Error::arg(format!(
-                "{who} statistics, and {} has no {DEFAULT_SIDECAR}",
-                opts.model_dir.display()
-            )))
-        }
-        _ => Ok(None),
+/// Why this run needs a sidecar (None: it does not).
+fn stats_need(method: StructMethod, compensate: bool) -> Option<StatsNeed> {
+    match method {
+        StructMethod::Hywia => Some(StatsNeed {
+            what: "method hywia needs gradient".into(),
+            hint: "run: llmprune stats MODEL --grad".into(),
+        }),
+        m if m.needs_stats() => Some(StatsNeed::activations(&format!("method {}", m.name()))),
+        _ if compensate => Some(StatsNeed::activations("bias compensation (--compensate)")),
+        _ => None,
     }
 }
 
@@ -146,12 +136,15 @@ fn layer_budgets(ckpt: &Checkpoint, rules: &Rules) -> Vec<LayerBudget> {
 }
 
 pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progress) -> Result<()>) -> Result<StructuredSummary> {
-    let started = Instant::now();
     if !(0.0..1.0).contains(&opts.sparsity) {
         return Err(Error::arg(format!("sparsity must be in [0, 1), got {}", opts.sparsity)));
     }
-    let ckpt = Checkpoint::open(&opts.model_dir)?;
-    let rules = Rules::from_checkpoint(&ckpt)?;
+    if opts.hywia.is_some() && opts.method != StructMethod::Hywia {
+        return Err(Error::arg(format!("fusion and layer-skipping options apply to method hywia, not to {}", opts.method.name())));
+    }
+    let compensate = opts.compensate.unwrap_or(opts.method.compensates_by_default());
+    let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), stats_need(opts.method, compensate))?;
+    let rules = Rules::from_checkpoint(&run.ckpt)?;
     let hywia = match (opts.method, &opts.hywia) {
         (StructMethod::Hywia, o) => {
             let o = o.clone().unwrap_or_default();
@@ -166,38 +159,33 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         Some((_, first, last)) => (0..rules.layers.len()).map(|i| i < *first || i >= rules.layers.len() - last).collect(),
         None => vec![false; rules.layers.len()],
     };
-    let compensate = opts.compensate.unwrap_or(opts.method.compensates_by_default());
-    let sidecar = open_sidecar(opts, opts.method.needs_stats() || compensate)?;
-    let mut warnings = Vec::new();
-    if let Some(sc) = &sidecar {
-        sc.check_matches(&ckpt)?;
-        if let Some(seq) = sc.sequential() {
-            let m = seq.get("method").and_then(Value::as_str).unwrap_or("?");
-            warnings.push(format!(
-                "statistics were taken sequentially with {m}; {} is defined on dense statistics",
-                opts.method.name()
-            ));
-        }
+    if let Some(seq) = run.sidecar.as_ref().and_then(Sidecar::sequential) {
+        let m = seq.get("method").and_then(Value::as_str).unwrap_or("?").to_string();
+        run.warnings.push(format!(
+            "statistics were taken sequentially with {m}; {} is defined on dense statistics",
+            opts.method.name()
+        ));
     }
+    let (ckpt, sidecar) = (&run.ckpt, run.sidecar.as_ref());
     for l in &rules.layers {
         for name in l.attn.inputs.iter().map(|t| &t.weight).chain([&l.attn.output.weight]).chain(l.mlp.inputs.iter().map(|t| &t.weight)).chain([&l.mlp.output.weight]) {
-            let (shard, t) = ckpt.get(name).expect("resolved by the group rules");
+            let (shard, t) = ckpt.get(name).ok_or_else(|| Error::Internal(format!("{name} resolved by the group rules but missing")))?;
             if float_size(t.dtype).is_none() {
                 return Err(Error::tensor(&shard.path, name, format!("dtype {:?} is not supported (BF16, F16 and F32 are)", t.dtype)));
             }
         }
     }
-    let pool = build_pool(opts.threads)?;
-    let (scores, fusion) = match (&hywia, &sidecar) {
+    let pool = pool::pool(opts.threads)?;
+    let (scores, fusion) = match (&hywia, sidecar) {
         (Some((o, _, _)), Some(sc)) => {
             let (scores, fusion) = hywia::score_layers(&rules, sc, o, &frozen)?;
             (scores, Some(fusion))
         }
-        _ => (pool.install(|| metric::score_layers(opts.method, &rules, &ckpt, sidecar.as_ref()))?, None),
+        _ => (pool.install(|| metric::score_layers(opts.method, &rules, ckpt, sidecar))?, None),
     };
-    let budgets = layer_budgets(&ckpt, &rules);
+    let budgets = layer_budgets(ckpt, &rules);
     let plans = plan::plan_skipping(&scores, &budgets, opts.sparsity, opts.allocation, &frozen)?;
-    let (edits, add_attn, add_mlp) = pool.install(|| slice::build_edits(&ckpt, sidecar.as_ref(), &rules, &plans, compensate))?;
+    let (edits, add_attn, add_mlp) = pool.install(|| slice::build_edits(ckpt, sidecar, &rules, &plans, compensate))?;
     if rules.family == Family::Opt && (add_attn || add_mlp) {
         return Err(Error::arg(
             "bias compensation needs the model's biases, and this OPT model has none (enable_bias is false); pass --no-compensate",
@@ -205,9 +193,11 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     }
     let shapes = config::layer_shapes(&rules, &plans);
     let params_removed: u64 = plans.iter().zip(&scores).zip(&budgets).map(|((p, s), b)| p.removed_params(s, b)).sum();
-    let (block_before, model_before) = count_params(&ckpt, &rules);
+    let (block_before, model_before) = count_params(ckpt, &rules);
 
-    let staging = StagingDir::prepare(&opts.model_dir, &opts.out_dir, opts.force)?;
+    let staging = run.stage(&opts.out_dir, opts.force)?;
+    let run = run;
+    let ckpt = &run.ckpt;
     let mut prov = serde_json::Map::new();
     prov.insert("method".into(), opts.method.name().into());
     prov.insert("sparsity".into(), opts.sparsity.into());
@@ -221,79 +211,48 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         prov.insert("skip_first".into(), (*first).into());
         prov.insert("skip_last".into(), (*last).into());
     }
-    let mut shard_prov = prov.clone();
-    shard_prov.insert("llmprune_version".into(), env!("CARGO_PKG_VERSION").into());
-    shard_prov.insert("stats_sha256".into(), sidecar.as_ref().map(|s| Value::from(s.sha256.clone())).unwrap_or(Value::Null));
-    shard_prov.insert("source_fingerprint".into(), ckpt.fingerprint().into());
-    for (k, v) in &opts.provenance {
-        shard_prov.insert(k.clone(), v.clone().into());
-    }
-    let shard_prov = Value::Object(shard_prov).to_string();
+    let shard_prov = run.provenance(prov.clone(), &opts.provenance);
 
     let mut weight_map: BTreeMap<String, String> = BTreeMap::new();
     let (mut block_after, mut model_after, mut tensor_bytes) = (0u64, 0u64, 0u64);
     let bytes_total = ckpt.total_bytes();
-    let tensors_total = ckpt.tensors().count();
-    let (mut bytes_done, mut tensors_done) = (0u64, 0usize);
-    let bytes_written = std::thread::scope(|scope| -> Result<u64> {
-        let mut writer = ShardWriter::spawn(scope);
-        let result = (|| -> Result<()> {
-            for shard in &ckpt.shards {
-                let out_path = staging.path.join(&shard.file_name);
-                if let Some(parent) = out_path.parent() {
-                    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-                }
-                let plan = shard_plan(shard, &edits);
-                for e in &plan {
-                    let n: u64 = e.shape.iter().product::<usize>() as u64;
-                    model_after += n;
-                    if rules.in_blocks(&e.name) {
-                        block_after += n;
-                    }
-                    tensor_bytes += e.nbytes as u64;
-                    weight_map.insert(e.name.clone(), shard.file_name.clone());
-                }
-                writer.open(out_path)?;
-                writer.write_owned(shard_header(shard, &plan, &shard_prov)?)?;
-                for e in &plan {
-                    match &e.source {
-                        Source::Copy(data) => writer.write_borrowed(data)?,
-                        Source::Bytes(bytes) => {
-                            let mut buf = writer.buffer()?;
-                            buf.clear();
-                            buf.extend_from_slice(bytes);
-                            writer.write_owned(buf)?;
-                        }
-                        Source::Slice { data, es, shape, rows, cols } => {
-                            let mut buf = writer.buffer()?;
-                            pool.install(|| slice_into(data, *es, shape, rows.as_deref(), cols.as_deref(), &mut buf));
-                            writer.write_owned(buf)?;
-                        }
-                    }
-                    if let Some(t) = e.input {
-                        bytes_done += t as u64;
-                        tensors_done += 1;
-                        progress(Progress { tensor: &e.name, bytes_done, bytes_total, tensors_done, tensors_total })?;
-                    }
-                }
-                bytes_done += (8 + shard.header_len) as u64;
+    let bytes_written = run.write_shards(&staging, progress, |shard, out| {
+        let plan = shard_plan(shard, &edits)?;
+        for e in &plan {
+            let n: u64 = e.shape.iter().product::<usize>() as u64;
+            model_after += n;
+            if rules.in_blocks(&e.name) {
+                block_after += n;
             }
-            Ok(())
-        })();
-        let written = writer.finish();
-        result?;
-        written
+            tensor_bytes += e.nbytes as u64;
+            weight_map.insert(e.name.clone(), shard.file_name.clone());
+        }
+        out.header(shard_header(shard, &plan, &shard_prov)?)?;
+        for e in &plan {
+            match &e.source {
+                Source::Copy(data) => out.copy(data)?,
+                Source::Bytes(bytes) => out.fill(|buf| {
+                    buf.clear();
+                    buf.extend_from_slice(bytes);
+                    Ok(())
+                })?,
+                Source::Slice { data, es, shape, rows, cols } => out.fill(|buf| {
+                    pool.install(|| slice_into(data, *es, shape, rows.as_deref(), cols.as_deref(), buf));
+                    Ok(())
+                })?,
+            }
+            if let Some(t) = e.input {
+                out.done(&e.name, t)?;
+            }
+        }
+        Ok(())
     })?;
-    if let Some(index) = &ckpt.index {
-        write_index(index, tensor_bytes, Some(&weight_map), &staging.path.join(INDEX_FILE))?;
-    }
     let new_config = config::rewrite(&rules, &config::Rewrite { shapes: &shapes, added_attn_bias: add_attn, added_mlp_bias: add_mlp, provenance: prov });
     let config_path = staging.path.join("config.json");
-    let text = serde_json::to_string_pretty(&Value::Object(new_config)).expect("JSON value serializes");
+    let text = serde_json::to_string_pretty(&Value::Object(new_config)).map_err(|e| Error::Internal(e.to_string()))?;
     fs::write(&config_path, text + "\n").map_err(|e| Error::io(&config_path, e))?;
-    // config.json is rewritten above
-    copy_other_files(&ckpt, &staging.path, &["config.json"])?;
-    let out = staging.commit()?;
+    // config.json was rewritten above
+    let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;
 
     let loader = if config::stock_loadable(&rules, &shapes) { "transformers" } else { "llmprune.load_pruned" };
     Ok(StructuredSummary {
@@ -322,10 +281,10 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         loader: loader.into(),
         per_layer: shapes,
         shards: ckpt.shards.len(),
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: run.seconds(),
         threads: pool.current_num_threads(),
-        stats: sidecar.as_ref().map(|s| s.path.display().to_string()),
-        warnings,
+        stats: run.stats_path(),
+        warnings: run.warnings.clone(),
         fusion_mode: hywia.as_ref().map(|(o, _, _)| o.fusion.name().into()),
         taylor: hywia.as_ref().map(|(o, _, _)| o.taylor.name().into()),
         fusion_temperature: hywia.as_ref().map(|(o, _, _)| o.temperature),
@@ -353,7 +312,7 @@ struct OutEntry<'a> {
 }
 
 /// The output tensors of one shard in file order; added biases follow their weight.
-fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Vec<OutEntry<'a>> {
+fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Result<Vec<OutEntry<'a>>> {
     let mut out = Vec::with_capacity(shard.tensors.len());
     for t in &shard.tensors {
         let data = shard.data(t);
@@ -361,7 +320,7 @@ fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Vec<OutEntry<'a>> {
             None => (t.shape.clone(), Source::Copy(data)),
             Some(Op::Replace(bytes)) => (t.shape.clone(), Source::Bytes(bytes)),
             Some(op @ Op::Slice { rows, cols }) => {
-                let es = float_size(t.dtype).expect("sliced tensors are float weights or biases");
+                let es = float_size(t.dtype).ok_or_else(|| Error::Internal(format!("{}: sliced tensors are float weights or biases", t.name)))?;
                 (new_shape(&t.shape, op), Source::Slice { data, es, shape: t.shape.clone(), rows: rows.clone(), cols: cols.clone() })
             }
         };
@@ -371,7 +330,7 @@ fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Vec<OutEntry<'a>> {
             out.push(OutEntry { name: a.name.clone(), dtype: a.dtype, shape: a.shape.clone(), nbytes: a.data.len(), source: Source::Bytes(&a.data), input: None });
         }
     }
-    out
+    Ok(out)
 }
 
 /// The shard's header for the new tensors and offsets, input metadata kept and provenance added.

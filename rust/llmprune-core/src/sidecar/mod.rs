@@ -1,4 +1,12 @@
-//! Reading the stats sidecar (v1, see docs/sidecar.md) and checking it against a checkpoint.
+//! The stats sidecar v1 (docs/sidecar.md): reading and validating it (here), writing it
+//! atomically (`write`) and merging sidecars of disjoint calibration sets (`merge`). Python never
+//! parses or writes this format itself; it asks the core through the bindings.
+
+mod merge;
+mod write;
+
+pub use merge::{merge, MergeSummary};
+pub use write::{encode, write, SidecarInfo};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +17,22 @@ use serde_json::Value;
 use crate::checkpoint::{hex, Checkpoint};
 use crate::error::{Error, Result};
 
+/// Default location of the stats sidecar inside a model directory; never copied into outputs.
+pub const DEFAULT_SIDECAR: &str = "llmprune-stats.safetensors";
+pub const FORMAT: &str = "llmprune-stats";
+pub const FORMAT_VERSION: u64 = 1;
+
+/// The sidecar to use for a model: the one given, else the default one when it exists.
+pub fn locate(model_dir: &Path, explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(p) => Some(p.to_path_buf()),
+        None => {
+            let p = model_dir.join(DEFAULT_SIDECAR);
+            p.is_file().then_some(p)
+        }
+    }
+}
+
 /// Per-input-channel statistics of one prunable weight.
 #[derive(Debug, Clone)]
 pub struct LayerStats {
@@ -17,6 +41,39 @@ pub struct LayerStats {
     pub count: i64,
     /// Axis of the stored weight that indexes input features (1 for [out, in], 0 for [in, out]).
     pub input_axis: usize,
+}
+
+impl LayerStats {
+    /// Refuses statistics no calibration pass can produce: non-finite sums, a negative Σx², a
+    /// count below one, or Σx² smaller than (Σx)²/n beyond rounding (a negative variance).
+    pub fn validate(&self, name: &str) -> std::result::Result<(), String> {
+        if self.act_sum.len() != self.act_sqsum.len() {
+            return Err(format!("{name}: act_sum has {} channels but act_sqsum {}", self.act_sum.len(), self.act_sqsum.len()));
+        }
+        if self.count < 1 {
+            return Err(format!("{name}.act_count is {}; a token count must be at least 1", self.count));
+        }
+        let n = self.count as f64;
+        for (j, (&s, &q)) in self.act_sum.iter().zip(&self.act_sqsum).enumerate() {
+            if !s.is_finite() {
+                return Err(format!("{name}.act_sum holds a non-finite value ({s}) at channel {j}"));
+            }
+            if !q.is_finite() {
+                return Err(format!("{name}.act_sqsum holds a non-finite value ({q}) at channel {j}"));
+            }
+            if q < 0.0 {
+                return Err(format!("{name}.act_sqsum is negative ({q}) at channel {j}"));
+            }
+            // n·Σx² ≥ (Σx)² for any real data; allow rounding of accumulations in low precision.
+            if n * q < s * s * (1.0 - 1e-3) - f64::MIN_POSITIVE {
+                return Err(format!(
+                    "{name}: channel {j} has Σx² = {q} below (Σx)²/n = {} (a negative variance): not statistics of real activations",
+                    s * s / n
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Gradient statistics of one prunable weight (`llmprune stats --grad`), each [split, quantity,
@@ -69,16 +126,18 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn open(path: &Path) -> Result<Sidecar> {
-        let bad = |msg: String| Error::InvalidStats {
-            path: path.to_path_buf(),
-            msg,
-        };
         if !path.is_file() {
-            return Err(bad("file not found".into()));
+            return Err(Error::stats(path, "file not found"));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        Sidecar::from_bytes(&bytes, path)
+    }
+
+    /// Parses and validates a whole sidecar file held in memory; `path` names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Sidecar> {
+        let bad = |msg: String| Error::stats(path, msg);
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
         let meta_text = metadata
             .metadata()
             .as_ref()
@@ -86,8 +145,8 @@ impl Sidecar {
             .ok_or_else(|| bad("no llmprune metadata: not a stats sidecar".into()))?;
         let meta: serde_json::Map<String, Value> = serde_json::from_str(meta_text)
             .map_err(|e| bad(format!("corrupt llmprune metadata: {e}")))?;
-        if meta.get("format_version").and_then(Value::as_u64) != Some(1) {
-            return Err(bad("unsupported format_version (expected 1)".into()));
+        if meta.get("format_version").and_then(Value::as_u64) != Some(FORMAT_VERSION) {
+            return Err(bad(format!("unsupported format_version (expected {FORMAT_VERSION})")));
         }
         let Some(Value::Object(layer_meta)) = meta.get("layers") else {
             return Err(bad("metadata has no \"layers\" table".into()));
@@ -95,43 +154,36 @@ impl Sidecar {
         let mut layers = BTreeMap::new();
         let mut grads = BTreeMap::new();
         for (name, info) in layer_meta {
-            let input_axis = info.get("input_axis").and_then(Value::as_u64).unwrap_or(1) as usize;
-            if input_axis > 1 {
-                return Err(bad(format!("{name}: input_axis must be 0 or 1")));
-            }
-            let get = |suffix: &str, dtype: Dtype| -> Result<Vec<u8>> {
+            let input_axis = match info.get("input_axis").map(Value::as_u64) {
+                None => 1,
+                Some(Some(a @ (0 | 1))) => a as usize,
+                Some(_) => return Err(bad(format!("{name}: input_axis must be 0 or 1"))),
+            };
+            let get = |suffix: &str, dtype: Dtype, rank1: Option<usize>| -> Result<Vec<u8>> {
                 let key = format!("{name}.{suffix}");
                 let view = st
                     .tensor(&key)
                     .map_err(|_| bad(format!("missing tensor {key}")))?;
-                if view.dtype() != dtype {
-                    return Err(bad(format!("{key} must be {dtype:?}, found {:?}", view.dtype())));
+                if view.dtype() != dtype || view.shape().len() != 1 || rank1.is_some_and(|n| view.shape()[0] != n) {
+                    return Err(bad(format!("{key} must be {dtype:?} [{}], found {:?} {:?}",
+                        rank1.map_or("n".to_string(), |n| n.to_string()), view.dtype(), view.shape())));
                 }
                 Ok(view.data().to_vec())
             };
-            let act_sum = f64s(&get("act_sum", Dtype::F64)?);
-            let act_sqsum = f64s(&get("act_sqsum", Dtype::F64)?);
-            let count_bytes = get("act_count", Dtype::I64)?;
-            if act_sum.len() != act_sqsum.len() || count_bytes.len() != 8 {
-                return Err(bad(format!("{name}: act_sum/act_sqsum/act_count shapes disagree")));
-            }
+            let act_sum = f64s(&get("act_sum", Dtype::F64, None)?);
+            let act_sqsum = f64s(&get("act_sqsum", Dtype::F64, Some(act_sum.len()))?);
+            let count_bytes = get("act_count", Dtype::I64, Some(1))?;
             let count = i64::from_le_bytes(count_bytes[..8].try_into().expect("8 bytes"));
-            if let Some(g) = read_grads(&st, name, act_sum.len()).map_err(bad)? {
+            let stats = LayerStats { act_sum, act_sqsum, count, input_axis };
+            stats.validate(name).map_err(bad)?;
+            if let Some(g) = read_grads(&st, name, stats.act_sum.len()).map_err(bad)? {
                 grads.insert(name.clone(), g);
             }
-            layers.insert(
-                name.clone(),
-                LayerStats {
-                    act_sum,
-                    act_sqsum,
-                    count,
-                    input_axis,
-                },
-            );
+            layers.insert(name.clone(), stats);
         }
         let sha256 = {
             use sha2::{Digest, Sha256};
-            hex(&Sha256::digest(&bytes))
+            hex(&Sha256::digest(bytes))
         };
         Ok(Sidecar {
             path: path.to_path_buf(),
@@ -231,8 +283,20 @@ fn read_grads(st: &SafeTensors, name: &str, in_features: usize) -> std::result::
         return Err(format!("{} must be I64 [3], found {:?} {:?}", keys[2], count.dtype(), count.shape()));
     }
     let c: Vec<i64> = count.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
-    if c.iter().any(|&n| n < 0) {
-        return Err(format!("{} holds a negative sample count {c:?}", keys[2]));
+    if c.iter().any(|&n| n < 0) || c[0] < 1 || c[1] + c[2] != c[0] {
+        return Err(format!("{} holds impossible sample counts {c:?} (all ≥ 1, halves adding up to it)", keys[2]));
+    }
+    // Σ|w·g|, Σw²·F and Σ|w·g − ½w²·F| are sums of non-negative terms.
+    for (key, v) in [(&keys[0], &per_output), (&keys[1], &per_input)] {
+        let n = v.len() / planes;
+        for split in 0..GradStats::SPLITS {
+            for q in [0, 2, 3] {
+                let at = (split * GradStats::QUANTITIES + q) * n;
+                if let Some(i) = v[at..at + n].iter().position(|&x| x < 0.0) {
+                    return Err(format!("{key} holds a negative value at [{split}, {q}, {i}] of a non-negative quantity"));
+                }
+            }
+        }
     }
     Ok(Some(GradStats { per_output, per_input, count: [c[0], c[1], c[2]] }))
 }

@@ -1,0 +1,261 @@
+//! Bindings of the pruning entry points: unstructured and structured apply, single-matrix masks
+//! (the sequential calibration pass), inspect, and the method registry.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use llmprune_core::error::Error;
+use llmprune_core::structured::StructMethod;
+use llmprune_core::{apply, pool, prunable, score, select, structured, ApplyOptions, Method, Scope, Target};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use crate::{detached, guarded, CoreError, InvalidArgumentError};
+
+fn target(sparsity: Option<f64>, pattern: Option<(usize, usize)>) -> PyResult<Target> {
+    match (sparsity, pattern) {
+        (Some(s), None) => Ok(Target::Sparsity(s)),
+        (None, Some((n, m))) => Ok(Target::Pattern { n, m }),
+        _ => Err(InvalidArgumentError::new_err("give exactly one of sparsity or pattern")),
+    }
+}
+
+fn parse_scope(s: &str) -> PyResult<Scope> {
+    match s {
+        "row" => Ok(Scope::Row),
+        "layer" => Ok(Scope::Layer),
+        other => Err(InvalidArgumentError::new_err(format!("unknown scope {other:?}; expected row or layer"))),
+    }
+}
+
+fn parse_method(s: &str) -> PyResult<Method> {
+    s.parse::<Method>().map_err(|e| CoreError(e).into())
+}
+
+/// Runs a long core call without the GIL, calling `progress(tensor, bytes_done, bytes_total,
+/// tensors_done, tensors_total)` after every tensor and checking for signals (Ctrl-C, and SIGTERM
+/// where the CLI turns it into KeyboardInterrupt); returns the JSON summary. An exception raised by
+/// the callback stops the run, the partial output is removed, and the exception is re-raised.
+fn run_reporting(
+    py: Python<'_>,
+    progress: Option<Py<PyAny>>,
+    work: impl FnOnce(&mut dyn FnMut(llmprune_core::Progress) -> llmprune_core::Result<()>) -> llmprune_core::Result<String> + Send,
+) -> PyResult<String> {
+    let mut callback_error: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let mut report = |p: llmprune_core::Progress| -> llmprune_core::Result<()> {
+            Python::attach(|py| {
+                let outcome = py.check_signals().and_then(|_| match &progress {
+                    Some(cb) => cb
+                        .call1(py, (p.tensor, p.bytes_done, p.bytes_total, p.tensors_done, p.tensors_total))
+                        .map(|_| ()),
+                    None => Ok(()),
+                });
+                outcome.map_err(|e| {
+                    callback_error = Some(e);
+                    Error::Interrupted
+                })
+            })
+        };
+        guarded(|| work(&mut report))
+    });
+    match (result, callback_error) {
+        (Ok(summary), _) => Ok(summary),
+        (Err(_), Some(py_err)) => Err(py_err),
+        (Err(e), None) => Err(CoreError(e).into()),
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> llmprune_core::Result<String> {
+    serde_json::to_string(value).map_err(|e| Error::Internal(format!("cannot serialize a summary: {e}")))
+}
+
+#[pyfunction]
+#[pyo3(name = "apply", signature = (model_dir, out_dir, method, *, sparsity=None, pattern=None, scope="row",
+    stats=None, threads=None, include=Vec::new(), exclude=Vec::new(), input_axis=None, force=false,
+    provenance=None, progress=None, check_only=false))]
+#[allow(clippy::too_many_arguments)]
+fn apply_checkpoint(
+    py: Python<'_>,
+    model_dir: PathBuf,
+    out_dir: PathBuf,
+    method: &str,
+    sparsity: Option<f64>,
+    pattern: Option<(usize, usize)>,
+    scope: &str,
+    stats: Option<PathBuf>,
+    threads: Option<usize>,
+    include: Vec<String>,
+    exclude: Vec<String>,
+    input_axis: Option<usize>,
+    force: bool,
+    provenance: Option<BTreeMap<String, String>>,
+    progress: Option<Py<PyAny>>,
+    check_only: bool,
+) -> PyResult<String> {
+    let default_input_axis = input_axis.unwrap_or_else(|| prunable::default_input_axis(&model_dir));
+    let opts = ApplyOptions {
+        model_dir,
+        out_dir,
+        method: parse_method(method)?,
+        target: target(sparsity, pattern)?,
+        scope: parse_scope(scope)?,
+        stats,
+        threads,
+        include,
+        exclude,
+        default_input_axis,
+        force,
+        provenance: provenance.unwrap_or_default(),
+        check_only,
+    };
+    run_reporting(py, progress, |report| apply::apply(&opts, report).and_then(|s| to_json(&s)))
+}
+
+#[pyfunction]
+#[pyo3(signature = (model_dir, out_dir, method, *, sparsity, allocation=None, compensate=None, stats=None,
+    threads=None, force=false, provenance=None, progress=None, fusion=None, taylor=None, fusion_temperature=None,
+    skip_first=None, skip_last=None))]
+#[allow(clippy::too_many_arguments)]
+fn apply_structured(
+    py: Python<'_>,
+    model_dir: PathBuf,
+    out_dir: PathBuf,
+    method: &str,
+    sparsity: f64,
+    allocation: Option<&str>,
+    compensate: Option<bool>,
+    stats: Option<PathBuf>,
+    threads: Option<usize>,
+    force: bool,
+    provenance: Option<BTreeMap<String, String>>,
+    progress: Option<Py<PyAny>>,
+    fusion: Option<&str>,
+    taylor: Option<&str>,
+    fusion_temperature: Option<f64>,
+    skip_first: Option<usize>,
+    skip_last: Option<usize>,
+) -> PyResult<String> {
+    let given = fusion.is_some() || taylor.is_some() || fusion_temperature.is_some() || skip_first.is_some() || skip_last.is_some();
+    let hywia = if given {
+        let d = structured::HywiaOptions::default();
+        Some(structured::HywiaOptions {
+            fusion: fusion.map_or(Ok(d.fusion), str::parse).map_err(CoreError)?,
+            taylor: taylor.map_or(Ok(d.taylor), str::parse).map_err(CoreError)?,
+            temperature: fusion_temperature.unwrap_or(d.temperature),
+            skip_first,
+            skip_last,
+        })
+    } else {
+        None
+    };
+    let method: StructMethod = method.parse().map_err(CoreError)?;
+    let allocation = match allocation {
+        Some(a) => a.parse().map_err(CoreError)?,
+        None if method == StructMethod::Hywia => structured::Allocation::Uniform,
+        None => structured::Allocation::Global,
+    };
+    let opts = structured::StructuredOptions {
+        model_dir,
+        out_dir,
+        method,
+        sparsity,
+        allocation,
+        compensate,
+        stats,
+        threads,
+        force,
+        provenance: provenance.unwrap_or_default(),
+        hywia,
+    };
+    run_reporting(py, progress, |report| structured::apply_structured(&opts, report).and_then(|s| to_json(&s)))
+}
+
+#[pyfunction]
+#[pyo3(signature = (weight, method, *, sparsity=None, pattern=None, scope="row",
+    act_sum=None, act_sqsum=None, act_count=0, name="", threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn compute_mask<'py>(
+    py: Python<'py>,
+    weight: PyReadonlyArray2<'py, f32>,
+    method: &str,
+    sparsity: Option<f64>,
+    pattern: Option<(usize, usize)>,
+    scope: &str,
+    act_sum: Option<PyReadonlyArray1<'py, f64>>,
+    act_sqsum: Option<PyReadonlyArray1<'py, f64>>,
+    act_count: i64,
+    name: &str,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let m = parse_method(method)?;
+    let t = target(sparsity, pattern)?;
+    let sc = parse_scope(scope)?;
+    t.validate(sc).map_err(CoreError)?;
+    let (rows, cols) = (weight.shape()[0], weight.shape()[1]);
+    let w = weight
+        .as_slice()
+        .map_err(|_| InvalidArgumentError::new_err("weight must be a C-contiguous float32 array"))?;
+    let stats = match (act_sum, act_sqsum) {
+        (Some(s), Some(q)) => {
+            let (s, q) = (s.as_slice()?.to_vec(), q.as_slice()?.to_vec());
+            if s.len() != cols || q.len() != cols {
+                return Err(InvalidArgumentError::new_err(format!(
+                    "statistics have {} channels but the weight has {cols} input features",
+                    s.len()
+                )));
+            }
+            Some(llmprune_core::sidecar::LayerStats { act_sum: s, act_sqsum: q, count: act_count, input_axis: 1 })
+        }
+        (None, None) => None,
+        _ => return Err(InvalidArgumentError::new_err("give both act_sum and act_sqsum, or neither")),
+    };
+    let factors = score::channel_factors(m, name, stats.as_ref()).map_err(CoreError)?;
+    let mask = detached(py, || pool::pool(threads)?.install(|| select::mask_matrix(w, rows, cols, factors.as_deref(), t, sc)))?;
+    Ok(PyArray1::from_vec(py, mask).reshape([rows, cols])?.into_any())
+}
+
+
+#[pyfunction]
+#[pyo3(signature = (model_dir, input_axis=None))]
+fn inspect(py: Python<'_>, model_dir: PathBuf, input_axis: Option<usize>) -> PyResult<String> {
+    detached(py, || {
+        let axis = input_axis.unwrap_or_else(|| prunable::default_input_axis(&model_dir));
+        to_json(&llmprune_core::inspect::inspect(&model_dir, axis)?)
+    })
+}
+
+/// The input axis assumed for weights no sidecar describes (0 for GPT-2's Conv1D checkpoints).
+#[pyfunction]
+fn default_input_axis(model_dir: PathBuf) -> usize {
+    prunable::default_input_axis(&model_dir)
+}
+
+/// Every method the core implements, with what it needs: JSON
+/// {"unstructured": [{"name", "needs_stats"}], "structured": [{"name", "needs_stats", "compensates", "allocation"}]}.
+#[pyfunction]
+fn methods() -> String {
+    let unstructured: Vec<_> = Method::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": m.needs_stats()})).collect();
+    let structured: Vec<_> = StructMethod::ALL
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "name": m.name(),
+                "needs_stats": m.needs_stats(),
+                "compensates": m.compensates_by_default(),
+                "allocation": if *m == StructMethod::Hywia { "uniform" } else { "global" },
+            })
+        })
+        .collect();
+    serde_json::json!({"unstructured": unstructured, "structured": structured}).to_string()
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(apply_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(apply_structured, m)?)?;
+    m.add_function(wrap_pyfunction!(compute_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(default_input_axis, m)?)?;
+    m.add_function(wrap_pyfunction!(methods, m)?)?;
+    Ok(())
+}
