@@ -142,6 +142,9 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     if opts.hywia.is_some() && opts.method != StructMethod::Hywia {
         return Err(Error::arg(format!("fusion and layer-skipping options apply to method hywia, not to {}", opts.method.name())));
     }
+    if let Some(o) = &opts.hywia {
+        o.validate()?;
+    }
     let compensate = opts.compensate.unwrap_or(opts.method.compensates_by_default());
     let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), stats_need(opts.method, compensate))?;
     let rules = Rules::from_checkpoint(&run.ckpt)?;
