@@ -111,9 +111,8 @@ def write_synthetic_stats(out: Path, tensors: list[tuple[str, tuple[int, ...]]],
             mu = rng.normal(0, 0.5, cols)
             var = rng.uniform(0.1, 4.0, cols)
             layers[name] = sidecar.LayerStats(act_sum=mu * n, act_sqsum=(var + mu * mu) * n, act_count=n)
-    fingerprint, model_tensors = sidecar.describe_model(out)
     calibration = {"source": "synthetic", "nsamples": 2, "seqlen": 2048, "seed": seed, "tokens": n}
-    sidecar.write(out / sidecar.SIDECAR_NAME, layers, fingerprint=fingerprint, model_tensors=model_tensors, calibration=calibration)
+    sidecar.write(out / sidecar.SIDECAR_NAME, out, layers, calibration=calibration)
 
 
 def main() -> None:

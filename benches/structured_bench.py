@@ -84,7 +84,7 @@ def calibration(sidecar: Path) -> str:
 def param_count(model_dir: Path) -> int:
     from llmprune import _core
 
-    desc = json.loads(_core.describe_model(str(model_dir)))["tensors"]
+    desc = json.loads(_core.open_checkpoint(str(model_dir)))["model_tensors"]
     total = 0
     for d in desc.values():
         dims = d[d.index("[") + 1 : -1]

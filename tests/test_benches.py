@@ -33,8 +33,8 @@ def test_make_checkpoint_is_loadable(tmp_path):
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    desc = json.loads(_core.describe_model(str(out)))
-    assert desc["tensors"]["model.layers.0.mlp.down_proj.weight"] == "BF16[256,688]"
+    desc = json.loads(_core.open_checkpoint(str(out)))
+    assert desc["model_tensors"]["model.layers.0.mlp.down_proj.weight"] == "BF16[256,688]"
     report = json.loads(_core.inspect(str(out)))
     assert report["prunable"]["zeros"] == 0
 

@@ -158,9 +158,8 @@ def test_sequential_with_core_masks(arch_dir):
 
 
 def write_sidecar(path: Path, model: Path, res, nsamples: int, seqlen: int) -> Path:
-    fp, tensors = sidecar.describe_model(model)
     cal = {"source": "random-ids", "nsamples": nsamples, "seqlen": seqlen, "seed": 0, "tokens": res.tokens}
-    return sidecar.write(path, res.layers, fingerprint=fp, model_tensors=tensors, calibration=cal)
+    return sidecar.write(path, model, res.layers, calibration=cal)
 
 
 def test_sidecar_layout_matches_docs(arch_dir, tmp_path):
@@ -189,12 +188,12 @@ def test_sidecar_layout_matches_docs(arch_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s.safetensors"]
 
 
-def test_python_fingerprint_matches_core(arch_dir):
-    core = pytest.importorskip("llmprune._core")
+def test_reference_fingerprint_matches_core(arch_dir):
+    from llmprune import _core
+
     path = arch_dir("llama", sharded=True)
-    doc = json.loads(core.describe_model(str(path)))
-    assert sidecar._describe_model_py(path) == (doc["fingerprint"], doc["tensors"])
-    assert R.fingerprint_and_tensors(path) == (doc["fingerprint"], doc["tensors"])
+    doc = json.loads(_core.open_checkpoint(str(path)))
+    assert R.fingerprint_and_tensors(path) == (doc["fingerprint"], doc["model_tensors"])
 
 
 def test_merge_of_halves_equals_one_run(arch_dir, tmp_path):
@@ -208,7 +207,7 @@ def test_merge_of_halves_equals_one_run(arch_dir, tmp_path):
     merged = sidecar.read(tmp_path / "ab.safetensors")
     assert_stats_close(merged.layers, as_ref_layout(full.layers), rtol=1e-12)
     assert merged.meta["calibration"]["nsamples"] == 4 and merged.meta["calibration"]["tokens"] == 64
-    assert merged.meta["model_fingerprint"] == sidecar.describe_model(path)[0]
+    assert merged.meta["model_fingerprint"] == R.fingerprint_and_tensors(path)[0]
 
 
 def test_merge_refuses_other_models(arch_dir, tmp_path):

@@ -7,7 +7,9 @@ argument errors are instant.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Optional
 
@@ -21,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # click's plain layout: nothing cut or swallowed at 80 columns
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Prune large language models stored as safetensors checkpoints, streaming, in little memory.",
 )
@@ -79,19 +81,15 @@ def _is_core_error(exc: BaseException) -> bool:
     return isinstance(exc, _core.LlmpruneError)
 
 
-def _core_hint(exc: BaseException) -> str | None:
-    name = type(exc).__name__
-    if name == "StatsMismatchError":
-        return "compute statistics for this model with `llmprune stats MODEL`"
-    if name == "InvalidArgumentError" and "needs activation statistics" in str(exc):
-        return "run `llmprune stats MODEL` first, or pass --stats PATH"
-    if name == "OutputError" and "not empty" in str(exc):
-        return "choose another --out, or pass --force to replace it"
-    return None
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (timeout, kill, schedulers) stops a run like Ctrl-C: partial output is removed."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     debug = os.environ.get("LLMPRUNE_DEBUG", "") not in ("", "0")
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="llmprune")
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         if _is_core_error(exc):
-            _error(str(exc), _core_hint(exc))
+            _error(str(exc), getattr(exc, "hint", None))
         else:
             _error(f"internal error: {type(exc).__name__}: {exc}", "rerun with LLMPRUNE_DEBUG=1 for a traceback")
         return 2

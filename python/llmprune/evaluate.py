@@ -128,7 +128,8 @@ def zero_shot(model_dir: str | Path, tasks: list[str], *, device: str = "auto", 
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmprune.stream import Checkpoint, resolve_device, resolve_dtype
+    from llmprune.checkpoint import Checkpoint
+    from llmprune.devices import resolve_device, resolve_dtype
 
     ckpt = Checkpoint(model_dir)
     dev = resolve_device(device)

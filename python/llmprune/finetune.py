@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from llmprune.checkpoint import Checkpoint
 from llmprune.errors import UsageError
-from llmprune.stream import Checkpoint, find_blocks, linear_input_axis
+from llmprune.skeleton import find_blocks, linear_input_axis
 
 PEFT_HINT = "pip install 'llmprune[finetune]'"
 LOSS_WINDOW = 10  # steps averaged for the first and last loss of the summary
@@ -211,7 +212,7 @@ def write_checkpoint(ckpt: Checkpoint, changed: dict[str, torch.Tensor], out_dir
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from llmprune.staging import give_plain_mode
+    from llmprune import _core
 
     for f in ckpt.files:
         tensors: dict[str, torch.Tensor] = {}
@@ -223,26 +224,15 @@ def write_checkpoint(ckpt: Checkpoint, changed: dict[str, torch.Tensor], out_dir
         meta["llmprune"] = json.dumps(_with_parent(provenance, meta.get("llmprune")))
         (out_dir / f).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out_dir / f), metadata=meta)
-        give_plain_mode(out_dir / f)
-    _copy_other_files(ckpt, out_dir)
+        _give_plain_mode(out_dir / f)
+    _core.copy_model_files(str(ckpt.dir), str(out_dir), with_index=True)
 
 
-def _copy_other_files(ckpt: Checkpoint, out_dir: Path) -> None:
-    """Everything but the shards and the stats sidecar (it describes the weights before training)."""
-    from llmprune.sidecar import SIDECAR_NAME
-
-    skip = {ckpt.dir / f for f in ckpt.files} | {ckpt.dir / SIDECAR_NAME}
-
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        return [n for n in names if Path(folder, n) in skip]
-
-    for entry in ckpt.dir.iterdir():
-        if entry in skip:
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, out_dir / entry.name, ignore=ignore)
-        else:
-            shutil.copy2(entry, out_dir / entry.name)
+def _give_plain_mode(path: Path) -> None:
+    """The mode a plain open() would give (safetensors' save_file leaves its files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _with_parent(provenance: dict[str, Any], previous: str | None) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,13 +11,39 @@ import typer
 
 from llmprune.errors import UsageError
 
-ModelArg = Annotated[Path, typer.Argument(help="Model directory (config.json + model.safetensors or shards + index).", show_default=False)]
+ModelArg = Annotated[
+    Path,
+    typer.Argument(metavar="MODEL", help="Model directory (config.json + model.safetensors or shards + index).", show_default=False),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-SparsityOpt = Annotated[Optional[float], typer.Option("--sparsity", "-s", help="Fraction of each group to prune, in [0, 1).")]
-PatternOpt = Annotated[Optional[str], typer.Option("--pattern", "-p", help="N:M semi-structured pattern, e.g. 2:4.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")]
+SparsityOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--sparsity",
+        "-s",
+        metavar="S",
+        help="Fraction to prune, in [0, 1): of each row (--scope row) or matrix (--scope layer) for unstructured "
+        "methods; of the decoder blocks' parameters for structured methods.",
+        show_default=False,
+    ),
+]
+PatternOpt = Annotated[
+    Optional[str],
+    typer.Option("--pattern", "-p", metavar="N:M", help="Semi-structured pattern: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (cuda when available), cuda or cpu.")]
 
-METHODS = ("magnitude", "wanda", "stade", "stade-w")
+def methods(kind: str = "unstructured") -> tuple[str, ...]:
+    """The names of the core's methods of one kind (`unstructured` or `structured`)."""
+    return tuple(m["name"] for m in method_registry()[kind])
+
+
+@functools.cache
+def method_registry() -> dict:
+    """`_core.methods()`: every method with what it needs and its defaults."""
+    from llmprune import _core
+
+    return json.loads(_core.methods())
 
 
 def parse_target(sparsity: float | None, pattern: str | None) -> tuple[float | None, tuple[int, int] | None]:
@@ -42,6 +70,6 @@ def target_label(sparsity: float | None, pattern: tuple[int, int] | None) -> str
 
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}", f"choose one of: {', '.join(METHODS)}")
+    if method not in methods():
+        raise UsageError(f"unknown method {method!r}", f"choose one of: {', '.join(methods())}")
     return method

@@ -6,237 +6,24 @@ until it is needed. Only the modules outside the decoder blocks (embeddings, fin
 LM head) are loaded for the whole run; each block is loaded from the shards, run over every sample,
 and dropped again. Peak memory is one block plus the activations of the samples, whatever the depth.
 
-Used by the statistics pass (`stats.py`) and by perplexity evaluation (`evaluate.py`).
+Used by the statistics pass (`stats.py`), gradients (`grad.py`) and perplexity evaluation
+(`evaluate.py`). The checkpoint view is `checkpoint.py`; devices and dtypes are `devices.py`; the
+weightless model is `skeleton.py`.
 """
 
 from __future__ import annotations
 
-import json
-import struct
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from llmprune.checkpoint import Checkpoint
+from llmprune.devices import resolve_device, resolve_dtype
 from llmprune.errors import UsageError
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
-_ST_TO_TORCH = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-}
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# --------------------------------------------------------------------------------------------
-# The checkpoint on disk
-# --------------------------------------------------------------------------------------------
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of one safetensors file (without reading any tensor data)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise UsageError(f"{path} is not a safetensors file (truncated header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise UsageError(f"{path} is not a safetensors file (header length {n})")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} is not a safetensors file: corrupt header ({exc})") from None
-    if not isinstance(header, dict):
-        raise UsageError(f"{path} is not a safetensors file: header is not a JSON object")
-    return header
-
-
-class Checkpoint:
-    """Names, dtypes and shapes of a checkpoint's tensors (from the headers) and per-tensor loading.
-
-    The same files as the Rust core reads: `model.safetensors`, or the shards named by
-    `model.safetensors.index.json` (a stats sidecar beside them is never part of the model).
-    """
-
-    def __init__(self, model_dir: str | Path):
-        d = Path(model_dir)
-        if not d.exists():
-            raise UsageError(f"model directory not found: {d}", hint="MODEL is a local directory with config.json and safetensors weights")
-        if not d.is_dir():
-            raise UsageError(f"MODEL must be a directory: {d}")
-        if not (d / "config.json").is_file():
-            raise UsageError(f"no config.json in {d}", hint="MODEL is a Hugging Face checkpoint directory")
-        self.dir = d
-        index = d / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise UsageError(f"cannot read {index}: {exc}") from None
-            files = sorted(set(weight_map.values()))
-            for f in files:
-                if Path(f).is_absolute() or ".." in Path(f).parts:
-                    raise UsageError(f"{index} names a shard outside the model directory: {f}")
-        elif (d / SINGLE_FILE).is_file():
-            files = [SINGLE_FILE]
-        else:
-            raise UsageError(f"neither {SINGLE_FILE} nor {INDEX_FILE} found in {d}")
-        self.files = files
-        self.entries: dict[str, tuple[str, str, tuple[int, ...]]] = {}
-        for f in files:
-            path = d / f
-            if not path.is_file():
-                raise UsageError(f"shard {f} named by {INDEX_FILE} is missing from {d}")
-            for name, info in read_safetensors_header(path).items():
-                if name == "__metadata__":
-                    continue
-                self.entries[name] = (f, info["dtype"], tuple(int(x) for x in info["shape"]))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][2]
-
-    def float_dtype(self) -> torch.dtype:
-        """The checkpoint's dtype: the floating dtype most of its tensors have."""
-        counts = Counter(dt for _, dt, _ in self.entries.values() if dt in ("BF16", "F16", "F32"))
-        if not counts:
-            return torch.float32
-        return _ST_TO_TORCH[counts.most_common(1)[0][0]]
-
-    def load(self, names: Iterable[str], device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The named tensors on `device`, floating ones cast to `dtype` (when given).
-
-        Each shard is opened for the duration of one call only, so no mapping of the whole
-        checkpoint stays resident.
-        """
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.entries[n][0], []).append(n)
-        out: dict[str, torch.Tensor] = {}
-        for f, ns in by_file.items():
-            with safe_open(str(self.dir / f), framework="pt", device="cpu") as st:
-                for n in ns:
-                    t = st.get_tensor(n).to(device)
-                    if dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
-                    out[n] = t
-        return out
-
-
-# --------------------------------------------------------------------------------------------
-# Device and dtype
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
-    device = (device or "auto").lower()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available", hint="use --device cpu (or auto)")
-        if device == "cuda" and local_rank is not None:
-            return torch.device("cuda", local_rank)
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise UsageError(f"unknown device {device!r}", hint="use auto, cuda or cpu")
-
-
-def resolve_dtype(dtype: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto`: the checkpoint's dtype on a GPU, float32 on the CPU (bf16 matmuls are slow there)."""
-    dtype = (dtype or "auto").lower()
-    if dtype == "auto":
-        return checkpoint_dtype if device.type == "cuda" else torch.float32
-    if dtype not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
-    return DTYPE_NAMES[dtype]
-
-
-# --------------------------------------------------------------------------------------------
-# The model skeleton
-# --------------------------------------------------------------------------------------------
-
-
-def load_config(model_dir: Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(model_dir))
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"cannot read the model configuration in {model_dir}: {exc}") from None
-
-
-DEFAULT_SEQLEN = 2048
-
-
-def check_pass_inputs(model_dir: Path, device: str, dtype: str, seqlen: int | None) -> int:
-    """Validates MODEL, --device and --dtype before any text is loaded; returns the window length:
-    --seqlen, else min(2048, the model's context). A --seqlen beyond the context is an error."""
-    ckpt = Checkpoint(model_dir)  # a missing or broken checkpoint is reported before anything else
-    resolve_dtype(dtype, ckpt.float_dtype(), resolve_device(device))
-    ctx = getattr(load_config(model_dir), "max_position_embeddings", None)
-    if seqlen is None:
-        return min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 0 else DEFAULT_SEQLEN
-    if isinstance(ctx, int) and 0 < ctx < seqlen:
-        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
-    return seqlen
-
-
-def build_skeleton(config) -> nn.Module:
-    """The causal LM with every parameter on the meta device (buffers such as rotary tables are real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from llmprune.structured import resize_modules
-
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
-    except ValueError as exc:
-        raise UsageError(f"unsupported model architecture: {exc}") from None
-    resize_modules(model, config)  # a structurally pruned checkpoint whose layers differ in size
-    return model.eval()
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated decoder blocks: the largest ModuleList whose children all have one class."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        classes = {type(m) for m in mod}
-        if len(classes) != 1:
-            continue
-        size = sum(p.numel() for p in mod.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, mod)
-    if best is None:
-        raise UsageError(f"cannot find the decoder blocks of {type(model).__name__}")
-    return best[1], best[2]
-
-
-def linear_input_axis(module: nn.Module) -> int | None:
-    """1 for nn.Linear ([out, in]), 0 for GPT-2's Conv1D ([in, out]), None for other modules."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, nn.Linear):
-        return 1
-    if isinstance(module, Conv1D):
-        return 0
-    return None
-
+from llmprune.skeleton import build_skeleton, find_blocks, linear_input_axis, load_config
 
 def _tensor_slots(root: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, str, torch.Tensor, bool]]:
     """(qualified name, owning module, attribute, tensor, is_parameter) of every parameter and buffer."""

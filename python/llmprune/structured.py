@@ -17,16 +17,9 @@ import torch
 from torch import nn
 
 from llmprune.errors import UsageError
+from llmprune.skeleton import structured_info
 
 STOCK_LOADER = "transformers"
-
-
-def structured_info(config: Any) -> dict[str, Any] | None:
-    """The `llmprune.structured` record of a config (a transformers config or a dict), if any."""
-    info = config.get("llmprune") if isinstance(config, dict) else getattr(config, "llmprune", None)
-    if not isinstance(info, dict) or not isinstance(info.get("structured"), dict):
-        return None
-    return info
 
 
 def needs_load_pruned(model_dir: str | Path) -> bool:
@@ -37,61 +30,6 @@ def needs_load_pruned(model_dir: str | Path) -> bool:
         return False
     info = structured_info(config)
     return info is not None and info.get("loader") != STOCK_LOADER
-
-
-def _resized(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    if (old.in_features, old.out_features) == (in_features, out_features):
-        return old
-    w = old.weight
-    new = nn.Linear(in_features, out_features, bias=old.bias is not None, device="meta", dtype=w.dtype)
-    if w.device.type != "meta":
-        new = new.to_empty(device=w.device)
-    new.requires_grad_(w.requires_grad)
-    return new
-
-
-def resize_modules(model: nn.Module, config: Any) -> None:
-    """Give every decoder layer the projection sizes recorded in `config` (no-op without a record).
-
-    New modules are created on the meta device (or left uninitialized on the originals' device):
-    their weights are expected to be loaded from the checkpoint next.
-    """
-    info = structured_info(config)
-    if info is None:
-        return
-    rec = info["structured"]
-    layers, family, head_dim = rec.get("layers"), rec.get("family"), rec.get("head_dim")
-    from llmprune.stream import find_blocks
-
-    _, blocks = find_blocks(model)
-    if not isinstance(layers, list) or len(layers) != len(blocks) or not isinstance(head_dim, int):
-        raise UsageError(f"config.json records {len(layers) if isinstance(layers, list) else 'no'} layer sizes for a model with {len(blocks)} layers")
-    for block, size in zip(blocks, layers):
-        heads, kv, inter = size["num_attention_heads"], size["num_key_value_heads"], size["intermediate_size"]
-        attn = block.self_attn
-        q_out, kv_out = heads * head_dim, kv * head_dim
-        if family == "llama":
-            hidden = attn.q_proj.in_features
-            attn.q_proj = _resized(attn.q_proj, hidden, q_out)
-            attn.k_proj = _resized(attn.k_proj, hidden, kv_out)
-            attn.v_proj = _resized(attn.v_proj, hidden, kv_out)
-            attn.o_proj = _resized(attn.o_proj, q_out, attn.o_proj.out_features)
-            mlp = block.mlp
-            mlp.gate_proj = _resized(mlp.gate_proj, hidden, inter)
-            mlp.up_proj = _resized(mlp.up_proj, hidden, inter)
-            mlp.down_proj = _resized(mlp.down_proj, inter, mlp.down_proj.out_features)
-            mlp.intermediate_size = inter
-        elif family == "opt":
-            hidden = attn.q_proj.in_features
-            attn.q_proj = _resized(attn.q_proj, hidden, q_out)
-            attn.k_proj = _resized(attn.k_proj, hidden, kv_out)
-            attn.v_proj = _resized(attn.v_proj, hidden, kv_out)
-            attn.out_proj = _resized(attn.out_proj, q_out, attn.out_proj.out_features)
-            attn.num_heads = heads  # OPT reshapes with num_heads; head_dim and scaling stay
-            block.fc1 = _resized(block.fc1, hidden, inter)
-            block.fc2 = _resized(block.fc2, inter, block.fc2.out_features)
-        else:
-            raise UsageError(f"config.json records structured pruning of an unknown family {family!r}")
 
 
 def checkpoint_names(model: nn.Module, names: set[str]) -> dict[str, str]:
@@ -110,7 +48,8 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype | str | None = None, dev
     """A regular transformers causal LM for any llmprune output (or unpruned checkpoint), with each
     layer's modules sized as the checkpoint stores them. `dtype`: None (float32, like
     from_pretrained), "auto" (the checkpoint's) or a torch dtype."""
-    from llmprune.stream import Checkpoint, build_skeleton, load_config
+    from llmprune.checkpoint import Checkpoint
+    from llmprune.skeleton import build_skeleton, load_config
 
     ckpt = Checkpoint(path)
     config = load_config(ckpt.dir)

@@ -196,31 +196,55 @@ pub fn check_not_input(dest: &Path, input: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it, renamed into place when complete.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Checks that a file can be written at `path` (its folder exists and takes a new file, and it is
+/// not a folder), by creating and removing the temporary file `atomic_write` would use. Long runs
+/// call it first, so a bad destination is reported before the work, not after.
+pub fn check_file_destination(path: &Path) -> Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if path.as_os_str().is_empty() {
+        return Err(Error::output_hint(path, "is empty", "give a file name with --out"));
+    }
+    if path.is_dir() {
+        return Err(Error::output_hint(path, "is a directory", "give a file name with --out, e.g. stats.safetensors"));
+    }
     if !parent.is_dir() {
         return Err(Error::output_hint(path, format!("directory {} does not exist", parent.display()), "choose another location with --out"));
     }
-    if path.is_dir() {
-        return Err(Error::output_hint(path, "is a directory", "give a file name with --out"));
+    let (tmp, _) = temp_beside(path)?;
+    match fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        Ok(_) => {
+            let _ = fs::remove_file(&tmp);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(unwritable(path, &parent, e)),
     }
+}
+
+fn unwritable(path: &Path, parent: &Path, e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => Error::output_hint(
+            path,
+            format!("directory {} is not writable", parent.display()),
+            "choose another location with --out",
+        ),
+        _ => Error::io(path, e),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, renamed into place when complete.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    check_file_destination(path)?;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let _ = clean_stale(path);
     let (tmp, _) = temp_beside(path)?;
     let result = fs::write(&tmp, bytes).and_then(|_| fs::rename(&tmp, path));
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(match e.kind() {
-            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => Error::output_hint(
-                path,
-                format!("directory {} is not writable", parent.display()),
-                "choose another location with --out",
-            ),
-            _ => Error::io(path, e),
-        });
+        return Err(unwritable(path, parent, e));
     }
     Ok(())
 }

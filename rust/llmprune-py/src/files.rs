@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use llmprune_core::checkpoint::{dtype_name, Checkpoint};
+use llmprune_core::checkpoint::{dtype_name, Checkpoint, INDEX_FILE};
 use llmprune_core::error::Error;
-use llmprune_core::output::{copy_other_files, StagingDir};
+use llmprune_core::output::{copy_other_files, write_index, StagingDir};
 use llmprune_core::sidecar::{self, GradStats, LayerStats, Sidecar, SidecarInfo};
 use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -91,12 +91,20 @@ impl PyStagingDir {
 /// Copies every file of `model_dir` that is not part of the weights (tokenizer, generation config,
 /// ...) into `dst`, except the top-level names in `rewritten`, under the symbolic-link policy.
 #[pyfunction]
-#[pyo3(signature = (model_dir, dst, rewritten=Vec::new()))]
-fn copy_model_files(py: Python<'_>, model_dir: PathBuf, dst: PathBuf, rewritten: Vec<String>) -> PyResult<()> {
+#[pyo3(signature = (model_dir, dst, rewritten=Vec::new(), with_index=false))]
+fn copy_model_files(py: Python<'_>, model_dir: PathBuf, dst: PathBuf, rewritten: Vec<String>, with_index: bool) -> PyResult<()> {
     detached(py, || {
         let ckpt = Checkpoint::open(&model_dir)?;
         let names: Vec<&str> = rewritten.iter().map(String::as_str).collect();
-        copy_other_files(&ckpt, &dst, &names)
+        copy_other_files(&ckpt, &dst, &names)?;
+        match (&ckpt.index, with_index) {
+            // the same tensors in the same shards: only the index's total size is recomputed
+            (Some(index), true) => {
+                let total = ckpt.tensors().map(|(_, t)| t.nbytes() as u64).sum();
+                write_index(index, total, None, &dst.join(INDEX_FILE))
+            }
+            _ => Ok(()),
+        }
     })
 }
 
@@ -180,6 +188,12 @@ fn write_sidecar(
     })
 }
 
+/// Checks before a long pass that a sidecar can be written at `path` (see `atomic_write`).
+#[pyfunction]
+fn check_file_destination(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    detached(py, || llmprune_core::output::check_file_destination(&path))
+}
+
 /// `stats merge`: sums sidecars of one model taken on disjoint calibration sets into `out`;
 /// returns a JSON summary.
 #[pyfunction]
@@ -197,5 +211,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_sidecar, m)?)?;
     m.add_function(wrap_pyfunction!(write_sidecar, m)?)?;
     m.add_function(wrap_pyfunction!(merge_sidecars, m)?)?;
+    m.add_function(wrap_pyfunction!(check_file_destination, m)?)?;
     Ok(())
 }
