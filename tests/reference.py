@@ -1,6 +1,6 @@
 """Independent reference implementations for the llmprune tests.
 
-Everything here is written from the formulas in DESIGN.md and docs/sidecar.md with plain numpy /
+Everything here is written from the formulas in docs/architecture.md, select.rs's header and docs/sidecar.md with plain numpy /
 PyTorch / json; nothing calls into llmprune. Later test modules reuse these helpers:
 
 - tiny checkpoints:       tiny_llama_dir
@@ -175,7 +175,7 @@ def from_f32(x: np.ndarray, dtype: str) -> bytes:
 
 
 def is_prunable_default(name: str, shape: tuple[int, ...]) -> bool:
-    """DESIGN.md's rule without a sidecar: 2-D weights under `*.layers.N.*` / `*.h.N.*`."""
+    """The rule without a sidecar (rust/llmprune-core/src/prunable.rs): 2-D weights under `*.layers.N.*` / `*.h.N.*`."""
     return len(shape) == 2 and name.endswith(".weight") and BLOCK_RE.search(name) is not None
 
 
@@ -513,7 +513,7 @@ def reference_mask(
     stats: dict[str, Any] | None = None,
     name: str = "",
 ) -> np.ndarray:
-    """The pruning mask (True = pruned) of an [out, in] weight, per DESIGN.md.
+    """The pruning mask (True = pruned) of an [out, in] weight, per the semantics in docs/architecture.md.
 
     `stats` is either this weight's {"act_sum", "act_sqsum", "act_count"} or the whole
     reference_stats dict (then `name` selects the entry).

