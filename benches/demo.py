@@ -245,7 +245,7 @@ class Statistics:
         meta = sidecar_meta(path)
         if meta is None:
             return None
-        from llmprune.data import CALIB, describe_source
+        from llmprune.text_sources import CALIB, describe_source
 
         cal = meta.get("calibration") or {}
         want = {"source": describe_source(self.args.calib, CALIB), "nsamples": self.args.nsamples,

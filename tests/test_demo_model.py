@@ -102,7 +102,7 @@ def test_tokenizer_matches_gguf_settings(converted):
 def test_transformers_loads_and_predicts_sotu_text(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmprune.data import eval_token_ids
+    from llmprune.token_windows import eval_token_ids
 
     tok = AutoTokenizer.from_pretrained(str(converted))
     model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32)

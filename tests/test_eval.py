@@ -88,14 +88,14 @@ def cli_model(eval_dir) -> Path:
 def test_cli_eval_json(run_cli, cli_model):
     from transformers import AutoTokenizer
 
-    from llmprune import data
+    from llmprune.token_windows import eval_token_ids
 
     code, out, err = run_cli(["eval", cli_model, "--seqlen", "32", "--max-tokens", "300", "--device", "cpu", "--json"])
     assert code == 0, err
     doc = json.loads(out)
     assert set(doc) >= {"perplexity", "tokens", "seconds", "windows"}
     assert doc["windows"] == 300 // 32 and doc["tokens"] == doc["windows"] * 32
-    ids = data.eval_token_ids(None, AutoTokenizer.from_pretrained(str(cli_model)), 300)
+    ids = eval_token_ids(None, AutoTokenizer.from_pretrained(str(cli_model)), 300)
     ref, _ = H.reference_perplexity(cli_model, ids, 32)
     assert math.isclose(doc["perplexity"], ref, rel_tol=1e-4)
 

@@ -144,7 +144,7 @@ def cli_copy(tmp_path_factory, tmp_path) -> Path:
 def test_cli_grad_sidecar_layout(run_cli, cli_copy, tmp_path):
     from transformers import AutoTokenizer
 
-    from llmprune import data
+    from llmprune.token_windows import calibration_samples
 
     model = cli_copy
     code, out, err = run_cli(["stats", model, "--grad", "--nsamples", "4", "--seqlen", "16", "--json"])
@@ -159,7 +159,7 @@ def test_cli_grad_sidecar_layout(run_cli, cli_copy, tmp_path):
         assert g.out.shape == (3, 4, shape[0]) and g.inp.shape == (3, 4, shape[1])
         assert list(g.count) == [4, 2, 2]
     # the same windows through the reference (the checkpoint is bf16: compare at bf16-weight precision)
-    ids = data.calibration_samples(None, AutoTokenizer.from_pretrained(str(model)), 4, 16, 0)
+    ids = calibration_samples(None, AutoTokenizer.from_pretrained(str(model)), 4, 16, 0)
     assert_grad_close(sc.grad, reference_grad_stats(model, ids), rtol=2e-4)
     # activation-based methods still read the file; merging refuses it
     code, _, err = run_cli(["apply", model, "--method", "wanda", "--sparsity", "0.5", "--out", tmp_path / "w"])

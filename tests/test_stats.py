@@ -245,7 +245,8 @@ def model_copy(cli_model, tmp_path) -> Path:
 def test_cli_stats_end_to_end(run_cli, model_copy):
     from transformers import AutoTokenizer
 
-    from llmprune import data
+    from llmprune.text_sources import describe_source
+    from llmprune.token_windows import calibration_samples
 
     code, out, err = run_cli(["stats", model_copy, "--nsamples", "3", "--seqlen", "32", "--seed", "5", "--json"])
     assert code == 0, err
@@ -256,11 +257,11 @@ def test_cli_stats_end_to_end(run_cli, model_copy):
     assert summary["tokens"] == 96 and summary["blocks"] == 2 and summary["device"] == "cpu"
     # the same windows through the full-model reference
     tok = AutoTokenizer.from_pretrained(str(model_copy))
-    ids = data.calibration_samples(None, tok, 3, 32, 5)
+    ids = calibration_samples(None, tok, 3, 32, 5)
     ref = R.reference_stats(R.load_f32_model(model_copy), ids)
     assert_stats_close(sidecar.read(sc).layers, ref)
     meta = sidecar.read(sc).meta
-    assert meta["calibration"] == {"source": data.describe_source(None), "nsamples": 3, "seqlen": 32, "seed": 5, "tokens": 96}
+    assert meta["calibration"] == {"source": describe_source(None), "nsamples": 3, "seqlen": 32, "seed": 5, "tokens": 96}
     # `apply` accepts the sidecar
     code, out, err = run_cli(["apply", model_copy, "--method", "wanda", "--sparsity", "0.5", "--json"])
     assert code == 0, err

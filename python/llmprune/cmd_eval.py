@@ -39,8 +39,9 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity of a checkpoint on held-out text, one decoder block in memory at a time."""
-    from llmprune import data
-    from llmprune.cmd_stats import _load_tokenizer
+    from llmprune.text_sources import EVAL, describe_source
+    from llmprune.token_windows import eval_token_ids
+    from llmprune.tokenizer import load_tokenizer
     from llmprune.evaluate import perplexity, require_lm_eval, zero_shot
     from llmprune.devices import check_pass_inputs
 
@@ -54,8 +55,8 @@ def eval_cmd(
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be a positive integer, not {max_tokens}")
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
-    source = data.describe_source(data_src, data.EVAL)
-    ids = data.eval_token_ids(data_src, _load_tokenizer(model), max_tokens)
+    source = describe_source(data_src, EVAL)
+    ids = eval_token_ids(data_src, load_tokenizer(model), max_tokens)
     result = perplexity(model, ids, seqlen, device=device, dtype=dtype, progress=True)
     summary: dict = {
         "perplexity": result.perplexity,

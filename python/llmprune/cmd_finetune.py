@@ -70,8 +70,10 @@ def finetune_cmd(
         raise UsageError("give --steps or --epochs, not both")
     ft.require_peft()
 
-    from llmprune import _core, data
-    from llmprune.cmd_stats import _load_tokenizer
+    from llmprune import _core
+    from llmprune.text_sources import CALIB, describe_source
+    from llmprune.token_windows import calibration_samples
+    from llmprune.tokenizer import load_tokenizer
     from llmprune.checkpoint import Checkpoint
     from llmprune.devices import resolve_device
     from llmprune.skeleton import load_config
@@ -86,11 +88,11 @@ def finetune_cmd(
         raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
     # the output location is checked (and its staging directory made) before the training starts
     with _core.StagingDir(str(model), str(out if out is not None else default_out(model)), force) as staging:
-        tokenizer = _load_tokenizer(model)
+        tokenizer = load_tokenizer(model)
         net, loader = ft.load_model(model)
         ft.target_modules(net, lora)  # a bad --targets is reported before the text is read
-        source = data.describe_source(data_src, data.CALIB)
-        samples = data.calibration_samples(data_src, tokenizer, nsamples, seqlen, seed)
+        source = describe_source(data_src, CALIB)
+        samples = calibration_samples(data_src, tokenizer, nsamples, seqlen, seed)
         total = steps if steps is not None else (epochs or 1) * -(-nsamples // batch_size)
         train = ft.TrainSettings(steps=total, batch_size=batch_size, lr=lr, seed=seed)
 

@@ -73,22 +73,6 @@ class _DefaultCommand(TyperCommand):
     context_class = _DefaultContext
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def _load_tokenizer(model: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    hint = "MODEL needs its tokenizer files (tokenizer.json, tokenizer_config.json, ...) to tokenize text"
-    if not any((model / f).is_file() for f in _TOKENIZER_FILES):
-        raise UsageError(f"{model} has no tokenizer files", hint=hint)
-    try:
-        return AutoTokenizer.from_pretrained(str(model))
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load the tokenizer of {model}: {first}", hint=hint) from None
-
-
 def _default_out(model: Path) -> Path:
     from llmprune.sidecar import SIDECAR_NAME
 
@@ -131,7 +115,10 @@ def stats_cmd(
 
     Merge sidecars of disjoint calibration sets with `llmprune stats merge A B ... --out C`.
     """
-    from llmprune import data, sidecar
+    from llmprune import sidecar
+    from llmprune.text_sources import CALIB, describe_source
+    from llmprune.token_windows import calibration_samples
+    from llmprune.tokenizer import load_tokenizer
     from llmprune.stats import Sequential, collect_stats, init_distributed, shutdown_distributed, validate_sequential
     from llmprune.devices import check_pass_inputs
 
@@ -163,13 +150,13 @@ def stats_cmd(
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
-    source = data.describe_source(calib, data.CALIB)
+    source = describe_source(calib, CALIB)
     if seq is not None:
         validate_sequential(seq.method, seq.sparsity, seq.pattern)
 
     info = init_distributed(device)
     try:
-        samples = data.calibration_samples(calib, _load_tokenizer(model), nsamples, seqlen, seed)
+        samples = calibration_samples(calib, load_tokenizer(model), nsamples, seqlen, seed)
         grad_result = None
         if grad:
             from llmprune.grad import collect_grad_stats

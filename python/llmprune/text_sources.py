@@ -1,4 +1,6 @@
-"""Text sources for calibration (`llmprune stats --calib`) and evaluation (`llmprune eval --data`).
+"""Text sources for calibration (`llmprune stats --calib`, `finetune --data`) and evaluation
+(`llmprune eval --data`): where the documents come from. Sampling windows and tokenizing them is
+token_windows.py's job.
 
 A source string names one of:
 
@@ -18,14 +20,6 @@ A source string names one of:
   builder, the very code path that reads C4's ``.json.gz`` shards;
   a directory  every ``*.txt`` file inside (sorted by name), each read as above.
 
-Protocols (Wanda's, see REFERENCE.md):
-
-- calibration: with ``random.Random(seed)`` (the same stream as ``random.seed(seed)``), pick a random
-  document, tokenize it, keep it only if it has more than ``seqlen`` tokens, then take a random window of
-  exactly ``seqlen`` tokens; repeat ``nsamples`` times. A source that is a single text (wikitext2, one
-  .txt file) skips the document draw.
-- evaluation: all documents joined (``"\\n\\n"``), tokenized once, optionally cut to ``max_tokens``.
-
 Loading documents is kept apart from sampling windows, so the sampling of the hub sources can be tested
 offline on local files of the same format.
 """
@@ -37,19 +31,15 @@ import gzip
 import importlib.util
 import json
 import os
-import random
 import re
 import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 from llmprune.errors import UsageError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 CALIB = "calib"
 EVAL = "eval"
@@ -87,33 +77,6 @@ class Corpus:
     documents: Sequence[str]
     joiner: str = "\n\n"
 
-
-# --------------------------------------------------------------------------------------------------
-# public API
-
-
-def calibration_samples(
-    src: str | None, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0
-) -> "torch.Tensor":
-    """`nsamples` random windows of exactly `seqlen` tokens, as a LongTensor [nsamples, seqlen]."""
-    import torch
-
-    _check_positive("--nsamples", nsamples)
-    _check_positive("--seqlen", seqlen)
-    corpus = load_corpus(src, CALIB)
-    windows = sample_windows(corpus, tokenizer, nsamples, seqlen, seed)
-    return torch.tensor(windows, dtype=torch.long)
-
-
-def eval_token_ids(src: str | None, tokenizer: Any, max_tokens: int | None = None) -> "torch.Tensor":
-    """The evaluation text tokenized once, as a LongTensor [1, N] (N <= max_tokens when given)."""
-    import torch
-
-    if max_tokens is not None:
-        _check_positive("--max-tokens", max_tokens)
-    corpus = load_corpus(src, EVAL)
-    ids = join_and_tokenize(corpus, tokenizer, max_tokens)
-    return torch.tensor([ids], dtype=torch.long)
 
 
 def describe_source(src: str | None, purpose: str = CALIB) -> str:
@@ -161,71 +124,6 @@ def load_corpus(src: str | None, purpose: str = CALIB) -> Corpus:
         return Corpus(desc, lines, joiner="\n\n")
     assert path is not None
     return Corpus(desc, local_documents(path, flag))
-
-
-def sample_windows(corpus: Corpus, tokenizer: Any, nsamples: int, seqlen: int, seed: int) -> list[list[int]]:
-    """Wanda's calibration sampling over `corpus` (see the module docstring); deterministic per seed."""
-    _check_positive("--nsamples", nsamples)
-    _check_positive("--seqlen", seqlen)
-    docs = corpus.documents
-    n = len(docs)
-    if n == 0:
-        raise UsageError(f"{corpus.description} contains no documents", hint="pass another --calib source")
-    rng = random.Random(seed)
-    long_docs: dict[int, list[int]] = {}
-    short_docs: dict[int, int] = {}  # index -> token count, for documents of at most seqlen tokens
-    windows: list[list[int]] = []
-    for _ in range(nsamples):
-        while True:
-            i = rng.randint(0, n - 1) if n > 1 else 0
-            ids = long_docs.get(i)
-            if ids is not None:
-                break
-            if i not in short_docs:
-                ids = encode(tokenizer, docs[i])
-                if len(ids) > seqlen:
-                    long_docs[i] = ids
-                    break
-                short_docs[i] = len(ids)
-            if len(short_docs) == n:
-                longest = max(short_docs.values())
-                if longest == 0:
-                    raise UsageError(
-                        f"{corpus.description} contains no text", hint="pass another --calib source"
-                    )
-                raise UsageError(
-                    f"no document of {corpus.description} is longer than --seqlen {seqlen} tokens; "
-                    f"the longest document has {longest} tokens",
-                    hint=f"use --seqlen {longest - 1} or less, or a source with longer documents",
-                )
-        start = rng.randint(0, len(ids) - seqlen - 1)
-        windows.append(ids[start : start + seqlen])
-    return windows
-
-
-def join_and_tokenize(corpus: Corpus, tokenizer: Any, max_tokens: int | None = None) -> list[int]:
-    """Wanda's evaluation text: the documents joined, tokenized once, cut to `max_tokens`."""
-    text = corpus.joiner.join(corpus.documents)
-    if not text.strip():
-        raise UsageError(f"{corpus.description} contains no text", hint="pass another --data source")
-    ids = encode(tokenizer, text)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    if not ids:
-        raise UsageError(f"{corpus.description} gave no tokens", hint="pass another --data source")
-    return ids
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` with the tokenizer's default special tokens (as `tokenizer(text)` gives)."""
-    # verbose=False: no "sequence longer than the model's maximum" warning; we cut windows ourselves.
-    enc = tokenizer(text, return_attention_mask=False, verbose=False)
-    ids = enc["input_ids"]
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    if ids and isinstance(ids[0], list):  # a batch of one
-        ids = ids[0]
-    return list(ids)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,11 +373,6 @@ def _offline_mode(enabled: bool) -> Iterator[None]:
 
 def _flag(purpose: str) -> str:
     return "--calib" if purpose == CALIB else "--data"
-
-
-def _check_positive(flag: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{flag} must be a positive integer, not {value!r}")
 
 
 def _resolve(src: str | None, flag: str = "--calib") -> tuple[str, Path | None]:
