@@ -33,4 +33,4 @@ def demo_model(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo-model", no_args_is_help=True)(demo_model)
+    app.command("demo-model", no_args_is_help=True, short_help="Write the SmolLM2-135M demo checkpoint, offline.")(demo_model)

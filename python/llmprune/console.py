@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -12,6 +13,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -31,8 +33,60 @@ def print_json(doc: Any) -> None:
     sys.stdout.flush()
 
 
+class LogProgress(Progress):
+    """Progress for a stderr that is not a terminal (a log, a pipe): no bar, no cursor movement and no
+    trailing empty line. Once a run has lasted LOG_AFTER seconds it prints one plain line of all its
+    tasks when a phase changes (at most every LOG_GAP seconds) and at least every LOG_EVERY seconds,
+    so that a long run in a log shows where it is; a quick one prints nothing."""
+
+    LOG_AFTER = 5.0
+    LOG_GAP = 10.0
+    LOG_EVERY = 30.0
+
+    def __init__(self, *, bytes_: bool = False, **kwargs: Any):
+        super().__init__(disable=True, **kwargs)
+        self._bytes = bytes_
+        self._t0 = time.monotonic()
+        self._last = self._t0 - self.LOG_GAP
+        self._last_phases: list[str] = []
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._log()
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log()
+
+    def reset(self, task_id: TaskID, **kwargs: Any) -> None:
+        super().reset(task_id, **kwargs)
+        self._log()
+
+    def _count(self, n: float, total: float | None) -> str:
+        if self._bytes:
+            return f"{n / 1e6:,.0f}" + (f" of {total / 1e6:,.0f}" if total else "") + " MB"
+        return f"{n:,.0f}" + (f"/{total:,.0f}" if total else "")
+
+    def _log(self) -> None:
+        now = time.monotonic()
+        phases = [t.description for t in self.tasks]
+        since = now - self._last
+        if now - self._t0 < self.LOG_AFTER or since < self.LOG_GAP:
+            return
+        if phases == self._last_phases and since < self.LOG_EVERY:
+            return
+        self._last, self._last_phases = now, phases
+        parts = []
+        for t in self.tasks:
+            detail = t.fields.get("detail") or ""
+            parts.append(f"{t.description} {self._count(t.completed, t.total)}" + (f" ({detail})" if detail else ""))
+        err.print(f"{', '.join(parts)}; {now - self._t0:,.0f} s", markup=False, highlight=False, soft_wrap=True)
+
+
 def byte_progress() -> Progress:
     """A progress bar counting bytes (for streaming over shards)."""
+    if not err.is_interactive:
+        return LogProgress(console=err, bytes_=True)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -47,6 +101,8 @@ def byte_progress() -> Progress:
 
 def count_progress() -> Progress:
     """A progress bar counting items (blocks, samples, windows)."""
+    if not err.is_interactive:
+        return LogProgress(console=err)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
