@@ -393,6 +393,42 @@ def test_torchrun_two_processes_equal_one(run_cli, model_copy, tmp_path):
     assert a.meta["calibration"] == b.meta["calibration"]
 
 
+GROUP_SHUTDOWN_SCRIPT = r"""
+import os, sys
+from llmprune.stats import init_distributed, shutdown_distributed
+
+def threads():
+    return set(os.listdir("/proc/self/task"))
+
+before = threads()
+info = init_distributed("cpu")
+gloo = threads() - before
+import transformers.modeling_utils  # as the layer streamer does, after the group exists
+info.barrier()
+shutdown_distributed(info)
+left = gloo & threads()
+print(f"rank {info.rank}: {len(gloo)} threads of the group, {len(left)} left after shutdown", file=sys.stderr)
+sys.exit(1 if not gloo or left else 0)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_group_is_gone_after_shutdown(tmp_path):
+    """Nothing imported after init keeps the process group alive: its gloo threads end at shutdown,
+    not at interpreter exit, where they aborted rank 1 now and then (SIGABRT)."""
+    script = tmp_path / "group_shutdown.py"
+    script.write_text(GROUP_SHUTDOWN_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        env=cli_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count(" 0 left after shutdown") == 2, proc.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # Memory: one block at a time
 # --------------------------------------------------------------------------------------------

@@ -91,6 +91,12 @@ def init_distributed(device: str) -> DistInfo:
     if world <= 1:
         return DistInfo()
     import torch.distributed as dist
+    # torch.distributed.nn binds `group.WORLD` as default arguments when it is imported (transformers
+    # imports it through torch._dynamo while the model skeleton is built). Imported after the group
+    # exists, it would keep the group alive past destroy_process_group, and gloo's threads would then
+    # die with the interpreter: an occasional SIGABRT ("terminate called without an active exception")
+    # on exit. Imported first, it binds None.
+    import torch.distributed.nn  # noqa: F401
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
