@@ -5,6 +5,7 @@ backward against the whole-model one, the sidecar layout, and bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,9 @@ def test_cli_grad_sidecar_layout(run_cli, cli_copy, tmp_path):
     # activation-based methods still read the file; merging refuses it
     code, _, err = run_cli(["apply", model, "--method", "wanda", "--sparsity", "0.5", "--out", tmp_path / "w"])
     assert code == 0, err
-    code, _, err = run_cli(["stats", "merge", model / sidecar.SIDECAR_NAME, model / sidecar.SIDECAR_NAME, "--out", tmp_path / "m.safetensors"])
+    twin = tmp_path / "twin.safetensors"
+    shutil.copyfile(model / sidecar.SIDECAR_NAME, twin)
+    code, _, err = run_cli(["stats", "merge", model / sidecar.SIDECAR_NAME, twin, "--out", tmp_path / "m.safetensors"])
     assert code == 2 and "gradient statistics" in err and not (tmp_path / "m.safetensors").exists()
 
 

@@ -8,7 +8,8 @@ import numpy.typing as npt
 
 __version__: str
 
-class LlmpruneError(Exception): ...
+class LlmpruneError(Exception):
+    hint: str | None  # the suggested next step, set by the core on every error it raises
 class InvalidCheckpointError(LlmpruneError): ...
 class InvalidStatsError(LlmpruneError): ...
 class StatsMismatchError(LlmpruneError): ...
@@ -28,7 +29,7 @@ def apply(
     threads: int | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
-    input_axis: int = 1,
+    input_axis: int | None = None,
     force: bool = False,
     provenance: dict[str, str] | None = None,
     progress: Callable[[str, int, int, int, int], None] | None = None,
@@ -44,7 +45,7 @@ def apply_structured(
     method: str,
     *,
     sparsity: float,
-    allocation: str = "global",
+    allocation: str | None = None,
     compensate: bool | None = None,
     stats: str | None = None,
     threads: int | None = None,
@@ -79,8 +80,66 @@ def compute_mask(
 ) -> npt.NDArray[np.bool_]:
     """Mask (True = pruned) of a 2-D [out, in] float32 weight, exactly as `apply` computes it."""
 
-def inspect(model_dir: str, input_axis: int = 1) -> str:
-    """Per-tensor sparsity, N:M compliance and provenance of a checkpoint, as JSON."""
+def inspect(model_dir: str, input_axis: int | None = None) -> str:
+    """Per-tensor sparsity, N:M compliance and provenance of a checkpoint, as JSON (tensors in
+    natural name order). input_axis None: from config.json (see default_input_axis)."""
 
-def describe_model(model_dir: str) -> str:
-    """JSON {"fingerprint": str, "tensors": {name: "DTYPE[d0,d1,...]"}} of a checkpoint."""
+def default_input_axis(model_dir: str) -> int:
+    """The input axis assumed for weights no sidecar describes: 0 for GPT-2's Conv1D checkpoints."""
+
+def methods() -> str:
+    """JSON {"unstructured": [{"name", "needs_stats"}], "structured": [{"name", "needs_stats",
+    "compensates", "allocation"}]}: every method the core implements and its defaults."""
+
+def open_checkpoint(model_dir: str) -> str:
+    """Validate a checkpoint as apply does; JSON {"dir", "files", "fingerprint", "tensors":
+    {name: [file, dtype, shape]}, "model_tensors": {name: "DTYPE[d0,d1]"}}."""
+
+class StagingDir:
+    """A directory beside `target` that becomes `target` on commit(); close() (or leaving a with
+    block) without a commit removes it with everything written."""
+
+    path: str
+    target: str
+    warnings: list[str]
+
+    def __init__(self, model_dir: str, target: str, force: bool = False) -> None: ...
+    def commit(self) -> str: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> StagingDir: ...
+    def __exit__(self, *exc: object) -> bool: ...
+
+def copy_model_files(model_dir: str, dst: str, rewritten: Sequence[str] = (), with_index: bool = False) -> None:
+    """Copy the model directory's other files (tokenizer, configs, ...) into dst, except the
+    top-level names in `rewritten`; with_index also writes the index for an unchanged layout."""
+
+def read_sidecar(
+    path: str,
+) -> tuple[
+    str,
+    dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], int, int]],
+    dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], list[int]]],
+]:
+    """(metadata JSON, {name: (act_sum, act_sqsum, act_count, input_axis)}, {name: (grad_out,
+    grad_in, grad_count)}) of a validated sidecar; gradient arrays flattened from [3, 4, n]."""
+
+def write_sidecar(
+    path: str,
+    model_dir: str,
+    layers: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], int, int]],
+    info: str,
+    grads: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], Sequence[int]]] | None = None,
+) -> None:
+    """Validate and write a v1 sidecar atomically for the checkpoint in model_dir. info: JSON with
+    calibration, mode, sequential and grad (docs/sidecar.md)."""
+
+def check_file_destination(path: str) -> None:
+    """Raise unless a file can be written at path (checked before a long pass)."""
+
+def merge_sidecars(paths: Sequence[str], out: str) -> str:
+    """Sum sidecars of one model taken on disjoint calibration sets into out; JSON summary."""
+
+DEFAULT_SIDECAR: str
+MAX_THREADS: int
+
+class InternalError(LlmpruneError): ...

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -117,7 +116,7 @@ def finetune_cmd(
             "seqlen": seqlen,
             "tokens": result.tokens,
             "final_loss": result.loss_last(),
-            "source_fingerprint": _source_fingerprint(model),
+            "source_fingerprint": ckpt.fingerprint,
         }
         ft.write_checkpoint(ckpt, ft.changed_weights(merged, result.modules, ckpt), Path(staging.path), provenance)
         ft.check_same_layout(ckpt, Path(staging.path))
@@ -174,12 +173,6 @@ def _lora_settings(rank: int, alpha: float, dropout: float, targets: str | None)
     if not names:
         raise UsageError("--targets names no layer", hint=f"e.g. --targets {','.join(DEFAULT_TARGETS[:4])}")
     return LoraSettings(rank, alpha, dropout, names, targets_given=True)
-
-
-def _source_fingerprint(model: Path) -> str:
-    from llmprune import _core
-
-    return json.loads(_core.describe_model(str(model)))["fingerprint"]
 
 
 def register(app: typer.Typer) -> None:

@@ -51,9 +51,20 @@ pub struct Run {
 impl Run {
     /// Opens the checkpoint and, when needed or given, the sidecar (checked against the model).
     pub fn open(model_dir: &Path, stats: Option<&Path>, need: Option<StatsNeed>) -> Result<Run> {
-        let started = Instant::now();
-        let ckpt = Checkpoint::open(model_dir)?;
-        let sidecar = match (sidecar::locate(model_dir, stats), need) {
+        let mut run = Run::open_checkpoint(model_dir)?;
+        run.attach_sidecar(stats, need)?;
+        Ok(run)
+    }
+
+    /// Opens the checkpoint only (a caller with checks of its own to make first).
+    pub fn open_checkpoint(model_dir: &Path) -> Result<Run> {
+        Ok(Run { started: Instant::now(), ckpt: Checkpoint::open(model_dir)?, sidecar: None, warnings: Vec::new() })
+    }
+
+    /// Opens the sidecar when needed or given, and checks it against the checkpoint.
+    pub fn attach_sidecar(&mut self, stats: Option<&Path>, need: Option<StatsNeed>) -> Result<()> {
+        let model_dir = self.ckpt.dir.clone();
+        let sidecar = match (sidecar::locate(&model_dir, stats), need) {
             (Some(p), need) if need.is_some() || stats.is_some() => Some(Sidecar::open(&p)?),
             (None, Some(need)) => {
                 return Err(Error::arg_hint(
@@ -64,9 +75,10 @@ impl Run {
             _ => None,
         };
         if let Some(sc) = &sidecar {
-            sc.check_matches(&ckpt)?;
+            sc.check_matches(&self.ckpt)?;
         }
-        Ok(Run { started, ckpt, sidecar, warnings: Vec::new() })
+        self.sidecar = sidecar;
+        Ok(())
     }
 
     /// The `llmprune` provenance entry of every output shard: the method's `fields`, then what

@@ -146,8 +146,10 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         o.validate()?;
     }
     let compensate = opts.compensate.unwrap_or(opts.method.compensates_by_default());
-    let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), stats_need(opts.method, compensate))?;
+    let mut run = Run::open_checkpoint(&opts.model_dir)?;
+    // an architecture without group rules is reported before any missing statistics
     let rules = Rules::from_checkpoint(&run.ckpt)?;
+    run.attach_sidecar(opts.stats.as_deref(), stats_need(opts.method, compensate))?;
     let hywia = match (opts.method, &opts.hywia) {
         (StructMethod::Hywia, o) => {
             let o = o.clone().unwrap_or_default();
