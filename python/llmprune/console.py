@@ -25,7 +25,7 @@ err = Console(stderr=True, highlight=False)
 
 
 def warn(message: str) -> None:
-    err.print(f"warning: {message}", markup=False)
+    err.print(f"warning: {message}", markup=False, soft_wrap=True)
 
 
 def print_json(doc: Any) -> None:

@@ -1,0 +1,57 @@
+"""How long a layer-streamed pass (stats, eval) will take on this machine, before it starts: the
+model's matrix-multiply work per token, over the speed this CPU multiplies float32 matrices at."""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from pathlib import Path
+
+# Repeated decoder blocks (the core's default rule for prunable tensors).
+BLOCK_RE = re.compile(r"(^|\.)(layers|h|blocks)\.\d+\.")
+# Share of the measured matmul speed a whole pass reaches (block loading, hooks, float64 sums, norms,
+# softmax): `stats --nsamples 4 --seqlen 512` of SmolLM2-135M took 52 s on two CPU threads that
+# multiply at 45 GFLOP/s, for 471 GFLOP of work.
+PASS_EFFICIENCY = 0.2
+
+
+def pass_flops(model: Path, tokens: int, seqlen: int) -> float:
+    """Multiply-add work of a forward pass over `tokens` tokens in windows of `seqlen`: 2 flops per
+    block weight per token, plus causal attention (scores and weighted sum, on average over half the
+    window)."""
+    from llmprune.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(model)
+    weights = 0
+    layers: set[str] = set()
+    hidden = 0
+    for name in ckpt.entries:
+        shape = ckpt.shape(name)
+        m = BLOCK_RE.search(name)
+        if m is None or len(shape) != 2:
+            continue
+        layers.add(name[: m.end()])
+        weights += shape[0] * shape[1]
+        hidden = max(hidden, min(shape))
+    attention = 2 * 2 * (seqlen / 2) * hidden * len(layers)
+    return tokens * (2 * weights + attention)
+
+
+@functools.cache
+def matmul_flops_per_second(seconds: float = 0.2) -> float:
+    """float32 matrix-multiply speed of this CPU with torch's current threads."""
+    import torch
+
+    a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+    a @ b  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 512 * 1024 * 1024 / elapsed
+
+
+def pass_seconds(model: Path, nsamples: int, seqlen: int) -> float:
+    """Estimated seconds of a stats or eval pass of nsamples windows of seqlen tokens on the CPU."""
+    return pass_flops(model, nsamples * seqlen, seqlen) / (matmul_flops_per_second() * PASS_EFFICIENCY)
