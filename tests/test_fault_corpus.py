@@ -415,6 +415,8 @@ def _start_apply(model: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(),
+        # a shell without job control starts background jobs with SIGINT ignored; undo that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -424,11 +426,13 @@ def _wait_for_staging(proc: subprocess.Popen, parent: Path) -> None:
         time.sleep(0.005)
 
 
-def test_sigterm_stops_like_ctrl_c(big_model):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_the_cli(big_model, signum):
+    """Ctrl-C, and SIGTERM (timeout, kill, schedulers) like it: exit 130 and nothing left behind."""
     model, tmp_path = big_model, big_model.parent
     proc = _start_apply(model)
     _wait_for_staging(proc, tmp_path)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("apply finished before the signal arrived")
