@@ -224,13 +224,23 @@ def inspect_cmd(model: ModelArg, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(report)
         return
-    table = Table(title=f"{model} ({report['shards']} shard(s))")
-    for col in ("tensor", "dtype", "shape", "sparsity", "2:4", "4:8"):
-        table.add_column(col, justify="left" if col in ("tensor", "dtype", "shape") else "right")
+    dtypes = sorted({t["dtype"] for t in report["tensors"]})
+    one_dtype = len(dtypes) == 1
+    title = f"{model} ({report['shards']} shard(s){', ' + dtypes[0] if one_dtype else ''})"
+    # borderless, and the dtype in the title when all tensors share one: names fit 80 columns; a
+    # longer name folds onto a second line rather than being cut
+    table = Table(title=title, box=None, pad_edge=False)
+    table.add_column("tensor", overflow="fold")
+    if not one_dtype:
+        table.add_column("dtype")
+    table.add_column("shape", no_wrap=True)
+    for col in ("sparsity", "2:4", "4:8"):
+        table.add_column(col, justify="right", no_wrap=True)
     for t in report["tensors"]:
         nm = t["nm"]
         mark = lambda k: "" if k not in nm else ("yes" if nm[k] else "no")  # noqa: E731
-        table.add_row(t["name"], t["dtype"], "x".join(map(str, t["shape"])), f"{t['sparsity']:.2%}", mark("2:4"), mark("4:8"))
+        dtype = [] if one_dtype else [t["dtype"]]
+        table.add_row(t["name"], *dtype, "x".join(map(str, t["shape"])), f"{t['sparsity']:.2%}", mark("2:4"), mark("4:8"))
     out = Console(highlight=False)
     out.print(table)
     out.print(f"prunable weights: {report['prunable']['sparsity']:.2%} zeros of {report['prunable']['numel']:,}")
