@@ -20,8 +20,12 @@ $(STAMP):
 setup: $(STAMP)
 
 # Builds the Rust extension into the virtualenv (serialized: helpers and CI may share the machine).
+# maturin's own output (pip's dependency checks) goes to a log, shown only when the build fails.
+DEVELOP_LOG := $(VENV)/maturin-develop.log
 develop: setup
-	flock /tmp/llmprune-build.lock $(VENV)/bin/maturin develop --release -q
+	@echo "building the Rust extension into $(VENV) (log: $(DEVELOP_LOG))"
+	@flock /tmp/llmprune-build.lock $(VENV)/bin/maturin develop --release -q > $(DEVELOP_LOG) 2>&1 \
+		|| { cat $(DEVELOP_LOG); echo "maturin develop failed (log above)"; exit 1; }
 
 test-rust:
 	cargo test --release -p llmprune-core

@@ -50,6 +50,7 @@ SEQ_SUFFIX = "~seq"
 LAYER_SUFFIX = "-layer"
 MD_BEGIN = "<!-- demo.py table: begin -->"
 MD_END = "<!-- demo.py table: end -->"
+SIDECAR_NAME = "llmprune-stats.safetensors"  # where `stats` writes and `apply` reads by default
 
 err = Console(stderr=True, highlight=False)
 
@@ -198,10 +199,13 @@ def parse_methods(spec: str, sparsity: float, targets: str | None = None) -> lis
 
 
 def llmprune(*args: str) -> dict:
-    """Run `llmprune ARGS --json` with this interpreter; progress passes through on stderr."""
+    """Run `llmprune ARGS --json` with this interpreter, printing the command first (to be repeated by
+    copy and paste) and its duration after; its progress passes through on stderr."""
     cmd = [sys.executable, "-m", "llmprune", *args, "--json"]
-    err.print(f"$ llmprune {' '.join(args)} --json", style="dim", markup=False, soft_wrap=True)
+    err.print(f"$ {shlex.join(['llmprune', *args, '--json'])}", style="dim", markup=False, soft_wrap=True)
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    err.print(f"  ({args[0]}: {time.perf_counter() - t0:.1f} s)", style="dim", markup=False)
     if proc.returncode != 0:
         err.print(f"[red]`llmprune {args[0]}` failed with exit code {proc.returncode}[/red]")
         raise SystemExit(proc.returncode)
@@ -237,8 +241,10 @@ class Statistics:
         return f"{run.method}{SEQ_SUFFIX}@{run.target_arg}" if run.sequential else "dense"
 
     def path_for(self, run: Run) -> Path:
+        """Dense statistics at the default place, MODEL/llmprune-stats.safetensors, where `stats` writes
+        them and `apply` looks without --out / --stats; sequential ones in the work directory."""
         if not run.sequential:
-            return self.work / f"{self.model.name}.stats.safetensors"
+            return self.model / SIDECAR_NAME
         return self.work / f"{self.model.name}.stats-seq-{run.method}-{run.target_arg.replace(':', '_')}.safetensors"
 
     def _reusable(self, path: Path, run: Run) -> dict | None:
@@ -271,8 +277,9 @@ class Statistics:
         else:
             path.unlink(missing_ok=True)
             a = self.args
-            stats_args = ["stats", str(self.model), "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
-                          "--device", a.device, "--out", str(path)]
+            stats_args = ["stats", str(self.model), "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--device", a.device]
+            if run.sequential:
+                stats_args += ["--out", str(path)]
             if a.calib:
                 stats_args += ["--calib", a.calib]
             if run.sequential:
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=ROOT / "demo-out" / "smollm2-135m", help="demo checkpoint (cached)")
-    ap.add_argument("--work-dir", type=Path, default=None, help="pruned checkpoints and sidecars [default: beside --model-dir]")
+    ap.add_argument("--work-dir", type=Path, default=None, help="pruned checkpoints and sequential sidecars [default: beside --model-dir]")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"METHOD[-layer][~seq][@SPARSITY|@N:M],... [default: {DEFAULT_METHODS}]")
     ap.add_argument("--sparsity", type=float, default=0.5, help="sparsity of methods given without @target [0.5]")
     ap.add_argument("--targets", default=None, help="run each method given without @target at each of these, e.g. 0.5,0.6,4:8,2:4")
@@ -341,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_args += ["--data", args.data]
     eval_info: dict = {}
     for k, run in enumerate(runs, 1):
-        err.print(f"[bold][{k}/{len(runs)}] {run.spec}[/bold]")
+        err.print(f"[bold][{k}/{len(runs)}] {run.spec}[/bold] [dim]({time.perf_counter() - t0:.0f} s so far)[/dim]")
         target = model
         if run.method != "dense":
             out = work / f"{model.name}-{run.label}"
@@ -349,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             if run.scope != "row":
                 apply_args += ["--scope", run.scope]
             if needs_stats(run.method):
-                apply_args += ["--stats", str(stats.get(run))]
+                sidecar = stats.get(run)
+                if run.sequential:
+                    apply_args += ["--stats", str(sidecar)]
             if args.threads:
                 apply_args += ["--threads", str(args.threads)]
             res = llmprune(*apply_args)

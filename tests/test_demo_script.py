@@ -51,7 +51,7 @@ def test_layer_scope_and_sequential(demo):
     assert demo.Statistics.key(plain) == "dense"
     stats = demo.Statistics(Path("/m/smollm2"), Path("/w"), argparse.Namespace())
     assert stats.path_for(seq_nm) == Path("/w/smollm2.stats-seq-stade-w-4_8.safetensors")
-    assert stats.path_for(plain) == Path("/w/smollm2.stats.safetensors")
+    assert stats.path_for(plain) == Path("/m/smollm2/llmprune-stats.safetensors")  # where apply looks
 
 
 def test_targets_cross_methods_target_by_target(demo):
