@@ -74,17 +74,13 @@ def finetune_cmd(
     from llmprune.token_windows import calibration_samples
     from llmprune.tokenizer import load_tokenizer
     from llmprune.checkpoint import Checkpoint
-    from llmprune.devices import resolve_device
+    from llmprune.devices import resolve_device, window_length
     from llmprune.skeleton import load_config
 
     t0 = time.perf_counter()
     ckpt = Checkpoint(model)
     dev = resolve_device(device)
-    ctx = getattr(load_config(ckpt.dir), "max_position_embeddings", None)
-    if seqlen is None:
-        seqlen = min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 1 else DEFAULT_SEQLEN
-    if isinstance(ctx, int) and 0 < ctx < seqlen:
-        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
+    seqlen = window_length(load_config(ckpt.dir), seqlen, default=DEFAULT_SEQLEN)
     # the output location is checked (and its staging directory made) before the training starts
     with _core.StagingDir(str(model), str(out if out is not None else default_out(model)), force) as staging:
         tokenizer = load_tokenizer(model)

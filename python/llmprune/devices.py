@@ -4,6 +4,7 @@ the flags and the checkpoint, before any text is loaded."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,9 +48,15 @@ def check_pass_inputs(model_dir: Path, device: str, dtype: str, seqlen: int | No
     --seqlen, else min(2048, the model's context). A --seqlen beyond the context is an error."""
     ckpt = Checkpoint(model_dir)  # a missing or broken checkpoint is reported before anything else
     resolve_dtype(dtype, ckpt.float_dtype(), resolve_device(device))
-    ctx = getattr(load_config(model_dir), "max_position_embeddings", None)
+    return window_length(load_config(model_dir), seqlen)
+
+
+def window_length(config: Any, seqlen: int | None, default: int = DEFAULT_SEQLEN) -> int:
+    """The one rule for the tokens per window of every torch pass: --seqlen, else min(default, the
+    model's context); a --seqlen beyond the context is an error."""
+    ctx = getattr(config, "max_position_embeddings", None)
     if seqlen is None:
-        return min(DEFAULT_SEQLEN, ctx) if isinstance(ctx, int) and ctx > 0 else DEFAULT_SEQLEN
+        return min(default, ctx) if isinstance(ctx, int) and ctx > 0 else default
     if isinstance(ctx, int) and 0 < ctx < seqlen:
         raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
     return seqlen

@@ -10,7 +10,6 @@ use serde_json::Value;
 
 use crate::checkpoint::{allowed_target, Checkpoint, Shard, INDEX_FILE};
 use crate::error::{Error, Result};
-use crate::sidecar::DEFAULT_SIDECAR;
 
 const OTHER_HINT: &str = "choose another --out";
 const FORCE_HINT: &str = "choose another --out, or pass --force to replace it";
@@ -300,19 +299,18 @@ pub fn write_index(
 }
 
 /// Everything else in the model directory (tokenizer, generation config, ...): not the shards, the
-/// index, the stats sidecar (it describes the unpruned model), nor the top-level files in `rewritten`.
+/// index, nor the top-level files in `leave_out` (files the caller rewrites, the stats sidecar).
 ///
 /// Symbolic links follow the checkpoint's policy (`checkpoint::contained`): links that resolve
 /// inside the model directory (or a hub snapshot's blobs) are copied as what they point to, others
 /// are refused; a folder reached a second time (a link cycle such as `loop -> .`) is not entered
 /// again. Anything but files and folders (sockets, pipes, devices) is refused.
-pub fn copy_other_files(ckpt: &Checkpoint, dst: &Path, rewritten: &[&str]) -> Result<()> {
+pub fn copy_other_files(ckpt: &Checkpoint, dst: &Path, leave_out: &[&str]) -> Result<()> {
     let dir = &ckpt.dir;
     let root = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
     let skip = |rel: &Path| {
         rel == Path::new(INDEX_FILE)
-            || rel == Path::new(DEFAULT_SIDECAR)
-            || rewritten.iter().any(|f| rel == Path::new(f))
+            || leave_out.iter().any(|f| rel == Path::new(f))
             || ckpt.shards.iter().any(|s| Path::new(&s.file_name) == rel)
     };
     let mut copier = Copier { root: &root, dir, visited: HashSet::from([root.clone()]), skip: &skip };

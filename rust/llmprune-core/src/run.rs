@@ -142,7 +142,8 @@ impl Run {
     }
 
     /// Writes the index (with `weight_map` when tensors moved or changed), copies the other files
-    /// but those in `rewritten`, and renames the staging directory into place.
+    /// but those in `rewritten` and the stats sidecar (it describes the unpruned model), and renames
+    /// the staging directory into place.
     pub fn finish(
         &self,
         staging: StagingDir,
@@ -153,7 +154,8 @@ impl Run {
         if let Some(index) = &self.ckpt.index {
             write_index(index, tensor_bytes, weight_map, &staging.path.join(INDEX_FILE))?;
         }
-        copy_other_files(&self.ckpt, &staging.path, rewritten)?;
+        let leave_out: Vec<&str> = rewritten.iter().copied().chain([DEFAULT_SIDECAR]).collect();
+        copy_other_files(&self.ckpt, &staging.path, &leave_out)?;
         staging.commit()
     }
 
