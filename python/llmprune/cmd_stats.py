@@ -40,6 +40,10 @@ llmprune stats ./model --sequential --method wanda --sparsity 0.5
 llmprune stats ./model --grad --nsamples 32 --seqlen 256
 
 \b
+# + input Gram matrices (MODEL/llmprune-gram.safetensors; large)
+llmprune stats ./model --gram
+
+\b
 # data-parallel over 4 GPUs; then merge sidecars of disjoint sets
 torchrun --nproc-per-node 4 -m llmprune stats ./model
 llmprune stats merge a.safetensors b.safetensors --out ab.safetensors
@@ -74,15 +78,15 @@ class _DefaultCommand(TyperCommand):
     context_class = _DefaultContext
 
 
-def _default_out(model: Path) -> Path:
+def _default_out(model: Path, name: str | None = None, option: str = "--out") -> Path:
     from llmprune.sidecar import SIDECAR_NAME
 
     if not os.access(model, os.W_OK):
-        raise UsageError(
-            f"cannot write the statistics into {model}: the directory is not writable",
-            hint="pass --out PATH to write the sidecar elsewhere (and --stats PATH to `llmprune apply`)",
-        )
-    return model / SIDECAR_NAME
+        hint = f"pass {option} PATH to write it elsewhere"
+        if option == "--out":
+            hint = "pass --out PATH to write the sidecar elsewhere (and --stats PATH to `llmprune apply`)"
+        raise UsageError(f"cannot write the statistics into {model}: the directory is not writable", hint=hint)
+    return model / (name or SIDECAR_NAME)
 
 
 def _check_out(out: Path) -> None:
@@ -136,11 +140,13 @@ def stats_cmd(
     pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", metavar="N:M", help="--sequential: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False)] = None,
     grad: Annotated[bool, typer.Option("--grad", help="Also collect gradient statistics of the language-model loss (for --method hywia), with a layer-streamed backward pass.")] = False,
     grad_mode: Annotated[str, typer.Option("--grad-mode", metavar="streamed|full", help="--grad: one block in memory (streamed), or every block loaded and one whole-model backward per sample (full).")] = "streamed",
+    gram: Annotated[bool, typer.Option("--gram", help="Also sum the Gram matrix H = sum of x x^T of every distinct input of the prunable layers (for weight reconstruction), in a second sidecar: n(n+1)/2 float64 per input, gigabytes for a 7B model.")] = False,
+    gram_out: Annotated[Optional[Path], typer.Option("--gram-out", metavar="PATH", help="--gram: the Gram sidecar's path.", show_default="MODEL/llmprune-gram.safetensors")] = None,
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
 
     With --grad, also the per-row and per-column gradient estimates that --method hywia fuses
-    (computed in float32 unless --dtype says otherwise).
+    (computed in float32 unless --dtype says otherwise). With --gram, also each input's Gram matrix.
 
     Merge sidecars of disjoint calibration sets with `llmprune stats merge A B ... --out C`.
     """
@@ -176,11 +182,18 @@ def stats_cmd(
             dtype = "float32"
     elif grad_mode != "streamed":
         raise UsageError("--grad-mode applies with --grad only")
+    if gram and grad:
+        raise UsageError("--gram and --grad cannot be combined", hint="run `llmprune stats` once with --grad and once with --gram")
+    if gram_out is not None and not gram:
+        raise UsageError("--gram-out applies with --gram only", hint="add --gram")
     seqlen_given = seqlen is not None
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
+    gram_target = _gram_target(model, gram_out, out_path) if gram else None
     source = describe_source(calib, CALIB)
+    if gram_target is not None:
+        gram_target.calibration = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     if seq is not None:
         validate_sequential(seq.method, seq.sparsity, seq.pattern)
     nsamples_from = ctx.get_parameter_source("nsamples")
@@ -198,7 +211,7 @@ def stats_cmd(
             grad_result = collect_grad_stats(model, samples, device=device, dtype=dtype, mode=grad_mode, progress=True)
             result = grad_result.stats
         else:
-            result = collect_stats(model, samples, device=device, dtype=dtype, sequential=seq, dist=info, progress=True)
+            result = collect_stats(model, samples, device=device, dtype=dtype, sequential=seq, dist=info, progress=True, gram=gram_target)
         if info.rank == 0:
             sidecar.write(
                 out_path,
@@ -227,6 +240,8 @@ def stats_cmd(
     }
     if grad_result is not None:
         summary["grad"] = {"mode": grad_result.mode, "loss": round(grad_result.loss, 6), "nsamples": grad_result.nsamples}
+    if result.gram is not None:
+        summary["gram"] = {"out": str(result.gram.path), "inputs": result.gram.inputs, "bytes": result.gram.bytes}
     if json_out:
         summary.update({"layers": len(result.layers), "dtype": result.dtype, "world_size": result.world_size, "mode": result.mode})
         print_json(summary)
@@ -236,7 +251,26 @@ def stats_cmd(
         f"wrote {out_path}: statistics of {len(result.layers)} weights over {result.tokens:,} tokens "
         f"({result.blocks} blocks, {seconds:.1f} s, {tps:,.0f} tokens/s on {result.device}{procs})"
         + (f"; gradient statistics ({grad_result.mode} backward, mean loss {grad_result.loss:.4f})" if grad_result is not None else "")
+        + (f"; Gram matrices of {result.gram.inputs} inputs ({_size(result.gram.bytes)}) in {result.gram.path}" if result.gram is not None else "")
     )
+
+
+def _gram_target(model: Path, gram_out: Path | None, stats_out: Path) -> Any:
+    """Where --gram writes (checked now, before the pass)."""
+    from llmprune.gram import GramTarget, gram_name
+
+    path = Path(gram_out) if gram_out is not None else _default_out(model, gram_name(), "--gram-out")
+    if path.resolve() == stats_out.resolve():
+        raise UsageError(f"--gram-out and --out both name {path}", hint="the Gram matrices go into a file of their own")
+    _check_out(path)
+    return GramTarget(path)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def merge_cmd(
@@ -250,12 +284,14 @@ def merge_cmd(
     t0 = time.perf_counter()
     summary = sidecar.merge(list(inputs), out)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    if summary["mode"] != "dense":
+    gram = summary["mode"] == "gram"  # Gram sidecars: `layers` counts their inputs
+    if summary["mode"] not in ("dense", "gram"):
         warn("these statistics were taken in sequential mode, each run pruning with its own statistics; the sum only approximates one sequential run over all samples")
     if json_out:
         print_json(summary)
         return
-    typer.echo(f"merged {len(summary['inputs'])} sidecars into {summary['out']} ({summary['layers']} weights, {summary['tokens']:,} tokens)")
+    what = ("Gram sidecars", "inputs") if gram else ("sidecars", "weights")
+    typer.echo(f"merged {len(summary['inputs'])} {what[0]} into {summary['out']} ({summary['layers']} {what[1]}, {summary['tokens']:,} tokens)")
 
 
 def register(app: typer.Typer) -> None:

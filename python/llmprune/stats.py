@@ -4,7 +4,8 @@ Hooks on each nn.Linear / Conv1D inside the decoder block being run accumulate f
 compute device. In sequential mode (Wanda / STADE's own algorithm) block i is pruned in memory right
 after its statistics are complete, and its outputs are recomputed with the pruned weights before they
 feed block i+1. Under torchrun each rank runs a disjoint slice of the samples and the sums are
-all-reduced block by block, so every rank prunes identically and rank 0 writes the result.
+all-reduced block by block, so every rank prunes identically and rank 0 writes the result. With a
+GramTarget the same pass also sums each block's input Gram matrices (gram.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
+from llmprune.gram import GramPass, GramSummary, GramTarget
 from llmprune.sidecar import LayerStats
 from llmprune.stream import LayerStreamer
 
@@ -54,6 +56,7 @@ class StatsResult:
     world_size: int = 1
     sequential: Sequential | None = None
     pruned: dict[str, int] = field(default_factory=dict)  # sequential mode: weights zeroed per tensor
+    gram: GramSummary | None = None  # with a GramTarget: the Gram sidecar written
 
     @property
     def mode(self) -> str:
@@ -267,13 +270,15 @@ def collect_stats(
     mask_fn: MaskFn | None = None,
     streamer: LayerStreamer | None = None,
     on_hidden: Callable[[int, torch.Tensor], None] | None = None,
+    gram: GramTarget | None = None,
 ) -> StatsResult:
     """Statistics of every prunable weight over `samples` ([nsamples, seqlen] token ids).
 
     With `dist` active, `samples` are the full set: this rank takes its slice and the sums are
     all-reduced, so every rank returns the global statistics. `on_hidden(i, h)` sees the inputs of
     block i ([n, L, H], a buffer reused afterwards: copy what you keep) and, with i = number of
-    blocks, the last block's outputs; the gradient pass keeps them.
+    blocks, the last block's outputs; the gradient pass keeps them. With `gram`, the Gram matrices of
+    every block's inputs are written there as the blocks complete (llmprune/gram.py).
     """
     t0 = time.perf_counter()
     info = dist or DistInfo()
@@ -291,7 +296,12 @@ def collect_stats(
     mask_fn = mask_fn or core_compute_mask
     layers: dict[str, LayerStats] = {}
     pruned: dict[str, int] = {}
-    with BlockProgress(progress and info.rank == 0, streamer.num_blocks, "samples", n) as bar, torch.no_grad():
+    grams = None
+    if gram is not None:
+        seq_meta = sequential.as_meta() if sequential is not None else None
+        grams = GramPass(gram, streamer, info, tokens=int(samples.numel()), mode="dense" if sequential is None else "sequential", sequential=seq_meta)
+    gram_summary = None
+    with BlockProgress(progress and info.rank == 0, streamer.num_blocks, "samples", n) as bar, torch.no_grad(), grams or nullcontext():
         bar.phase("embeddings")
         hidden = streamer.capture(mine, on_sample=bar.step)
         for i in range(streamer.num_blocks):
@@ -299,6 +309,8 @@ def collect_stats(
                 on_hidden(i, hidden)
             streamer.load_block(i)
             prunable = streamer.prunable(i)
+            # before the stats hooks: on block 0 it runs the first window once to see shared inputs
+            gram_hooks = grams.block(i, hidden) if grams is not None else None
             hooks = _BlockHooks(prunable, streamer.device)
             bar.phase(f"block {i}")
             try:
@@ -309,7 +321,12 @@ def collect_stats(
                     bar.step()
             finally:
                 hooks.remove()
+                if gram_hooks is not None:
+                    gram_hooks.remove()
             hooks.reduce_across(info)
+            if grams is not None:
+                grams.commit(gram_hooks)
+                del gram_hooks
             block_stats = hooks.results({name: axis for name, _, axis in prunable})
             layers.update(block_stats)
             del hooks
@@ -323,6 +340,8 @@ def collect_stats(
             bar.block_done(i)
         if on_hidden is not None:
             on_hidden(streamer.num_blocks, hidden)
+        if grams is not None:
+            gram_summary = grams.finish()
     tokens = max((s.act_count for s in layers.values()), default=0)
     return StatsResult(
         layers=layers,
@@ -334,6 +353,7 @@ def collect_stats(
         world_size=info.world_size,
         sequential=sequential,
         pruned=pruned,
+        gram=gram_summary,
     )
 
 
