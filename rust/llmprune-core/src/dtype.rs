@@ -40,6 +40,18 @@ pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
     out
 }
 
+/// Encodes `values` into little-endian bytes of `dtype`, rounding to nearest even (reconstruction
+/// writes new values, unlike pruning which only zeroes).
+pub fn encode_into(dtype: Dtype, values: &[f32], out: &mut Vec<u8>) {
+    out.clear();
+    match dtype {
+        Dtype::BF16 => out.extend(values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())),
+        Dtype::F16 => out.extend(values.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())),
+        Dtype::F32 => out.extend(values.iter().flat_map(|&v| v.to_le_bytes())),
+        other => unreachable!("encode_into called with unsupported dtype {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ pub mod run;
 pub mod score;
 pub mod select;
 pub mod sidecar;
+pub mod sparsegpt;
 pub mod structured;
 pub mod writer;
 

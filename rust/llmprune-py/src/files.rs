@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use llmprune_core::checkpoint::{dtype_name, Checkpoint, INDEX_FILE};
 use llmprune_core::error::Error;
 use llmprune_core::output::{copy_other_files, write_index, StagingDir};
-use llmprune_core::sidecar::{self, GradStats, LayerStats, Sidecar, SidecarInfo};
+use llmprune_core::sidecar::{self, gram, GradStats, LayerStats, Sidecar, SidecarInfo};
 use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -205,8 +205,79 @@ fn merge_sidecars(py: Python<'_>, paths: Vec<PathBuf>, out: PathBuf) -> PyResult
     })
 }
 
+/// Writes a Gram sidecar one matrix at a time (docs/sidecar.md): `write(key, packed, count)` for
+/// every input of the layout, then `finish()`; leaving a with block unfinished removes the file.
+#[pyclass(name = "GramWriter", module = "llmprune._core")]
+struct PyGramWriter {
+    inner: Option<gram::GramWriter>,
+}
+
+#[pymethods]
+impl PyGramWriter {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf, model_dir: PathBuf, layout: Vec<(String, Vec<(String, usize)>, usize)>, info: &str) -> PyResult<Self> {
+        let info: serde_json::Map<String, Value> = serde_json::from_str(info).map_err(|e| json_err("info", e))?;
+        let field = |k: &str| info.get(k).cloned().unwrap_or(Value::Null);
+        let info = gram::GramInfo {
+            calibration: field("calibration"),
+            mode: info.get("mode").and_then(Value::as_str).unwrap_or("dense").to_string(),
+            sequential: field("sequential"),
+        };
+        let groups = layout.into_iter().map(|(key, weights, features)| gram::GramGroup { key, weights, features }).collect();
+        let w = detached(py, || {
+            let ckpt = Checkpoint::open(&model_dir)?;
+            gram::GramWriter::create(&path, &ckpt, groups, &info)
+        })?;
+        Ok(PyGramWriter { inner: Some(w) })
+    }
+
+    fn write(&mut self, py: Python<'_>, key: &str, packed: PyReadonlyArray1<'_, f64>, count: i64) -> PyResult<()> {
+        let data = packed.as_slice().map_err(|_| CoreError(Error::arg("packed must be a contiguous float64 array")))?;
+        let w = self.inner.as_mut().ok_or_else(|| CoreError(Error::arg("the Gram writer is closed")))?;
+        py.detach(|| crate::guarded(|| w.write(key, data, count))).map_err(|e| CoreError(e).into())
+    }
+
+    fn finish(&mut self, py: Python<'_>) -> PyResult<PathBuf> {
+        let w = self.inner.take().ok_or_else(|| CoreError(Error::arg("the Gram writer is closed")))?;
+        detached(py, || w.finish())
+    }
+
+    fn close(&mut self) {
+        self.inner.take();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(&mut self, _t: Option<Bound<'_, PyAny>>, _v: Option<Bound<'_, PyAny>>, _tb: Option<Bound<'_, PyAny>>) -> bool {
+        self.close();
+        false
+    }
+}
+
+/// Reads a whole Gram sidecar (for tests and small models): (metadata JSON, {key: (weights,
+/// packed float64, count)}).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn read_gram<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, BTreeMap<String, (Vec<String>, Bound<'py, PyArray1<f64>>, i64)>)> {
+    let (meta, groups) = detached(py, || {
+        let g = gram::Gram::open(&path)?;
+        let mut out = Vec::new();
+        for (key, grp) in &g.groups {
+            let (packed, count) = g.packed(key)?;
+            out.push((key.clone(), grp.weights.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>(), packed, count));
+        }
+        Ok((Value::Object(g.meta.clone()).to_string(), out))
+    })?;
+    Ok((meta, groups.into_iter().map(|(k, w, p, c)| (k, (w, PyArray1::from_vec(py, p), c))).collect()))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyStagingDir>()?;
+    m.add_class::<PyGramWriter>()?;
+    m.add_function(wrap_pyfunction!(read_gram, m)?)?;
+    m.add("DEFAULT_GRAM", gram::DEFAULT_GRAM)?;
     m.add_function(wrap_pyfunction!(open_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(copy_model_files, m)?)?;
     m.add_function(wrap_pyfunction!(read_sidecar, m)?)?;

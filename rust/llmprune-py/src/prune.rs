@@ -250,7 +250,63 @@ fn methods() -> String {
     serde_json::json!({"unstructured": unstructured, "structured": structured}).to_string()
 }
 
+/// SparseGPT on one [out, in] float32 weight with its input's Gram matrix H (float64 [in, in]),
+/// exactly as `apply --method sparsegpt` (or `--update` with `mask`) runs it; returns (new weight,
+/// mask with True = pruned, warnings).
+#[pyfunction]
+#[pyo3(signature = (weight, gram, *, sparsity=None, pattern=None, mask=None, damp=0.01, blocksize=128, threads=None))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn sparsegpt<'py>(
+    py: Python<'py>,
+    weight: PyReadonlyArray2<'py, f32>,
+    gram: PyReadonlyArray2<'py, f64>,
+    sparsity: Option<f64>,
+    pattern: Option<(usize, usize)>,
+    mask: Option<PyReadonlyArray2<'py, bool>>,
+    damp: f64,
+    blocksize: usize,
+    threads: Option<usize>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<String>)> {
+    use llmprune_core::sparsegpt::{prune_matrix, Selection, SparseGptOptions};
+    let (rows, cols) = (weight.shape()[0], weight.shape()[1]);
+    if gram.shape() != [cols, cols] {
+        return Err(InvalidArgumentError::new_err(format!("gram must be [{cols}, {cols}], got {:?}", gram.shape())));
+    }
+    let mut w = weight.as_array().iter().copied().collect::<Vec<f32>>();
+    let h: Vec<f32> = gram.as_array().iter().map(|&x| x as f32).collect();
+    let fixed: Option<Vec<bool>> = match &mask {
+        Some(m) if m.shape() == [rows, cols] => Some(m.as_array().iter().copied().collect()),
+        Some(m) => return Err(InvalidArgumentError::new_err(format!("mask must be [{rows}, {cols}], got {:?}", m.shape()))),
+        None => None,
+    };
+    let sel_target = match (&fixed, sparsity, pattern) {
+        (None, _, _) => Some(target(sparsity, pattern)?),
+        (Some(_), None, None) => None,
+        _ => return Err(InvalidArgumentError::new_err("give a mask, or a sparsity or pattern, not both")),
+    };
+    let opts = SparseGptOptions { damp, blocksize };
+    let (mask_out, warnings) = detached(py, || {
+        opts.validate()?;
+        if let Some(Target::Sparsity(s)) = sel_target {
+            if !(0.0..1.0).contains(&s) {
+                return Err(Error::arg(format!("sparsity must be in [0, 1), got {s}")));
+            }
+        }
+        let pool = pool::pool(threads)?;
+        let sel = match (&fixed, sel_target) {
+            (Some(m), _) => Selection::Fixed(m),
+            (None, Some(t)) => Selection::Target(t),
+            (None, None) => return Err(Error::Internal("no selection".into())),
+        };
+        pool.install(|| prune_matrix("weight", &mut w, rows, cols, || Ok(h.clone()), sel, opts))
+    })?;
+    let w_out = PyArray1::from_vec(py, w).reshape([rows, cols])?.into_any();
+    let m_out = PyArray1::from_vec(py, mask_out).reshape([rows, cols])?.into_any();
+    Ok((w_out, m_out, warnings))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(sparsegpt, m)?)?;
     m.add_function(wrap_pyfunction!(apply_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(apply_structured, m)?)?;
     m.add_function(wrap_pyfunction!(compute_mask, m)?)?;

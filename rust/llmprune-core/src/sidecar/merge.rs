@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::gram::merge_gram;
 use super::{write, LayerStats, Sidecar, SidecarInfo};
 use crate::error::{Error, Result};
 use crate::output::same_file;
@@ -44,6 +45,16 @@ pub fn merge(paths: &[PathBuf], out: &Path) -> Result<MergeSummary> {
                 "name each sidecar once",
             ));
         }
+    }
+    if is_gram(&paths[0]) {
+        let (layers, tokens) = merge_gram(paths, out)?;
+        return Ok(MergeSummary {
+            out: out.display().to_string(),
+            inputs: paths.iter().map(|p| p.display().to_string()).collect(),
+            layers,
+            tokens,
+            mode: "gram".into(),
+        });
     }
     let cars: Vec<Sidecar> = paths.iter().map(|p| Sidecar::open(p)).collect::<Result<_>>()?;
     if let Some(c) = cars.iter().find(|c| !c.grads.is_empty()) {
@@ -115,6 +126,23 @@ pub fn merge(paths: &[PathBuf], out: &Path) -> Result<MergeSummary> {
         tokens: merged.values().map(|s| s.count).max().unwrap_or(0),
         mode: mode_text(&first.meta),
     })
+}
+
+/// Whether a file declares the Gram sidecar format (anything unreadable is left to the stats reader).
+fn is_gram(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::File::open(path).and_then(|mut f| {
+        use std::io::Read;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)?;
+        let n = u64::from_le_bytes(len).min(1 << 24) as usize;
+        let mut h = vec![0u8; n];
+        f.read_exact(&mut h)?;
+        Ok(h)
+    }) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    text.contains(&format!("\\\"format\\\":\\\"{}\\\"", super::gram::GRAM_FORMAT))
 }
 
 fn mode_text(meta: &serde_json::Map<String, Value>) -> String {

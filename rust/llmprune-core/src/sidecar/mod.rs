@@ -2,6 +2,7 @@
 //! atomically (`write`) and merging sidecars of disjoint calibration sets (`merge`). Python never
 //! parses or writes this format itself; it asks the core through the bindings.
 
+pub mod gram;
 mod merge;
 mod write;
 
@@ -200,27 +201,7 @@ impl Sidecar {
             path: self.path.clone(),
             msg,
         };
-        let model = ckpt.describe();
-        if let Some(Value::Object(recorded)) = self.meta.get("model_tensors") {
-            let mut names: Vec<&String> = model.keys().chain(recorded.keys()).collect();
-            names.sort();
-            names.dedup();
-            for name in names {
-                let here = model.get(name).map(String::as_str);
-                let there = recorded.get(name).and_then(Value::as_str);
-                if here != there {
-                    return Err(mismatch(format!(
-                        "first differing tensor {name}: model has {}, statistics were computed for {}",
-                        here.unwrap_or("nothing"),
-                        there.unwrap_or("nothing")
-                    )));
-                }
-            }
-        }
-        let fp = self.meta.get("model_fingerprint").and_then(Value::as_str);
-        if fp != Some(ckpt.fingerprint().as_str()) {
-            return Err(mismatch("model fingerprint differs (tensor names, dtypes or shapes changed)".into()));
-        }
+        check_model(&self.path, &self.meta, ckpt)?;
         for (name, stats) in &self.layers {
             let Some((_, t)) = ckpt.get(name) else {
                 return Err(mismatch(format!("prunable tensor {name} is not in the model")));
@@ -250,6 +231,34 @@ impl Sidecar {
             _ => None,
         }
     }
+}
+
+/// Refuses statistics recorded for another model (by `model_tensors` and `model_fingerprint` in
+/// the metadata), naming the first tensor that differs.
+pub fn check_model(path: &Path, meta: &serde_json::Map<String, Value>, ckpt: &Checkpoint) -> Result<()> {
+    let mismatch = |msg: String| Error::StatsMismatch { path: path.to_path_buf(), msg };
+    let model = ckpt.describe();
+    if let Some(Value::Object(recorded)) = meta.get("model_tensors") {
+        let mut names: Vec<&String> = model.keys().chain(recorded.keys()).collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let here = model.get(name).map(String::as_str);
+            let there = recorded.get(name).and_then(Value::as_str);
+            if here != there {
+                return Err(mismatch(format!(
+                    "first differing tensor {name}: model has {}, statistics were computed for {}",
+                    here.unwrap_or("nothing"),
+                    there.unwrap_or("nothing")
+                )));
+            }
+        }
+    }
+    let fp = meta.get("model_fingerprint").and_then(Value::as_str);
+    if fp != Some(ckpt.fingerprint().as_str()) {
+        return Err(mismatch("model fingerprint differs (tensor names, dtypes or shapes changed)".into()));
+    }
+    Ok(())
 }
 
 /// `W.grad_out`, `W.grad_in` and `W.grad_count` of one weight: all three or none.
