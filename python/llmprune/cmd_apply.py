@@ -69,7 +69,7 @@ def check_apply_method(method: str) -> None:
 
 def apply_cmd(
     model: ModelArg,
-    method: Annotated[str, typer.Option("--method", "-m", metavar="METHOD", help="magnitude, wanda, stade or stade-w (unstructured or N:M); flap, magnitude-sp, wanda-sp or hywia (structured).", show_default=False)],
+    method: Annotated[str, typer.Option("--method", "-m", metavar="METHOD", help="magnitude, wanda, stade, stade-w or sparsegpt (unstructured or N:M); flap, magnitude-sp, wanda-sp or hywia (structured).", show_default=False)],
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = None,
     stats: Annotated[Optional[Path], typer.Option("--stats", metavar="PATH", help="Stats sidecar of MODEL (not needed by magnitude and magnitude-sp).", show_default="MODEL/llmprune-stats.safetensors")] = None,
@@ -86,6 +86,10 @@ def apply_cmd(
     fusion_temperature: Annotated[Optional[float], typer.Option("--fusion-temperature", metavar="T", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1")] = None,
     skip_first: Annotated[Optional[int], typer.Option("--skip-first", metavar="N", help="hywia: keep the first N decoder layers whole.", show_default="round(layers / 8)")] = None,
     skip_last: Annotated[Optional[int], typer.Option("--skip-last", metavar="N", help="hywia: keep the last N decoder layers whole.", show_default="round(layers / 16)")] = None,
+    update: Annotated[bool, typer.Option("--update", help="Unstructured methods: after choosing the mask, update the kept weights to restore each layer's output (SparseGPT's sweep, on the Gram sidecar); sparsegpt always does.")] = False,
+    gram: Annotated[Optional[Path], typer.Option("--gram", metavar="PATH", help="Gram sidecar of MODEL, for sparsegpt and --update (`llmprune stats MODEL --gram`).", show_default="MODEL/llmprune-gram.safetensors")] = None,
+    damp: Annotated[float, typer.Option("--damp", metavar="F", help="sparsegpt / --update: damping added to the Gram matrix's diagonal, as a fraction of its mean.")] = 0.01,
+    blocksize: Annotated[int, typer.Option("--blocksize", metavar="N", help="sparsegpt / --update: columns per lazy update block.")] = 128,
     json_out: JsonOpt = False,
 ) -> None:
     """Prune a checkpoint into a new directory, streaming tensor by tensor.
@@ -110,14 +114,16 @@ def apply_cmd(
             raise UsageError(f"--pattern applies to unstructured methods; structured method {method} takes --sparsity S")
         if sparsity is None:
             raise UsageError(f"structured method {method} needs --sparsity S, the fraction of decoder-block parameters to remove", "e.g. --sparsity 0.2")
-        if scope != "row" or include or exclude:
-            raise UsageError(f"--scope, --include and --exclude apply to unstructured methods, not to {method}")
+        if scope != "row" or include or exclude or update or gram is not None:
+            raise UsageError(f"--scope, --include, --exclude, --update and --gram apply to unstructured methods, not to {method}")
         apply_structured(model, method, sparsity, allocation, compensate, stats, out, threads, force, json_out, hywia)
         return
     if allocation is not None or compensate is not None:
         raise UsageError(f"--allocation and --compensate apply to the structured methods ({', '.join(methods('structured'))}), not to {method}")
     sparsity_v, pattern_v = parse_target(sparsity, pattern)
     out_dir = out if out is not None else default_out(model, method, sparsity_v, pattern_v, scope)
+    if out is None and update and method != "sparsegpt":
+        out_dir = out_dir.with_name(out_dir.name + "-update")
     summary = _with_progress(
         lambda on_tensor: _core.apply(
             str(model),
@@ -132,6 +138,10 @@ def apply_cmd(
             exclude=exclude or [],
             force=force,
             progress=on_tensor,
+            update=update,
+            gram=str(gram) if gram is not None else None,
+            damp=damp,
+            blocksize=blocksize,
         )
     )
     if json_out:

@@ -41,6 +41,9 @@ fn options(method: Method, target: Target) -> ApplyOptions {
         force: false,
         provenance: Default::default(),
         check_only: false,
+        update: false,
+        gram: None,
+        sparsegpt: Default::default(),
     }
 }
 

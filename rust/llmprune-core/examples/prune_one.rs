@@ -34,7 +34,7 @@ fn main() {
     let factors = channel_factors(method, &t.name, Some(&stats)).unwrap();
     let opts = ApplyOptions {
         model_dir: ".".into(), out_dir: ".".into(), method, target, scope: Scope::Row, stats: None, threads: Some(1),
-        include: vec![], exclude: vec![], default_input_axis: 1, force: false, provenance: Default::default(), check_only: false,
+        include: vec![], exclude: vec![], default_input_axis: 1, force: false, provenance: Default::default(), check_only: false, update: false, gram: None, sparsegpt: Default::default(),
     };
     let pool = build_pool(Some(1)).unwrap();
     let mut out = Vec::new();

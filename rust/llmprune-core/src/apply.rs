@@ -17,7 +17,10 @@ use crate::prunable::{resolve_prunable, Prunable};
 use crate::run::{Run, StatsNeed};
 use crate::score::{channel_factors, Method};
 use crate::select::{mask_matrix, n_m_flags, prune_row, row_scores, Scope, Scratch, Target};
+use crate::sidecar::gram::{unpack, Gram, DEFAULT_GRAM};
 use crate::sidecar::Sidecar;
+use crate::sparsegpt::{factor, sparsegpt, Factor, Selection, SparseGptOptions};
+use crate::dtype::encode_into;
 
 pub use crate::run::Progress;
 
@@ -39,6 +42,12 @@ pub struct ApplyOptions {
     pub provenance: BTreeMap<String, String>,
     /// Validate everything, write nothing.
     pub check_only: bool,
+    /// After choosing the mask, update the kept weights with SparseGPT's sweep (method sparsegpt
+    /// always does; it chooses its mask inside the sweep).
+    pub update: bool,
+    /// The Gram sidecar (default MODEL/llmprune-gram.safetensors) for sparsegpt and --update.
+    pub gram: Option<PathBuf>,
+    pub sparsegpt: SparseGptOptions,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,6 +68,9 @@ pub struct ApplySummary {
     pub seconds: f64,
     pub threads: usize,
     pub stats: Option<String>,
+    /// The Gram sidecar, when the kept weights were updated (sparsegpt, --update).
+    pub gram: Option<String>,
+    pub update: bool,
     pub warnings: Vec<String>,
 }
 
@@ -96,6 +108,8 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     if let Some(sc) = &run.sidecar {
         run.warnings.extend(sequential_warning(sc, opts.method, opts.target));
     }
+    let reconstruct = opts.update || opts.method.needs_gram();
+    let gram = if reconstruct { Some(open_gram(&run, opts)?) } else { None };
     let ckpt = &run.ckpt;
     let prunable = resolve_prunable(ckpt, run.sidecar.as_ref(), &opts.include, &opts.exclude, opts.default_input_axis)?;
     // Every per-tensor check happens before anything is written.
@@ -120,6 +134,17 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         }
         let stats = run.sidecar.as_ref().and_then(|s| s.layers.get(name.as_str()));
         factors.insert(name.clone(), channel_factors(opts.method, name, stats)?);
+        if let Some(g) = &gram {
+            match g.group_of(name) {
+                Some(grp) if grp.features == t.shape[p.input_axis] => {}
+                _ => {
+                    return Err(Error::StatsMismatch {
+                        path: g.path.clone(),
+                        msg: format!("no Gram matrix of the input of {name}"),
+                    })
+                }
+            }
+        }
     }
 
     let staging = run.stage(&opts.out_dir, opts.force)?;
@@ -139,6 +164,8 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         seconds: 0.0,
         threads: pool.current_num_threads(),
         stats: run.stats_path(),
+        gram: gram.as_ref().map(|g| g.path.display().to_string()),
+        update: reconstruct,
         warnings: run.warnings.clone(),
     };
     if opts.check_only {
@@ -146,7 +173,10 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         return Ok(summary);
     }
 
-    let provenance = run.provenance(provenance_fields(opts), &opts.provenance);
+    let provenance = run.provenance(provenance_fields(opts, gram.as_ref()), &opts.provenance);
+    // the factor of the last input seen: q/k/v (gate/up) share one and come one after another
+    let mut cached: Option<(String, Factor)> = None;
+    let mut recon_warnings: Vec<String> = Vec::new();
     summary.bytes_written = run.write_shards(&staging, progress, |shard, out| {
         out.header(shard_header(shard, &provenance)?)?;
         for t in &shard.tensors {
@@ -154,7 +184,12 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
             match prunable.get(&t.name) {
                 Some(p) => {
                     let f = factors[t.name.as_str()].as_deref();
-                    let pruned = out.fill(|buf| pool.install(|| prune_tensor(t, data, p.input_axis, f, opts, buf)))?;
+                    let pruned = match &gram {
+                        Some(g) => out.fill(|buf| {
+                            pool.install(|| reconstruct_tensor(t, data, p.input_axis, f, opts, g, &mut cached, &mut recon_warnings, buf))
+                        })?,
+                        None => out.fill(|buf| pool.install(|| prune_tensor(t, data, p.input_axis, f, opts, buf)))?,
+                    };
                     summary.tensors_pruned += 1;
                     summary.params_pruned += pruned;
                     summary.params_prunable += t.numel() as u64;
@@ -168,6 +203,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         }
         Ok(())
     })?;
+    summary.warnings.extend(recon_warnings);
     let total: u64 = run.ckpt.tensors().map(|(_, t)| t.nbytes() as u64).sum();
     run.finish(staging, total, None, &[])?;
     summary.seconds = run.seconds();
@@ -272,8 +308,14 @@ fn zero_flagged<const ES: usize>(row: &mut [u8], keep: &[u8]) {
     }
 }
 
-fn provenance_fields(opts: &ApplyOptions) -> serde_json::Map<String, Value> {
+fn provenance_fields(opts: &ApplyOptions, gram: Option<&Gram>) -> serde_json::Map<String, Value> {
     let mut p = serde_json::Map::new();
+    if let Some(g) = gram {
+        p.insert("update".into(), "sparsegpt".into());
+        p.insert("damp".into(), opts.sparsegpt.damp.into());
+        p.insert("blocksize".into(), opts.sparsegpt.blocksize.into());
+        p.insert("gram_calibration".into(), g.meta.get("calibration").cloned().unwrap_or(Value::Null));
+    }
     p.insert("method".into(), opts.method.name().into());
     match opts.target {
         Target::Sparsity(s) => p.insert("sparsity".into(), s.into()),
@@ -292,3 +334,83 @@ fn shard_header(shard: &Shard, provenance: &str) -> Result<Vec<u8>> {
 
 /// Resolved prunable set, re-exported for the bindings.
 pub type PrunableSet = BTreeMap<String, Prunable>;
+
+/// The Gram sidecar of a run that updates weights: the given one or the default, checked.
+fn open_gram(run: &Run, opts: &ApplyOptions) -> Result<Gram> {
+    if opts.scope == Scope::Layer && opts.method == Method::SparseGpt {
+        return Err(Error::arg("--scope layer does not apply to sparsegpt, which chooses its mask block by block"));
+    }
+    opts.sparsegpt.validate()?;
+    let path = match &opts.gram {
+        Some(p) => p.clone(),
+        None => {
+            let p = opts.model_dir.join(DEFAULT_GRAM);
+            if !p.is_file() {
+                let who = if opts.method.needs_gram() { format!("method {}", opts.method.name()) } else { "--update".to_string() };
+                return Err(Error::arg_hint(
+                    format!("{who} needs input Gram statistics, and {} has no {DEFAULT_GRAM}", opts.model_dir.display()),
+                    "run llmprune stats MODEL --gram, or pass --gram PATH",
+                ));
+            }
+            p
+        }
+    };
+    let g = Gram::open(&path)?;
+    g.check_matches(&run.ckpt)?;
+    Ok(g)
+}
+
+/// Prunes one tensor and updates its kept weights with the SparseGPT sweep on its input's Gram
+/// matrix; writes the tensor in its dtype into `out`, returns the number of entries pruned.
+#[allow(clippy::too_many_arguments)]
+fn reconstruct_tensor(
+    t: &TensorEntry,
+    data: &[u8],
+    input_axis: usize,
+    factors: Option<&[f32]>,
+    opts: &ApplyOptions,
+    gram: &Gram,
+    cached: &mut Option<(String, Factor)>,
+    warnings: &mut Vec<String>,
+    out: &mut Vec<u8>,
+) -> Result<u64> {
+    let (rows, cols) = if input_axis == 1 { (t.shape[0], t.shape[1]) } else { (t.shape[1], t.shape[0]) };
+    if rows == 0 || cols == 0 {
+        out.clear();
+        out.extend_from_slice(data);
+        return Ok(0);
+    }
+    let stored = decode(t.dtype, data);
+    let mut w: Vec<f32> = if input_axis == 1 { stored } else { transpose(&stored, t.shape[0], t.shape[1]) };
+    let group = gram.group_of(&t.name).ok_or_else(|| Error::Internal(format!("{}: checked before writing", t.name)))?;
+    if cached.as_ref().map(|(k, _)| k.as_str()) != Some(group.key.as_str()) {
+        cached.take();
+        let n = group.features;
+        let f = factor(&t.name, n, || gram.packed(&group.key).map(|(p, _)| unpack(&p, n)), opts.sparsegpt.damp, crate::sparsegpt::current_par())?;
+        warnings.extend(f.warnings.iter().cloned());
+        *cached = Some((group.key.clone(), f));
+    }
+    let f = &cached.as_ref().expect("just set").1;
+    let fixed;
+    let sel = if opts.method == Method::SparseGpt {
+        Selection::Target(opts.target)
+    } else {
+        fixed = mask_matrix(&w, rows, cols, factors, opts.target, opts.scope)?;
+        Selection::Fixed(&fixed)
+    };
+    let mask = sparsegpt(&mut w, rows, cols, f, sel, opts.sparsegpt, crate::sparsegpt::current_par())?;
+    let stored = if input_axis == 1 { w } else { transpose(&w, rows, cols) };
+    encode_into(t.dtype, &stored, out);
+    Ok(mask.iter().filter(|&&m| m).count() as u64)
+}
+
+/// The transpose of a row-major [r, c] matrix.
+fn transpose(m: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut tr = vec![0f32; r * c];
+    tr.par_chunks_mut(r).enumerate().for_each(|(o, dst)| {
+        for (i, d) in dst.iter_mut().enumerate() {
+            *d = m[i * c + o];
+        }
+    });
+    tr
+}

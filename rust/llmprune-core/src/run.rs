@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::checkpoint::{Checkpoint, Shard, INDEX_FILE};
 use crate::error::{Error, Result};
 use crate::output::{copy_other_files, write_index, StagingDir};
+use crate::sidecar::gram::DEFAULT_GRAM;
 use crate::sidecar::{self, Sidecar, DEFAULT_SIDECAR};
 use crate::writer::ShardWriter;
 
@@ -142,7 +143,7 @@ impl Run {
     }
 
     /// Writes the index (with `weight_map` when tensors moved or changed), copies the other files
-    /// but those in `rewritten` and the stats sidecar (it describes the unpruned model), and renames
+    /// but those in `rewritten` and the stats and Gram sidecars (they describe the unpruned model), and renames
     /// the staging directory into place.
     pub fn finish(
         &self,
@@ -154,7 +155,7 @@ impl Run {
         if let Some(index) = &self.ckpt.index {
             write_index(index, tensor_bytes, weight_map, &staging.path.join(INDEX_FILE))?;
         }
-        let leave_out: Vec<&str> = rewritten.iter().copied().chain([DEFAULT_SIDECAR]).collect();
+        let leave_out: Vec<&str> = rewritten.iter().copied().chain([DEFAULT_SIDECAR, DEFAULT_GRAM]).collect();
         copy_other_files(&self.ckpt, &staging.path, &leave_out)?;
         staging.commit()
     }

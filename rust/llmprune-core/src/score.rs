@@ -12,10 +12,12 @@ pub enum Method {
     Wanda,
     Stade,
     StadeW,
+    /// Chooses its mask inside the SparseGPT sweep (rust/llmprune-core/src/sparsegpt.rs).
+    SparseGpt,
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [Method::Magnitude, Method::Wanda, Method::Stade, Method::StadeW];
+    pub const ALL: [Method; 5] = [Method::Magnitude, Method::Wanda, Method::Stade, Method::StadeW, Method::SparseGpt];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -23,11 +25,18 @@ impl Method {
             Method::Wanda => "wanda",
             Method::Stade => "stade",
             Method::StadeW => "stade-w",
+            Method::SparseGpt => "sparsegpt",
         }
     }
 
+    /// Activation statistics (the stats sidecar).
     pub fn needs_stats(self) -> bool {
-        self != Method::Magnitude
+        !matches!(self, Method::Magnitude | Method::SparseGpt)
+    }
+
+    /// Input Gram matrices (the Gram sidecar).
+    pub fn needs_gram(self) -> bool {
+        self == Method::SparseGpt
     }
 }
 
@@ -39,8 +48,9 @@ impl FromStr for Method {
             "wanda" => Ok(Method::Wanda),
             "stade" => Ok(Method::Stade),
             "stade-w" => Ok(Method::StadeW),
+            "sparsegpt" => Ok(Method::SparseGpt),
             other => Err(Error::arg(format!(
-                "unknown method {other:?}; expected magnitude, wanda, stade or stade-w"
+                "unknown method {other:?}; expected magnitude, wanda, stade, stade-w or sparsegpt"
             ))),
         }
     }
@@ -79,7 +89,7 @@ pub fn stade_factors(s: &LayerStats) -> Vec<f32> {
 
 /// The per-input-channel factor for `name` under `method`; None means plain magnitude.
 pub fn channel_factors(method: Method, name: &str, stats: Option<&LayerStats>) -> Result<Option<Vec<f32>>> {
-    if method == Method::Magnitude {
+    if !method.needs_stats() {
         return Ok(None);
     }
     let stats = stats.ok_or_else(|| {

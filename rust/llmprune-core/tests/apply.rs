@@ -97,6 +97,9 @@ fn opts(model: &Path, out: &Path, target: Target) -> ApplyOptions {
         force: false,
         provenance: BTreeMap::new(),
         check_only: false,
+        update: false,
+        gram: None,
+        sparsegpt: Default::default(),
     }
 }
 

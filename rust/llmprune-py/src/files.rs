@@ -96,7 +96,7 @@ fn copy_model_files(py: Python<'_>, model_dir: PathBuf, dst: PathBuf, rewritten:
     detached(py, || {
         let ckpt = Checkpoint::open(&model_dir)?;
         // the stats sidecar describes the input's weights, not the output's
-        let names: Vec<&str> = rewritten.iter().map(String::as_str).chain([sidecar::DEFAULT_SIDECAR]).collect();
+        let names: Vec<&str> = rewritten.iter().map(String::as_str).chain([sidecar::DEFAULT_SIDECAR, gram::DEFAULT_GRAM]).collect();
         copy_other_files(&ckpt, &dst, &names)?;
         match (&ckpt.index, with_index) {
             // the same tensors in the same shards: only the index's total size is recomputed

@@ -73,7 +73,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> llmprune_core::Result<String> {
 #[pyfunction]
 #[pyo3(name = "apply", signature = (model_dir, out_dir, method, *, sparsity=None, pattern=None, scope="row",
     stats=None, threads=None, include=Vec::new(), exclude=Vec::new(), input_axis=None, force=false,
-    provenance=None, progress=None, check_only=false))]
+    provenance=None, progress=None, check_only=false, update=false, gram=None, damp=0.01, blocksize=128))]
 #[allow(clippy::too_many_arguments)]
 fn apply_checkpoint(
     py: Python<'_>,
@@ -92,6 +92,10 @@ fn apply_checkpoint(
     provenance: Option<BTreeMap<String, String>>,
     progress: Option<Py<PyAny>>,
     check_only: bool,
+    update: bool,
+    gram: Option<PathBuf>,
+    damp: f64,
+    blocksize: usize,
 ) -> PyResult<String> {
     let default_input_axis = input_axis.unwrap_or_else(|| prunable::default_input_axis(&model_dir));
     let opts = ApplyOptions {
@@ -108,6 +112,9 @@ fn apply_checkpoint(
         force,
         provenance: provenance.unwrap_or_default(),
         check_only,
+        update,
+        gram,
+        sparsegpt: llmprune_core::sparsegpt::SparseGptOptions { damp, blocksize },
     };
     run_reporting(py, progress, |report| apply::apply(&opts, report).and_then(|s| to_json(&s)))
 }
