@@ -160,6 +160,8 @@ mod tests {
         assert!(channel_factors(Method::Stade, "w", Some(&one)).is_err());
         assert!(channel_factors(Method::Wanda, "w", Some(&one)).is_ok());
         assert_eq!(channel_factors(Method::Magnitude, "w", None).unwrap(), None);
-        assert!("sparsegpt".parse::<Method>().is_err());
+        assert_eq!("sparsegpt".parse::<Method>().unwrap(), Method::SparseGpt);
+        assert!("sparse-gpt".parse::<Method>().is_err());
+        assert_eq!(channel_factors(Method::SparseGpt, "w", None).unwrap(), None);
     }
 }
