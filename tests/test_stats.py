@@ -215,10 +215,12 @@ def test_merge_refuses_other_models(arch_dir, tmp_path):
     one, two = arch_dir("llama"), arch_dir("llama", num_hidden_layers=3)
     a = write_sidecar(tmp_path / "a.safetensors", one, collect_stats(one, ids, device="cpu"), 2, 16)
     b = write_sidecar(tmp_path / "b.safetensors", two, collect_stats(two, ids, device="cpu"), 2, 16)
-    with pytest.raises(UsageError) as exc:
+    from llmprune import _core
+
+    with pytest.raises(_core.LlmpruneError) as exc:
         sidecar.merge([a, b], tmp_path / "ab.safetensors")
     assert "a.safetensors" in str(exc.value) and "b.safetensors" in str(exc.value)
-    assert "different models" in str(exc.value)
+    assert "different models" in str(exc.value) and "same checkpoint" in exc.value.hint
     assert not (tmp_path / "ab.safetensors").exists()
 
 

@@ -87,9 +87,19 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit code."""
+    """Entry point of the console script; returns the process exit code. SIGTERM is handled like
+    Ctrl-C while a command runs, and the caller's handler is put back afterwards."""
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     debug = os.environ.get("LLMPRUNE_DEBUG", "") not in ("", "0")
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="llmprune")

@@ -284,8 +284,8 @@ def merge_cmd(
     t0 = time.perf_counter()
     summary = sidecar.merge(list(inputs), out)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    gram = summary["mode"] == "gram"  # Gram sidecars: `layers` counts their inputs
-    if summary["mode"] not in ("dense", "gram"):
+    gram = summary["format"] == "llmprune-gram"  # Gram sidecars: `layers` counts their inputs
+    if summary["mode"] != "dense":
         warn("these statistics were taken in sequential mode, each run pruning with its own statistics; the sum only approximates one sequential run over all samples")
     if json_out:
         print_json(summary)

@@ -295,7 +295,7 @@ pub fn unpack(packed: &[f64], n: usize) -> Vec<f32> {
 }
 
 /// `stats merge` of Gram sidecars: one matrix at a time, summed into a new file.
-pub fn merge_gram(paths: &[PathBuf], out: &Path) -> Result<(usize, i64)> {
+pub fn merge_gram(paths: &[PathBuf], out: &Path) -> Result<(usize, i64, serde_json::Map<String, Value>)> {
     let grams: Vec<Gram> = paths.iter().map(|p| Gram::open(p)).collect::<Result<_>>()?;
     let first = &grams[0];
     for g in &grams[1..] {
@@ -336,7 +336,7 @@ pub fn merge_gram(paths: &[PathBuf], out: &Path) -> Result<(usize, i64)> {
         w.write(key, &sum, count)?;
     }
     w.finish()?;
-    Ok((first.groups.len(), tokens))
+    Ok((first.groups.len(), tokens, first.meta.clone()))
 }
 
 impl GramWriter {

@@ -17,7 +17,10 @@ pub struct MergeSummary {
     pub inputs: Vec<String>,
     pub layers: usize,
     pub tokens: i64,
+    /// `dense`, or `sequential METHOD TARGET`
     pub mode: String,
+    /// `llmprune-stats` or `llmprune-gram`
+    pub format: String,
 }
 
 fn combine(values: Vec<Value>) -> Value {
@@ -47,13 +50,14 @@ pub fn merge(paths: &[PathBuf], out: &Path) -> Result<MergeSummary> {
         }
     }
     if is_gram(&paths[0]) {
-        let (layers, tokens) = merge_gram(paths, out)?;
+        let (layers, tokens, meta) = merge_gram(paths, out)?;
         return Ok(MergeSummary {
             out: out.display().to_string(),
             inputs: paths.iter().map(|p| p.display().to_string()).collect(),
             layers,
             tokens,
-            mode: "gram".into(),
+            mode: mode_text(&meta),
+            format: super::gram::GRAM_FORMAT.into(),
         });
     }
     let cars: Vec<Sidecar> = paths.iter().map(|p| Sidecar::open(p)).collect::<Result<_>>()?;
@@ -125,6 +129,7 @@ pub fn merge(paths: &[PathBuf], out: &Path) -> Result<MergeSummary> {
         layers: merged.len(),
         tokens: merged.values().map(|s| s.count).max().unwrap_or(0),
         mode: mode_text(&first.meta),
+        format: super::FORMAT.into(),
     })
 }
 
