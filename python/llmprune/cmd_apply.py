@@ -86,9 +86,10 @@ def apply_cmd(
     fusion_temperature: Annotated[Optional[float], typer.Option("--fusion-temperature", metavar="T", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1")] = None,
     skip_first: Annotated[Optional[int], typer.Option("--skip-first", metavar="N", help="hywia: keep the first N decoder layers whole.", show_default="round(layers / 8)")] = None,
     skip_last: Annotated[Optional[int], typer.Option("--skip-last", metavar="N", help="hywia: keep the last N decoder layers whole.", show_default="round(layers / 16)")] = None,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Structured methods: refit each output projection on its kept input channels by damped least squares on the Gram sidecar (with --compensate, centered, the bias absorbing the means).")] = False,
     update: Annotated[bool, typer.Option("--update", help="Unstructured methods: after choosing the mask, update the kept weights to restore each layer's output (SparseGPT's sweep, on the Gram sidecar); sparsegpt always does.")] = False,
-    gram: Annotated[Optional[Path], typer.Option("--gram", metavar="PATH", help="Gram sidecar of MODEL, for sparsegpt and --update (`llmprune stats MODEL --gram`).", show_default="MODEL/llmprune-gram.safetensors")] = None,
-    damp: Annotated[float, typer.Option("--damp", metavar="F", help="sparsegpt / --update: damping added to the Gram matrix's diagonal, as a fraction of its mean.")] = 0.01,
+    gram: Annotated[Optional[Path], typer.Option("--gram", metavar="PATH", help="Gram sidecar of MODEL, for sparsegpt, --update and --reconstruct (`llmprune stats MODEL --gram`).", show_default="MODEL/llmprune-gram.safetensors")] = None,
+    damp: Annotated[float, typer.Option("--damp", metavar="F", help="sparsegpt, --update, --reconstruct: damping added to the Gram matrix's diagonal, as a fraction of its mean.")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", metavar="N", help="sparsegpt / --update: columns per lazy update block.")] = 128,
     json_out: JsonOpt = False,
 ) -> None:
@@ -114,10 +115,15 @@ def apply_cmd(
             raise UsageError(f"--pattern applies to unstructured methods; structured method {method} takes --sparsity S")
         if sparsity is None:
             raise UsageError(f"structured method {method} needs --sparsity S, the fraction of decoder-block parameters to remove", "e.g. --sparsity 0.2")
-        if scope != "row" or include or exclude or update or gram is not None:
-            raise UsageError(f"--scope, --include, --exclude, --update and --gram apply to unstructured methods, not to {method}")
-        apply_structured(model, method, sparsity, allocation, compensate, stats, out, threads, force, json_out, hywia)
+        if scope != "row" or include or exclude or update:
+            raise UsageError(f"--scope, --include, --exclude and --update apply to unstructured methods, not to {method}")
+        if gram is not None and not reconstruct:
+            raise UsageError("--gram with a structured method goes with --reconstruct")
+        recon = {"reconstruct": reconstruct, "gram": str(gram) if gram is not None else None, "damp": damp}
+        apply_structured(model, method, sparsity, allocation, compensate, stats, out, threads, force, json_out, {**hywia, **recon})
         return
+    if reconstruct:
+        raise UsageError(f"--reconstruct applies to the structured methods; unstructured {method} updates weights with --update")
     if allocation is not None or compensate is not None:
         raise UsageError(f"--allocation and --compensate apply to the structured methods ({', '.join(methods('structured'))}), not to {method}")
     sparsity_v, pattern_v = parse_target(sparsity, pattern)
@@ -176,6 +182,8 @@ def apply_structured(
     if allocation not in ("global", "uniform"):
         raise UsageError(f"unknown --allocation {allocation!r}", "choose global or uniform")
     out_dir = out if out is not None else default_out(model, method, sparsity, None, allocation if allocation != default_allocation else "row")
+    if out is None and hywia.get("reconstruct"):
+        out_dir = out_dir.with_name(out_dir.name + "-reconstruct")
     summary = _with_progress(
         lambda on_tensor: _core.apply_structured(
             str(model),

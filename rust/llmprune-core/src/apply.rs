@@ -17,7 +17,7 @@ use crate::prunable::{resolve_prunable, Prunable};
 use crate::run::{Run, StatsNeed};
 use crate::score::{channel_factors, Method};
 use crate::select::{mask_matrix, n_m_flags, prune_row, row_scores, Scope, Scratch, Target};
-use crate::sidecar::gram::{unpack, Gram, DEFAULT_GRAM};
+use crate::sidecar::gram::{unpack, Gram};
 use crate::sidecar::Sidecar;
 use crate::sparsegpt::{factor, sparsegpt, Factor, Selection, SparseGptOptions};
 use crate::dtype::encode_into;
@@ -335,29 +335,14 @@ fn shard_header(shard: &Shard, provenance: &str) -> Result<Vec<u8>> {
 /// Resolved prunable set, re-exported for the bindings.
 pub type PrunableSet = BTreeMap<String, Prunable>;
 
-/// The Gram sidecar of a run that updates weights: the given one or the default, checked.
+/// The Gram sidecar of a run that updates weights, checked.
 fn open_gram(run: &Run, opts: &ApplyOptions) -> Result<Gram> {
     if opts.scope == Scope::Layer && opts.method == Method::SparseGpt {
         return Err(Error::arg("--scope layer does not apply to sparsegpt, which chooses its mask block by block"));
     }
     opts.sparsegpt.validate()?;
-    let path = match &opts.gram {
-        Some(p) => p.clone(),
-        None => {
-            let p = opts.model_dir.join(DEFAULT_GRAM);
-            if !p.is_file() {
-                let who = if opts.method.needs_gram() { format!("method {}", opts.method.name()) } else { "--update".to_string() };
-                return Err(Error::arg_hint(
-                    format!("{who} needs input Gram statistics, and {} has no {DEFAULT_GRAM}", opts.model_dir.display()),
-                    "run llmprune stats MODEL --gram, or pass --gram PATH",
-                ));
-            }
-            p
-        }
-    };
-    let g = Gram::open(&path)?;
-    g.check_matches(&run.ckpt)?;
-    Ok(g)
+    let who = if opts.method.needs_gram() { format!("method {}", opts.method.name()) } else { "--update".to_string() };
+    run.open_gram(opts.gram.as_deref(), &who)
 }
 
 /// Prunes one tensor and updates its kept weights with the SparseGPT sweep on its input's Gram

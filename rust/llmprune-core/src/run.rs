@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::checkpoint::{Checkpoint, Shard, INDEX_FILE};
 use crate::error::{Error, Result};
 use crate::output::{copy_other_files, write_index, StagingDir};
-use crate::sidecar::gram::DEFAULT_GRAM;
+use crate::sidecar::gram::{Gram, DEFAULT_GRAM};
 use crate::sidecar::{self, Sidecar, DEFAULT_SIDECAR};
 use crate::writer::ShardWriter;
 
@@ -94,6 +94,27 @@ impl Run {
             p.insert(k.clone(), v.clone().into());
         }
         Value::Object(p).to_string()
+    }
+
+    /// The Gram sidecar `explicit`, else the model's default one, checked against the model;
+    /// `who` names what needs it in the error when there is none.
+    pub fn open_gram(&self, explicit: Option<&Path>, who: &str) -> Result<Gram> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = self.ckpt.dir.join(DEFAULT_GRAM);
+                if !p.is_file() {
+                    return Err(Error::arg_hint(
+                        format!("{who} needs input Gram statistics, and {} has no {DEFAULT_GRAM}", self.ckpt.dir.display()),
+                        "run llmprune stats MODEL --gram, or pass --gram PATH",
+                    ));
+                }
+                p
+            }
+        };
+        let g = Gram::open(&path)?;
+        g.check_matches(&self.ckpt)?;
+        Ok(g)
     }
 
     pub fn stats_path(&self) -> Option<String> {

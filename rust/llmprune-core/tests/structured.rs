@@ -155,6 +155,7 @@ fn opts(model: &Path, out: &Path, method: StructMethod, sparsity: f64, allocatio
         force: false,
         provenance: BTreeMap::new(),
         hywia: None,
+        reconstruct: None,
     }
 }
 

@@ -122,7 +122,7 @@ fn apply_checkpoint(
 #[pyfunction]
 #[pyo3(signature = (model_dir, out_dir, method, *, sparsity, allocation=None, compensate=None, stats=None,
     threads=None, force=false, provenance=None, progress=None, fusion=None, taylor=None, fusion_temperature=None,
-    skip_first=None, skip_last=None))]
+    skip_first=None, skip_last=None, reconstruct=false, gram=None, damp=0.01))]
 #[allow(clippy::too_many_arguments)]
 fn apply_structured(
     py: Python<'_>,
@@ -142,6 +142,9 @@ fn apply_structured(
     fusion_temperature: Option<f64>,
     skip_first: Option<usize>,
     skip_last: Option<usize>,
+    reconstruct: bool,
+    gram: Option<PathBuf>,
+    damp: f64,
 ) -> PyResult<String> {
     let given = fusion.is_some() || taylor.is_some() || fusion_temperature.is_some() || skip_first.is_some() || skip_last.is_some();
     let hywia = if given {
@@ -174,6 +177,7 @@ fn apply_structured(
         force,
         provenance: provenance.unwrap_or_default(),
         hywia,
+        reconstruct: reconstruct.then_some((gram, damp)),
     };
     run_reporting(py, progress, |report| structured::apply_structured(&opts, report).and_then(|s| to_json(&s)))
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod hywia;
 pub mod metric;
 pub mod plan;
+pub mod refit;
 pub mod slice;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,9 @@ pub struct StructuredOptions {
     pub provenance: BTreeMap<String, String>,
     /// Options of method hywia (None: its defaults); refused with the other methods.
     pub hywia: Option<HywiaOptions>,
+    /// Refit the output projections on the kept channels (`--reconstruct`), with the Gram sidecar
+    /// (None: the default one) and this damping.
+    pub reconstruct: Option<(Option<PathBuf>, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -150,6 +154,15 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     // an architecture without group rules is reported before any missing statistics
     let rules = Rules::from_checkpoint(&run.ckpt)?;
     run.attach_sidecar(opts.stats.as_deref(), stats_need(opts.method, compensate))?;
+    let gram = match &opts.reconstruct {
+        Some((path, damp)) => {
+            if !(damp.is_finite() && *damp > 0.0) {
+                return Err(Error::arg(format!("--damp must be a positive number, got {damp}")));
+            }
+            Some((run.open_gram(path.as_deref(), "--reconstruct")?, *damp))
+        }
+        None => None,
+    };
     let hywia = match (opts.method, &opts.hywia) {
         (StructMethod::Hywia, o) => {
             let o = o.clone().unwrap_or_default();
@@ -190,7 +203,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     };
     let budgets = layer_budgets(ckpt, &rules);
     let plans = plan::plan_skipping(&scores, &budgets, opts.sparsity, opts.allocation, &frozen)?;
-    let (edits, add_attn, add_mlp) = pool.install(|| slice::build_edits(ckpt, sidecar, &rules, &plans, compensate))?;
+    let (edits, add_attn, add_mlp) = pool.install(|| slice::build_edits(ckpt, sidecar, gram.as_ref().map(|(g, d)| (g, *d)), &rules, &plans, compensate))?;
     if rules.family == Family::Opt && (add_attn || add_mlp) {
         return Err(Error::arg(
             "bias compensation needs the model's biases, and this OPT model has none (enable_bias is false); pass --no-compensate",
@@ -209,6 +222,11 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     prov.insert("allocation".into(), opts.allocation.name().into());
     prov.insert("compensate".into(), compensate.into());
     prov.insert("achieved_sparsity".into(), (params_removed as f64 / block_before.max(1) as f64).into());
+    if let Some((g, damp)) = &gram {
+        prov.insert("reconstruct".into(), true.into());
+        prov.insert("damp".into(), (*damp).into());
+        prov.insert("gram_calibration".into(), g.meta.get("calibration").cloned().unwrap_or(Value::Null));
+    }
     if let Some((o, first, last)) = &hywia {
         prov.insert("fusion_mode".into(), o.fusion.name().into());
         prov.insert("taylor".into(), o.taylor.name().into());
@@ -324,6 +342,7 @@ fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Result<Vec<OutEntry<'a>
         let (shape, source) = match edits.ops.get(&t.name) {
             None => (t.shape.clone(), Source::Copy(data)),
             Some(Op::Replace(bytes)) => (t.shape.clone(), Source::Bytes(bytes)),
+            Some(Op::Computed { shape, data }) => (shape.clone(), Source::Bytes(data)),
             Some(op @ Op::Slice { rows, cols }) => {
                 let es = float_size(t.dtype).ok_or_else(|| Error::Internal(format!("{}: sliced tensors are float weights or biases", t.name)))?;
                 (new_shape(&t.shape, op), Source::Slice { data, es, shape: t.shape.clone(), rows: rows.clone(), cols: cols.clone() })

@@ -10,7 +10,9 @@ use safetensors::Dtype;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::{decode, float_size};
 use crate::error::{Error, Result};
+use crate::sidecar::gram::Gram;
 use crate::sidecar::Sidecar;
+use crate::structured::refit::refit;
 use crate::structured::arch::{ColTensor, Module, Rules};
 use crate::structured::metric::{map_rows, output_stats};
 use crate::structured::plan::LayerPlan;
@@ -22,6 +24,8 @@ pub enum Op {
     Slice { rows: Option<Vec<Range<usize>>>, cols: Option<Vec<Range<usize>>> },
     /// New contents of the same dtype and shape (a bias with the removed channels folded in).
     Replace(Vec<u8>),
+    /// New contents of the same dtype and a new shape (a refitted output projection).
+    Computed { shape: Vec<usize>, data: Vec<u8> },
 }
 
 /// A tensor written right after `after` in the same shard.
@@ -62,6 +66,7 @@ fn ranges_len(r: &[Range<usize>]) -> usize {
 pub fn new_shape(shape: &[usize], op: &Op) -> Vec<usize> {
     match op {
         Op::Replace(_) => shape.to_vec(),
+        Op::Computed { shape, .. } => shape.clone(),
         Op::Slice { rows, cols } => {
             let mut s = shape.to_vec();
             if let Some(r) = rows {
@@ -139,7 +144,17 @@ fn dtype_of(ckpt: &Checkpoint, name: &str) -> Dtype {
 /// Edits for one module of one layer. `add_bias`: the model gains biases on this module (a config
 /// flag covers all of them), so write zeros where the inputs have none and the compensation as the
 /// output's bias.
-fn module_edits(ckpt: &Checkpoint, sidecar: Option<&Sidecar>, m: &Module, keep: &[usize], compensate: bool, add_bias: bool, edits: &mut Edits) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn module_edits(
+    ckpt: &Checkpoint,
+    sidecar: Option<&Sidecar>,
+    recon: Option<(&Gram, f64)>,
+    m: &Module,
+    keep: &[usize],
+    compensate: bool,
+    add_bias: bool,
+    edits: &mut Edits,
+) -> Result<()> {
     let pruned = keep.len() < m.groups;
     for t in &m.inputs {
         let rows = group_ranges(keep, t.rows_per_group);
@@ -167,7 +182,14 @@ fn module_edits(ckpt: &Checkpoint, sidecar: Option<&Sidecar>, m: &Module, keep: 
         }
     }
     let out = &m.output;
-    if pruned {
+    let mut refitted_bias = None;
+    if let (true, Some((gram, damp))) = (pruned, recon) {
+        let cols: Vec<usize> = group_ranges(keep, out.cols_per_group).into_iter().flatten().collect();
+        let r = refit(ckpt, sidecar, gram, out, &cols, compensate, damp)?;
+        let dtype = dtype_of(ckpt, &out.weight);
+        edits.ops.insert(out.weight.clone(), Op::Computed { shape: vec![out.out_features, cols.len()], data: encode(dtype, &r.weight) });
+        refitted_bias = r.bias;
+    } else if pruned {
         edits.ops.insert(out.weight.clone(), Op::Slice { rows: None, cols: Some(group_ranges(keep, out.cols_per_group)) });
     }
     if compensate && (pruned || (out.bias.is_none() && add_bias)) {
@@ -177,7 +199,10 @@ fn module_edits(ckpt: &Checkpoint, sidecar: Option<&Sidecar>, m: &Module, keep: 
             .flat_map(|g| g * out.cols_per_group..(g + 1) * out.cols_per_group)
             .collect();
         let sidecar = sidecar.ok_or_else(|| Error::arg("bias compensation needs activation statistics"))?;
-        let (dtype, bias) = compensated_bias(ckpt, sidecar, out, &removed_cols)?;
+        let (dtype, bias) = match refitted_bias {
+            Some(b) => (dtype_of(ckpt, &out.weight), b),
+            None => compensated_bias(ckpt, sidecar, out, &removed_cols)?,
+        };
         let data = encode(dtype, &bias);
         match &out.bias {
             Some(b) => {
@@ -215,13 +240,20 @@ pub fn needs_added_bias(rules: &Rules, plans: &[LayerPlan], compensate: bool, at
         })
 }
 
-pub fn build_edits(ckpt: &Checkpoint, sidecar: Option<&Sidecar>, rules: &Rules, plans: &[LayerPlan], compensate: bool) -> Result<(Edits, bool, bool)> {
+pub fn build_edits(
+    ckpt: &Checkpoint,
+    sidecar: Option<&Sidecar>,
+    recon: Option<(&Gram, f64)>,
+    rules: &Rules,
+    plans: &[LayerPlan],
+    compensate: bool,
+) -> Result<(Edits, bool, bool)> {
     let add_attn = needs_added_bias(rules, plans, compensate, true);
     let add_mlp = needs_added_bias(rules, plans, compensate, false);
     let mut edits = Edits::default();
     for (l, p) in rules.layers.iter().zip(plans) {
-        module_edits(ckpt, sidecar, &l.attn, &p.attn_keep, compensate, add_attn, &mut edits)?;
-        module_edits(ckpt, sidecar, &l.mlp, &p.mlp_keep, compensate, add_mlp, &mut edits)?;
+        module_edits(ckpt, sidecar, recon, &l.attn, &p.attn_keep, compensate, add_attn, &mut edits)?;
+        module_edits(ckpt, sidecar, recon, &l.mlp, &p.mlp_keep, compensate, add_mlp, &mut edits)?;
     }
     Ok((edits, add_attn, add_mlp))
 }
