@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -61,3 +63,27 @@ def test_hywia_bench_tiny(tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [("ppl_lora" in r) for r in rows] == [True, True, False]
     assert all(r["ppl"] > 1 for r in rows)
+
+
+def test_sparsegpt_bench_small():
+    """The kernel speed bench at 1024-wide shapes: both sides run, and agree on the layer-output error."""
+    cmd = [sys.executable, str(ROOT / "benches" / "sparsegpt_bench.py"), "--small"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1024x") or line.startswith("| 2048x")]
+    assert len(rows) == 6, proc.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert 0.9 < float(cells[5]) < 1.1, row  # err ratio, Rust over PyTorch
+        assert cells[6] == "0.5000 / 0.5000", row
+    assert "load average" in proc.stdout
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="needs /usr/bin/time (apt-get install time)")
+def test_sparsegpt_memory_tiny(tmp_path):
+    """The apply memory bench on the tiny shape: checkpoint, synthetic Gram sidecar, measured apply."""
+    cmd = [sys.executable, str(ROOT / "benches" / "sparsegpt_memory.py"), "--shape", "tiny", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "max RSS" in proc.stdout and "peak anonymous" in proc.stdout, proc.stdout
+    assert not any(tmp_path.iterdir()), "the checkpoint and the output are removed"
