@@ -127,6 +127,19 @@ def tiny_model(tiny_models) -> TinyModel:
     return tiny_models("bfloat16", sharded=True, stats=True)
 
 
+@pytest.fixture(scope="session")
+def gram_model(tmp_path_factory) -> Path:
+    """A tiny sharded LLaMA with a tokenizer and its stats and Gram sidecars, made by the real
+    `llmprune stats --gram` (4 windows of 32 tokens). Read-only."""
+    from stats_helpers import add_tokenizer
+
+    model = R.tiny_llama_dir(tmp_path_factory.mktemp("gram") / "tiny", sharded=True)
+    add_tokenizer(model)
+    code, out, err = run_cli_subprocess(["stats", model, "--gram", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"])
+    assert code == 0, err
+    return model
+
+
 @pytest.fixture
 def model_copy(tiny_model, tmp_path) -> Path:
     """A private writable copy of tiny_model at tmp_path/m/tiny (with its sidecar)."""

@@ -19,18 +19,6 @@ from llmprune import _core
 OUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from conftest import run_cli_subprocess
-    from stats_helpers import add_tokenizer
-
-    m = R.tiny_llama_dir(tmp_path_factory.mktemp("r") / "tiny", sharded=True)
-    add_tokenizer(m)
-    code, out, err = run_cli_subprocess(["stats", m, "--gram", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"])
-    assert code == 0, err
-    return m
-
-
 def kept_columns(w: np.ndarray, sliced: np.ndarray) -> list[int]:
     """Which columns of w the plain output kept (columns are compared bit for bit)."""
     cols = [tuple(w[:, j]) for j in range(w.shape[1])]
@@ -52,7 +40,8 @@ def refit_reference(w, H, count, mu, K, damp, bias):
 
 
 @pytest.mark.parametrize("method,compensate", [("flap", True), ("wanda-sp", False)])
-def test_refit_equals_least_squares(run_cli, model, tmp_path, method, compensate):
+def test_refit_equals_least_squares(run_cli, gram_model, tmp_path, method, compensate):
+    model = gram_model
     plain, recon = tmp_path / "plain", tmp_path / "recon"
     for out, extra in ((plain, []), (recon, ["--reconstruct"])):
         code, stdout, err = run_cli(["apply", model, "--method", method, "--sparsity", "0.3", "--allocation", "uniform", "--out", out, *extra])

@@ -86,20 +86,6 @@ def test_ill_conditioned_gram_is_damped_not_fatal():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gram_model(tmp_path_factory):
-    """A tiny LLaMA with a tokenizer, its stats and Gram sidecars (from `stats --gram`), read-only."""
-    from conftest import run_cli_subprocess
-    from stats_helpers import add_tokenizer
-
-    model = R.tiny_llama_dir(tmp_path_factory.mktemp("g") / "tiny", sharded=True)
-    add_tokenizer(model)
-    code, out, err = run_cli_subprocess(["stats", model, "--gram", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"])
-    assert code == 0, err
-    assert (model / _core.DEFAULT_GRAM).is_file()
-    return model
-
-
 def _check_layers(model: Path, out: Path, method: str, **sel):
     """Every prunable weight of `out` equals the reference run on the input weight and its H."""
     meta, groups = _core.read_gram(str(model / _core.DEFAULT_GRAM))
