@@ -135,12 +135,13 @@ def stats_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Sidecar path.", show_default="MODEL/llmprune-stats.safetensors")] = None,
     json_out: JsonOpt = False,
     sequential: Annotated[bool, typer.Option("--sequential", help="Prune each block (--method with --sparsity or --pattern) before the next block's statistics, as the Wanda and STADE code do.")] = False,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", metavar="METHOD", help="Method of --sequential: magnitude, wanda, stade or stade-w.", show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", metavar="METHOD", help="Method of --sequential: magnitude, wanda, stade, stade-w or sparsegpt (with --gram).", show_default=False)] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", metavar="S", help="--sequential: fraction of each row to prune, in [0, 1).", show_default=False)] = None,
     pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", metavar="N:M", help="--sequential: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False)] = None,
     grad: Annotated[bool, typer.Option("--grad", help="Also collect gradient statistics of the language-model loss (for --method hywia), with a layer-streamed backward pass.")] = False,
     grad_mode: Annotated[str, typer.Option("--grad-mode", metavar="streamed|full", help="--grad: one block in memory (streamed), or every block loaded and one whole-model backward per sample (full).")] = "streamed",
     gram: Annotated[bool, typer.Option("--gram", help="Also sum the Gram matrix H = sum of x x^T of every distinct input of the prunable layers (for weight reconstruction), in a second sidecar: n(n+1)/2 float64 per input, gigabytes for a 7B model.")] = False,
+    update: Annotated[bool, typer.Option("--update", help="--sequential with --gram: also update each block's kept weights with the SparseGPT sweep before the next block, as apply --update does.")] = False,
     gram_out: Annotated[Optional[Path], typer.Option("--gram-out", metavar="PATH", help="--gram: the Gram sidecar's path.", show_default="MODEL/llmprune-gram.safetensors")] = None,
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
@@ -167,9 +168,11 @@ def stats_cmd(
             raise UsageError("--sequential needs --method", hint="e.g. --sequential --method wanda --sparsity 0.5")
         check_method(method)
         sp, pat = parse_target(sparsity, pattern)
-        seq = Sequential(method, sp, pat)
-    elif method is not None or sparsity is not None or pattern is not None:
-        raise UsageError("--method, --sparsity and --pattern only apply with --sequential", hint="add --sequential, or drop them: dense statistics serve every method")
+        seq = Sequential(method, sp, pat, update=update)
+        if seq.reconstructs and not gram:
+            raise UsageError(f"--sequential {method}{' --update' if update else ''} updates weights from each block's Gram matrices", hint="add --gram")
+    elif method is not None or sparsity is not None or pattern is not None or update:
+        raise UsageError("--method, --sparsity, --pattern and --update only apply with --sequential", hint="add --sequential, or drop them: dense statistics serve every method")
 
     if grad:
         if seq is not None:

@@ -202,6 +202,15 @@ class BlockGram:
             info.all_reduce_(acc.gram)
             info.all_reduce_(acc.count)
 
+    def full_matrices(self) -> dict[str, np.ndarray]:
+        """Weight name -> its input's whole H (float64, after the reduction across ranks)."""
+        out = {}
+        for acc in self.accs:
+            full = acc.gram.cpu().numpy()
+            for name, _ in acc.group.weights:
+                out[name] = full
+        return out
+
     def results(self) -> Iterator[tuple[_Group, np.ndarray, int]]:
         """(group, packed lower triangle (float64, row-major), token count), one at a time."""
         for acc in self.accs:

@@ -38,11 +38,23 @@ class Sequential:
     method: str
     sparsity: float | None = None
     pattern: tuple[int, int] | None = None
+    # also update the kept weights with the SparseGPT sweep (method sparsegpt always does), on the
+    # block's Gram matrices taken in the same pass
+    update: bool = False
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.update or self.method == "sparsegpt"
 
     def as_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"method": self.method}
         if self.pattern is not None:
-            return {"method": self.method, "pattern": f"{self.pattern[0]}:{self.pattern[1]}"}
-        return {"method": self.method, "sparsity": self.sparsity}
+            meta["pattern"] = f"{self.pattern[0]}:{self.pattern[1]}"
+        else:
+            meta["sparsity"] = self.sparsity
+        if self.reconstructs:
+            meta["update"] = True
+        return meta
 
 
 @dataclass
@@ -224,8 +236,19 @@ def core_compute_mask(weight: np.ndarray, method: str, **kw: Any) -> np.ndarray:
     return _core.compute_mask(weight, method, **kw)
 
 
-def _prune_block(streamer: LayerStreamer, i: int, stats: dict[str, LayerStats], seq: Sequential, mask_fn: MaskFn) -> dict[str, int]:
-    """Zero block i's weights in memory with the masks `apply` would compute from these stats."""
+def core_sparsegpt(weight: np.ndarray, gram: np.ndarray, **kw: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """`llmprune._core.sparsegpt`: the sweep `apply --method sparsegpt` / `--update` runs."""
+    from llmprune import _core
+
+    return _core.sparsegpt(weight, gram, **kw)
+
+
+def _prune_block(
+    streamer: LayerStreamer, i: int, stats: dict[str, LayerStats], seq: Sequential, mask_fn: MaskFn, grams: dict[str, np.ndarray] | None = None
+) -> dict[str, int]:
+    """Prune block i's weights in memory as `apply` would from these stats: zero them with the
+    method's masks or, when the run reconstructs, through the core's SparseGPT sweep on the block's
+    Gram matrices `grams` (weight name -> H)."""
     pruned = {}
     names = [name for name, _, _ in streamer.prunable(i)]
     # the checkpoint's own values (upcast exactly), whatever dtype the block runs in
@@ -234,16 +257,28 @@ def _prune_block(streamer: LayerStreamer, i: int, stats: dict[str, LayerStats], 
         w = originals[name]
         w_oi = w.t() if axis == 0 else w
         s = stats[name]
-        mask = mask_fn(
-            np.ascontiguousarray(w_oi.numpy(), dtype=np.float32),
-            seq.method,
-            sparsity=seq.sparsity,
-            pattern=seq.pattern,
-            act_sum=s.act_sum,
-            act_sqsum=s.act_sqsum,
-            act_count=s.act_count,
-            name=name,
-        )
+        w_np = np.ascontiguousarray(w_oi.numpy(), dtype=np.float32)
+        mask = None
+        if seq.method != "sparsegpt":
+            mask = mask_fn(
+                w_np,
+                seq.method,
+                sparsity=seq.sparsity,
+                pattern=seq.pattern,
+                act_sum=s.act_sum,
+                act_sqsum=s.act_sqsum,
+                act_count=s.act_count,
+                name=name,
+            )
+        if seq.reconstructs:
+            assert grams is not None
+            target = {"mask": np.ascontiguousarray(mask, dtype=np.bool_)} if mask is not None else {"sparsity": seq.sparsity, "pattern": seq.pattern}
+            new_w, mask, _ = core_sparsegpt(w_np, grams[name], **target)
+            new = torch.from_numpy(new_w)
+            with torch.no_grad():
+                mod.weight.copy_((new.t() if axis == 0 else new).to(mod.weight.device, mod.weight.dtype))
+            pruned[name] = int(mask.sum())
+            continue
         m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.bool_))
         if axis == 0:
             m = m.t()
@@ -297,6 +332,8 @@ def collect_stats(
     layers: dict[str, LayerStats] = {}
     pruned: dict[str, int] = {}
     grams = None
+    if sequential is not None and sequential.reconstructs and gram is None:
+        raise UsageError(f"sequential {sequential.method}{' with --update' if sequential.update else ''} updates weights from each block's Gram matrices", hint="add --gram")
     if gram is not None:
         seq_meta = sequential.as_meta() if sequential is not None else None
         grams = GramPass(gram, streamer, info, tokens=int(samples.numel()), mode="dense" if sequential is None else "sequential", sequential=seq_meta)
@@ -324,14 +361,18 @@ def collect_stats(
                 if gram_hooks is not None:
                     gram_hooks.remove()
             hooks.reduce_across(info)
+            block_grams = None
             if grams is not None:
                 grams.commit(gram_hooks)
+                if sequential is not None and sequential.reconstructs:
+                    block_grams = gram_hooks.full_matrices()
                 del gram_hooks
             block_stats = hooks.results({name: axis for name, _, axis in prunable})
             layers.update(block_stats)
             del hooks
             if sequential is not None:
-                pruned.update(_prune_block(streamer, i, block_stats, sequential, mask_fn))
+                pruned.update(_prune_block(streamer, i, block_stats, sequential, mask_fn, block_grams))
+                del block_grams
                 bar.phase(f"block {i} (pruned)")
                 for j in range(n):
                     hidden[j] = streamer.run_block(i, hidden[j : j + 1])[0]

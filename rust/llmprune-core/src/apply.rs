@@ -18,7 +18,6 @@ use crate::run::{Run, StatsNeed};
 use crate::score::{channel_factors, Method};
 use crate::select::{mask_matrix, n_m_flags, prune_row, row_scores, Scope, Scratch, Target};
 use crate::sidecar::gram::{unpack, Gram};
-use crate::sidecar::Sidecar;
 use crate::sparsegpt::{factor, sparsegpt, Factor, Selection, SparseGptOptions};
 use crate::dtype::encode_into;
 
@@ -74,8 +73,10 @@ pub struct ApplySummary {
     pub warnings: Vec<String>,
 }
 
-fn sequential_warning(sidecar: &Sidecar, method: Method, target: Target) -> Option<String> {
-    let seq = sidecar.sequential()?;
+/// A warning when statistics taken sequentially (recorded in `meta`) came from another method,
+/// target or update setting than this run's, which then does not reproduce that algorithm.
+fn sequential_warning(meta: &serde_json::Map<String, Value>, method: Method, target: Target, update: bool) -> Option<String> {
+    let seq = crate::sidecar::sequential_of(meta)?;
     let their_method = seq.get("method").and_then(Value::as_str).unwrap_or("?");
     let theirs = match (seq.get("sparsity").and_then(Value::as_f64), seq.get("pattern").and_then(Value::as_str)) {
         (Some(s), _) => Target::Sparsity(s),
@@ -88,12 +89,16 @@ fn sequential_warning(sidecar: &Sidecar, method: Method, target: Target) -> Opti
         }
         _ => return Some("statistics were taken sequentially without a recorded target".into()),
     };
-    if their_method != method.name() || theirs != target {
+    let their_update = seq.get("update").and_then(Value::as_bool).unwrap_or(false);
+    if their_method != method.name() || theirs != target || their_update != update {
+        let upd = |u: bool| if u { " with weight updates" } else { "" };
         Some(format!(
-            "statistics were taken sequentially with {their_method} at {}; pruning with {} at {} does not reproduce that algorithm",
+            "statistics were taken sequentially with {their_method} at {}{}; pruning with {} at {}{} does not reproduce that algorithm",
             theirs.describe(),
+            upd(their_update),
             method.name(),
-            target.describe()
+            target.describe(),
+            upd(update)
         ))
     } else {
         None
@@ -106,10 +111,13 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), need)?;
     let pool = pool::pool(opts.threads)?;
     if let Some(sc) = &run.sidecar {
-        run.warnings.extend(sequential_warning(sc, opts.method, opts.target));
+        run.warnings.extend(sequential_warning(&sc.meta, opts.method, opts.target, opts.update || opts.method.needs_gram()));
     }
     let reconstruct = opts.update || opts.method.needs_gram();
     let gram = if reconstruct { Some(open_gram(&run, opts)?) } else { None };
+    if let (Some(g), None) = (&gram, &run.sidecar) {
+        run.warnings.extend(sequential_warning(&g.meta, opts.method, opts.target, reconstruct));
+    }
     let ckpt = &run.ckpt;
     let prunable = resolve_prunable(ckpt, run.sidecar.as_ref(), &opts.include, &opts.exclude, opts.default_input_axis)?;
     // Every per-tensor check happens before anything is written.

@@ -226,10 +226,15 @@ impl Sidecar {
 
     /// `dense`, or the sequential method and target the statistics were taken with.
     pub fn sequential(&self) -> Option<&serde_json::Map<String, Value>> {
-        match (self.meta.get("mode"), self.meta.get("sequential")) {
-            (Some(Value::String(m)), Some(Value::Object(s))) if m == "sequential" => Some(s),
-            _ => None,
-        }
+        sequential_of(&self.meta)
+    }
+}
+
+/// The `sequential` record of a stats or Gram sidecar's metadata, when taken in sequential mode.
+pub fn sequential_of(meta: &serde_json::Map<String, Value>) -> Option<&serde_json::Map<String, Value>> {
+    match (meta.get("mode"), meta.get("sequential")) {
+        (Some(Value::String(m)), Some(Value::Object(s))) if m == "sequential" => Some(s),
+        _ => None,
     }
 }
 
