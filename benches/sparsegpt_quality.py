@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 def markdown_table(rows: list[Row], dense: float, args: argparse.Namespace, stats_info: dict, eval_info: dict, total: float,
                    command: str, provenance: str, load_start, load_end) -> str:
     wanda = {r.target: r.perplexity for r in rows if r.method == "wanda" and not r.update and r.perplexity}
-    stats_how = "reused from an earlier run" if stats_info.get("reused") else f"{stats_info.get('seconds', '?')} s"
+    stats_how = "reused from an earlier run" if stats_info.get("reused") else f"{float(stats_info.get('seconds') or 0):.0f} s"
     max_tokens = f"the first {args.max_tokens:,} tokens" if args.max_tokens else "all tokens"
     lines = [
         f"Command: `{command}`",
