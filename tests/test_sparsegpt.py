@@ -212,3 +212,60 @@ def test_sequential_reconstruction_needs_gram(run_cli, tiny_models, tmp_path):
     code, out, err = run_cli(["stats", model, "--sequential", "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "1", "--seqlen", "8"])
     assert_clean_error(code, out, err, hint_contains="--gram")
     assert tree_hashes(tmp_path) == before
+
+
+def _corrupt_gram(src: Path, dst: Path, edit) -> None:
+    """A copy of a Gram sidecar with its header or data edited in place."""
+    import struct
+
+    raw = bytearray(src.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(raw, header, 8 + n)
+    dst.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("what", ["nan", "negative-diagonal", "zero-count", "wrong-features"])
+def test_apply_refuses_a_bad_gram_sidecar(run_cli, gram_model, tmp_path, what):
+    import struct
+
+    model = copy_model(gram_model, tmp_path / "w")
+    gram = model / _core.DEFAULT_GRAM
+
+    def edit(raw, header, start):
+        key = sorted(k for k in header if k.endswith(".gram"))[0]
+        a, b = header[key]["data_offsets"]
+        if what == "nan":
+            raw[start + a + 8 : start + a + 16] = struct.pack("<d", float("nan"))
+        elif what == "negative-diagonal":
+            raw[start + a : start + a + 8] = struct.pack("<d", -1.0)
+        elif what == "zero-count":
+            c = header[key + "_count"]["data_offsets"][0]
+            raw[start + c : start + c + 8] = struct.pack("<q", 0)
+        else:
+            meta = json.loads(header["__metadata__"]["llmprune"])
+            g = meta["groups"][key[: -len(".gram")]]
+            g["features"] += 1
+            header["__metadata__"]["llmprune"] = json.dumps(meta)
+            hb = json.dumps(header).encode()
+            hb += b" " * ((-len(hb)) % 8)
+            raw[:] = struct.pack("<Q", len(hb)) + hb + raw[start:]
+
+    _corrupt_gram(gram, gram, edit)
+    before = tree_hashes(tmp_path)
+    code, out, err = run_cli(["apply", model, "--method", "sparsegpt", "--sparsity", "0.5"])
+    assert_clean_error(code, out, err, contains="gram")
+    assert tree_hashes(tmp_path) == before
+
+
+def test_gram_writer_refuses_impossible_matrices(gram_model, tmp_path):
+    meta, groups = _core.read_gram(str(gram_model / _core.DEFAULT_GRAM))
+    key, (weights, packed, count) = next(iter(groups.items()))
+    n = int(round((np.sqrt(8 * len(packed) + 1) - 1) / 2))
+    layout = [(key, [(w, 1) for w in weights], n)]
+    bad = packed.copy()
+    bad[0] = np.nan
+    with _core.GramWriter(str(tmp_path / "g.safetensors"), str(gram_model), layout, json.dumps({"calibration": {}, "mode": "dense"})) as w:
+        with pytest.raises(_core.LlmpruneError, match="non-finite"):
+            w.write(key, bad, count)
+    assert not any(tmp_path.iterdir())
