@@ -282,18 +282,8 @@ pub fn prune_tensor(
     out.clear();
     out.extend_from_slice(data);
     let stored = decode(t.dtype, data);
-    let logical: Vec<f32> = if input_axis == 1 {
-        stored
-    } else {
-        let (r, c) = (t.shape[0], t.shape[1]); // stored [in = r, out = c]
-        let mut tr = vec![0f32; r * c];
-        tr.par_chunks_mut(r).enumerate().for_each(|(o, dst)| {
-            for (i, d) in dst.iter_mut().enumerate() {
-                *d = stored[i * c + o];
-            }
-        });
-        tr
-    };
+    // stored [in, out] when input_axis is 0
+    let logical: Vec<f32> = if input_axis == 1 { stored } else { transpose(&stored, t.shape[0], t.shape[1]) };
     let mask = mask_matrix(&logical, rows, cols, factors, opts.target, opts.scope)?;
     let mut count = 0u64;
     for (li, &m) in mask.iter().enumerate() {

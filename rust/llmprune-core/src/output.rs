@@ -53,7 +53,7 @@ fn canonical_or_joined(p: &Path) -> Result<PathBuf> {
 }
 
 /// The temporary name beside `target` for this process.
-fn temp_beside(target: &Path) -> Result<(PathBuf, String)> {
+pub(crate) fn temp_beside(target: &Path) -> Result<(PathBuf, String)> {
     let parent = target.parent().unwrap_or(Path::new("."));
     let name = target
         .file_name()

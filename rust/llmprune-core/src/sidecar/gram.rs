@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::check_model;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::output::{check_file_destination, clean_stale, same_file};
+use crate::output::{check_file_destination, clean_stale, same_file, temp_beside};
 
 /// Default location of the Gram sidecar inside a model directory; never copied into outputs.
 pub const DEFAULT_GRAM: &str = "llmprune-gram.safetensors";
@@ -118,19 +118,13 @@ impl GramWriter {
         check_file_destination(path)?;
         let mut sorted = groups;
         sorted.sort_by(|a, b| a.key.cmp(&b.key));
-        let mut header = serde_json::Map::new();
-        let mut slots = BTreeMap::new();
-        let mut offset = 0u64;
-        let mut meta_groups = serde_json::Map::new();
-        for g in &sorted {
-            let bytes = (g.packed_len() * 8) as u64;
-            header.insert(format!("{}.gram", g.key), serde_json::json!({"dtype": "F64", "shape": [g.packed_len()], "data_offsets": [offset, offset + bytes]}));
-            header.insert(format!("{}.gram_count", g.key), serde_json::json!({"dtype": "I64", "shape": [1], "data_offsets": [offset + bytes, offset + bytes + 8]}));
-            slots.insert(g.key.clone(), (offset, g.clone(), false));
-            offset += bytes + 8;
-            let weights: serde_json::Map<String, Value> = g.weights.iter().map(|(w, a)| (w.clone(), Value::from(*a))).collect();
-            meta_groups.insert(g.key.clone(), serde_json::json!({"weights": weights, "features": g.features}));
-        }
+        let meta_groups: serde_json::Map<String, Value> = sorted
+            .iter()
+            .map(|g| {
+                let weights: serde_json::Map<String, Value> = g.weights.iter().map(|(w, a)| (w.clone(), Value::from(*a))).collect();
+                (g.key.clone(), serde_json::json!({"weights": weights, "features": g.features}))
+            })
+            .collect();
         let meta = serde_json::json!({
             "format": GRAM_FORMAT,
             "format_version": 1,
@@ -142,10 +136,7 @@ impl GramWriter {
             "sequential": info.sequential,
             "groups": meta_groups,
         });
-        let mut full = serde_json::Map::new();
-        full.insert("__metadata__".into(), serde_json::json!({"llmprune": meta.to_string()}));
-        full.extend(header);
-        GramWriter::start(path, full, offset, slots)
+        GramWriter::start(path, meta.to_string(), &sorted)
     }
 
     /// Writes the matrix of input `key` (packed lower triangle) and its token count.
@@ -346,28 +337,31 @@ impl GramWriter {
         let mut meta = like.meta.clone();
         meta.insert("calibration".into(), info.calibration);
         meta.insert("llmprune_version".into(), env!("CARGO_PKG_VERSION").into());
+        let groups: Vec<GramGroup> = like.groups.values().cloned().collect();
+        GramWriter::start(path, Value::Object(meta).to_string(), &groups)
+    }
+
+    /// Lays out the header (each input's matrix, then its count, in `groups` order) under the
+    /// `llmprune` metadata `meta`, and creates the temporary file at its final size.
+    fn start(path: &Path, meta: String, groups: &[GramGroup]) -> Result<GramWriter> {
         let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), serde_json::json!({"llmprune": Value::Object(meta).to_string()}));
+        header.insert("__metadata__".into(), serde_json::json!({"llmprune": meta}));
         let mut slots = BTreeMap::new();
         let mut offset = 0u64;
-        for g in like.groups.values() {
+        for g in groups {
             let bytes = (g.packed_len() * 8) as u64;
             header.insert(format!("{}.gram", g.key), serde_json::json!({"dtype": "F64", "shape": [g.packed_len()], "data_offsets": [offset, offset + bytes]}));
             header.insert(format!("{}.gram_count", g.key), serde_json::json!({"dtype": "I64", "shape": [1], "data_offsets": [offset + bytes, offset + bytes + 8]}));
             slots.insert(g.key.clone(), (offset, g.clone(), false));
             offset += bytes + 8;
         }
-        GramWriter::start(path, header, offset, slots)
-    }
-
-    fn start(path: &Path, header: serde_json::Map<String, Value>, data_len: u64, slots: BTreeMap<String, (u64, GramGroup, bool)>) -> Result<GramWriter> {
+        let data_len = offset;
         let mut json = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Internal(e.to_string()))?;
         while json.len() % 8 != 0 {
             json.push(b' ');
         }
         let _ = clean_stale(path);
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.llmprune-tmp-{}", std::process::id()));
+        let (tmp, _) = temp_beside(path)?;
         let mut file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let data_start = 8 + json.len() as u64;
         let written = (|| {

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::checkpoint::Checkpoint;
-use crate::dtype::{decode, float_size};
+use crate::dtype::{decode, encode_into, float_size};
 use crate::error::{Error, Result};
 use crate::sidecar::gram::Gram;
 use crate::sidecar::Sidecar;
@@ -108,12 +108,10 @@ pub fn slice_into(data: &[u8], es: usize, shape: &[usize], rows: Option<&[Range<
 
 /// f64 values rounded to f32, then to `dtype` (round to nearest even, as PyTorch casts).
 pub fn encode(dtype: Dtype, vals: &[f64]) -> Vec<u8> {
-    match dtype {
-        Dtype::BF16 => vals.iter().flat_map(|&v| half::bf16::from_f32(v as f32).to_bits().to_le_bytes()).collect(),
-        Dtype::F16 => vals.iter().flat_map(|&v| half::f16::from_f32(v as f32).to_bits().to_le_bytes()).collect(),
-        Dtype::F32 => vals.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
-        other => unreachable!("encode called with unsupported dtype {other:?}"),
-    }
+    let narrow: Vec<f32> = vals.iter().map(|&v| v as f32).collect();
+    let mut out = Vec::with_capacity(narrow.len() * 4);
+    encode_into(dtype, &narrow, &mut out);
+    out
 }
 
 /// b_i + Σ_{j removed} W_ij · μ_j for every output row i of the output projection, in f64.
