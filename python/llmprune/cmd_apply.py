@@ -11,7 +11,23 @@ import typer
 
 from llmprune.console import byte_progress, err, print_json, warn
 from llmprune.errors import UsageError
-from llmprune.options import JsonOpt, ModelArg, PatternOpt, SparsityOpt, method_registry, methods, parse_target, target_label
+from llmprune.options import (
+    DsnotItersOpt,
+    DsnotSkipOpt,
+    DsnotThresholdOpt,
+    JsonOpt,
+    ModelArg,
+    OwlLambdaOpt,
+    OwlMOpt,
+    PatternOpt,
+    RefineOpt,
+    SparsityOpt,
+    method_registry,
+    methods,
+    parse_target,
+    target_label,
+    unstructured_extras,
+)
 
 APPLY_EPILOG = """Examples:
 
@@ -19,6 +35,8 @@ APPLY_EPILOG = """Examples:
 llmprune apply ./model --method wanda --sparsity 0.5
 llmprune apply ./model --method stade --pattern 2:4 --out ./model-2of4
 llmprune apply ./model --method magnitude --sparsity 0.5 --scope layer
+llmprune apply ./model --method wanda --sparsity 0.7 --allocation owl
+llmprune apply ./model --method stade --sparsity 0.6 --compensate --refine dsnot
 
 \b
 # structured: remove 20% of the decoder blocks' parameters
@@ -79,8 +97,14 @@ def apply_cmd(
     include: Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="Only prune tensors matching this glob (repeatable).", show_default=False)] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="Never prune tensors matching this glob (repeatable).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty output directory.")] = False,
-    allocation: Annotated[Optional[str], typer.Option("--allocation", metavar="global|uniform", help="Structured methods: one threshold across layers and modules (global), or the same share removed in every layer (uniform).", show_default="global; uniform for hywia")] = None,
-    compensate: Annotated[Optional[bool], typer.Option("--compensate/--no-compensate", help="Structured methods: fold the removed channels' mean contribution into output-projection biases.", show_default="on for flap, off for the others")] = None,
+    allocation: Annotated[Optional[str], typer.Option("--allocation", metavar="MODE", help="Unstructured (--sparsity): uniform, owl (each block's sparsity from its share of outlier Wanda scores, mean S), or a JSON file of per-block sparsities. Structured: global (one threshold across layers and modules) or uniform (the same share removed in every layer).", show_default="uniform; global for structured, uniform for hywia")] = None,
+    owl_m: OwlMOpt = None,
+    owl_lambda: OwlLambdaOpt = None,
+    compensate: Annotated[Optional[bool], typer.Option("--compensate/--no-compensate", help="Fold the mean contribution of what was pruned into output biases (adding biases where the architecture allows). Unstructured: b += (W - W') mu; structured: of the removed channels.", show_default="on for flap, off for the others")] = None,
+    refine: RefineOpt = None,
+    dsnot_iters: DsnotItersOpt = None,
+    dsnot_threshold: DsnotThresholdOpt = None,
+    dsnot_skip: DsnotSkipOpt = None,
     fusion: Annotated[Optional[str], typer.Option("--fusion", metavar="fine|coarse|adaptive", help="hywia: per-weight estimate (fine), whole-group estimate (coarse), or both weighed by their split-half reliability (adaptive).", show_default="fine")] = None,
     taylor: Annotated[Optional[str], typer.Option("--taylor", metavar="first|mix", help="hywia: first-order Taylor (first), or minus half the diagonal Fisher term (mix).", show_default="first")] = None,
     fusion_temperature: Annotated[Optional[float], typer.Option("--fusion-temperature", metavar="T", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1")] = None,
@@ -115,8 +139,12 @@ def apply_cmd(
             raise UsageError(f"--pattern applies to unstructured methods; structured method {method} takes --sparsity S")
         if sparsity is None:
             raise UsageError(f"structured method {method} needs --sparsity S, the fraction of decoder-block parameters to remove", "e.g. --sparsity 0.2")
-        if scope != "row" or include or exclude or update:
-            raise UsageError(f"--scope, --include, --exclude and --update apply to unstructured methods, not to {method}")
+        unstructured_only = {"--scope": scope != "row", "--include": bool(include), "--exclude": bool(exclude), "--update": update,
+                             "--owl-m": owl_m is not None, "--owl-lambda": owl_lambda is not None, "--refine": refine is not None,
+                             "--dsnot-iters": dsnot_iters is not None, "--dsnot-threshold": dsnot_threshold is not None, "--dsnot-skip": dsnot_skip is not None}
+        given_u = [k for k, v in unstructured_only.items() if v]
+        if given_u:
+            raise UsageError(f"{', '.join(given_u)} apply to unstructured methods, not to {method}")
         if gram is not None and not reconstruct:
             raise UsageError("--gram with a structured method goes with --reconstruct")
         recon = {"reconstruct": reconstruct, "gram": str(gram) if gram is not None else None, "damp": damp}
@@ -124,12 +152,17 @@ def apply_cmd(
         return
     if reconstruct:
         raise UsageError(f"--reconstruct applies to the structured methods; unstructured {method} updates weights with --update")
-    if allocation is not None or compensate is not None:
-        raise UsageError(f"--allocation and --compensate apply to the structured methods ({', '.join(methods('structured'))}), not to {method}")
     sparsity_v, pattern_v = parse_target(sparsity, pattern)
+    extras = unstructured_extras(allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip, pattern_v)
     out_dir = out if out is not None else default_out(model, method, sparsity_v, pattern_v, scope)
-    if out is None and update and method != "sparsegpt":
-        out_dir = out_dir.with_name(out_dir.name + "-update")
+    if out is None:
+        suffixes = [
+            (extras["allocation"] != "uniform", f"-{extras['allocation']}"),
+            (refine is not None, "-dsnot"),
+            (bool(compensate), "-compensate"),
+            (update and method != "sparsegpt", "-update"),
+        ]
+        out_dir = out_dir.with_name(out_dir.name + "".join(sfx for on, sfx in suffixes if on))
     summary = _with_progress(
         lambda on_tensor: _core.apply(
             str(model),
@@ -148,6 +181,8 @@ def apply_cmd(
             gram=str(gram) if gram is not None else None,
             damp=damp,
             blocksize=blocksize,
+            compensate=bool(compensate),
+            **extras,
         )
     )
     if json_out:
@@ -160,6 +195,16 @@ def apply_cmd(
         f"prunable weights ({frac:.2%}) in {summary['tensors_pruned']} tensors; "
         f"wrote {summary['out']} in {summary['seconds']:.2f} s"
     )
+    extra = []
+    if summary.get("block_sparsity"):
+        b = summary["block_sparsity"]
+        extra.append(f"{summary['allocation']} allocation: block sparsity {min(b):.4f} to {max(b):.4f} (mean {sum(b) / len(b):.4f})")
+    if summary.get("refine"):
+        extra.append(f"DSnoT: {summary['dsnot_swaps']:,} swaps")
+    if summary["compensate"]:
+        extra.append(f"bias compensation: {summary['biases_compensated']} weights, {summary['bias_params_added']:,} bias parameters added")
+    if extra:
+        typer.echo("; ".join(extra))
 
 
 def apply_structured(

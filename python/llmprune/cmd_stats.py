@@ -17,7 +17,20 @@ from typer.core import TyperCommand, TyperGroup
 
 from llmprune.console import print_json, warn
 from llmprune.errors import UsageError
-from llmprune.options import DeviceOpt, JsonOpt, ModelArg, check_method, parse_target
+from llmprune.options import (
+    DeviceOpt,
+    DsnotItersOpt,
+    DsnotSkipOpt,
+    DsnotThresholdOpt,
+    JsonOpt,
+    ModelArg,
+    OwlLambdaOpt,
+    OwlMOpt,
+    RefineOpt,
+    check_method,
+    parse_target,
+    unstructured_extras,
+)
 
 DEFAULT_COMMAND = "compute"
 DEFAULT_NSAMPLES = 128
@@ -143,6 +156,13 @@ def stats_cmd(
     gram: Annotated[bool, typer.Option("--gram", help="Also sum the Gram matrix H = sum of x x^T of every distinct input of the prunable layers (for weight reconstruction), in a second sidecar: n(n+1)/2 float64 per input, gigabytes for a 7B model.")] = False,
     update: Annotated[bool, typer.Option("--update", help="--sequential with --gram: also update each block's kept weights with the SparseGPT sweep before the next block, as apply --update does.")] = False,
     gram_out: Annotated[Optional[Path], typer.Option("--gram-out", metavar="PATH", help="--gram: the Gram sidecar's path.", show_default="MODEL/llmprune-gram.safetensors")] = None,
+    allocation: Annotated[Optional[str], typer.Option("--allocation", metavar="MODE", help="--sequential with --sparsity: uniform, owl (per-block sparsities from a dense pass first, as apply --allocation owl) or a JSON file of per-block sparsities.", show_default="uniform")] = None,
+    owl_m: OwlMOpt = None,
+    owl_lambda: OwlLambdaOpt = None,
+    refine: RefineOpt = None,
+    dsnot_iters: DsnotItersOpt = None,
+    dsnot_threshold: DsnotThresholdOpt = None,
+    dsnot_skip: DsnotSkipOpt = None,
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
 
@@ -155,7 +175,7 @@ def stats_cmd(
     from llmprune.text_sources import CALIB, describe_source
     from llmprune.token_windows import calibration_samples
     from llmprune.tokenizer import load_tokenizer
-    from llmprune.stats import Sequential, collect_stats, init_distributed, shutdown_distributed, validate_sequential
+    from llmprune.stats import Sequential, collect_stats, init_distributed, shutdown_distributed, validate_schedule, validate_sequential
     from llmprune.devices import check_pass_inputs
 
     if nsamples < 1:
@@ -168,11 +188,19 @@ def stats_cmd(
             raise UsageError("--sequential needs --method", hint="e.g. --sequential --method wanda --sparsity 0.5")
         check_method(method)
         sp, pat = parse_target(sparsity, pattern)
-        seq = Sequential(method, sp, pat, update=update)
+        extras = unstructured_extras(allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip, pat)
+        refine_kw = {k: extras[k] for k in ("refine", "dsnot_iters", "dsnot_threshold", "dsnot_skip")} if refine is not None else None
+        seq = Sequential(
+            method, sp, pat, update=update, allocation=extras["allocation"], owl_m=owl_m, owl_lambda=owl_lambda,
+            block_sparsity=extras.get("block_sparsity"), refine=refine_kw,
+        )
         if seq.reconstructs and not gram:
             raise UsageError(f"--sequential {method}{' --update' if update else ''} updates weights from each block's Gram matrices", hint="add --gram")
-    elif method is not None or sparsity is not None or pattern is not None or update:
-        raise UsageError("--method, --sparsity, --pattern and --update only apply with --sequential", hint="add --sequential, or drop them: dense statistics serve every method")
+    elif any(v is not None for v in (method, sparsity, pattern, allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip)) or update:
+        raise UsageError(
+            "--method, --sparsity, --pattern, --update, --allocation, --owl-*, --refine and --dsnot-* only apply with --sequential",
+            hint="add --sequential, or drop them: dense statistics serve every method",
+        )
 
     if grad:
         if seq is not None:
@@ -198,7 +226,9 @@ def stats_cmd(
     if gram_target is not None:
         gram_target.calibration = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     if seq is not None:
-        validate_sequential(seq.method, seq.sparsity, seq.pattern)
+        validate_sequential(seq.method, seq.sparsity, seq.pattern, refine=seq.refine)
+        if seq.block_sparsity is not None:
+            validate_schedule(seq.block_sparsity)
     nsamples_from = ctx.get_parameter_source("nsamples")
     defaults = (nsamples_from is None or nsamples_from.name == "DEFAULT") and not seqlen_given
     if defaults and int(os.environ.get("RANK", "0") or 0) == 0:

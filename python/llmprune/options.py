@@ -73,3 +73,65 @@ def check_method(method: str) -> str:
     if method not in methods():
         raise UsageError(f"unknown method {method!r}", f"choose one of: {', '.join(methods())}")
     return method
+
+
+# --------------------------------------------------------------------------------------------
+# Unstructured refinements shared by `apply` and `stats --sequential`: per-block allocation (OWL or
+# a schedule file) and DSnoT
+# --------------------------------------------------------------------------------------------
+
+OwlMOpt = Annotated[Optional[float], typer.Option("--owl-m", metavar="M", help="--allocation owl: a score counts as an outlier above M times its block's mean score.", show_default="5")]
+OwlLambdaOpt = Annotated[Optional[float], typer.Option("--owl-lambda", metavar="L", help="--allocation owl: block sparsities range over S +/- L, L in (0, 0.5).", show_default="0.08")]
+RefineOpt = Annotated[Optional[str], typer.Option("--refine", metavar="dsnot", help="Refine each unstructured mask with DSnoT's training-free prune-and-grow (needs the stats sidecar).", show_default=False)]
+DsnotItersOpt = Annotated[Optional[int], typer.Option("--dsnot-iters", metavar="N", help="--refine dsnot: swap cycles per row.", show_default="50")]
+DsnotThresholdOpt = Annotated[Optional[float], typer.Option("--dsnot-threshold", metavar="T", help="--refine dsnot: a row stops once its expected output error per token is at most T.", show_default="0.1/2048")]
+DsnotSkipOpt = Annotated[Optional[str], typer.Option("--dsnot-skip", metavar="mlp|attn|none", help="--refine dsnot: linears left as the method chose them.", show_default="mlp, as the official code")]
+
+
+def read_schedule(path: Path) -> list[float]:
+    """Per-block sparsities from a JSON file: a list of numbers, or an object whose
+    `block_sparsity` is one (an `apply --json` summary works)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--allocation {path}: no such file", "give uniform, owl, or a JSON file of per-block sparsities") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--allocation {path}: cannot read it: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--allocation {path} is not valid JSON: {exc}") from None
+    values = data.get("block_sparsity") if isinstance(data, dict) else data
+    if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise UsageError(f"--allocation {path} must hold a list of per-block sparsities", 'e.g. [0.45, 0.5, 0.55] or {"block_sparsity": [...]}')
+    return [float(v) for v in values]
+
+
+def unstructured_extras(
+    allocation: str | None,
+    owl_m: float | None,
+    owl_lambda: float | None,
+    refine: str | None,
+    dsnot_iters: int | None,
+    dsnot_threshold: float | None,
+    dsnot_skip: str | None,
+    pattern: tuple[int, int] | None,
+) -> dict:
+    """The core's keyword arguments for the allocation and DSnoT options (checked by the core)."""
+    kw: dict = {"allocation": "uniform"}
+    if allocation in (None, "uniform", "owl"):
+        kw["allocation"] = allocation or "uniform"
+    elif allocation == "global":
+        raise UsageError("--allocation global applies to the structured methods", "unstructured methods take uniform, owl or a schedule file")
+    else:
+        kw.update(allocation="schedule", block_sparsity=read_schedule(Path(allocation)))
+    if kw["allocation"] != "uniform" and pattern is not None:
+        raise UsageError(
+            f"--allocation {allocation} gives blocks different unstructured sparsities; an N:M pattern is the same in every block",
+            "use --sparsity S with it, or drop --allocation",
+        )
+    kw.update(owl_m=owl_m, owl_lambda=owl_lambda)
+    if refine is not None and refine != "dsnot":
+        raise UsageError(f"unknown --refine {refine!r}", "the one refinement is dsnot")
+    kw.update(refine=refine, dsnot_iters=dsnot_iters, dsnot_threshold=dsnot_threshold, dsnot_skip=dsnot_skip)
+    if dsnot_iters is not None and dsnot_iters < 1:
+        raise UsageError(f"--dsnot-iters must be at least 1, got {dsnot_iters}")
+    return kw

@@ -25,6 +25,7 @@ import torch
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
 from llmprune.gram import GramPass, GramSummary, GramTarget
+from llmprune.options import method_registry
 from llmprune.sidecar import LayerStats
 from llmprune.stream import LayerStreamer
 
@@ -41,10 +42,33 @@ class Sequential:
     # also update the kept weights with the SparseGPT sweep (method sparsegpt always does), on the
     # block's Gram matrices taken in the same pass
     update: bool = False
+    # per-block sparsity: "uniform", "owl" (computed by a dense pass first) or "schedule"
+    allocation: str = "uniform"
+    owl_m: float | None = None
+    owl_lambda: float | None = None
+    block_sparsity: list[float] | None = None
+    # DSnoT's keyword arguments for the core's compute_mask (refine="dsnot", ...), or None
+    refine: dict[str, Any] | None = None
 
     @property
     def reconstructs(self) -> bool:
         return self.update or self.method == "sparsegpt"
+
+    def owl_params(self) -> tuple[float, float]:
+        d = method_registry()["defaults"]["owl"]
+        return (self.owl_m if self.owl_m is not None else d["m"], self.owl_lambda if self.owl_lambda is not None else d["lambda"])
+
+    def dsnot_params(self) -> dict[str, Any]:
+        d = method_registry()["defaults"]["dsnot"]
+        r = self.refine or {}
+        given = {"iters": r.get("dsnot_iters"), "threshold": r.get("dsnot_threshold"), "skip": r.get("dsnot_skip")}
+        return {k: (v if v is not None else d[k]) for k, v in given.items()}
+
+    def block_target(self, i: int) -> dict[str, Any]:
+        """The core's target keywords for block i."""
+        if self.block_sparsity is not None:
+            return {"sparsity": self.block_sparsity[i], "pattern": None}
+        return {"sparsity": self.sparsity, "pattern": self.pattern}
 
     def as_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"method": self.method}
@@ -54,6 +78,14 @@ class Sequential:
             meta["sparsity"] = self.sparsity
         if self.reconstructs:
             meta["update"] = True
+        if self.allocation != "uniform":
+            meta["allocation"] = self.allocation
+            if self.allocation == "owl":
+                meta["owl_m"], meta["owl_lambda"] = self.owl_params()
+            meta["block_sparsity"] = self.block_sparsity
+        if self.refine is not None:
+            meta["refine"] = "dsnot"
+            meta["dsnot"] = self.dsnot_params()
         return meta
 
 
@@ -263,16 +295,16 @@ def _prune_block(
             mask = mask_fn(
                 w_np,
                 seq.method,
-                sparsity=seq.sparsity,
-                pattern=seq.pattern,
+                **seq.block_target(i),
                 act_sum=s.act_sum,
                 act_sqsum=s.act_sqsum,
                 act_count=s.act_count,
                 name=name,
+                **(seq.refine or {}),
             )
         if seq.reconstructs:
             assert grams is not None
-            target = {"mask": np.ascontiguousarray(mask, dtype=np.bool_)} if mask is not None else {"sparsity": seq.sparsity, "pattern": seq.pattern}
+            target = {"mask": np.ascontiguousarray(mask, dtype=np.bool_)} if mask is not None else seq.block_target(i)
             new_w, mask, _ = core_sparsegpt(w_np, grams[name], **target)
             new = torch.from_numpy(new_w)
             with torch.no_grad():
@@ -326,6 +358,10 @@ def collect_stats(
     ctx = streamer.max_positions
     if ctx is not None and samples.shape[1] > ctx:
         raise UsageError(f"seqlen {samples.shape[1]} exceeds the model's context of {ctx} tokens", hint=f"pass --seqlen {ctx} or less")
+    if sequential is not None and sequential.allocation == "schedule" and len(sequential.block_sparsity or []) != streamer.num_blocks:
+        raise UsageError(f"the schedule has {len(sequential.block_sparsity or [])} sparsities, but {model_dir} has {streamer.num_blocks} decoder blocks")
+    if sequential is not None and sequential.allocation == "owl" and sequential.block_sparsity is None:
+        sequential.block_sparsity = owl_block_sparsity(model_dir, samples, sequential, info, progress, streamer)
     mine = samples[shard_samples(samples.shape[0], info)]
     n = mine.shape[0]
     mask_fn = mask_fn or core_compute_mask
@@ -398,13 +434,42 @@ def collect_stats(
     )
 
 
-def validate_sequential(method: str, sparsity: float | None, pattern: tuple[int, int] | None, mask_fn: MaskFn | None = None) -> None:
-    """Let the core reject a bad method / target before the long pass starts."""
+def owl_block_sparsity(model_dir: str | Path, samples: torch.Tensor, seq: Sequential, info: DistInfo, progress: bool, streamer: LayerStreamer) -> list[float]:
+    """OWL's per-block sparsities for a sequential run: a dense pass over the same samples first
+    (OWL ranks blocks by the dense model's outliers), then the core's allocation, exactly what
+    `apply --allocation owl` computes from a dense sidecar."""
+    from llmprune import _core
+
+    dense = collect_stats(model_dir, samples, sequential=None, dist=info, progress=progress, streamer=streamer)
+    m, lam = seq.owl_params()
+    layers = {k: (v.act_sum.tolist(), v.act_sqsum.tolist(), int(v.act_count), int(v.input_axis)) for k, v in dense.layers.items()}
+    try:
+        return list(_core.owl_allocation(str(model_dir), layers, sparsity=seq.sparsity, owl_m=m, owl_lambda=lam))
+    except Exception as exc:  # noqa: BLE001 - the core's errors become usage errors
+        if type(exc).__module__.startswith("llmprune"):
+            raise UsageError(str(exc), getattr(exc, "hint", None)) from None
+        raise
+
+
+def validate_schedule(values: list[float]) -> None:
+    """A schedule's values in [0, 1), checked before the long pass (their count once the model's
+    blocks are known, in collect_stats)."""
+    bad = [v for v in values if not 0 <= v < 1]
+    if bad:
+        raise UsageError(f"the schedule's sparsities must be in [0, 1), got {bad[0]}")
+
+
+def validate_sequential(
+    method: str, sparsity: float | None, pattern: tuple[int, int] | None, mask_fn: MaskFn | None = None, refine: dict[str, Any] | None = None
+) -> None:
+    """Let the core reject a bad method / target / DSnoT setting before the long pass starts."""
     m = pattern[1] if pattern else 4
     w = np.ones((1, m), dtype=np.float32)
     ones = np.ones(m, dtype=np.float64)
     try:
-        (mask_fn or core_compute_mask)(w, method, sparsity=sparsity, pattern=pattern, act_sum=ones, act_sqsum=2 * ones, act_count=4, name="")
+        (mask_fn or core_compute_mask)(
+            w, method, sparsity=sparsity, pattern=pattern, act_sum=ones, act_sqsum=2 * ones, act_count=4, name="", **(refine or {})
+        )
     except ImportError as exc:
         raise UsageError(f"sequential mode needs the compiled llmprune core: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - the core's InvalidArgumentError and friends

@@ -44,6 +44,9 @@ fn options(method: Method, target: Target) -> ApplyOptions {
         update: false,
         gram: None,
         sparsegpt: Default::default(),
+        allocation: llmprune_core::allocation::Allocation::Uniform,
+        refine: None,
+        compensate: false,
     }
 }
 

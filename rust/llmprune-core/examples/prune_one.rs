@@ -35,6 +35,7 @@ fn main() {
     let opts = ApplyOptions {
         model_dir: ".".into(), out_dir: ".".into(), method, target, scope: Scope::Row, stats: None, threads: Some(1),
         include: vec![], exclude: vec![], default_input_axis: 1, force: false, provenance: Default::default(), check_only: false, update: false, gram: None, sparsegpt: Default::default(),
+        allocation: llmprune_core::allocation::Allocation::Uniform, refine: None, compensate: false,
     };
     let pool = build_pool(Some(1)).unwrap();
     let mut out = Vec::new();

@@ -8,10 +8,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::checkpoint::{Shard, TensorEntry};
+use crate::allocation::{resolve_targets, Allocation};
+use crate::checkpoint::{read_config, Checkpoint, Shard, TensorEntry};
+use crate::compensate::{self, BiasPlan, BiasSource};
+use crate::dsnot::{self, DsnotOptions};
 use crate::dtype::{decode, decode_into, float_size};
 use crate::error::{Error, Result};
-use crate::output::{encode_header, metadata_with_provenance};
+use crate::output::{encode_header, layout_header, metadata_with_provenance};
 use crate::pool;
 use crate::prunable::{resolve_prunable, Prunable};
 use crate::run::{Run, StatsNeed};
@@ -47,6 +50,12 @@ pub struct ApplyOptions {
     /// The Gram sidecar (default MODEL/llmprune-gram.safetensors) for sparsegpt and --update.
     pub gram: Option<PathBuf>,
     pub sparsegpt: SparseGptOptions,
+    /// Per-block sparsity: uniform, OWL, or a schedule (rust/llmprune-core/src/allocation.rs).
+    pub allocation: Allocation,
+    /// Refine each mask with DSnoT before it is applied (rust/llmprune-core/src/dsnot.rs).
+    pub refine: Option<DsnotOptions>,
+    /// Fold what pruning removed into the output biases (rust/llmprune-core/src/compensate.rs).
+    pub compensate: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,12 +79,39 @@ pub struct ApplySummary {
     /// The Gram sidecar, when the kept weights were updated (sparsegpt, --update).
     pub gram: Option<String>,
     pub update: bool,
+    /// uniform, owl or schedule.
+    pub allocation: String,
+    /// The sparsity of every decoder block (OWL or a schedule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_sparsity: Option<Vec<f64>>,
+    /// "dsnot" when masks were refined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refine: Option<String>,
+    /// Prune-and-grow swaps DSnoT made, over all rows.
+    pub dsnot_swaps: u64,
+    pub compensate: bool,
+    /// Weights whose output bias absorbed what pruning removed.
+    pub biases_compensated: usize,
+    /// Bias parameters the output has that the input had not (compensation).
+    pub bias_params_added: u64,
     pub warnings: Vec<String>,
 }
 
+/// What this run's settings are called in sequential metadata, for comparing with a sidecar's.
+fn run_settings(opts: &ApplyOptions, update: bool) -> String {
+    let upd = if update { " with weight updates" } else { "" };
+    let alloc = match &opts.allocation {
+        Allocation::Uniform => String::new(),
+        a => format!(", {} allocation", a.name()),
+    };
+    let refine = if opts.refine.is_some() { ", DSnoT" } else { "" };
+    format!("{} at {}{upd}{alloc}{refine}", opts.method.name(), opts.target.describe())
+}
+
 /// A warning when statistics taken sequentially (recorded in `meta`) came from another method,
-/// target or update setting than this run's, which then does not reproduce that algorithm.
-fn sequential_warning(meta: &serde_json::Map<String, Value>, method: Method, target: Target, update: bool) -> Option<String> {
+/// target, update, allocation or refinement than this run's, which then does not reproduce that
+/// algorithm.
+fn sequential_warning(meta: &serde_json::Map<String, Value>, opts: &ApplyOptions, update: bool) -> Option<String> {
     let seq = crate::sidecar::sequential_of(meta)?;
     let their_method = seq.get("method").and_then(Value::as_str).unwrap_or("?");
     let theirs = match (seq.get("sparsity").and_then(Value::as_f64), seq.get("pattern").and_then(Value::as_str)) {
@@ -90,33 +126,94 @@ fn sequential_warning(meta: &serde_json::Map<String, Value>, method: Method, tar
         _ => return Some("statistics were taken sequentially without a recorded target".into()),
     };
     let their_update = seq.get("update").and_then(Value::as_bool).unwrap_or(false);
-    if their_method != method.name() || theirs != target || their_update != update {
-        let upd = |u: bool| if u { " with weight updates" } else { "" };
+    let their_alloc = seq.get("allocation").and_then(Value::as_str).unwrap_or("uniform");
+    let their_owl = (seq.get("owl_m").and_then(Value::as_f64), seq.get("owl_lambda").and_then(Value::as_f64));
+    let alloc_same = match &opts.allocation {
+        Allocation::Uniform => their_alloc == "uniform",
+        Allocation::Owl { m, lambda } => their_alloc == "owl" && their_owl == (Some(*m), Some(*lambda)),
+        Allocation::Schedule(v) => their_alloc == "schedule" && recorded_block_sparsity(seq).as_deref() == Some(v.as_slice()),
+    };
+    let their_refine = seq.get("refine").and_then(Value::as_str);
+    let refine_same = match &opts.refine {
+        None => their_refine.is_none(),
+        Some(r) => their_refine == Some("dsnot") && seq.get("dsnot") == Some(&dsnot_meta(r)),
+    };
+    if their_method != opts.method.name() || theirs != opts.target || their_update != update || !alloc_same || !refine_same {
+        let upd = if their_update { " with weight updates" } else { "" };
+        let alloc = if their_alloc == "uniform" { String::new() } else { format!(", {their_alloc} allocation") };
+        let refine = if their_refine.is_some() { ", DSnoT" } else { "" };
         Some(format!(
-            "statistics were taken sequentially with {their_method} at {}{}; pruning with {} at {}{} does not reproduce that algorithm",
+            "statistics were taken sequentially with {their_method} at {}{upd}{alloc}{refine}; pruning with {} does not reproduce that algorithm",
             theirs.describe(),
-            upd(their_update),
-            method.name(),
-            target.describe(),
-            upd(update)
+            run_settings(opts, update)
         ))
     } else {
         None
     }
 }
 
+fn recorded_block_sparsity(seq: &serde_json::Map<String, Value>) -> Option<Vec<f64>> {
+    seq.get("block_sparsity")?.as_array()?.iter().map(Value::as_f64).collect()
+}
+
+/// DSnoT's settings as recorded in provenance and sequential metadata.
+pub fn dsnot_meta(r: &DsnotOptions) -> Value {
+    serde_json::json!({"iters": r.iters, "threshold": r.threshold, "skip": r.skip.name()})
+}
+
+/// What needs the stats sidecar in this run, if anything.
+fn stats_need(opts: &ApplyOptions) -> Option<StatsNeed> {
+    let who = if opts.method.needs_stats() {
+        format!("method {}", opts.method.name())
+    } else if matches!(opts.allocation, Allocation::Owl { .. }) {
+        "--allocation owl".into()
+    } else if opts.refine.is_some() {
+        "--refine dsnot".into()
+    } else if opts.compensate {
+        "--compensate".into()
+    } else {
+        return None;
+    };
+    Some(StatsNeed::activations(&who))
+}
+
+fn check_refine(opts: &ApplyOptions) -> Result<()> {
+    let Some(r) = &opts.refine else { return Ok(()) };
+    r.validate()?;
+    if matches!(opts.target, Target::Pattern { .. }) {
+        return Err(Error::arg_hint("--refine dsnot refines unstructured masks, not N:M patterns", "use --sparsity S"));
+    }
+    if opts.scope == Scope::Layer {
+        return Err(Error::arg("--refine dsnot works row by row; it does not apply to --scope layer"));
+    }
+    if opts.method == Method::SparseGpt {
+        return Err(Error::arg_hint(
+            "--refine dsnot cannot refine sparsegpt, which chooses its mask inside the weight update",
+            "refine another method's mask and update it: --method wanda --refine dsnot --update",
+        ));
+    }
+    Ok(())
+}
+
+/// Mean and variance of a weight's input channels, for DSnoT and compensation.
+struct Moments {
+    mu: Vec<f64>,
+    var: Vec<f64>,
+}
+
 pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<()>) -> Result<ApplySummary> {
     opts.target.validate(opts.scope)?;
-    let need = opts.method.needs_stats().then(|| StatsNeed::activations(&format!("method {}", opts.method.name())));
-    let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), need)?;
+    opts.allocation.validate(opts.target)?;
+    check_refine(opts)?;
+    let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), stats_need(opts))?;
     let pool = pool::pool(opts.threads)?;
-    if let Some(sc) = &run.sidecar {
-        run.warnings.extend(sequential_warning(&sc.meta, opts.method, opts.target, opts.update || opts.method.needs_gram()));
-    }
     let reconstruct = opts.update || opts.method.needs_gram();
+    if let Some(sc) = &run.sidecar {
+        run.warnings.extend(sequential_warning(&sc.meta, opts, reconstruct));
+    }
     let gram = if reconstruct { Some(open_gram(&run, opts)?) } else { None };
     if let (Some(g), None) = (&gram, &run.sidecar) {
-        run.warnings.extend(sequential_warning(&g.meta, opts.method, opts.target, reconstruct));
+        run.warnings.extend(sequential_warning(&g.meta, opts, reconstruct));
     }
     let ckpt = &run.ckpt;
     let prunable = resolve_prunable(ckpt, run.sidecar.as_ref(), &opts.include, &opts.exclude, opts.default_input_axis)?;
@@ -142,6 +239,10 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         }
         let stats = run.sidecar.as_ref().and_then(|s| s.layers.get(name.as_str()));
         factors.insert(name.clone(), channel_factors(opts.method, name, stats)?);
+        if (opts.refine.is_some() || opts.compensate) && stats.is_none() {
+            let path = run.sidecar.as_ref().map(|s| s.path.clone()).unwrap_or_default();
+            return Err(Error::StatsMismatch { path, msg: format!("no activation statistics for {name}, which --refine / --compensate need") });
+        }
         if let Some(g) = &gram {
             match g.group_of(name) {
                 Some(grp) if grp.features == t.shape[p.input_axis] => {}
@@ -154,6 +255,28 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
             }
         }
     }
+    let recorded = run
+        .sidecar
+        .as_ref()
+        .and_then(|s| crate::sidecar::sequential_of(&s.meta))
+        .filter(|seq| seq.get("allocation").and_then(Value::as_str) == Some(opts.allocation.name()))
+        .and_then(recorded_block_sparsity);
+    let (targets, block_sparsity) =
+        pool.install(|| resolve_targets(ckpt, &prunable, run.sidecar.as_ref().map(|s| &s.layers), opts.target, &opts.allocation, recorded))?;
+    let bias_plan = if opts.compensate {
+        let config = read_config(&ckpt.dir)?;
+        let plan = compensate::plan(ckpt, &config, &prunable)?;
+        if !plan.skipped.is_empty() {
+            run.warnings.push(format!(
+                "{} pruned weights have no bias in this architecture and are not compensated (e.g. {})",
+                plan.skipped.len(),
+                plan.skipped[0]
+            ));
+        }
+        Some((plan, config))
+    } else {
+        None
+    };
 
     let staging = run.stage(&opts.out_dir, opts.force)?;
     let run = run;
@@ -174,6 +297,13 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         stats: run.stats_path(),
         gram: gram.as_ref().map(|g| g.path.display().to_string()),
         update: reconstruct,
+        allocation: opts.allocation.name().into(),
+        block_sparsity: block_sparsity.clone(),
+        refine: opts.refine.map(|_| "dsnot".into()),
+        dsnot_swaps: 0,
+        compensate: opts.compensate,
+        biases_compensated: bias_plan.as_ref().map_or(0, |(p, _)| p.compensated.len()),
+        bias_params_added: 0,
         warnings: run.warnings.clone(),
     };
     if opts.check_only {
@@ -181,44 +311,225 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         return Ok(summary);
     }
 
-    let provenance = run.provenance(provenance_fields(opts, gram.as_ref()), &opts.provenance);
+    let mut fields = provenance_fields(opts, gram.as_ref());
+    if let Some(b) = &block_sparsity {
+        fields.extend(opts.allocation.describe());
+        fields.insert("block_sparsity".into(), b.clone().into());
+    }
+    if let Some(r) = &opts.refine {
+        fields.insert("refine".into(), "dsnot".into());
+        fields.insert("dsnot".into(), dsnot_meta(r));
+    }
+    if opts.compensate {
+        fields.insert("compensate".into(), true.into());
+    }
+    let provenance = run.provenance(fields, &opts.provenance);
+    let moments = |name: &str| -> Option<Moments> {
+        let s = run.sidecar.as_ref()?.layers.get(name)?;
+        let (mu, var) = crate::dsnot::moments(&s.act_sum, &s.act_sqsum, s.count);
+        Some(Moments { mu, var })
+    };
     // the factor of the last input seen: q/k/v (gate/up) share one and come one after another
     let mut cached: Option<(String, Factor)> = None;
     let mut recon_warnings: Vec<String> = Vec::new();
+    let plan = bias_plan.as_ref().map(|(p, _)| p);
+    // compensated weights' bias deltas, until their bias is written
+    let mut deltas: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut weight_map: BTreeMap<String, String> = BTreeMap::new();
+    let mut tensor_bytes = 0u64;
+    let mut swaps = 0u64;
     summary.bytes_written = run.write_shards(&staging, progress, |shard, out| {
-        out.header(shard_header(shard, &provenance)?)?;
-        for t in &shard.tensors {
-            let data = shard.data(t);
-            match prunable.get(&t.name) {
-                Some(p) => {
-                    let f = factors[t.name.as_str()].as_deref();
-                    let pruned = match &gram {
-                        Some(g) => out.fill(|buf| {
-                            pool.install(|| reconstruct_tensor(t, data, p.input_axis, f, opts, g, &mut cached, &mut recon_warnings, buf))
-                        })?,
-                        None => out.fill(|buf| pool.install(|| prune_tensor(t, data, p.input_axis, f, opts, buf)))?,
-                    };
-                    summary.tensors_pruned += 1;
-                    summary.params_pruned += pruned;
-                    summary.params_prunable += t.numel() as u64;
+        let items = shard_items(&run.ckpt, shard, plan)?;
+        for it in &items {
+            weight_map.insert(it.name.clone(), shard.file_name.clone());
+            tensor_bytes += it.nbytes as u64;
+        }
+        let header = match plan {
+            None => shard_header(shard, &provenance)?,
+            Some(_) => {
+                let layout: Vec<_> = items.iter().map(|i| (i.name.clone(), i.dtype, i.shape.clone(), i.nbytes)).collect();
+                layout_header(shard, &provenance, &layout)?
+            }
+        };
+        out.header(header)?;
+        for it in &items {
+            match it.kind {
+                Item::Tensor(t) => {
+                    let data = shard.data(t);
+                    match prunable.get(&t.name) {
+                        Some(p) => {
+                            let f = factors[t.name.as_str()].as_deref();
+                            let target = targets[t.name.as_str()];
+                            let m = if opts.refine.is_some() || plan.is_some_and(|pl| pl.compensated.contains_key(&t.name)) { moments(&t.name) } else { None };
+                            let refine = opts.refine.as_ref().filter(|r| r.applies_to(&t.name)).zip(m.as_ref());
+                            let job = Job { input_axis: p.input_axis, factors: f, target, refine };
+                            let (pruned, sw, delta) = out.fill(|buf| {
+                                let (pruned, sw) = match &gram {
+                                    Some(g) => pool.install(|| reconstruct_tensor(t, data, &job, opts, g, &mut cached, &mut recon_warnings, buf))?,
+                                    None => pool.install(|| prune_tensor_with(t, data, &job, opts.scope, buf))?,
+                                };
+                                let delta = match (plan, &m) {
+                                    (Some(pl), Some(m)) if pl.compensated.contains_key(&t.name) => {
+                                        Some(pool.install(|| compensate::bias_delta(t, data, buf, p.input_axis, &m.mu)))
+                                    }
+                                    _ => None,
+                                };
+                                Ok((pruned, sw, delta))
+                            })?;
+                            if let Some(d) = delta {
+                                deltas.insert(t.name.clone(), d);
+                            }
+                            summary.tensors_pruned += 1;
+                            summary.params_pruned += pruned;
+                            summary.params_prunable += t.numel() as u64;
+                            swaps += sw;
+                        }
+                        None => {
+                            out.copy(data)?;
+                            summary.tensors_copied += 1;
+                        }
+                    }
+                    out.done(&t.name, t.nbytes())?;
                 }
-                None => {
-                    out.copy(data)?;
-                    summary.tensors_copied += 1;
+                Item::Bias { weight, existing } => {
+                    let delta = deltas.remove(weight);
+                    let rows = it.shape[0];
+                    let mut values: Vec<f64> = match existing {
+                        Some(b) => {
+                            let (bs, _) = run.ckpt.get(&b.name).ok_or_else(|| Error::Internal(format!("{} planned but missing", b.name)))?;
+                            decode(b.dtype, bs.data(b)).into_iter().map(f64::from).collect()
+                        }
+                        None => {
+                            summary.bias_params_added += rows as u64;
+                            vec![0.0; rows]
+                        }
+                    };
+                    if let Some(d) = delta {
+                        for (v, dv) in values.iter_mut().zip(d) {
+                            *v += dv;
+                        }
+                    }
+                    let v32: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+                    out.fill(|buf| {
+                        encode_into(it.dtype, &v32, buf);
+                        Ok(())
+                    })?;
+                    if let Some(b) = existing {
+                        out.done(&b.name, b.nbytes())?;
+                    }
                 }
             }
-            out.done(&t.name, t.nbytes())?;
         }
         Ok(())
     })?;
     summary.warnings.extend(recon_warnings);
-    let total: u64 = run.ckpt.tensors().map(|(_, t)| t.nbytes() as u64).sum();
-    run.finish(staging, total, None, &[])?;
+    summary.dsnot_swaps = swaps;
+    let (map, rewritten): (Option<&BTreeMap<String, String>>, Vec<&str>) = match &bias_plan {
+        Some((p, config)) => {
+            if let Some(c) = compensate::rewrite_config(config, p) {
+                let path = staging.path.join("config.json");
+                let text = serde_json::to_string_pretty(&Value::Object(c)).map_err(|e| Error::Internal(e.to_string()))?;
+                std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
+                (Some(&weight_map), vec!["config.json"])
+            } else {
+                (None, vec![])
+            }
+        }
+        None => (None, vec![]),
+    };
+    run.finish(staging, tensor_bytes, map, &rewritten)?;
     summary.seconds = run.seconds();
     Ok(summary)
 }
 
-/// Prunes one tensor into `out` (resized to the tensor's size); returns the number of entries pruned.
+/// How one weight is pruned.
+pub struct Job<'a> {
+    pub input_axis: usize,
+    /// Per-input-channel score factor (None: magnitude).
+    pub factors: Option<&'a [f32]>,
+    pub target: Target,
+    refine: Option<(&'a DsnotOptions, &'a Moments)>,
+}
+
+impl<'a> Job<'a> {
+    /// A job without refinement.
+    pub fn plain(input_axis: usize, factors: Option<&'a [f32]>, target: Target) -> Job<'a> {
+        Job { input_axis, factors, target, refine: None }
+    }
+}
+
+enum Item<'a> {
+    Tensor(&'a TensorEntry),
+    /// A compensated (or zero) bias written after its weight, or in its own place when its
+    /// weight was in an earlier shard.
+    Bias { weight: &'a str, existing: Option<&'a TensorEntry> },
+}
+
+struct OutItem<'a> {
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    nbytes: usize,
+    kind: Item<'a>,
+}
+
+/// The output tensors of one shard in order: the input's, with each compensated weight's bias
+/// (its own, or an added one) right after it.
+fn shard_items<'a>(ckpt: &'a Checkpoint, shard: &'a Shard, plan: Option<&'a BiasPlan>) -> Result<Vec<OutItem<'a>>> {
+    let mut items = Vec::with_capacity(shard.tensors.len());
+    let plain = |t: &'a TensorEntry| OutItem { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), nbytes: t.nbytes(), kind: Item::Tensor(t) };
+    let Some(plan) = plan else {
+        items.extend(shard.tensors.iter().map(plain));
+        return Ok(items);
+    };
+    let here = ckpt.shard_of(&shard.tensors.first().map(|t| t.name.clone()).unwrap_or_default());
+    // existing biases of compensated weights -> their weight
+    let owner: BTreeMap<&str, &str> = plan
+        .compensated
+        .iter()
+        .filter_map(|(w, s)| match s {
+            BiasSource::Existing(b) => Some((b.as_str(), w.as_str())),
+            BiasSource::Added => None,
+        })
+        .collect();
+    for t in &shard.tensors {
+        if let Some(&w) = owner.get(t.name.as_str()) {
+            if ckpt.shard_of(w) == here {
+                continue; // written right after its weight
+            }
+            items.push(OutItem { kind: Item::Bias { weight: w, existing: Some(t) }, ..plain(t) });
+            continue;
+        }
+        items.push(plain(t));
+        let rows = || t.shape.first().copied().unwrap_or(0);
+        match plan.compensated.get(&t.name) {
+            Some(BiasSource::Existing(b)) => {
+                if ckpt.shard_of(b) == here {
+                    let (_, bt) = ckpt.get(b).ok_or_else(|| Error::Internal(format!("{b} planned but missing")))?;
+                    items.push(OutItem { kind: Item::Bias { weight: &t.name, existing: Some(bt) }, ..plain(bt) });
+                }
+            }
+            Some(BiasSource::Added) => items.push(added_bias(t, rows())),
+            None if plan.zero_added.contains(&t.name) => items.push(added_bias(t, rows())),
+            None => {}
+        }
+    }
+    Ok(items)
+}
+
+fn added_bias(t: &TensorEntry, rows: usize) -> OutItem<'_> {
+    let es = t.dtype.bitsize() / 8;
+    OutItem {
+        name: BiasPlan::bias_name(&t.name),
+        dtype: t.dtype,
+        shape: vec![rows],
+        nbytes: rows * es,
+        kind: Item::Bias { weight: &t.name, existing: None },
+    }
+}
+
+/// Prunes one tensor into `out` (resized to the tensor's size) with `opts`' target and scope;
+/// returns the number of entries pruned.
 pub fn prune_tensor(
     t: &TensorEntry,
     data: &[u8],
@@ -227,19 +538,25 @@ pub fn prune_tensor(
     opts: &ApplyOptions,
     out: &mut Vec<u8>,
 ) -> Result<u64> {
+    prune_tensor_with(t, data, &Job::plain(input_axis, factors, opts.target), opts.scope, out).map(|r| r.0)
+}
+
+/// Prunes one tensor into `out` as `job` says; returns the entries pruned and DSnoT's swaps.
+pub fn prune_tensor_with(t: &TensorEntry, data: &[u8], job: &Job, scope: Scope, out: &mut Vec<u8>) -> Result<(u64, u64)> {
     let es = float_size(t.dtype).ok_or_else(|| Error::Internal(format!("{}: dtype checked before writing", t.name)))?;
+    let (input_axis, factors, target) = (job.input_axis, job.factors, job.target);
     let (rows, cols) = if input_axis == 1 { (t.shape[0], t.shape[1]) } else { (t.shape[1], t.shape[0]) };
     if rows == 0 || cols == 0 {
         out.clear();
         out.extend_from_slice(data);
-        return Ok(0);
+        return Ok((0, 0));
     }
-    if input_axis == 1 && (opts.scope == Scope::Row || matches!(opts.target, Target::Pattern { .. })) {
+    if input_axis == 1 && job.refine.is_none() && (scope == Scope::Row || matches!(target, Target::Pattern { .. })) {
         // Rows are copied from the input map inside the parallel loop; the reused buffer is only
         // resized (zero-filled where it grows), never cleared and refilled on one thread.
         out.resize(data.len(), 0);
         let row_bytes = cols * es;
-        if let Target::Pattern { n, m } = opts.target {
+        if let Target::Pattern { n, m } = target {
             // N:M: zero pruned entries with a branch-free byte mask.
             out.par_chunks_mut(row_bytes).zip(data.par_chunks(row_bytes)).for_each_init(
                 || (Vec::new(), Vec::new(), Vec::new()),
@@ -256,7 +573,7 @@ pub fn prune_tensor(
                     }
                 },
             );
-            return Ok((rows * (cols / m) * n) as u64);
+            return Ok(((rows * (cols / m) * n) as u64, 0));
         }
         // Fused path: decode, score, select and zero one row at a time, rows in parallel.
         let counts: u64 = out
@@ -267,7 +584,7 @@ pub fn prune_tensor(
                 scratch.weights.resize(cols, 0.0);
                 decode_into(t.dtype, row, &mut scratch.weights);
                 let w = std::mem::take(&mut scratch.weights);
-                prune_row(&w, factors, opts.target, scratch);
+                prune_row(&w, factors, target, scratch);
                 scratch.weights = w;
                 for &j in &scratch.pruned {
                     let j = j as usize;
@@ -276,15 +593,15 @@ pub fn prune_tensor(
                 scratch.pruned.len() as u64
             })
             .sum();
-        return Ok(counts);
+        return Ok((counts, 0));
     }
-    // General path (layer scope or [in, out] storage): score the logical [out, in] matrix.
+    // General path (layer scope, [in, out] storage or DSnoT): mask the logical [out, in] matrix.
     out.clear();
     out.extend_from_slice(data);
     let stored = decode(t.dtype, data);
     // stored [in, out] when input_axis is 0
     let logical: Vec<f32> = if input_axis == 1 { stored } else { transpose(&stored, t.shape[0], t.shape[1]) };
-    let mask = mask_matrix(&logical, rows, cols, factors, opts.target, opts.scope)?;
+    let (mask, swaps) = job.mask(&logical, rows, cols, scope)?;
     let mut count = 0u64;
     for (li, &m) in mask.iter().enumerate() {
         if m {
@@ -293,7 +610,20 @@ pub fn prune_tensor(
             count += 1;
         }
     }
-    Ok(count)
+    Ok((count, swaps))
+}
+
+impl Job<'_> {
+    /// The mask of the logical [rows, cols] weight `w` (true = pruned), refined by DSnoT when
+    /// asked; returns it with DSnoT's swaps.
+    fn mask(&self, w: &[f32], rows: usize, cols: usize, scope: Scope) -> Result<(Vec<bool>, u64)> {
+        let mut mask = mask_matrix(w, rows, cols, self.factors, self.target, scope)?;
+        let swaps = match self.refine {
+            Some((r, m)) => dsnot::refine(w, rows, cols, self.factors, &m.mu, &m.var, &mut mask, r) as u64,
+            None => 0,
+        };
+        Ok((mask, swaps))
+    }
 }
 
 /// ANDs every element (of ES bytes) of `row` with its keep mask (`KEEP` or 0).
@@ -344,24 +674,24 @@ fn open_gram(run: &Run, opts: &ApplyOptions) -> Result<Gram> {
 }
 
 /// Prunes one tensor and updates its kept weights with the SparseGPT sweep on its input's Gram
-/// matrix; writes the tensor in its dtype into `out`, returns the number of entries pruned.
+/// matrix; writes the tensor in its dtype into `out`, returns the entries pruned and DSnoT's swaps.
 #[allow(clippy::too_many_arguments)]
 fn reconstruct_tensor(
     t: &TensorEntry,
     data: &[u8],
-    input_axis: usize,
-    factors: Option<&[f32]>,
+    job: &Job,
     opts: &ApplyOptions,
     gram: &Gram,
     cached: &mut Option<(String, Factor)>,
     warnings: &mut Vec<String>,
     out: &mut Vec<u8>,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
+    let input_axis = job.input_axis;
     let (rows, cols) = if input_axis == 1 { (t.shape[0], t.shape[1]) } else { (t.shape[1], t.shape[0]) };
     if rows == 0 || cols == 0 {
         out.clear();
         out.extend_from_slice(data);
-        return Ok(0);
+        return Ok((0, 0));
     }
     let stored = decode(t.dtype, data);
     let mut w: Vec<f32> = if input_axis == 1 { stored } else { transpose(&stored, t.shape[0], t.shape[1]) };
@@ -374,17 +704,18 @@ fn reconstruct_tensor(
         *cached = Some((group.key.clone(), f));
     }
     let f = &cached.as_ref().expect("just set").1;
-    let fixed;
+    let (fixed, swaps);
     let sel = if opts.method == Method::SparseGpt {
-        Selection::Target(opts.target)
+        swaps = 0;
+        Selection::Target(job.target)
     } else {
-        fixed = mask_matrix(&w, rows, cols, factors, opts.target, opts.scope)?;
+        (fixed, swaps) = job.mask(&w, rows, cols, opts.scope)?;
         Selection::Fixed(&fixed)
     };
     let mask = sparsegpt(&mut w, rows, cols, f, sel, opts.sparsegpt, crate::sparsegpt::current_par())?;
     let stored = if input_axis == 1 { w } else { transpose(&w, rows, cols) };
     encode_into(t.dtype, &stored, out);
-    Ok(mask.iter().filter(|&&m| m).count() as u64)
+    Ok((mask.iter().filter(|&&m| m).count() as u64, swaps))
 }
 
 /// The transpose of a row-major [r, c] matrix.

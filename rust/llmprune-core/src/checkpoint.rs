@@ -201,6 +201,13 @@ fn first_size_mismatch(buf: &[u8]) -> Option<String> {
 }
 
 /// A whole checkpoint directory.
+/// config.json of the model in `dir`, parsed.
+pub fn read_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
+    let path = dir.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_slice(&text).map_err(|e| Error::checkpoint(&path, format!("config.json is not a JSON object: {e}")))
+}
+
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub shards: Vec<Shard>,
@@ -271,6 +278,11 @@ impl Checkpoint {
             index,
             locations,
         })
+    }
+
+    /// The number of the shard that holds `name`.
+    pub fn shard_of(&self, name: &str) -> Option<usize> {
+        self.locations.get(name).map(|&(si, _)| si)
     }
 
     pub fn get(&self, name: &str) -> Option<(&Shard, &TensorEntry)> {

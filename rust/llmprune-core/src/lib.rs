@@ -3,8 +3,11 @@
 //! Pure Rust, no Python: checkpoints are memory-mapped and processed tensor by tensor, so memory
 //! stays bounded by the largest single tensor whatever the model size.
 
+pub mod allocation;
 pub mod apply;
 pub mod checkpoint;
+pub mod compensate;
+pub mod dsnot;
 pub mod dtype;
 pub mod error;
 pub mod inspect;

@@ -278,6 +278,21 @@ pub fn encode_header(
     Ok(bytes)
 }
 
+/// The header of an output shard whose tensors are `(name, dtype, shape, bytes)` laid out one after
+/// another in this order, with the input's metadata and `provenance`.
+pub fn layout_header(shard: &Shard, provenance: &str, tensors: &[(String, safetensors::Dtype, Vec<usize>, usize)]) -> Result<Vec<u8>> {
+    let mut offset = 0usize;
+    let entries: Vec<(String, Value)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, nbytes)| {
+            let v = serde_json::json!({"dtype": crate::checkpoint::dtype_name(*dtype), "shape": shape, "data_offsets": [offset, offset + nbytes]});
+            offset += nbytes;
+            (name.clone(), v)
+        })
+        .collect();
+    encode_header(shard, metadata_with_provenance(shard, provenance), entries)
+}
+
 /// Writes index.json with a new `total_size` and, when given, a new weight map.
 pub fn write_index(
     index: &serde_json::Map<String, Value>,

@@ -100,6 +100,9 @@ fn opts(model: &Path, out: &Path, target: Target) -> ApplyOptions {
         update: false,
         gram: None,
         sparsegpt: Default::default(),
+        allocation: llmprune_core::allocation::Allocation::Uniform,
+        refine: None,
+        compensate: false,
     }
 }
 

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use llmprune_core::error::Error;
 use llmprune_core::structured::StructMethod;
+use llmprune_core::allocation::{self, Allocation};
+use llmprune_core::dsnot::DsnotOptions;
 use llmprune_core::{apply, pool, prunable, score, select, structured, ApplyOptions, Method, Scope, Target};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -25,6 +27,38 @@ fn parse_scope(s: &str) -> PyResult<Scope> {
         "row" => Ok(Scope::Row),
         "layer" => Ok(Scope::Layer),
         other => Err(InvalidArgumentError::new_err(format!("unknown scope {other:?}; expected row or layer"))),
+    }
+}
+
+/// `uniform`, `owl` (with M and λ) or `schedule` (with one sparsity per decoder block).
+fn parse_allocation(name: &str, owl_m: Option<f64>, owl_lambda: Option<f64>, block_sparsity: Option<Vec<f64>>) -> PyResult<Allocation> {
+    let owl_given = owl_m.is_some() || owl_lambda.is_some();
+    match name {
+        "owl" => Ok(Allocation::Owl { m: owl_m.unwrap_or(allocation::OWL_M), lambda: owl_lambda.unwrap_or(allocation::OWL_LAMBDA) }),
+        _ if owl_given => Err(InvalidArgumentError::new_err("--owl-m and --owl-lambda go with --allocation owl")),
+        "uniform" if block_sparsity.is_none() => Ok(Allocation::Uniform),
+        "schedule" => block_sparsity
+            .map(Allocation::Schedule)
+            .ok_or_else(|| InvalidArgumentError::new_err("a schedule allocation needs its block sparsities")),
+        other => Err(InvalidArgumentError::new_err(format!("unknown allocation {other:?}; expected uniform, owl or a schedule"))),
+    }
+}
+
+/// DSnoT's options when `refine` is "dsnot"; its knobs without it are an error.
+fn parse_refine(refine: Option<&str>, iters: Option<usize>, threshold: Option<f64>, skip: Option<&str>) -> PyResult<Option<DsnotOptions>> {
+    let knobs = iters.is_some() || threshold.is_some() || skip.is_some();
+    match refine {
+        None if knobs => Err(InvalidArgumentError::new_err("--dsnot-iters, --dsnot-threshold and --dsnot-skip go with --refine dsnot")),
+        None => Ok(None),
+        Some("dsnot") => {
+            let d = DsnotOptions::default();
+            Ok(Some(DsnotOptions {
+                iters: iters.unwrap_or(d.iters),
+                threshold: threshold.unwrap_or(d.threshold),
+                skip: skip.map_or(Ok(d.skip), str::parse).map_err(CoreError)?,
+            }))
+        }
+        Some(other) => Err(InvalidArgumentError::new_err(format!("unknown --refine {other:?}; expected dsnot"))),
     }
 }
 
@@ -73,7 +107,9 @@ fn to_json<T: serde::Serialize>(value: &T) -> llmprune_core::Result<String> {
 #[pyfunction]
 #[pyo3(name = "apply", signature = (model_dir, out_dir, method, *, sparsity=None, pattern=None, scope="row",
     stats=None, threads=None, include=Vec::new(), exclude=Vec::new(), input_axis=None, force=false,
-    provenance=None, progress=None, check_only=false, update=false, gram=None, damp=0.01, blocksize=128))]
+    provenance=None, progress=None, check_only=false, update=false, gram=None, damp=0.01, blocksize=128,
+    allocation="uniform", owl_m=None, owl_lambda=None, block_sparsity=None, refine=None, dsnot_iters=None,
+    dsnot_threshold=None, dsnot_skip=None, compensate=false))]
 #[allow(clippy::too_many_arguments)]
 fn apply_checkpoint(
     py: Python<'_>,
@@ -96,7 +132,18 @@ fn apply_checkpoint(
     gram: Option<PathBuf>,
     damp: f64,
     blocksize: usize,
+    allocation: &str,
+    owl_m: Option<f64>,
+    owl_lambda: Option<f64>,
+    block_sparsity: Option<Vec<f64>>,
+    refine: Option<&str>,
+    dsnot_iters: Option<usize>,
+    dsnot_threshold: Option<f64>,
+    dsnot_skip: Option<&str>,
+    compensate: bool,
 ) -> PyResult<String> {
+    let allocation = parse_allocation(allocation, owl_m, owl_lambda, block_sparsity)?;
+    let refine = parse_refine(refine, dsnot_iters, dsnot_threshold, dsnot_skip)?;
     let default_input_axis = input_axis.unwrap_or_else(|| prunable::default_input_axis(&model_dir));
     let opts = ApplyOptions {
         model_dir,
@@ -115,6 +162,9 @@ fn apply_checkpoint(
         update,
         gram,
         sparsegpt: llmprune_core::sparsegpt::SparseGptOptions { damp, blocksize },
+        allocation,
+        refine,
+        compensate,
     };
     run_reporting(py, progress, |report| apply::apply(&opts, report).and_then(|s| to_json(&s)))
 }
@@ -184,7 +234,8 @@ fn apply_structured(
 
 #[pyfunction]
 #[pyo3(signature = (weight, method, *, sparsity=None, pattern=None, scope="row",
-    act_sum=None, act_sqsum=None, act_count=0, name="", threads=None))]
+    act_sum=None, act_sqsum=None, act_count=0, name="", threads=None, refine=None, dsnot_iters=None,
+    dsnot_threshold=None, dsnot_skip=None))]
 #[allow(clippy::too_many_arguments)]
 fn compute_mask<'py>(
     py: Python<'py>,
@@ -198,8 +249,13 @@ fn compute_mask<'py>(
     act_count: i64,
     name: &str,
     threads: Option<usize>,
+    refine: Option<&str>,
+    dsnot_iters: Option<usize>,
+    dsnot_threshold: Option<f64>,
+    dsnot_skip: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let m = parse_method(method)?;
+    let refine = parse_refine(refine, dsnot_iters, dsnot_threshold, dsnot_skip)?;
     let t = target(sparsity, pattern)?;
     let sc = parse_scope(scope)?;
     t.validate(sc).map_err(CoreError)?;
@@ -222,7 +278,25 @@ fn compute_mask<'py>(
         _ => return Err(InvalidArgumentError::new_err("give both act_sum and act_sqsum, or neither")),
     };
     let factors = score::channel_factors(m, name, stats.as_ref()).map_err(CoreError)?;
-    let mask = detached(py, || pool::pool(threads)?.install(|| select::mask_matrix(w, rows, cols, factors.as_deref(), t, sc)))?;
+    if let Some(r) = &refine {
+        r.validate().map_err(CoreError)?;
+        if matches!(t, Target::Pattern { .. }) || sc == Scope::Layer || m == Method::SparseGpt {
+            return Err(InvalidArgumentError::new_err("DSnoT refines unstructured row masks of magnitude, wanda, stade or stade-w"));
+        }
+        if stats.is_none() {
+            return Err(InvalidArgumentError::new_err("DSnoT needs act_sum and act_sqsum"));
+        }
+    }
+    let mask = detached(py, || {
+        pool::pool(threads)?.install(|| {
+            let mut mask = select::mask_matrix(w, rows, cols, factors.as_deref(), t, sc)?;
+            if let (Some(r), Some(s)) = (refine.as_ref().filter(|r| r.applies_to(name)), stats.as_ref()) {
+                let (mu, var) = llmprune_core::dsnot::moments(&s.act_sum, &s.act_sqsum, s.count);
+                llmprune_core::dsnot::refine(w, rows, cols, factors.as_deref(), &mu, &var, &mut mask, r);
+            }
+            Ok(mask)
+        })
+    })?;
     Ok(PyArray1::from_vec(py, mask).reshape([rows, cols])?.into_any())
 }
 
@@ -243,7 +317,8 @@ fn default_input_axis(model_dir: PathBuf) -> usize {
 }
 
 /// Every method the core implements, with what it needs: JSON
-/// {"unstructured": [{"name", "needs_stats"}], "structured": [{"name", "needs_stats", "compensates", "allocation"}]}.
+/// {"unstructured": [{"name", "needs_stats"}], "structured": [{"name", "needs_stats", "compensates", "allocation"}],
+/// "defaults": {"owl": {"m", "lambda"}, "dsnot": {"iters", "threshold", "skip"}}}.
 #[pyfunction]
 fn methods() -> String {
     let unstructured: Vec<_> = Method::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": m.needs_stats()})).collect();
@@ -258,7 +333,12 @@ fn methods() -> String {
             })
         })
         .collect();
-    serde_json::json!({"unstructured": unstructured, "structured": structured}).to_string()
+    let d = DsnotOptions::default();
+    let defaults = serde_json::json!({
+        "owl": {"m": allocation::OWL_M, "lambda": allocation::OWL_LAMBDA},
+        "dsnot": apply::dsnot_meta(&d),
+    });
+    serde_json::json!({"unstructured": unstructured, "structured": structured, "defaults": defaults}).to_string()
 }
 
 /// SparseGPT on one [out, in] float32 weight with its input's Gram matrix H (float64 [in, in]),
@@ -316,7 +396,38 @@ fn sparsegpt<'py>(
     Ok((w_out, m_out, warnings))
 }
 
+/// OWL's sparsity of every decoder block of the model in `model_dir`, from activation statistics
+/// `layers` (name -> (act_sum, act_sqsum, count, input_axis)) of its prunable weights; what
+/// `apply --allocation owl` computes from a sidecar. Used by the sequential pass, which needs the
+/// allocation before it prunes block 0.
+#[pyfunction]
+#[pyo3(signature = (model_dir, layers, *, sparsity, owl_m=None, owl_lambda=None, threads=None))]
+#[allow(clippy::type_complexity)]
+fn owl_allocation(
+    py: Python<'_>,
+    model_dir: PathBuf,
+    layers: BTreeMap<String, (Vec<f64>, Vec<f64>, i64, usize)>,
+    sparsity: f64,
+    owl_m: Option<f64>,
+    owl_lambda: Option<f64>,
+    threads: Option<usize>,
+) -> PyResult<Vec<f64>> {
+    let alloc = parse_allocation("owl", owl_m, owl_lambda, None)?;
+    detached(py, || {
+        let ckpt = llmprune_core::checkpoint::Checkpoint::open(&model_dir)?;
+        let stats: BTreeMap<String, llmprune_core::sidecar::LayerStats> = layers
+            .into_iter()
+            .map(|(k, (act_sum, act_sqsum, count, input_axis))| (k, llmprune_core::sidecar::LayerStats { act_sum, act_sqsum, count, input_axis }))
+            .collect();
+        let prunable = stats.iter().map(|(k, s)| (k.clone(), prunable::Prunable { input_axis: s.input_axis })).collect();
+        let pool = pool::pool(threads)?;
+        let (_, per_block) = pool.install(|| allocation::resolve_targets(&ckpt, &prunable, Some(&stats), Target::Sparsity(sparsity), &alloc, None))?;
+        per_block.ok_or_else(|| Error::Internal("OWL gave no block sparsities".into()))
+    })
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(owl_allocation, m)?)?;
     m.add_function(wrap_pyfunction!(sparsegpt, m)?)?;
     m.add_function(wrap_pyfunction!(apply_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(apply_structured, m)?)?;

@@ -9,11 +9,10 @@
 //! Per-layer sizes are read from the tensors, not the config, so a checkpoint that was already
 //! pruned non-uniformly is described correctly.
 
-use std::path::Path;
 
 use serde_json::Value;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{read_config, Checkpoint};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,11 +92,6 @@ pub struct Rules {
     pub config: serde_json::Map<String, Value>,
 }
 
-fn read_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
-    let path = dir.join("config.json");
-    let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_slice(&text).map_err(|e| Error::checkpoint(&path, format!("config.json is not a JSON object: {e}")))
-}
 
 fn usize_field(config: &serde_json::Map<String, Value>, key: &str) -> Option<usize> {
     config.get(key).and_then(Value::as_u64).map(|v| v as usize)

@@ -22,10 +22,9 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::checkpoint::{dtype_name, Checkpoint, Shard};
+use crate::checkpoint::{Checkpoint, Shard};
 use crate::dtype::float_size;
 use crate::error::{Error, Result};
-use crate::output::{encode_header, metadata_with_provenance};
 use crate::pool;
 use crate::run::{Progress, Run, StatsNeed};
 use crate::sidecar::Sidecar;
@@ -359,14 +358,6 @@ fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Result<Vec<OutEntry<'a>
 
 /// The shard's header for the new tensors and offsets, input metadata kept and provenance added.
 fn shard_header(shard: &Shard, plan: &[OutEntry], provenance: &str) -> Result<Vec<u8>> {
-    let mut offset = 0usize;
-    let tensors: Vec<(String, Value)> = plan
-        .iter()
-        .map(|e| {
-            let v = serde_json::json!({"dtype": dtype_name(e.dtype), "shape": e.shape, "data_offsets": [offset, offset + e.nbytes]});
-            offset += e.nbytes;
-            (e.name.clone(), v)
-        })
-        .collect();
-    encode_header(shard, metadata_with_provenance(shard, provenance), tensors)
+    let tensors: Vec<_> = plan.iter().map(|e| (e.name.clone(), e.dtype, e.shape.clone(), e.nbytes)).collect();
+    crate::output::layout_header(shard, provenance, &tensors)
 }
