@@ -74,7 +74,7 @@ def test_help_states_the_defaults_a_user_needs(monkeypatch, capsys):
         "[default: (MODEL-METHOD-TARGET beside MODEL)]",
         "[default: (LLMPRUNE_NUM_THREADS, else all cores)]",
         "[default: row]",
-        "[default: (global; uniform for hywia)]",
+        "[default: (uniform; global for structured, uniform for hywia)]",
         "--fusion-temperature T",
         "of the decoder blocks' parameters for structured methods",
     ):

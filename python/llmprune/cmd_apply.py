@@ -36,7 +36,7 @@ llmprune apply ./model --method wanda --sparsity 0.5
 llmprune apply ./model --method stade --pattern 2:4 --out ./model-2of4
 llmprune apply ./model --method magnitude --sparsity 0.5 --scope layer
 llmprune apply ./model --method wanda --sparsity 0.7 --allocation owl
-llmprune apply ./model --method stade --sparsity 0.6 --compensate --refine dsnot
+llmprune apply ./model --method stade --sparsity 0.6 --refine dsnot
 
 \b
 # structured: remove 20% of the decoder blocks' parameters
