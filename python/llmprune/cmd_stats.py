@@ -255,6 +255,7 @@ def stats_cmd(
                 sequential=seq.as_meta() if seq is not None else None,
                 grad=grad_result.layers if grad_result is not None else None,
                 grad_meta=grad_result.meta(seqlen) if grad_result is not None else None,
+                blocks=result.block_cos,
             )
         info.barrier()
     finally:

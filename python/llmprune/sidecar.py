@@ -40,11 +40,24 @@ class GradStats:
 
 
 @dataclass
+class BlockStats:
+    """Per decoder block: Σ over calibration tokens of cos(block input, block output) and the token
+    count; ShortGPT's Block Influence is 1 - cos_sum / count."""
+
+    cos_sum: np.ndarray
+    count: np.ndarray
+
+    def influence(self) -> np.ndarray:
+        return 1.0 - self.cos_sum / self.count
+
+
+@dataclass
 class Sidecar:
     path: Path
     meta: dict[str, Any]
     layers: dict[str, LayerStats]
     grad: dict[str, GradStats] | None = None
+    blocks: BlockStats | None = None
 
 
 def write(
@@ -57,6 +70,7 @@ def write(
     sequential: dict[str, Any] | None = None,
     grad: dict[str, GradStats] | None = None,
     grad_meta: dict[str, Any] | None = None,
+    blocks: BlockStats | None = None,
 ) -> Path:
     """Write a v1 sidecar for the checkpoint in `model_dir` (with gradient statistics when `grad`
     is given); returns its path. The core records the model's fingerprint and tensor list."""
@@ -75,13 +89,15 @@ def write(
             for name, g in grad.items()
         }
     info = {"calibration": calibration, "mode": mode, "sequential": sequential, "grad": grad_meta if grad is not None else None}
+    if blocks is not None:
+        info["blocks"] = {"cos_sum": [float(x) for x in blocks.cos_sum], "count": [int(x) for x in blocks.count]}
     _core.write_sidecar(str(path), str(model_dir), arrays, json.dumps(info), grads)
     return Path(path)
 
 
 def read(path: str | Path) -> Sidecar:
     """Load a sidecar; the core validates it and names the file in any error."""
-    meta_text, layers, grads = _core.read_sidecar(str(path))
+    meta_text, layers, grads, blocks = _core.read_sidecar(str(path))
     out = {name: LayerStats(act_sum=s, act_sqsum=q, act_count=int(n), input_axis=int(axis)) for name, (s, q, n, axis) in layers.items()}
     grad = None
     if grads:
@@ -89,7 +105,8 @@ def read(path: str | Path) -> Sidecar:
             name: GradStats(out=o.reshape(3, 4, -1), inp=i.reshape(3, 4, -1), count=np.asarray(c, dtype=np.int64))
             for name, (o, i, c) in grads.items()
         }
-    return Sidecar(path=Path(path), meta=json.loads(meta_text), layers=out, grad=grad)
+    block_stats = BlockStats(np.asarray(blocks[0], dtype=np.float64), np.asarray(blocks[1], dtype=np.int64)) if blocks is not None else None
+    return Sidecar(path=Path(path), meta=json.loads(meta_text), layers=out, grad=grad, blocks=block_stats)
 
 
 def merge(paths: list[str | Path], out: str | Path) -> dict[str, Any]:

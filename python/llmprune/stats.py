@@ -26,7 +26,7 @@ from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
 from llmprune.gram import GramPass, GramSummary, GramTarget
 from llmprune.options import method_registry
-from llmprune.sidecar import LayerStats
+from llmprune.sidecar import BlockStats, LayerStats
 from llmprune.stream import LayerStreamer
 
 MaskFn = Callable[..., np.ndarray]
@@ -101,6 +101,7 @@ class StatsResult:
     sequential: Sequential | None = None
     pruned: dict[str, int] = field(default_factory=dict)  # sequential mode: weights zeroed per tensor
     gram: GramSummary | None = None  # with a GramTarget: the Gram sidecar written
+    block_cos: BlockStats | None = None  # Σ cos(block input, block output) per block (Block Influence)
 
     @property
     def mode(self) -> str:
@@ -275,6 +276,13 @@ def core_sparsegpt(weight: np.ndarray, gram: np.ndarray, **kw: Any) -> tuple[np.
     return _core.sparsegpt(weight, gram, **kw)
 
 
+def token_cosines(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Σ over the tokens of one window ([L, H] each) of cos(a_t, b_t), in float32 on the device."""
+    a, b = a.float(), b.float()
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(torch.finfo(torch.float32).tiny)
+    return float(cos.double().sum())
+
+
 def _prune_block(
     streamer: LayerStreamer, i: int, stats: dict[str, LayerStats], seq: Sequential, mask_fn: MaskFn, grams: dict[str, np.ndarray] | None = None
 ) -> dict[str, int]:
@@ -374,6 +382,8 @@ def collect_stats(
         seq_meta = sequential.as_meta() if sequential is not None else None
         grams = GramPass(gram, streamer, info, tokens=int(samples.numel()), mode="dense" if sequential is None else "sequential", sequential=seq_meta)
     gram_summary = None
+    # Block Influence: Σ over this rank's tokens of cos(block input, block output), per block
+    cos_sum = torch.zeros(streamer.num_blocks, dtype=torch.float64)
     with BlockProgress(progress and info.rank == 0, streamer.num_blocks, "samples", n) as bar, torch.no_grad(), grams or nullcontext():
         bar.phase("embeddings")
         hidden = streamer.capture(mine, on_sample=bar.step)
@@ -390,6 +400,7 @@ def collect_stats(
                 for j in range(n):
                     out = streamer.run_block(i, hidden[j : j + 1])
                     if sequential is None:
+                        cos_sum[i] += token_cosines(hidden[j], out[0])
                         hidden[j] = out[0]
                     bar.step()
             finally:
@@ -411,7 +422,9 @@ def collect_stats(
                 del block_grams
                 bar.phase(f"block {i} (pruned)")
                 for j in range(n):
-                    hidden[j] = streamer.run_block(i, hidden[j : j + 1])[0]
+                    out = streamer.run_block(i, hidden[j : j + 1])[0]
+                    cos_sum[i] += token_cosines(hidden[j], out)
+                    hidden[j] = out
                     bar.step()
             streamer.free_block(i)
             bar.block_done(i)
@@ -420,6 +433,12 @@ def collect_stats(
         if grams is not None:
             gram_summary = grams.finish()
     tokens = max((s.act_count for s in layers.values()), default=0)
+    if info.active:
+        cos_sum = cos_sum.to(streamer.device)
+        info.all_reduce_(cos_sum)
+        cos_sum = cos_sum.cpu()
+    total_tokens = int(samples.shape[0] * samples.shape[1])
+    block_cos = BlockStats(cos_sum.numpy(), np.full(streamer.num_blocks, total_tokens, dtype=np.int64))
     return StatsResult(
         layers=layers,
         tokens=tokens,
@@ -431,6 +450,7 @@ def collect_stats(
         sequential=sequential,
         pruned=pruned,
         gram=gram_summary,
+        block_cos=block_cos,
     )
 
 

@@ -80,9 +80,13 @@ impl Allocation {
 
 /// The decoder block a tensor belongs to: N in `…layers.N.…`, `…h.N.…`, `…blocks.N.…`.
 pub fn block_index(name: &str) -> Option<usize> {
-    let parts: Vec<&str> = name.split('.').collect();
-    parts.windows(2).find_map(|w| match w[0] {
-        "layers" | "h" | "blocks" if !w[1].is_empty() && w[1].bytes().all(|b| b.is_ascii_digit()) => w[1].parse().ok(),
+    block_segment(&name.split('.').collect::<Vec<_>>()).map(|(_, b)| b)
+}
+
+/// In a name split at dots: the position of its block number and the number.
+pub fn block_segment(parts: &[&str]) -> Option<(usize, usize)> {
+    parts.windows(2).enumerate().find_map(|(i, w)| match w[0] {
+        "layers" | "h" | "blocks" if !w[1].is_empty() && w[1].bytes().all(|b| b.is_ascii_digit()) => w[1].parse().ok().map(|b| (i + 1, b)),
         _ => None,
     })
 }

@@ -7,6 +7,7 @@ pub mod allocation;
 pub mod apply;
 pub mod checkpoint;
 pub mod compensate;
+pub mod depth;
 pub mod dsnot;
 pub mod dtype;
 pub mod error;

@@ -17,6 +17,7 @@ fn info() -> SidecarInfo {
         mode: "dense".into(),
         sequential: serde_json::Value::Null,
         grad: serde_json::Value::Null,
+        blocks: None,
     }
 }
 

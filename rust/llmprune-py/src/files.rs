@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use llmprune_core::checkpoint::{dtype_name, Checkpoint, INDEX_FILE};
 use llmprune_core::error::Error;
 use llmprune_core::output::{copy_other_files, write_index, StagingDir};
-use llmprune_core::sidecar::{self, gram, GradStats, LayerStats, Sidecar, SidecarInfo};
+use llmprune_core::sidecar::{self, gram, BlockStats, GradStats, LayerStats, Sidecar, SidecarInfo};
 use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -117,7 +117,8 @@ type PyGrad<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, [i64; 
 /// [3, 4, n].
 #[pyfunction]
 #[allow(clippy::type_complexity)]
-fn read_sidecar<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, BTreeMap<String, PyLayer<'py>>, BTreeMap<String, PyGrad<'py>>)> {
+#[allow(clippy::type_complexity)]
+fn read_sidecar<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, BTreeMap<String, PyLayer<'py>>, BTreeMap<String, PyGrad<'py>>, Option<(Vec<f64>, Vec<i64>)>)> {
     let sc = detached(py, || Sidecar::open(&path))?;
     let meta = Value::Object(sc.meta).to_string();
     let layers = sc
@@ -130,7 +131,8 @@ fn read_sidecar<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, BTreeM
         .into_iter()
         .map(|(k, g)| (k, (PyArray1::from_vec(py, g.per_output), PyArray1::from_vec(py, g.per_input), g.count)))
         .collect();
-    Ok((meta, layers, grads))
+    let blocks = sc.blocks.map(|b| (b.cos_sum, b.count));
+    Ok((meta, layers, grads, blocks))
 }
 
 fn vec_of(a: &PyReadonlyArray1<'_, f64>) -> PyResult<Vec<f64>> {
@@ -168,6 +170,18 @@ fn write_sidecar(
     }
     let info: serde_json::Map<String, Value> = serde_json::from_str(info).map_err(|e| json_err("info", e))?;
     let field = |k: &str| info.get(k).cloned().unwrap_or(Value::Null);
+    let blocks = match info.get("blocks") {
+        None | Some(Value::Null) => None,
+        Some(b) => {
+            let nums = |k: &str| b.get(k).and_then(Value::as_array).cloned().unwrap_or_default();
+            let cos_sum: Option<Vec<f64>> = nums("cos_sum").iter().map(Value::as_f64).collect();
+            let count: Option<Vec<i64>> = nums("count").iter().map(Value::as_i64).collect();
+            match (cos_sum, count) {
+                (Some(cos_sum), Some(count)) => Some(BlockStats { cos_sum, count }),
+                _ => return Err(CoreError(Error::arg("info.blocks needs numeric cos_sum and count lists")).into()),
+            }
+        }
+    };
     detached(py, || {
         let ckpt = Checkpoint::open(&model_dir)?;
         let model_tensors = ckpt.describe().into_iter().map(|(k, v)| (k, Value::from(v))).collect();
@@ -178,6 +192,7 @@ fn write_sidecar(
             mode: info.get("mode").and_then(Value::as_str).unwrap_or("dense").to_string(),
             sequential: field("sequential"),
             grad: field("grad"),
+            blocks,
         };
         for name in stats.keys() {
             if ckpt.get(name).is_none() {

@@ -318,7 +318,7 @@ fn default_input_axis(model_dir: PathBuf) -> usize {
 
 /// Every method the core implements, with what it needs: JSON
 /// {"unstructured": [{"name", "needs_stats"}], "structured": [{"name", "needs_stats", "compensates", "allocation"}],
-/// "defaults": {"owl": {"m", "lambda"}, "dsnot": {"iters", "threshold", "skip"}}}.
+/// "depth": [{"name", "needs_stats"}], "defaults": {"owl": {"m", "lambda"}, "dsnot": {"iters", "threshold", "skip"}}}.
 #[pyfunction]
 fn methods() -> String {
     let unstructured: Vec<_> = Method::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": m.needs_stats()})).collect();
@@ -338,7 +338,8 @@ fn methods() -> String {
         "owl": {"m": allocation::OWL_M, "lambda": allocation::OWL_LAMBDA},
         "dsnot": apply::dsnot_meta(&d),
     });
-    serde_json::json!({"unstructured": unstructured, "structured": structured, "defaults": defaults}).to_string()
+    let depth = vec![serde_json::json!({"name": "block-influence", "needs_stats": true})];
+    serde_json::json!({"unstructured": unstructured, "structured": structured, "depth": depth, "defaults": defaults}).to_string()
 }
 
 /// SparseGPT on one [out, in] float32 weight with its input's Gram matrix H (float64 [in, in]),
@@ -426,7 +427,36 @@ fn owl_allocation(
     })
 }
 
+/// Depth pruning (`apply --method block-influence`): removes whole decoder blocks by ShortGPT's
+/// Block Influence from the stats sidecar; returns the JSON summary.
+#[pyfunction]
+#[pyo3(signature = (model_dir, out_dir, *, sparsity=None, remove_blocks=None, stats=None, threads=None, force=false,
+    provenance=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn apply_depth(
+    py: Python<'_>,
+    model_dir: PathBuf,
+    out_dir: PathBuf,
+    sparsity: Option<f64>,
+    remove_blocks: Option<usize>,
+    stats: Option<PathBuf>,
+    threads: Option<usize>,
+    force: bool,
+    provenance: Option<BTreeMap<String, String>>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    use llmprune_core::depth::{DepthOptions, Removal};
+    let removal = match (sparsity, remove_blocks) {
+        (Some(s), None) => Removal::Sparsity(s),
+        (None, Some(n)) => Removal::Count(n),
+        _ => return Err(InvalidArgumentError::new_err("give exactly one of sparsity or remove_blocks")),
+    };
+    let opts = DepthOptions { model_dir, out_dir, removal, stats, threads, force, provenance: provenance.unwrap_or_default() };
+    run_reporting(py, progress, |report| llmprune_core::depth::apply_depth(&opts, report).and_then(|s| to_json(&s)))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(apply_depth, m)?)?;
     m.add_function(wrap_pyfunction!(owl_allocation, m)?)?;
     m.add_function(wrap_pyfunction!(sparsegpt, m)?)?;
     m.add_function(wrap_pyfunction!(apply_checkpoint, m)?)?;

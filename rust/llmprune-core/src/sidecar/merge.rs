@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::gram::merge_gram;
-use super::{write, LayerStats, Sidecar, SidecarInfo};
+use super::{write, BlockStats, LayerStats, Sidecar, SidecarInfo};
 use crate::error::{Error, Result};
 use crate::output::same_file;
 
@@ -120,6 +120,7 @@ pub fn merge(paths: &[PathBuf], out: &Path) -> Result<MergeSummary> {
         mode: first.meta.get("mode").and_then(Value::as_str).unwrap_or("dense").to_string(),
         sequential: text(&first.meta, "sequential"),
         grad: Value::Null,
+        blocks: merge_blocks(&cars)?,
     };
     let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     write(out, &info, &merged, &BTreeMap::new(), &inputs)?;
@@ -134,6 +135,23 @@ pub fn merge(paths: &[PathBuf], out: &Path) -> Result<MergeSummary> {
 }
 
 /// Whether a file declares the Gram sidecar format (anything unreadable is left to the stats reader).
+/// The sum of the inputs' Block Influence sums, when every input has them for the same blocks.
+fn merge_blocks(cars: &[Sidecar]) -> Result<Option<BlockStats>> {
+    let Some(first) = cars.iter().map(|c| c.blocks.as_ref()).collect::<Option<Vec<_>>>() else { return Ok(None) };
+    let n = first[0].cos_sum.len();
+    if first.iter().any(|b| b.cos_sum.len() != n) {
+        return Err(Error::arg("the sidecars hold Block Influence sums of different numbers of blocks"));
+    }
+    let mut out = BlockStats { cos_sum: vec![0.0; n], count: vec![0; n] };
+    for b in first {
+        for i in 0..n {
+            out.cos_sum[i] += b.cos_sum[i];
+            out.count[i] = out.count[i].checked_add(b.count[i]).ok_or_else(|| Error::arg("block token counts overflow"))?;
+        }
+    }
+    Ok(Some(out))
+}
+
 fn is_gram(path: &Path) -> bool {
     let Ok(bytes) = std::fs::File::open(path).and_then(|mut f| {
         use std::io::Read;

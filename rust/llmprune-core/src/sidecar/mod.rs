@@ -115,12 +115,48 @@ impl GradStats {
     }
 }
 
+/// Per decoder block, over the calibration tokens: Σ cos(block input, block output) and the token
+/// count (ShortGPT's Block Influence is 1 − their ratio). Stored as `block_influence.cos_sum` (F64
+/// [blocks]) and `block_influence.count` (I64 [blocks]); additive like every other sum.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockStats {
+    pub cos_sum: Vec<f64>,
+    pub count: Vec<i64>,
+}
+
+pub const BLOCK_COS_SUM: &str = "block_influence.cos_sum";
+pub const BLOCK_COUNT: &str = "block_influence.count";
+
+impl BlockStats {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.cos_sum.is_empty() || self.cos_sum.len() != self.count.len() {
+            return Err(format!("block statistics need one cosine sum and one count per block, got {} and {}", self.cos_sum.len(), self.count.len()));
+        }
+        for (b, (&c, &n)) in self.cos_sum.iter().zip(&self.count).enumerate() {
+            if n < 1 {
+                return Err(format!("block {b}: token count {n} < 1"));
+            }
+            if !c.is_finite() || c.abs() > n as f64 * (1.0 + 1e-6) {
+                return Err(format!("block {b}: impossible cosine sum {c} over {n} tokens"));
+            }
+        }
+        Ok(())
+    }
+
+    /// ShortGPT's Block Influence per block: 1 − mean cosine of its input and output.
+    pub fn influence(&self) -> Vec<f64> {
+        self.cos_sum.iter().zip(&self.count).map(|(&c, &n)| 1.0 - c / n as f64).collect()
+    }
+}
+
 pub struct Sidecar {
     pub path: PathBuf,
     pub meta: serde_json::Map<String, Value>,
     pub layers: BTreeMap<String, LayerStats>,
     /// Present only for sidecars written with `stats --grad`.
     pub grads: BTreeMap<String, GradStats>,
+    /// Present in sidecars of `stats` passes that saw every block's input and output.
+    pub blocks: Option<BlockStats>,
     /// sha256 of the sidecar file, recorded as provenance in the pruned shards.
     pub sha256: String,
 }
@@ -182,6 +218,7 @@ impl Sidecar {
             }
             layers.insert(name.clone(), stats);
         }
+        let blocks = read_blocks(&st).map_err(bad)?;
         let sha256 = {
             use sha2::{Digest, Sha256};
             hex(&Sha256::digest(bytes))
@@ -191,6 +228,7 @@ impl Sidecar {
             meta,
             layers,
             grads,
+            blocks,
             sha256,
         })
     }
@@ -267,6 +305,22 @@ pub fn check_model(path: &Path, meta: &serde_json::Map<String, Value>, ckpt: &Ch
 }
 
 /// `W.grad_out`, `W.grad_in` and `W.grad_count` of one weight: all three or none.
+fn read_blocks(st: &SafeTensors) -> std::result::Result<Option<BlockStats>, String> {
+    let (Ok(c), Ok(n)) = (st.tensor(BLOCK_COS_SUM), st.tensor(BLOCK_COUNT)) else {
+        return match (st.tensor(BLOCK_COS_SUM).is_ok(), st.tensor(BLOCK_COUNT).is_ok()) {
+            (false, false) => Ok(None),
+            _ => Err(format!("{BLOCK_COS_SUM} and {BLOCK_COUNT} go together")),
+        };
+    };
+    if c.dtype() != Dtype::F64 || n.dtype() != Dtype::I64 || c.shape().len() != 1 || c.shape() != n.shape() {
+        return Err(format!("{BLOCK_COS_SUM} must be F64 [blocks] and {BLOCK_COUNT} I64 [blocks]"));
+    }
+    let count = n.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+    let b = BlockStats { cos_sum: f64s(c.data()), count };
+    b.validate()?;
+    Ok(Some(b))
+}
+
 fn read_grads(st: &SafeTensors, name: &str, in_features: usize) -> std::result::Result<Option<GradStats>, String> {
     let keys = ["grad_out", "grad_in", "grad_count"].map(|s| format!("{name}.{s}"));
     let views = keys.clone().map(|k| st.tensor(&k).ok());

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{GradStats, LayerStats, FORMAT, FORMAT_VERSION};
+use super::{BlockStats, GradStats, LayerStats, BLOCK_COS_SUM, BLOCK_COUNT, FORMAT, FORMAT_VERSION};
 use crate::error::{Error, Result};
 use crate::output::{atomic_write, check_not_input};
 
@@ -21,6 +21,8 @@ pub struct SidecarInfo {
     pub mode: String,
     pub sequential: Value,
     pub grad: Value,
+    /// Block Influence sums, when the pass saw every block.
+    pub blocks: Option<BlockStats>,
 }
 
 /// The bytes of a v1 sidecar holding `layers` (and `grads`, which must cover the same weights).
@@ -65,6 +67,11 @@ pub fn encode(info: &SidecarInfo, layers: &BTreeMap<String, LayerStats>, grads: 
         } else if !grads.is_empty() {
             return Err(bad(format!("{name} has activation statistics but no gradient statistics")));
         }
+    }
+    if let Some(b) = &info.blocks {
+        b.validate().map_err(bad)?;
+        tensors.push((BLOCK_COS_SUM.into(), "F64", vec![b.cos_sum.len()], le_bytes(&b.cos_sum)));
+        tensors.push((BLOCK_COUNT.into(), "I64", vec![b.count.len()], b.count.iter().flat_map(|x| x.to_le_bytes()).collect()));
     }
     let meta = serde_json::json!({
         "format": FORMAT,

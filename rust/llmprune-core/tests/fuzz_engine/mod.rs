@@ -76,6 +76,7 @@ fn sidecar_seed() -> Vec<u8> {
         mode: "dense".into(),
         sequential: serde_json::Value::Null,
         grad: serde_json::Value::Null,
+        blocks: None,
     };
     encode(&info, &layers, &Default::default()).expect("a valid seed sidecar")
 }

@@ -1,0 +1,183 @@
+"""OWL, bias compensation and DSnoT on a real model: perplexity of SmolLM2-135M pruned by wanda,
+stade, stade-w and sparsegpt at 50%, 60% and 70%, with the uniform and the OWL allocation, with
+and without `--compensate`, with and without `--refine dsnot`, on docs/quality.md's protocol.
+
+Steps, each through the `llmprune` command line:
+
+1. `llmprune demo-model` (cached in demo-out/smollm2-135m, as `make demo` converts it);
+2. `llmprune stats MODEL --gram`: the dense statistics and the Gram sidecar (sparsegpt), once;
+3. per row, `llmprune apply` and `llmprune eval` (the pruned checkpoint is deleted after its evaluation).
+
+--runs takes METHOD[+owl][+compensate][+dsnot]@SPARSITY,... in the order to run them; the default
+runs the rows of the issue's goal first (wanda and OWL+wanda at 70%). Calibration 8 x 256 tokens of
+the 1900-1949 addresses (seed 0), evaluation the first 4,096 tokens of the 1950+ addresses in
+512-token windows, float32 on the CPU:
+
+    python benches/owl_quality.py --device cpu --reuse-stats --markdown docs/quality.md
+    python benches/owl_quality.py --runs wanda@0.7,wanda+owl@0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from demo import _fmt_ppl, _provenance, err, llmprune  # noqa: E402
+from sparsegpt_quality import ensure_statistics, write_markdown  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("wanda", "stade", "stade-w", "sparsegpt")
+FLAGS = ("owl", "compensate", "dsnot")
+MD_BEGIN = "<!-- owl_quality.py table: begin -->"
+MD_END = "<!-- owl_quality.py table: end -->"
+
+
+def default_runs() -> str:
+    runs = []
+    for s in ("0.7", "0.6", "0.5"):
+        for m in METHODS:
+            runs += [f"{m}@{s}", f"{m}+owl@{s}"]
+    for flag in ("compensate", "dsnot"):
+        for s in ("0.7", "0.6", "0.5"):
+            runs += [f"wanda+{flag}@{s}", f"stade+{flag}@{s}"]
+    runs += ["wanda+owl+dsnot@0.7", "wanda+owl+compensate@0.7", "sparsegpt+owl+compensate@0.7"]
+    return ",".join(runs)
+
+
+@dataclass
+class Row:
+    method: str
+    sparsity: str
+    flags: list[str] = field(default_factory=list)
+    apply_seconds: float | None = None
+    perplexity: float | None = None
+    block_sparsity: list[float] | None = None
+    dsnot_swaps: int | None = None
+    bias_params_added: int | None = None
+
+    @property
+    def spec(self) -> str:
+        return "+".join([self.method, *self.flags]) + f"@{self.sparsity}"
+
+    def apply_args(self) -> list[str]:
+        a = ["--method", self.method, "--sparsity", self.sparsity]
+        if "owl" in self.flags:
+            a += ["--allocation", "owl"]
+        if "compensate" in self.flags:
+            a.append("--compensate")
+        if "dsnot" in self.flags:
+            a += ["--refine", "dsnot"]
+        return a
+
+
+def parse_runs(spec: str) -> list[Row]:
+    rows = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        head, _, s = item.partition("@")
+        method, *flags = head.split("+")
+        if method not in METHODS or any(f not in FLAGS for f in flags) or not s:
+            raise SystemExit(f"error: bad run {item!r}; expected METHOD[+owl][+compensate][+dsnot]@SPARSITY with METHOD in {', '.join(METHODS)}")
+        float(s)
+        rows.append(Row(method, s, flags))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = "python benches/owl_quality.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, default=ROOT / "demo-out" / "smollm2-135m", help="demo checkpoint (cached)")
+    ap.add_argument("--work-dir", type=Path, default=None, help="pruned checkpoints [default: beside --model-dir]")
+    ap.add_argument("--runs", default=None, help="METHOD[+owl][+compensate][+dsnot]@SPARSITY,... [default: all the issue's rows]")
+    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows [8]")
+    ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window [256]")
+    ap.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window [512]")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens, 0 for all [4096]")
+    ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (stats and eval) [cpu]")
+    ap.add_argument("--reuse-stats", action="store_true", help="reuse the sidecars in --model-dir when their calibration matches")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON (after every row)")
+    ap.add_argument("--markdown", type=Path, default=None, help=f"also write the table between '{MD_BEGIN}' and '{MD_END}' in this file")
+    args = ap.parse_args(argv)
+    rows = parse_runs(args.runs or default_runs())
+    provenance = _provenance()
+    model = args.model_dir.resolve()
+    work = (args.work_dir or model.parent).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t0, load_start = time.perf_counter(), os.getloadavg()
+
+    from llmprune.demo_model import ensure_demo_model
+
+    ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
+    stats_info = ensure_statistics(model, args)
+    eval_args = ["--seqlen", str(args.eval_seqlen), "--device", args.device]
+    if args.max_tokens:
+        eval_args += ["--max-tokens", str(args.max_tokens)]
+    dense_res = llmprune("eval", str(model), *eval_args)
+    dense = dense_res["perplexity"]
+
+    def save(partial: bool) -> None:
+        if args.json:
+            doc = {"command": command, "provenance": provenance, "dense": dense, "statistics": stats_info,
+                   "rows": [asdict(r) for r in rows], "partial": partial, "seconds": round(time.perf_counter() - t0, 1),
+                   "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+    for k, row in enumerate(rows, 1):
+        err.print(f"[bold][{k}/{len(rows)}] {row.spec}[/bold] [dim]({time.perf_counter() - t0:.0f} s so far)[/dim]")
+        out = work / f"{model.name}-{row.spec.replace('@', '-').replace('+', '-')}"
+        res = llmprune("apply", str(model), *row.apply_args(), "--out", str(out), "--force")
+        row.apply_seconds, row.block_sparsity = res.get("seconds"), res.get("block_sparsity")
+        row.dsnot_swaps = res.get("dsnot_swaps") if "dsnot" in row.flags else None
+        row.bias_params_added = res.get("bias_params_added") if "compensate" in row.flags else None
+        row.perplexity = llmprune("eval", str(out), *eval_args)["perplexity"]
+        shutil.rmtree(out, ignore_errors=True)
+        save(partial=k < len(rows))
+
+    table = markdown_table(rows, dense, args, command, provenance, time.perf_counter() - t0, load_start, os.getloadavg())
+    print(table)
+    if args.markdown:
+        write_markdown(args.markdown, table, MD_BEGIN, MD_END)
+        err.print(f"wrote {args.markdown}", markup=False)
+    return 0
+
+
+def markdown_table(rows: list[Row], dense: float, args: argparse.Namespace, command: str, provenance: str, total: float, load_start, load_end) -> str:
+    ppl = {r.spec: r.perplexity for r in rows}
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"- calibration: nsamples {args.nsamples} x seqlen {args.seqlen}, seed 0 (dense statistics and Gram matrices, one `stats --gram` pass); "
+        f"evaluation: the first {args.max_tokens:,} tokens in {args.eval_seqlen}-token windows; device {args.device}, float32",
+        f"- {provenance}; wall time {total / 60:.1f} min; load average {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} at the start, "
+        f"{load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} at the end",
+        "",
+        f"| method | sparsity | allocation | `--compensate` | `--refine dsnot` | perplexity | ratio to dense ({dense:.2f}) | ratio to the same method, uniform | ratio to wanda, uniform |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (-float(r.sparsity), METHODS.index(r.method), len(r.flags), r.flags)):
+        base = ppl.get(f"{r.method}@{r.sparsity}")
+        wanda = ppl.get(f"wanda@{r.sparsity}")
+        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
+        alloc = "owl" if "owl" in r.flags else "uniform"
+        if r.block_sparsity:
+            alloc += f" ({min(r.block_sparsity):.3f}-{max(r.block_sparsity):.3f})"
+        lines.append(
+            f"| {r.method} | {float(r.sparsity):.0%} | {alloc} | {'yes' if 'compensate' in r.flags else ''} | {'yes' if 'dsnot' in r.flags else ''} | "
+            f"{_fmt_ppl(r.perplexity)} | {ratio(r.perplexity, dense)} | {ratio(r.perplexity, base)} | {ratio(r.perplexity, wanda)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

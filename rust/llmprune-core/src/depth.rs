@@ -1,0 +1,221 @@
+//! Depth pruning: remove whole decoder blocks (`apply --method block-influence`).
+//!
+//! ShortGPT's Block Influence of block i is BI_i = 1 − mean over the calibration tokens of
+//! cos(h_i, h_{i+1}), its input and output hidden states (`stats` sums the cosines per block, before
+//! any final norm). The blocks with the lowest BI change the hidden state least and are removed, ties
+//! lower index first. The remaining blocks' tensors are renumbered (`layers.7.` → `layers.6.` …)
+//! and copied byte for byte, whatever their dtype; config.json gets the new block count
+//! (`num_hidden_layers`, or GPT-2's `n_layer`) and every top-level list with one entry per block
+//! (e.g. `layer_types`) loses the removed blocks' entries, so stock transformers loads the result.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::allocation::{block_segment, num_blocks};
+use crate::checkpoint::read_config;
+use crate::error::{Error, Result};
+use crate::output::layout_header;
+use crate::run::{Progress, Run, StatsNeed};
+
+/// How many blocks go.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Removal {
+    /// ⌊S · blocks⌋ of the blocks.
+    Sparsity(f64),
+    Count(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct DepthOptions {
+    pub model_dir: PathBuf,
+    pub out_dir: PathBuf,
+    pub removal: Removal,
+    pub stats: Option<PathBuf>,
+    pub threads: Option<usize>,
+    pub force: bool,
+    pub provenance: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DepthSummary {
+    pub out: String,
+    pub method: String,
+    pub blocks_before: usize,
+    pub blocks_after: usize,
+    /// Original indices of the removed blocks, ascending.
+    pub removed_blocks: Vec<usize>,
+    /// Block Influence of every original block.
+    pub block_influence: Vec<f64>,
+    pub params_before: u64,
+    pub params_after: u64,
+    pub bytes_before: u64,
+    pub bytes_written: u64,
+    pub shards: usize,
+    pub seconds: f64,
+    pub stats: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+/// The config key holding the number of decoder blocks.
+const LAYER_COUNT_KEYS: [&str; 3] = ["num_hidden_layers", "n_layer", "num_layers"];
+
+/// The blocks to remove: the `n` with the lowest influence, ties lower index first; ascending.
+pub fn choose(influence: &[f64], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..influence.len()).collect();
+    order.sort_by(|&a, &b| influence[a].total_cmp(&influence[b]).then(a.cmp(&b)));
+    let mut removed = order[..n.min(order.len())].to_vec();
+    removed.sort_unstable();
+    removed
+}
+
+/// `name` with its block index replaced through `map` (None: the block is removed).
+pub fn renumber(name: &str, map: &[Option<usize>]) -> Option<String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let Some((at, old)) = block_segment(&parts) else { return Some(name.to_string()) };
+    let new = map.get(old).copied().flatten()?.to_string();
+    let mut out = parts;
+    out[at] = &new;
+    Some(out.join("."))
+}
+
+pub fn apply_depth(opts: &DepthOptions, progress: &mut dyn FnMut(Progress) -> Result<()>) -> Result<DepthSummary> {
+    let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), Some(StatsNeed::activations("method block-influence")))?;
+    crate::pool::pool(opts.threads)?; // validates --threads; copying needs no workers
+    let sc = run.sidecar.as_ref().ok_or_else(|| Error::Internal("the sidecar is required".into()))?;
+    let blocks = sc.blocks.as_ref().ok_or_else(|| {
+        Error::arg_hint(
+            format!("{} has no Block Influence sums (block_influence.*), which depth pruning needs", sc.path.display()),
+            "rerun `llmprune stats MODEL`: this version records them in every pass",
+        )
+    })?;
+    let total = num_blocks(&run.ckpt);
+    if blocks.cos_sum.len() != total {
+        return Err(Error::StatsMismatch {
+            path: sc.path.clone(),
+            msg: format!("Block Influence sums of {} blocks, but the model has {total}", blocks.cos_sum.len()),
+        });
+    }
+    let n = match opts.removal {
+        Removal::Count(n) => n,
+        Removal::Sparsity(s) if (0.0..1.0).contains(&s) => (s * total as f64).floor() as usize,
+        Removal::Sparsity(s) => return Err(Error::arg(format!("sparsity must be in [0, 1), got {s}"))),
+    };
+    if n == 0 {
+        return Err(Error::arg_hint(format!("this removes no block of {total}"), "raise --sparsity, or give --remove-blocks N"));
+    }
+    if n >= total {
+        return Err(Error::arg_hint(format!("removing {n} blocks would leave none of {total}"), format!("remove at most {}", total - 1)));
+    }
+    let mut config = read_config(&run.ckpt.dir)?;
+    let key = LAYER_COUNT_KEYS
+        .iter()
+        .find(|k| config.get(**k).and_then(Value::as_u64).is_some())
+        .ok_or_else(|| Error::checkpoint(&run.ckpt.dir, "config.json names no block count (num_hidden_layers / n_layer)"))?;
+    if config.get(*key).and_then(Value::as_u64) != Some(total as u64) {
+        return Err(Error::checkpoint(&run.ckpt.dir, format!("config.json's {key} differs from the {total} blocks of the checkpoint")));
+    }
+    if sc.sequential().is_some() {
+        run.warnings.push("the Block Influence sums were taken in sequential mode, on a pruned model".into());
+    }
+    let influence = blocks.influence();
+    let removed = choose(&influence, n);
+    let mut map: Vec<Option<usize>> = vec![None; total];
+    let mut next = 0;
+    for (b, m) in map.iter_mut().enumerate() {
+        if removed.binary_search(&b).is_err() {
+            *m = Some(next);
+            next += 1;
+        }
+    }
+    config.insert((*key).into(), (total - n).into());
+    for v in config.values_mut() {
+        if let Value::Array(items) = v {
+            if total > 1 && items.len() == total {
+                let kept: Vec<Value> = items.iter().enumerate().filter(|(b, _)| map[*b].is_some()).map(|(_, x)| x.clone()).collect();
+                *items = kept;
+            }
+        }
+    }
+    let params_before: u64 = run.ckpt.tensors().map(|(_, t)| t.numel() as u64).sum();
+    let staging = run.stage(&opts.out_dir, opts.force)?;
+    let run = run;
+    let mut prov = serde_json::Map::new();
+    prov.insert("method".into(), "block-influence".into());
+    prov.insert("removed_blocks".into(), removed.clone().into());
+    prov.insert("blocks_before".into(), total.into());
+    let provenance = run.provenance(prov.clone(), &opts.provenance);
+    let mut weight_map = BTreeMap::new();
+    let (mut params_after, mut tensor_bytes) = (0u64, 0u64);
+    let bytes_written = run.write_shards(&staging, progress, |shard, out| {
+        let kept: Vec<_> = shard.tensors.iter().filter_map(|t| renumber(&t.name, &map).map(|new| (new, t))).collect();
+        let layout: Vec<_> = kept.iter().map(|(new, t)| (new.clone(), t.dtype, t.shape.clone(), t.nbytes())).collect();
+        out.header(layout_header(shard, &provenance, &layout)?)?;
+        for t in &shard.tensors {
+            if let Some(new) = renumber(&t.name, &map) {
+                out.copy(shard.data(t))?;
+                weight_map.insert(new, shard.file_name.clone());
+                params_after += t.numel() as u64;
+                tensor_bytes += t.nbytes() as u64;
+            }
+            out.done(&t.name, t.nbytes())?;
+        }
+        Ok(())
+    })?;
+    let mut cfg = config;
+    // keep what an earlier llmprune run recorded (a structured run's per-layer sizes lose the
+    // removed blocks' entries too)
+    let mut record = match cfg.remove("llmprune") {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    if let Some(Value::Array(items)) = record.get_mut("structured").and_then(|s| s.get_mut("layers")) {
+        if items.len() == total {
+            *items = items.iter().enumerate().filter(|(b, _)| map[*b].is_some()).map(|(_, x)| x.clone()).collect();
+        }
+    }
+    record.insert("depth".into(), Value::Object(prov));
+    cfg.insert("llmprune".into(), Value::Object(record));
+    let path = staging.path.join("config.json");
+    let text = serde_json::to_string_pretty(&Value::Object(cfg)).map_err(|e| Error::Internal(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
+    let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;
+    Ok(DepthSummary {
+        out: out.display().to_string(),
+        method: "block-influence".into(),
+        blocks_before: total,
+        blocks_after: total - n,
+        removed_blocks: removed,
+        block_influence: influence,
+        params_before,
+        params_after,
+        bytes_before: run.ckpt.total_bytes(),
+        bytes_written,
+        shards: run.ckpt.shards.len(),
+        seconds: run.seconds(),
+        stats: run.stats_path(),
+        warnings: run.warnings.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chooses_lowest_influence_ties_first() {
+        assert_eq!(choose(&[0.5, 0.1, 0.3, 0.1], 2), vec![1, 3]);
+        assert_eq!(choose(&[0.2, 0.2, 0.2], 1), vec![0]);
+    }
+
+    #[test]
+    fn renumbers_kept_blocks() {
+        let map = vec![Some(0), None, Some(1)];
+        assert_eq!(renumber("model.layers.2.mlp.up_proj.weight", &map).as_deref(), Some("model.layers.1.mlp.up_proj.weight"));
+        assert_eq!(renumber("model.layers.1.mlp.up_proj.weight", &map), None);
+        assert_eq!(renumber("model.norm.weight", &map).as_deref(), Some("model.norm.weight"));
+        assert_eq!(renumber("transformer.h.2.attn.c_attn.weight", &map).as_deref(), Some("transformer.h.1.attn.c_attn.weight"));
+    }
+}
