@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (stats and eval) [cpu]")
     ap.add_argument("--reuse-stats", action="store_true", help="reuse the sidecars in --model-dir when their calibration matches")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON (after every row)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already measured in --json (same protocol) and run the others")
     ap.add_argument("--markdown", type=Path, default=None, help=f"also write the table between '{MD_BEGIN}' and '{MD_END}' in this file")
     args = ap.parse_args(argv)
     rows = parse_runs(args.runs or default_runs())
@@ -132,7 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(doc, indent=2) + "\n")
 
+    if args.resume and args.json and args.json.is_file():
+        done = {r["method"] + "".join("+" + f for f in r["flags"]) + "@" + r["sparsity"]: r for r in json.loads(args.json.read_text())["rows"]}
+        for row in rows:
+            prev = done.get(row.spec)
+            if prev and prev.get("perplexity") is not None:
+                for k, v in prev.items():
+                    setattr(row, k, v)
     for k, row in enumerate(rows, 1):
+        if row.perplexity is not None:
+            continue
         err.print(f"[bold][{k}/{len(rows)}] {row.spec}[/bold] [dim]({time.perf_counter() - t0:.0f} s so far)[/dim]")
         out = work / f"{model.name}-{row.spec.replace('@', '-').replace('+', '-')}"
         res = llmprune("apply", str(model), *row.apply_args(), "--out", str(out), "--force")

@@ -78,17 +78,17 @@ def default_out(model: Path, method: str, sparsity: float | None, pattern: tuple
 
 
 def check_apply_method(method: str) -> None:
-    if method not in methods() + methods("structured") + methods("depth"):
+    if method not in methods() + methods("structured") + methods("depth") + methods("experts"):
         raise UsageError(
             f"unknown method {method!r}",
             f"choose one of: {', '.join(methods())} (unstructured); {', '.join(methods('structured'))} (structured); "
-            f"{', '.join(methods('depth'))} (whole blocks)",
+            f"{', '.join(methods('depth'))} (whole blocks); {', '.join(methods('experts'))} (MoE experts)",
         )
 
 
 def apply_cmd(
     model: ModelArg,
-    method: Annotated[str, typer.Option("--method", "-m", metavar="METHOD", help="magnitude, wanda, stade, stade-w or sparsegpt (unstructured or N:M); flap, magnitude-sp, wanda-sp or hywia (structured); block-influence (whole decoder blocks).", show_default=False)],
+    method: Annotated[str, typer.Option("--method", "-m", metavar="METHOD", help="magnitude, wanda, stade, stade-w or sparsegpt (unstructured or N:M); flap, magnitude-sp, wanda-sp or hywia (structured); block-influence (whole decoder blocks); reap or frequency (MoE experts).", show_default=False)],
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = None,
     stats: Annotated[Optional[Path], typer.Option("--stats", metavar="PATH", help="Stats sidecar of MODEL (not needed by magnitude and magnitude-sp).", show_default="MODEL/llmprune-stats.safetensors")] = None,
@@ -116,6 +116,7 @@ def apply_cmd(
     gram: Annotated[Optional[Path], typer.Option("--gram", metavar="PATH", help="Gram sidecar of MODEL, for sparsegpt, --update and --reconstruct (`llmprune stats MODEL --gram`).", show_default="MODEL/llmprune-gram.safetensors")] = None,
     damp: Annotated[float, typer.Option("--damp", metavar="F", help="sparsegpt, --update, --reconstruct: damping added to the Gram matrix's diagonal, as a fraction of its mean.")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", metavar="N", help="sparsegpt / --update: columns per lazy update block.")] = 128,
+    experts_keep: Annotated[Optional[int], typer.Option("--experts-keep", metavar="K", help="reap, frequency: keep K routed experts per MoE layer (instead of --sparsity S, which removes floor(S x experts)).", show_default=False)] = None,
     remove_blocks: Annotated[Optional[int], typer.Option("--remove-blocks", metavar="N", help="block-influence: remove N decoder blocks (instead of --sparsity S, which removes floor(S x blocks)).", show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -137,15 +138,24 @@ def apply_cmd(
     for flag, n in (("--skip-first", skip_first), ("--skip-last", skip_last)):
         if n is not None and n < 0:
             raise UsageError(f"{flag} must be 0 or more, got {n}")
+    if experts_keep is not None and method not in methods("experts"):
+        raise UsageError(f"--experts-keep applies to {', '.join(methods('experts'))}, not to {method}")
     if remove_blocks is not None and method not in methods("depth"):
         raise UsageError(f"--remove-blocks applies to {', '.join(methods('depth'))}, not to {method}")
-    if method in methods("depth"):
+    if method in methods("depth") + methods("experts"):
         others = {"--pattern": pattern is not None, "--scope": scope != "row", "--include": bool(include), "--exclude": bool(exclude),
                   "--update": update, "--allocation": allocation is not None, "--compensate": compensate is not None,
                   "--refine": refine is not None, "--reconstruct": reconstruct, "--gram": gram is not None}
         bad = [k for k, v in others.items() if v]
         if bad:
-            raise UsageError(f"{', '.join(bad)} do not apply to {method}, which removes whole blocks")
+            raise UsageError(f"{', '.join(bad)} do not apply to {method}, which removes whole {'experts' if method in methods('experts') else 'blocks'}")
+        if method in methods("experts"):
+            if (sparsity is None) == (experts_keep is None):
+                raise UsageError(f"{method} needs exactly one of --sparsity S (the fraction of routed experts removed per layer) or --experts-keep K")
+            if experts_keep is not None and experts_keep < 1:
+                raise UsageError(f"--experts-keep must be at least 1, got {experts_keep}")
+            apply_experts(model, method, sparsity, experts_keep, stats, out, threads, force, json_out)
+            return
         if (sparsity is None) == (remove_blocks is None):
             raise UsageError(f"{method} needs exactly one of --sparsity S (the fraction of blocks) or --remove-blocks N")
         if remove_blocks is not None and remove_blocks < 1:
@@ -301,6 +311,29 @@ def apply_depth(model: Path, method: str, sparsity: float | None, remove_blocks:
     s = summary
     typer.echo(
         f"{method}: removed {len(s['removed_blocks'])} of {s['blocks_before']} decoder blocks ({', '.join(map(str, s['removed_blocks']))}); "
+        f"{s['params_after']:,} of {s['params_before']:,} parameters kept; wrote {s['out']} "
+        f"({s['bytes_written'] / 1e6:,.1f} MB, was {s['bytes_before'] / 1e6:,.1f} MB) in {s['seconds']:.2f} s"
+    )
+
+
+def apply_experts(model: Path, method: str, sparsity: float | None, keep: int | None, stats: Path | None, out: Path | None,
+                  threads: int | None, force: bool, json_out: bool) -> None:
+    from llmprune import _core
+
+    label = f"{sparsity:g}" if sparsity is not None else f"keep{keep}"
+    out_dir = out if out is not None else model.resolve().parent / f"{model.resolve().name}-{method}-{label}"
+    summary = _with_progress(
+        lambda on_tensor: _core.apply_experts(
+            str(model), str(out_dir), method, sparsity=sparsity, experts_keep=keep,
+            stats=str(stats) if stats is not None else None, threads=threads, force=force, progress=on_tensor,
+        )
+    )
+    if json_out:
+        print_json(summary)
+        return
+    s = summary
+    typer.echo(
+        f"{method}: kept {s['experts_after']} of {s['experts_before']} routed experts in each of {len(s['layers'])} MoE layers; "
         f"{s['params_after']:,} of {s['params_before']:,} parameters kept; wrote {s['out']} "
         f"({s['bytes_written'] / 1e6:,.1f} MB, was {s['bytes_before'] / 1e6:,.1f} MB) in {s['seconds']:.2f} s"
     )

@@ -256,12 +256,18 @@ def stats_cmd(
                 grad=grad_result.layers if grad_result is not None else None,
                 grad_meta=grad_result.meta(seqlen) if grad_result is not None else None,
                 blocks=result.block_cos,
+                experts=result.experts,
             )
         info.barrier()
     finally:
         shutdown_distributed(info)
     if info.rank != 0:
         return
+    if result.unreached:
+        warn(
+            f"{len(result.unreached)} linears saw no calibration token (e.g. {result.unreached[0]}: an expert nothing was routed to); "
+            "they have no statistics, and unstructured methods leave them unpruned"
+        )
     seconds = grad_result.seconds if grad_result is not None else result.seconds
     tps = result.tokens / seconds if seconds > 0 else 0.0
     summary = {

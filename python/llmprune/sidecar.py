@@ -71,6 +71,7 @@ def write(
     grad: dict[str, GradStats] | None = None,
     grad_meta: dict[str, Any] | None = None,
     blocks: BlockStats | None = None,
+    experts: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write a v1 sidecar for the checkpoint in `model_dir` (with gradient statistics when `grad`
     is given); returns its path. The core records the model's fingerprint and tensor list."""
@@ -89,6 +90,8 @@ def write(
             for name, g in grad.items()
         }
     info = {"calibration": calibration, "mode": mode, "sequential": sequential, "grad": grad_meta if grad is not None else None}
+    if experts:
+        info["experts"] = experts
     if blocks is not None:
         info["blocks"] = {"cos_sum": [float(x) for x in blocks.cos_sum], "count": [int(x) for x in blocks.count]}
     _core.write_sidecar(str(path), str(model_dir), arrays, json.dumps(info), grads)

@@ -24,6 +24,7 @@ import torch
 
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
+from llmprune.experts import ExpertHooks
 from llmprune.gram import GramPass, GramSummary, GramTarget
 from llmprune.options import method_registry
 from llmprune.sidecar import BlockStats, LayerStats
@@ -102,6 +103,8 @@ class StatsResult:
     pruned: dict[str, int] = field(default_factory=dict)  # sequential mode: weights zeroed per tensor
     gram: GramSummary | None = None  # with a GramTarget: the Gram sidecar written
     block_cos: BlockStats | None = None  # Σ cos(block input, block output) per block (Block Influence)
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)  # MoE routing statistics (experts.py)
+    unreached: list[str] = field(default_factory=list)  # linears no calibration token reached (MoE experts)
 
     @property
     def mode(self) -> str:
@@ -251,6 +254,8 @@ class _BlockHooks:
             a.count.copy_(counts[k : k + 1])
 
     def results(self, axes: dict[str, int]) -> dict[str, LayerStats]:
+        """The statistics of every linear that saw at least one token (an MoE expert no calibration
+        token was routed to has none, and is left out)."""
         return {
             name: LayerStats(
                 act_sum=a.sum.cpu().numpy(),
@@ -259,6 +264,7 @@ class _BlockHooks:
                 input_axis=axes[name],
             )
             for name, a in self.accs.items()
+            if int(a.count.item()) > 0
         }
 
 
@@ -274,6 +280,15 @@ def core_sparsegpt(weight: np.ndarray, gram: np.ndarray, **kw: Any) -> tuple[np.
     from llmprune import _core
 
     return _core.sparsegpt(weight, gram, **kw)
+
+
+def _moe_name(streamer: LayerStreamer, i: int, rel: str) -> str:
+    """The checkpoint's name of MoE module `rel` of block i (found through its router's weight)."""
+    qual = f"{streamer.block_prefix(i)}.{rel}.gate.weight"
+    name = streamer.checkpoint_name(qual)
+    if name is None:
+        raise UsageError(f"tensor {qual} is missing from the checkpoint in {streamer.ckpt.dir}")
+    return name.removesuffix(".gate.weight")
 
 
 def token_cosines(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -294,6 +309,8 @@ def _prune_block(
     # the checkpoint's own values (upcast exactly), whatever dtype the block runs in
     originals = streamer.ckpt.load(names, torch.device("cpu"), torch.float32)
     for name, mod, axis in streamer.prunable(i):
+        if name not in stats:  # an expert no calibration token reached: no statistics, not pruned
+            continue
         w = originals[name]
         w_oi = w.t() if axis == 0 else w
         s = stats[name]
@@ -374,6 +391,8 @@ def collect_stats(
     n = mine.shape[0]
     mask_fn = mask_fn or core_compute_mask
     layers: dict[str, LayerStats] = {}
+    experts: dict[str, dict[str, Any]] = {}
+    unreached: list[str] = []
     pruned: dict[str, int] = {}
     grams = None
     if sequential is not None and sequential.reconstructs and gram is None:
@@ -395,6 +414,7 @@ def collect_stats(
             # before the stats hooks: on block 0 it runs the first window once to see shared inputs
             gram_hooks = grams.block(i, hidden) if grams is not None else None
             hooks = _BlockHooks(prunable, streamer.device)
+            moe_hooks = ExpertHooks(streamer.blocks[i], lambda rel, i=i: _moe_name(streamer, i, rel), streamer.device)
             bar.phase(f"block {i}")
             try:
                 for j in range(n):
@@ -405,9 +425,12 @@ def collect_stats(
                     bar.step()
             finally:
                 hooks.remove()
+                moe_hooks.remove()
                 if gram_hooks is not None:
                     gram_hooks.remove()
             hooks.reduce_across(info)
+            moe_hooks.reduce_across(info)
+            experts.update(moe_hooks.results())
             block_grams = None
             if grams is not None:
                 grams.commit(gram_hooks)
@@ -416,6 +439,7 @@ def collect_stats(
                 del gram_hooks
             block_stats = hooks.results({name: axis for name, _, axis in prunable})
             layers.update(block_stats)
+            unreached.extend(name for name, _, _ in prunable if name not in block_stats)
             del hooks
             if sequential is not None:
                 pruned.update(_prune_block(streamer, i, block_stats, sequential, mask_fn, block_grams))
@@ -451,6 +475,8 @@ def collect_stats(
         pruned=pruned,
         gram=gram_summary,
         block_cos=block_cos,
+        experts=experts,
+        unreached=unreached,
     )
 
 

@@ -11,6 +11,7 @@ pub mod depth;
 pub mod dsnot;
 pub mod dtype;
 pub mod error;
+pub mod experts;
 pub mod inspect;
 pub mod output;
 pub mod pool;

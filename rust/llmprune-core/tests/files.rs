@@ -18,6 +18,7 @@ fn info() -> SidecarInfo {
         sequential: serde_json::Value::Null,
         grad: serde_json::Value::Null,
         blocks: None,
+        experts: Default::default(),
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use llmprune_core::checkpoint::{dtype_name, Checkpoint, INDEX_FILE};
 use llmprune_core::error::Error;
 use llmprune_core::output::{copy_other_files, write_index, StagingDir};
-use llmprune_core::sidecar::{self, gram, BlockStats, GradStats, LayerStats, Sidecar, SidecarInfo};
+use llmprune_core::sidecar::{self, gram, BlockStats, ExpertStats, GradStats, LayerStats, Sidecar, SidecarInfo};
 use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -182,6 +182,21 @@ fn write_sidecar(
             }
         }
     };
+    let mut experts = BTreeMap::new();
+    if let Some(Value::Object(table)) = info.get("experts") {
+        for (name, e) in table {
+            let nums = |k: &str| e.get(k).and_then(Value::as_array).cloned().unwrap_or_default();
+            let f = |k: &str| nums(k).iter().map(Value::as_f64).collect::<Option<Vec<f64>>>();
+            let count = nums("count").iter().map(Value::as_i64).collect::<Option<Vec<i64>>>();
+            let top_k = e.get("top_k").and_then(Value::as_u64);
+            match (count, f("gate_sum"), f("reap_sum"), top_k) {
+                (Some(count), Some(gate_sum), Some(reap_sum), Some(k)) => {
+                    experts.insert(name.clone(), ExpertStats { count, gate_sum, reap_sum, top_k: k as usize });
+                }
+                _ => return Err(CoreError(Error::arg(format!("info.experts.{name} needs count, gate_sum, reap_sum and top_k"))).into()),
+            }
+        }
+    }
     detached(py, || {
         let ckpt = Checkpoint::open(&model_dir)?;
         let model_tensors = ckpt.describe().into_iter().map(|(k, v)| (k, Value::from(v))).collect();
@@ -193,6 +208,7 @@ fn write_sidecar(
             sequential: field("sequential"),
             grad: field("grad"),
             blocks,
+            experts,
         };
         for name in stats.keys() {
             if ckpt.get(name).is_none() {

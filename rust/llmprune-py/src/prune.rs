@@ -318,7 +318,7 @@ fn default_input_axis(model_dir: PathBuf) -> usize {
 
 /// Every method the core implements, with what it needs: JSON
 /// {"unstructured": [{"name", "needs_stats"}], "structured": [{"name", "needs_stats", "compensates", "allocation"}],
-/// "depth": [{"name", "needs_stats"}], "defaults": {"owl": {"m", "lambda"}, "dsnot": {"iters", "threshold", "skip"}}}.
+/// "depth": [{"name", "needs_stats"}], "experts": [{"name", "needs_stats"}], "defaults": {"owl": {"m", "lambda"}, "dsnot": {"iters", "threshold", "skip"}}}.
 #[pyfunction]
 fn methods() -> String {
     let unstructured: Vec<_> = Method::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": m.needs_stats()})).collect();
@@ -339,7 +339,8 @@ fn methods() -> String {
         "dsnot": apply::dsnot_meta(&d),
     });
     let depth = vec![serde_json::json!({"name": "block-influence", "needs_stats": true})];
-    serde_json::json!({"unstructured": unstructured, "structured": structured, "depth": depth, "defaults": defaults}).to_string()
+    let experts: Vec<_> = llmprune_core::experts::ExpertMethod::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": true})).collect();
+    serde_json::json!({"unstructured": unstructured, "structured": structured, "depth": depth, "experts": experts, "defaults": defaults}).to_string()
 }
 
 /// SparseGPT on one [out, in] float32 weight with its input's Gram matrix H (float64 [in, in]),
@@ -455,7 +456,38 @@ fn apply_depth(
     run_reporting(py, progress, |report| llmprune_core::depth::apply_depth(&opts, report).and_then(|s| to_json(&s)))
 }
 
+/// Expert pruning (`apply --method reap|frequency`): removes routed experts of every MoE layer by
+/// the sidecar's routing statistics; returns the JSON summary.
+#[pyfunction]
+#[pyo3(signature = (model_dir, out_dir, method, *, sparsity=None, experts_keep=None, stats=None, threads=None, force=false,
+    provenance=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn apply_experts(
+    py: Python<'_>,
+    model_dir: PathBuf,
+    out_dir: PathBuf,
+    method: &str,
+    sparsity: Option<f64>,
+    experts_keep: Option<usize>,
+    stats: Option<PathBuf>,
+    threads: Option<usize>,
+    force: bool,
+    provenance: Option<BTreeMap<String, String>>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    use llmprune_core::experts::{ExpertOptions, ExpertRemoval};
+    let removal = match (sparsity, experts_keep) {
+        (Some(s), None) => ExpertRemoval::Sparsity(s),
+        (None, Some(k)) => ExpertRemoval::Keep(k),
+        _ => return Err(InvalidArgumentError::new_err("give exactly one of sparsity or experts_keep")),
+    };
+    let method = method.parse().map_err(CoreError)?;
+    let opts = ExpertOptions { model_dir, out_dir, method, removal, stats, threads, force, provenance: provenance.unwrap_or_default() };
+    run_reporting(py, progress, |report| llmprune_core::experts::apply_experts(&opts, report).and_then(|s| to_json(&s)))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(apply_experts, m)?)?;
     m.add_function(wrap_pyfunction!(apply_depth, m)?)?;
     m.add_function(wrap_pyfunction!(owl_allocation, m)?)?;
     m.add_function(wrap_pyfunction!(sparsegpt, m)?)?;

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::gram::merge_gram;
-use super::{write, BlockStats, LayerStats, Sidecar, SidecarInfo};
+use super::{write, BlockStats, ExpertStats, LayerStats, Sidecar, SidecarInfo};
 use crate::error::{Error, Result};
 use crate::output::same_file;
 
@@ -121,6 +121,7 @@ pub fn merge(paths: &[PathBuf], out: &Path) -> Result<MergeSummary> {
         sequential: text(&first.meta, "sequential"),
         grad: Value::Null,
         blocks: merge_blocks(&cars)?,
+        experts: merge_experts(&cars)?,
     };
     let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     write(out, &info, &merged, &BTreeMap::new(), &inputs)?;
@@ -150,6 +151,29 @@ fn merge_blocks(cars: &[Sidecar]) -> Result<Option<BlockStats>> {
         }
     }
     Ok(Some(out))
+}
+
+/// The sum of the inputs' expert statistics (every input must list the same MoE layers).
+fn merge_experts(cars: &[Sidecar]) -> Result<BTreeMap<String, ExpertStats>> {
+    let first = &cars[0].experts;
+    let mut out = first.clone();
+    for c in &cars[1..] {
+        if c.experts.keys().ne(first.keys()) {
+            return Err(Error::arg(format!("{} and {} hold expert statistics of different MoE layers", cars[0].path.display(), c.path.display())));
+        }
+        for (name, e) in &c.experts {
+            let o = out.get_mut(name).expect("same keys");
+            if e.count.len() != o.count.len() || e.top_k != o.top_k {
+                return Err(Error::arg(format!("the sidecars disagree on the experts of {name}")));
+            }
+            for j in 0..e.count.len() {
+                o.count[j] = o.count[j].checked_add(e.count[j]).ok_or_else(|| Error::arg("expert token counts overflow"))?;
+                o.gate_sum[j] += e.gate_sum[j];
+                o.reap_sum[j] += e.reap_sum[j];
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn is_gram(path: &Path) -> bool {

@@ -149,6 +149,38 @@ impl BlockStats {
     }
 }
 
+/// Per MoE layer (keyed by the MoE module's name, e.g. `model.layers.3.block_sparse_moe`) and per
+/// routed expert, over the calibration tokens: the tokens routed to it, Σ of its router weight g_j(t)
+/// (softmax over the router logits, renormalized over the top-k), and REAP's Σ g_j(t) · ‖f_j(t)‖₂ with
+/// f_j(t) the expert's output. Stored as `<module>.expert_count` (I64 [E]), `.expert_gate_sum` and
+/// `.expert_reap_sum` (F64 [E]); the metadata's `experts` table gives each layer's `top_k`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpertStats {
+    pub count: Vec<i64>,
+    pub gate_sum: Vec<f64>,
+    pub reap_sum: Vec<f64>,
+    pub top_k: usize,
+}
+
+impl ExpertStats {
+    pub fn validate(&self, name: &str) -> std::result::Result<(), String> {
+        let e = self.count.len();
+        if e == 0 || self.gate_sum.len() != e || self.reap_sum.len() != e {
+            return Err(format!("{name}: expert statistics need one count and two sums per expert"));
+        }
+        if self.top_k == 0 || self.top_k > e {
+            return Err(format!("{name}: top_k {} with {e} experts", self.top_k));
+        }
+        for j in 0..e {
+            let (n, g, r) = (self.count[j], self.gate_sum[j], self.reap_sum[j]);
+            if n < 0 || !g.is_finite() || !r.is_finite() || g < 0.0 || r < 0.0 || g > n as f64 * (1.0 + 1e-6) {
+                return Err(format!("{name}: impossible statistics of expert {j} (count {n}, router weight sum {g}, REAP sum {r})"));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Sidecar {
     pub path: PathBuf,
     pub meta: serde_json::Map<String, Value>,
@@ -157,6 +189,8 @@ pub struct Sidecar {
     pub grads: BTreeMap<String, GradStats>,
     /// Present in sidecars of `stats` passes that saw every block's input and output.
     pub blocks: Option<BlockStats>,
+    /// MoE layers' routing statistics (empty for dense models).
+    pub experts: BTreeMap<String, ExpertStats>,
     /// sha256 of the sidecar file, recorded as provenance in the pruned shards.
     pub sha256: String,
 }
@@ -219,6 +253,7 @@ impl Sidecar {
             layers.insert(name.clone(), stats);
         }
         let blocks = read_blocks(&st).map_err(bad)?;
+        let experts = read_experts(&st, &meta).map_err(bad)?;
         let sha256 = {
             use sha2::{Digest, Sha256};
             hex(&Sha256::digest(bytes))
@@ -229,6 +264,7 @@ impl Sidecar {
             layers,
             grads,
             blocks,
+            experts,
             sha256,
         })
     }
@@ -305,6 +341,27 @@ pub fn check_model(path: &Path, meta: &serde_json::Map<String, Value>, ckpt: &Ch
 }
 
 /// `W.grad_out`, `W.grad_in` and `W.grad_count` of one weight: all three or none.
+fn read_experts(st: &SafeTensors, meta: &serde_json::Map<String, Value>) -> std::result::Result<BTreeMap<String, ExpertStats>, String> {
+    let mut out = BTreeMap::new();
+    let Some(Value::Object(table)) = meta.get("experts") else { return Ok(out) };
+    for (name, info) in table {
+        let top_k = info.get("top_k").and_then(Value::as_u64).ok_or_else(|| format!("experts.{name} has no top_k"))? as usize;
+        let tensor = |suffix: &str, dtype: Dtype| -> std::result::Result<Vec<u8>, String> {
+            let key = format!("{name}.{suffix}");
+            let v = st.tensor(&key).map_err(|_| format!("missing tensor {key}"))?;
+            if v.dtype() != dtype || v.shape().len() != 1 {
+                return Err(format!("{key} must be {dtype:?} [experts]"));
+            }
+            Ok(v.data().to_vec())
+        };
+        let count = tensor("expert_count", Dtype::I64)?.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+        let e = ExpertStats { count, gate_sum: f64s(&tensor("expert_gate_sum", Dtype::F64)?), reap_sum: f64s(&tensor("expert_reap_sum", Dtype::F64)?), top_k };
+        e.validate(name)?;
+        out.insert(name.clone(), e);
+    }
+    Ok(out)
+}
+
 fn read_blocks(st: &SafeTensors) -> std::result::Result<Option<BlockStats>, String> {
     let (Ok(c), Ok(n)) = (st.tensor(BLOCK_COS_SUM), st.tensor(BLOCK_COUNT)) else {
         return match (st.tensor(BLOCK_COS_SUM).is_ok(), st.tensor(BLOCK_COUNT).is_ok()) {

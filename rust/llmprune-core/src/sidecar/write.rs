@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{BlockStats, GradStats, LayerStats, BLOCK_COS_SUM, BLOCK_COUNT, FORMAT, FORMAT_VERSION};
+use super::{BlockStats, ExpertStats, GradStats, LayerStats, BLOCK_COS_SUM, BLOCK_COUNT, FORMAT, FORMAT_VERSION};
 use crate::error::{Error, Result};
 use crate::output::{atomic_write, check_not_input};
 
@@ -23,6 +23,8 @@ pub struct SidecarInfo {
     pub grad: Value,
     /// Block Influence sums, when the pass saw every block.
     pub blocks: Option<BlockStats>,
+    /// Routing statistics of the MoE layers.
+    pub experts: BTreeMap<String, ExpertStats>,
 }
 
 /// The bytes of a v1 sidecar holding `layers` (and `grads`, which must cover the same weights).
@@ -73,6 +75,15 @@ pub fn encode(info: &SidecarInfo, layers: &BTreeMap<String, LayerStats>, grads: 
         tensors.push((BLOCK_COS_SUM.into(), "F64", vec![b.cos_sum.len()], le_bytes(&b.cos_sum)));
         tensors.push((BLOCK_COUNT.into(), "I64", vec![b.count.len()], b.count.iter().flat_map(|x| x.to_le_bytes()).collect()));
     }
+    let mut expert_meta = serde_json::Map::new();
+    for (name, e) in &info.experts {
+        e.validate(name).map_err(bad)?;
+        let n = e.count.len();
+        tensors.push((format!("{name}.expert_count"), "I64", vec![n], e.count.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        tensors.push((format!("{name}.expert_gate_sum"), "F64", vec![n], le_bytes(&e.gate_sum)));
+        tensors.push((format!("{name}.expert_reap_sum"), "F64", vec![n], le_bytes(&e.reap_sum)));
+        expert_meta.insert(name.clone(), serde_json::json!({"top_k": e.top_k, "num_experts": n}));
+    }
     let meta = serde_json::json!({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -84,6 +95,7 @@ pub fn encode(info: &SidecarInfo, layers: &BTreeMap<String, LayerStats>, grads: 
         "sequential": info.sequential,
         "layers": layer_meta,
         "grad": if grads.is_empty() { Value::Null } else { info.grad.clone() },
+        "experts": if expert_meta.is_empty() { Value::Null } else { Value::Object(expert_meta) },
     });
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut header = serde_json::Map::new();

@@ -77,6 +77,7 @@ fn sidecar_seed() -> Vec<u8> {
         sequential: serde_json::Value::Null,
         grad: serde_json::Value::Null,
         blocks: None,
+        experts: Default::default(),
     };
     encode(&info, &layers, &Default::default()).expect("a valid seed sidecar")
 }

@@ -1,0 +1,316 @@
+//! Expert pruning of Mixture-of-Experts checkpoints (`apply --method reap|frequency`).
+//!
+//! Per MoE layer, the routed experts with the lowest saliency are removed, ties lower index first:
+//! REAP (Lasby et al., 2025) ranks expert j by S_j = (1/N_j) Σ_{t routed to j} g_j(t) · ‖f_j(t)‖₂
+//! (0 for an expert no calibration token reached), `frequency` by N_j, the tokens routed to it
+//! (sidecar: docs/sidecar.md). The kept experts are renumbered in order and their tensors copied
+//! byte for byte (any dtype, including FP8 with scale tensors, which are per expert too); the
+//! router's rows (`gate.weight`, and any per-expert `gate.*` vector such as a bias or score
+//! correction) are sliced to the kept experts; shared experts are not routed and stay. config.json
+//! gets the new expert count (`num_local_experts`, `num_experts` or `n_routed_experts`).
+//!
+//! Layouts: one module per expert, `<moe>.experts.<j>.<...>`, beside the router `<moe>.gate.*`
+//! (Mixtral's `block_sparse_moe`, Qwen2-MoE / Qwen3-MoE / OLMoE's `mlp`). Fused 3-D expert tensors
+//! and group-limited routers (DeepSeek-V3's `n_group` > 1) are refused by name.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::checkpoint::read_config;
+use crate::error::{Error, Result};
+use crate::output::layout_header;
+use crate::run::{Progress, Run, StatsNeed};
+use crate::sidecar::ExpertStats;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertMethod {
+    Reap,
+    Frequency,
+}
+
+impl ExpertMethod {
+    pub const ALL: [ExpertMethod; 2] = [ExpertMethod::Reap, ExpertMethod::Frequency];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpertMethod::Reap => "reap",
+            ExpertMethod::Frequency => "frequency",
+        }
+    }
+
+    /// Each expert's saliency in one layer.
+    pub fn saliency(self, e: &ExpertStats) -> Vec<f64> {
+        match self {
+            ExpertMethod::Reap => e.count.iter().zip(&e.reap_sum).map(|(&n, &r)| if n > 0 { r / n as f64 } else { 0.0 }).collect(),
+            ExpertMethod::Frequency => e.count.iter().map(|&n| n as f64).collect(),
+        }
+    }
+}
+
+impl FromStr for ExpertMethod {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ExpertMethod::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| Error::arg(format!("unknown expert method {s:?}; expected reap or frequency")))
+    }
+}
+
+/// How many routed experts each MoE layer loses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ExpertRemoval {
+    /// ⌊S · E⌋ per layer.
+    Sparsity(f64),
+    /// Keep K per layer.
+    Keep(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct ExpertOptions {
+    pub model_dir: PathBuf,
+    pub out_dir: PathBuf,
+    pub method: ExpertMethod,
+    pub removal: ExpertRemoval,
+    pub stats: Option<PathBuf>,
+    pub threads: Option<usize>,
+    pub force: bool,
+    pub provenance: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LayerResult {
+    pub layer: String,
+    /// Original ids of the kept experts, ascending (new id = position).
+    pub kept: Vec<usize>,
+    pub saliency: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExpertSummary {
+    pub out: String,
+    pub method: String,
+    pub experts_before: usize,
+    pub experts_after: usize,
+    pub layers: Vec<LayerResult>,
+    pub params_before: u64,
+    pub params_after: u64,
+    pub bytes_before: u64,
+    pub bytes_written: u64,
+    pub shards: usize,
+    pub seconds: f64,
+    pub stats: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+const EXPERT_COUNT_KEYS: [&str; 3] = ["num_local_experts", "num_experts", "n_routed_experts"];
+
+/// The kept experts: all but the `remove` with the lowest saliency (ties lower index first), ascending.
+pub fn keep(saliency: &[f64], remove: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..saliency.len()).collect();
+    order.sort_by(|&a, &b| saliency[a].total_cmp(&saliency[b]).then(a.cmp(&b)));
+    let mut kept = order[remove.min(order.len())..].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+/// What happens to one input tensor.
+enum Fate {
+    Copy(String),
+    Drop,
+    /// Keep these rows (leading-axis slices) under this name.
+    Rows(String, Vec<usize>),
+}
+
+/// `<moe>.experts.<j>.<rest>` → (moe, j, rest).
+fn expert_part<'a>(name: &'a str, moe: &str) -> Option<(usize, &'a str)> {
+    let rest = name.strip_prefix(moe)?.strip_prefix(".experts.")?;
+    let (j, tail) = rest.split_once('.')?;
+    Some((j.parse().ok()?, tail))
+}
+
+fn fate(name: &str, shape: &[usize], plans: &BTreeMap<String, (usize, Vec<Option<usize>>, Vec<usize>)>) -> Result<Fate> {
+    for (moe, (e, map, kept)) in plans {
+        if !name.starts_with(moe.as_str()) {
+            continue;
+        }
+        if let Some((j, tail)) = expert_part(name, moe) {
+            return Ok(match map.get(j).copied().flatten() {
+                Some(new) => Fate::Copy(format!("{moe}.experts.{new}.{tail}")),
+                None if j < *e => Fate::Drop,
+                None => return Err(Error::arg(format!("{name}: expert {j} is beyond the {e} experts the statistics know"))),
+            });
+        }
+        if name.starts_with(&format!("{moe}.experts.")) {
+            return Err(Error::arg_hint(format!("{name}: fused expert tensors are not supported yet"), "only checkpoints with one module per expert can lose experts"));
+        }
+        if name.starts_with(&format!("{moe}.gate.")) {
+            if shape.first() == Some(e) {
+                return Ok(Fate::Rows(name.to_string(), kept.clone()));
+            }
+            return Err(Error::arg(format!("{name} has shape {shape:?}; a router tensor needs {e} rows")));
+        }
+    }
+    Ok(Fate::Copy(name.to_string()))
+}
+
+pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) -> Result<()>) -> Result<ExpertSummary> {
+    let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), Some(StatsNeed::activations(&format!("method {}", opts.method.name()))))?;
+    crate::pool::pool(opts.threads)?;
+    let sc = run.sidecar.as_ref().ok_or_else(|| Error::Internal("the sidecar is required".into()))?;
+    let mut config = read_config(&run.ckpt.dir)?;
+    let key = EXPERT_COUNT_KEYS.iter().find(|k| config.get(**k).and_then(Value::as_u64).is_some_and(|n| n > 0)).copied();
+    if sc.experts.is_empty() || key.is_none() {
+        return Err(Error::arg_hint(
+            format!("method {} removes experts of Mixture-of-Experts layers, and {} has none", opts.method.name(), run.ckpt.dir.display()),
+            "for a dense model use --method block-influence (whole blocks) or a structured method",
+        ));
+    }
+    let key = key.expect("checked");
+    if config.get("n_group").and_then(Value::as_u64).is_some_and(|g| g > 1) {
+        return Err(Error::arg("this model routes within groups of experts (n_group > 1); removing experts would break its groups"));
+    }
+    let e_cfg = config[key].as_u64().unwrap_or(0) as usize;
+    let mut plans = BTreeMap::new();
+    let mut layers = Vec::new();
+    for (moe, st) in &sc.experts {
+        let e = st.count.len();
+        if e != e_cfg {
+            return Err(Error::StatsMismatch { path: sc.path.clone(), msg: format!("{moe} has statistics of {e} experts, config.json says {e_cfg}") });
+        }
+        let remove = match opts.removal {
+            ExpertRemoval::Sparsity(s) if (0.0..1.0).contains(&s) => (s * e as f64).floor() as usize,
+            ExpertRemoval::Sparsity(s) => return Err(Error::arg(format!("sparsity must be in [0, 1), got {s}"))),
+            ExpertRemoval::Keep(k) if k <= e => e - k,
+            ExpertRemoval::Keep(k) => return Err(Error::arg(format!("--experts-keep {k} is more than the {e} experts of {moe}"))),
+        };
+        if remove == 0 {
+            return Err(Error::arg_hint(format!("this removes no expert of {e}"), "raise --sparsity, or lower --experts-keep"));
+        }
+        if e - remove < st.top_k {
+            return Err(Error::arg_hint(
+                format!("keeping {} experts of {moe} is fewer than the {} each token is routed to", e - remove, st.top_k),
+                format!("keep at least {} (remove at most {})", st.top_k, e - st.top_k),
+            ));
+        }
+        let saliency = opts.method.saliency(st);
+        let kept = keep(&saliency, remove);
+        let mut map = vec![None; e];
+        for (new, &old) in kept.iter().enumerate() {
+            map[old] = Some(new);
+        }
+        if !run.ckpt.tensors().any(|(_, t)| expert_part(&t.name, moe).is_some()) {
+            return Err(Error::arg_hint(format!("no tensors {moe}.experts.<j>.* in the checkpoint: an MoE layout llmprune does not know"), "supported: one module per expert (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)"));
+        }
+        layers.push(LayerResult { layer: moe.clone(), kept: kept.clone(), saliency });
+        plans.insert(moe.clone(), (e, map, kept));
+    }
+    let e_after = layers[0].kept.len();
+    // every tensor's fate is known before anything is written
+    let mut fates: BTreeMap<String, Fate> = BTreeMap::new();
+    for (_, t) in run.ckpt.tensors() {
+        fates.insert(t.name.clone(), fate(&t.name, &t.shape, &plans)?);
+    }
+    config.insert(key.into(), e_after.into());
+    let mut record = match config.remove("llmprune") {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let kept_ids: serde_json::Map<String, Value> = layers.iter().map(|l| (l.layer.clone(), Value::from(l.kept.clone()))).collect();
+    let mut prov = serde_json::Map::new();
+    prov.insert("method".into(), opts.method.name().into());
+    prov.insert("experts_before".into(), e_cfg.into());
+    prov.insert("kept_experts".into(), Value::Object(kept_ids));
+    record.insert("experts".into(), Value::Object(prov.clone()));
+    config.insert("llmprune".into(), Value::Object(record));
+    if sc.sequential().is_some() {
+        run.warnings.push("the expert statistics were taken in sequential mode, on a pruned model".into());
+    }
+    let params_before: u64 = run.ckpt.tensors().map(|(_, t)| t.numel() as u64).sum();
+    let staging = run.stage(&opts.out_dir, opts.force)?;
+    let run = run;
+    let provenance = run.provenance(prov, &opts.provenance);
+    let mut weight_map = BTreeMap::new();
+    let (mut params_after, mut tensor_bytes) = (0u64, 0u64);
+    let bytes_written = run.write_shards(&staging, progress, |shard, out| {
+        let mut layout = Vec::new();
+        for t in &shard.tensors {
+            match &fates[&t.name] {
+                Fate::Drop => {}
+                Fate::Copy(new) => layout.push((new.clone(), t.dtype, t.shape.clone(), t.nbytes())),
+                Fate::Rows(new, rows) => {
+                    let mut shape = t.shape.clone();
+                    shape[0] = rows.len();
+                    layout.push((new.clone(), t.dtype, shape, t.nbytes() / t.shape[0] * rows.len()));
+                }
+            }
+        }
+        out.header(layout_header(shard, &provenance, &layout)?)?;
+        for t in &shard.tensors {
+            let data = shard.data(t);
+            let (new, written) = match &fates[&t.name] {
+                Fate::Drop => (None, 0),
+                Fate::Copy(new) => {
+                    out.copy(data)?;
+                    (Some(new), t.numel())
+                }
+                Fate::Rows(new, rows) => {
+                    let row = t.nbytes() / t.shape[0];
+                    out.fill(|buf| {
+                        buf.clear();
+                        for &r in rows {
+                            buf.extend_from_slice(&data[r * row..(r + 1) * row]);
+                        }
+                        Ok(())
+                    })?;
+                    (Some(new), t.numel() / t.shape[0] * rows.len())
+                }
+            };
+            if let Some(new) = new {
+                weight_map.insert(new.clone(), shard.file_name.clone());
+                params_after += written as u64;
+                tensor_bytes += (written * t.dtype.bitsize() / 8) as u64;
+            }
+            out.done(&t.name, t.nbytes())?;
+        }
+        Ok(())
+    })?;
+    let path = staging.path.join("config.json");
+    let text = serde_json::to_string_pretty(&Value::Object(config)).map_err(|e| Error::Internal(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
+    let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;
+    Ok(ExpertSummary {
+        out: out.display().to_string(),
+        method: opts.method.name().into(),
+        experts_before: e_cfg,
+        experts_after: e_after,
+        layers,
+        params_before,
+        params_after,
+        bytes_before: run.ckpt.total_bytes(),
+        bytes_written,
+        shards: run.ckpt.shards.len(),
+        seconds: run.seconds(),
+        stats: run.stats_path(),
+        warnings: run.warnings.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_most_salient() {
+        assert_eq!(keep(&[0.3, 0.1, 0.5, 0.1], 2), vec![0, 2]);
+        assert_eq!(keep(&[1.0, 1.0, 1.0], 1), vec![1, 2]);
+    }
+
+    #[test]
+    fn saliency_of_unrouted_expert_is_zero() {
+        let e = ExpertStats { count: vec![0, 4], gate_sum: vec![0.0, 2.0], reap_sum: vec![0.0, 6.0], top_k: 1 };
+        assert_eq!(ExpertMethod::Reap.saliency(&e), vec![0.0, 1.5]);
+        assert_eq!(ExpertMethod::Frequency.saliency(&e), vec![0.0, 4.0]);
+    }
+}

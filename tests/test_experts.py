@@ -1,0 +1,244 @@
+"""MoE expert pruning (`stats` routing statistics, `apply --method reap|frequency`) on tiny Mixtral,
+Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models built from configs: the statistics against a
+dense whole-model reference, the pruned model's logits against the original's with the removed
+experts' router logits at -inf, FP8 expert tensors copied bit for bit, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import reference as R
+import stats_helpers as H
+from conftest import assert_clean_error, listing, tree_hashes
+
+from llmprune.stats import collect_stats
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+              max_position_embeddings=128, num_experts_per_tok=2, tie_word_embeddings=False)
+ARCHS: dict[str, tuple[str, dict[str, Any], str, str]] = {
+    # name: (config class, overrides, MoE module attribute, config key of the expert count)
+    "mixtral": ("MixtralConfig", dict(intermediate_size=32, num_local_experts=8), "block_sparse_moe", "num_local_experts"),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+                                         norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[]), "mlp", "num_experts"),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, head_dim=16, norm_topk_prob=True,
+                                         decoder_sparse_step=1, mlp_only_layers=[]), "mlp", "num_experts"),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_experts=8), "mlp", "num_experts"),
+}
+
+
+@pytest.fixture(scope="session")
+def moe_dir(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            import transformers
+
+            cls, overrides, _, _ = ARCHS[arch]
+            config = getattr(transformers, cls)(**COMMON, **overrides)
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+            with torch.no_grad():  # routers far from uniform, so the experts' statistics differ
+                for name, p in model.named_parameters():
+                    if name.endswith("gate.weight") and p.shape[0] == 8:
+                        p.normal_(0, 0.5)
+            path = tmp_path_factory.mktemp(arch) / "tiny"
+            model.save_pretrained(path, safe_serialization=True)
+            H.add_tokenizer(path)
+            cache[arch] = path
+        return cache[arch]
+
+    return get
+
+
+def dense_reference(model, ids: torch.Tensor, attr: str) -> dict[str, dict[str, np.ndarray]]:
+    """Per MoE module: routed-token count, Σ g and Σ g·‖f_j‖ with every expert run on every token
+    (dense) and the top-k softmax weights renormalized."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if name.endswith("." + attr) and hasattr(mod, "experts"):
+            acc = out.setdefault(name, {"count": np.zeros(8, np.int64), "gate_sum": np.zeros(8), "reap_sum": np.zeros(8)})
+
+            def hook(m, args, acc=acc):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                probs = torch.softmax(x @ m.gate.weight.double().t(), dim=-1)
+                w, sel = torch.topk(probs, m.top_k, dim=-1)
+                w = w / w.sum(-1, keepdim=True)
+                for j, expert in enumerate(m.experts):
+                    f = expert.double()(x)
+                    routed = sel == j
+                    g = (w * routed).sum(-1)
+                    hit = routed.any(-1)
+                    acc["count"][j] += int(hit.sum())
+                    acc["gate_sum"][j] += float(g[hit].sum())
+                    acc["reap_sum"][j] += float((g[hit] * f[hit].norm(dim=-1)).sum())
+                    expert.float()
+
+            handles.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for j in range(ids.shape[0]):
+            model(ids[j : j + 1])
+    for h in handles:
+        h.remove()
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_routing_statistics_equal_dense_reference(moe_dir, arch):
+    path = moe_dir(arch)
+    ids = R.random_samples(3, 20, vocab=256, seed=1)
+    res = collect_stats(path, ids, device="cpu")
+    want = dense_reference(R.load_f32_model(path), ids, ARCHS[arch][2])
+    assert sorted(res.experts) == sorted(want) and len(want) == 2
+    for name, w in want.items():
+        got = res.experts[name]
+        assert got["top_k"] == 2
+        assert got["count"] == w["count"].tolist(), name
+        assert sum(got["count"]) == 60 * 2  # every token goes to two experts
+        np.testing.assert_allclose(got["gate_sum"], w["gate_sum"], rtol=1e-5)
+        np.testing.assert_allclose(got["reap_sum"], w["reap_sum"], rtol=1e-4)
+        assert abs(sum(got["gate_sum"]) - 60) < 1e-4  # renormalized top-k weights sum to 1 per token
+
+
+def sidecar_experts(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The expert statistics of a sidecar, read with safetensors (independent of llmprune)."""
+    from safetensors.numpy import load_file
+
+    meta = json.loads(R.read_header(path)[0]["__metadata__"]["llmprune"])
+    arrays = load_file(str(path))
+    return {m: {k: arrays[f"{m}.expert_{k}"] for k in ("count", "gate_sum", "reap_sum")} for m in meta["experts"]}
+
+
+def stats_cli(run_cli, model: Path) -> Path:
+    code, _, err = run_cli(["stats", model, "--nsamples", "4", "--seqlen", "24", "--device", "cpu"])
+    assert code == 0, err
+    return model / "llmprune-stats.safetensors"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("method", ["reap", "frequency"])
+def test_pruned_model_equals_masked_router(run_cli, moe_dir, tmp_path, arch, method):
+    model = tmp_path / "m" / "tiny"
+    shutil.copytree(moe_dir(arch), model)
+    stats = sidecar_experts(stats_cli(run_cli, model))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["apply", model, "--method", method, "--experts-keep", "5", "--out", out, "--json"])
+    assert code == 0, err
+    s = json.loads(stdout)
+    removed: dict[str, list[int]] = {}
+    for layer in s["layers"]:
+        st = stats[layer["layer"]]
+        n = st["count"].astype(np.float64)
+        sal = np.where(n > 0, st["reap_sum"] / np.maximum(n, 1), 0.0) if method == "reap" else n
+        order = sorted(range(8), key=lambda j: (sal[j], j))
+        assert layer["kept"] == sorted(order[3:]), layer
+        removed[layer["layer"]] = sorted(order[:3])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg[ARCHS[arch][3]] == 5 and s["experts_after"] == 5
+    assert cfg["llmprune"]["experts"]["kept_experts"] == {l["layer"]: l["kept"] for l in s["layers"]}
+
+    ref = R.load_f32_model(model)
+    handles = []
+    for name, mod in ref.named_modules():
+        if name in removed:
+            def mask(_m, _a, logits, r=removed[name]):
+                logits = logits.clone()
+                logits[:, r] = float("-inf")
+                return logits
+
+            handles.append(mod.gate.register_forward_hook(mask))
+    ids = R.random_samples(2, 16, vocab=256, seed=9)
+    pruned = R.load_f32_model(out)
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = pruned(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # every kept expert's tensors are the original ones, renumbered, byte for byte
+    before, _ = R.read_checkpoint(model)
+    after, _ = R.read_checkpoint(out)
+    for layer in s["layers"]:
+        for new, old in enumerate(layer["kept"]):
+            for k, t in before.items():
+                prefix = f"{layer['layer']}.experts.{old}."
+                if k.startswith(prefix):
+                    assert R.bits(after[f"{layer['layer']}.experts.{new}." + k[len(prefix):]]).tobytes() == R.bits(t).tobytes()
+
+
+def test_fp8_experts_copied_bit_for_bit(run_cli, moe_dir, tmp_path):
+    """Expert weights stored as F8_E4M3 with per-expert scale tensors: the core copies what it keeps
+    without decoding it (the sidecar is the BF16 model's, relabelled for the FP8 checkpoint)."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "src" / "tiny"
+    shutil.copytree(moe_dir("mixtral"), src)
+    sidecar = stats_cli(run_cli, src)
+    fp8 = tmp_path / "fp8" / "tiny"
+    shutil.copytree(src, fp8)
+    (fp8 / "llmprune-stats.safetensors").unlink()
+    tensors = {}
+    for k, t in R.read_checkpoint(src)[0].items():
+        tensors[k] = R.to_f32(t)
+        if ".experts." in k:
+            tensors[k] = torch.from_numpy(tensors[k]).to(torch.float8_e4m3fn)
+            tensors[k.replace(".weight", ".weight_scale_inv")] = torch.tensor([0.5 + len(k) / 100], dtype=torch.float32)
+    from safetensors.torch import save_file as save_torch
+
+    save_torch({k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in tensors.items()}, str(fp8 / "model.safetensors"))
+    # relabel the sidecar for the FP8 checkpoint
+    fp, described = R.fingerprint_and_tensors(fp8)
+    header = R.read_header(sidecar)[0]
+    meta = json.loads(header["__metadata__"]["llmprune"])
+    meta["model_fingerprint"], meta["model_tensors"] = fp, described
+    arrays = load_file(str(sidecar))
+    save_file(arrays, str(fp8 / "llmprune-stats.safetensors"), metadata={"llmprune": json.dumps(meta)})
+
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["apply", fp8, "--method", "reap", "--sparsity", "0.5", "--out", out, "--json"])
+    assert code == 0, err
+    s = json.loads(stdout)
+    before, _ = R.read_checkpoint(fp8)
+    after, _ = R.read_checkpoint(out)
+    n = 0
+    for layer in s["layers"]:
+        assert len(layer["kept"]) == 4
+        for new, old in enumerate(layer["kept"]):
+            for k, t in before.items():
+                prefix = f"{layer['layer']}.experts.{old}."
+                if k.startswith(prefix):
+                    a = after[f"{layer['layer']}.experts.{new}." + k[len(prefix):]]
+                    assert a.dtype == t.dtype and a.data == t.data, k
+                    n += 1
+    assert n == 2 * 4 * 6  # 2 layers x 4 kept experts x (3 weights + 3 scales)
+    assert {t.dtype for k, t in after.items() if k.endswith(".w1.weight")} == {"F8_E4M3"}
+
+
+def test_bad_input(run_cli, moe_dir, tmp_path):
+    model = tmp_path / "m" / "tiny"
+    shutil.copytree(moe_dir("mixtral"), model)
+    stats_cli(run_cli, model)
+    dense = tmp_path / "d" / "tiny"
+    R.tiny_llama_dir(dense)
+    R.write_sidecar(dense, R.reference_stats(R.load_f32_model(dense), R.random_samples(2, 8, vocab=256, seed=0)))
+    before = tree_hashes(tmp_path)
+    cases = [
+        ([dense, "--method", "reap", "--sparsity", "0.5"], "has none", "block-influence"),
+        ([model, "--method", "reap", "--experts-keep", "1"], "fewer than the 2", "keep at least 2"),
+        ([model, "--method", "frequency", "--sparsity", "0.1"], "removes no expert", None),
+        ([model, "--method", "reap", "--experts-keep", "9"], "more than the 8", None),
+        ([model, "--method", "reap", "--sparsity", "0.5", "--experts-keep", "4"], "exactly one", None),
+        ([model, "--method", "wanda", "--sparsity", "0.5", "--experts-keep", "4"], "--experts-keep", None),
+        ([model, "--method", "reap", "--sparsity", "0.5", "--refine", "dsnot"], "do not apply", None),
+    ]
+    for args, needle, hint in cases:
+        code, stdout, stderr = run_cli(["apply", *args, "--out", tmp_path / "out"])
+        assert_clean_error(code, stdout, stderr, contains=needle, hint_contains=hint)
+        assert tree_hashes(tmp_path) == before, args
+        assert "out" not in listing(tmp_path)
