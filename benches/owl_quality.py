@@ -68,10 +68,10 @@ class Row:
     def spec(self) -> str:
         return "+".join([self.method, *self.flags]) + f"@{self.sparsity}"
 
-    def apply_args(self) -> list[str]:
+    def apply_args(self, owl: list[str]) -> list[str]:
         a = ["--method", self.method, "--sparsity", self.sparsity]
         if "owl" in self.flags:
-            a += ["--allocation", "owl"]
+            a += ["--allocation", "owl", *owl]
         if "compensate" in self.flags:
             a.append("--compensate")
         if "dsnot" in self.flags:
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens, 0 for all [4096]")
     ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (stats and eval) [cpu]")
     ap.add_argument("--reuse-stats", action="store_true", help="reuse the sidecars in --model-dir when their calibration matches")
+    ap.add_argument("--owl-m", type=float, default=None, help="--owl-m of the owl rows [llmprune's default]")
+    ap.add_argument("--owl-lambda", type=float, default=None, help="--owl-lambda of the owl rows [llmprune's default]")
+    ap.add_argument("--dsnot-skip", default=None, help="--dsnot-skip of the dsnot rows [llmprune's default]")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON (after every row)")
     ap.add_argument("--resume", action="store_true", help="keep the rows already measured in --json (same protocol) and run the others")
     ap.add_argument("--markdown", type=Path, default=None, help=f"also write the table between '{MD_BEGIN}' and '{MD_END}' in this file")
@@ -145,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         err.print(f"[bold][{k}/{len(rows)}] {row.spec}[/bold] [dim]({time.perf_counter() - t0:.0f} s so far)[/dim]")
         out = work / f"{model.name}-{row.spec.replace('@', '-').replace('+', '-')}"
-        res = llmprune("apply", str(model), *row.apply_args(), "--out", str(out), "--force")
+        owl = [*(["--owl-m", str(args.owl_m)] if args.owl_m is not None else []), *(["--owl-lambda", str(args.owl_lambda)] if args.owl_lambda is not None else [])]
+        res = llmprune("apply", str(model), *row.apply_args(owl), *(["--dsnot-skip", args.dsnot_skip] if args.dsnot_skip and "dsnot" in row.flags else []),
+                       "--out", str(out), "--force")
         row.apply_seconds, row.block_sparsity = res.get("seconds"), res.get("block_sparsity")
         row.dsnot_swaps = res.get("dsnot_swaps") if "dsnot" in row.flags else None
         row.bias_params_added = res.get("bias_params_added") if "compensate" in row.flags else None
