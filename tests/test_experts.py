@@ -98,6 +98,9 @@ def test_routing_statistics_equal_dense_reference(moe_dir, arch):
     res = collect_stats(path, ids, device="cpu")
     want = dense_reference(R.load_f32_model(path), ids, ARCHS[arch][2])
     assert sorted(res.experts) == sorted(want) and len(want) == 2
+    # routers choose experts and are never pruned: not in the statistics, not prunable
+    assert not [k for k in res.layers if k.endswith(f"{ARCHS[arch][2]}.gate.weight")]
+    assert any(".experts.0." in k for k in res.layers)
     for name, w in want.items():
         got = res.experts[name]
         assert got["top_k"] == 2
@@ -218,6 +221,20 @@ def test_fp8_experts_copied_bit_for_bit(run_cli, moe_dir, tmp_path):
                     n += 1
     assert n == 2 * 4 * 6  # 2 layers x 4 kept experts x (3 weights + 3 scales)
     assert {t.dtype for k, t in after.items() if k.endswith(".w1.weight")} == {"F8_E4M3"}
+
+
+def test_magnitude_leaves_routers_alone(run_cli, moe_dir, tmp_path):
+    """Without a sidecar the naming rule prunes block linears, but not an MoE router."""
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(["apply", moe_dir("mixtral"), "--method", "magnitude", "--sparsity", "0.5", "--out", out, "--json"])
+    assert code == 0, err
+    before, _ = R.read_checkpoint(moe_dir("mixtral"))
+    after, _ = R.read_checkpoint(out)
+    routers = [k for k in before if k.endswith("block_sparse_moe.gate.weight")]
+    assert len(routers) == 2
+    for k in routers:
+        assert after[k].data == before[k].data
+    assert (R.to_f32(after["model.layers.0.block_sparse_moe.experts.0.w1.weight"]) == 0).mean() >= 0.5
 
 
 def test_bad_input(run_cli, moe_dir, tmp_path):

@@ -243,8 +243,9 @@ def test_architecture_without_group_rule(run_cli, tmp_path):
         (["--method", "flap", "--sparsity", "0.2", "--allocation", "per-layer"], "allocation"),
         (["--method", "flap", "--sparsity", "0.2", "--scope", "layer"], "--scope"),
         (["--method", "wanda-sp", "--sparsity", "0.2", "--include", "*q_proj*"], "--include"),
-        (["--method", "wanda", "--sparsity", "0.2", "--allocation", "uniform"], "structured"),
-        (["--method", "magnitude", "--sparsity", "0.2", "--no-compensate"], "structured"),
+        # unstructured methods take --allocation uniform|owl|FILE and --compensate (docs/refinements.md)
+        (["--method", "wanda", "--sparsity", "0.2", "--allocation", "global"], "structured"),
+        (["--method", "flap", "--sparsity", "0.2", "--allocation", "owl"], "allocation"),
     ],
 )
 def test_bad_arguments(run_cli, tiny_model, tmp_path, args, contains):

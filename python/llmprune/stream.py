@@ -105,6 +105,15 @@ class _Passthrough(_StandIn):
         return (hidden,) + (None,) * (self._fmt - 1)
 
 
+def _is_router(block: nn.Module, mname: str) -> bool:
+    """The router (`gate`) of an MoE module: it chooses experts and is never pruned."""
+    parent, _, last = mname.rpartition(".")
+    if last != "gate":
+        return False
+    owner = block.get_submodule(parent) if parent else block
+    return isinstance(getattr(owner, "experts", None), nn.ModuleList)
+
+
 class LayerStreamer:
     """A model whose decoder blocks are loaded one at a time from the checkpoint shards.
 
@@ -159,9 +168,10 @@ class LayerStreamer:
     def prunable(self, i: int) -> list[tuple[str, nn.Module, int]]:
         """(checkpoint weight name, module, input axis) of every linear layer in block i."""
         out = []
-        for mname, mod in self.blocks[i].named_modules():
+        block = self.blocks[i]
+        for mname, mod in block.named_modules():
             axis = linear_input_axis(mod)
-            if axis is None:
+            if axis is None or _is_router(block, mname):
                 continue
             qual = f"{self.block_prefix(i)}.{mname}.weight"
             name = self.checkpoint_name(qual)

@@ -64,6 +64,14 @@ pub fn in_decoder_block(name: &str) -> bool {
     })
 }
 
+/// An MoE router: `<moe>.gate.weight` beside `<moe>.experts.*` tensors. Routers choose experts and
+/// are never pruned by the naming rule (the stats pass leaves them out of the sidecar too).
+fn is_router(ckpt: &Checkpoint, name: &str) -> bool {
+    let Some(moe) = name.strip_suffix(".gate.weight") else { return false };
+    let experts = format!("{moe}.experts.");
+    ckpt.tensors().any(|(_, t)| t.name.starts_with(&experts))
+}
+
 pub fn resolve_prunable(
     ckpt: &Checkpoint,
     sidecar: Option<&Sidecar>,
@@ -82,7 +90,7 @@ pub fn resolve_prunable(
             .filter(|(_, t)| t.shape.len() == 2)
             .filter(|(_, t)| {
                 if include.is_empty() {
-                    in_decoder_block(&t.name)
+                    in_decoder_block(&t.name) && !is_router(ckpt, &t.name)
                 } else {
                     include.iter().any(|g| glob_match(g, &t.name))
                 }
