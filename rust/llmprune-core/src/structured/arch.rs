@@ -85,6 +85,11 @@ pub struct Layer {
 #[derive(Clone, Debug)]
 pub struct Rules {
     pub family: Family,
+    /// config.json's model_type.
+    pub model_type: String,
+    /// The config flags that give the attention (`attention_bias`) and the MLP (`mlp_bias`)
+    /// projections biases in this architecture, when it has them.
+    pub bias_flags: (bool, bool),
     pub head_dim: usize,
     /// Query heads per key/value head.
     pub q_per_kv: usize,
@@ -92,6 +97,9 @@ pub struct Rules {
     pub config: serde_json::Map<String, Value>,
 }
 
+
+/// The model_types structured pruning knows.
+pub const SUPPORTED: [&str; 8] = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt"];
 
 fn usize_field(config: &serde_json::Map<String, Value>, key: &str) -> Option<usize> {
     config.get(key).and_then(Value::as_u64).map(|v| v as usize)
@@ -102,14 +110,19 @@ impl Rules {
         let config = read_config(&ckpt.dir)?;
         let config_path = ckpt.dir.join("config.json");
         let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("");
-        let family = match model_type {
-            "llama" => Family::Llama,
-            "opt" => Family::Opt,
+        // LLaMA's relatives share its module names and grouped-query attention; they differ in which
+        // biases a config flag can add (Qwen2's q/k/v biases are always there and stay sliced).
+        let (family, bias_flags) = match model_type {
+            "llama" => (Family::Llama, (true, true)),
+            "qwen3" | "gemma" | "gemma2" | "gemma3_text" => (Family::Llama, (true, false)),
+            "mistral" | "qwen2" => (Family::Llama, (false, false)),
+            "opt" => (Family::Opt, (false, false)),
             other => {
                 let shown = if other.is_empty() { "no model_type".to_string() } else { format!("model_type {other:?}") };
                 return Err(Error::arg(format!(
-                    "structured pruning has no group rule for this architecture ({shown} in {}); supported: llama, opt",
-                    config_path.display()
+                    "structured pruning has no group rule for this architecture ({shown} in {}); supported: {}",
+                    config_path.display(),
+                    SUPPORTED.join(", ")
                 )));
             }
         };
@@ -235,7 +248,7 @@ impl Rules {
                 format!("tensor {} belongs to a layer beyond num_hidden_layers = {layers_n}", t.name),
             ));
         }
-        Ok(Rules { family, head_dim, q_per_kv, layers, config })
+        Ok(Rules { family, model_type: model_type.to_string(), bias_flags, head_dim, q_per_kv, layers, config })
     }
 
     /// Every tensor whose name starts with one of the decoder layers' prefixes.

@@ -208,6 +208,20 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
             "bias compensation needs the model's biases, and this OPT model has none (enable_bias is false); pass --no-compensate",
         ));
     }
+    let lacking: Vec<&str> = [(add_attn && !rules.bias_flags.0, "attention_bias"), (add_mlp && !rules.bias_flags.1, "mlp_bias")]
+        .into_iter()
+        .filter_map(|(missing, flag)| missing.then_some(flag))
+        .collect();
+    if rules.family == Family::Llama && !lacking.is_empty() {
+        return Err(Error::arg_hint(
+            format!(
+                "bias compensation adds output-projection biases, and {} models have no {} to load them",
+                rules.model_type,
+                lacking.join(" or ")
+            ),
+            "pass --no-compensate",
+        ));
+    }
     let shapes = config::layer_shapes(&rules, &plans);
     let params_removed: u64 = plans.iter().zip(&scores).zip(&budgets).map(|((p, s), b)| p.removed_params(s, b)).sum();
     let (block_before, model_before) = count_params(ckpt, &rules);

@@ -1,0 +1,132 @@
+"""Structured pruning of LLaMA's relatives (Mistral, Qwen2 with its q/k/v biases, Qwen3 with
+q_norm/k_norm, Gemma 2 with an explicit head_dim and extra norms): the pruned checkpoint computes what
+the original computes with the removed attention groups' and MLP channels' output columns zeroed,
+loaded by stock transformers (uniform allocation) or `llmprune.load_pruned` (global); compensation
+refused where the architecture has no bias flag to load it with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import reference as R
+from conftest import assert_clean_error, listing, tree_hashes
+
+from llmprune import load_pruned, sidecar
+from llmprune.stats import collect_stats
+
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+              vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=12)),
+    "gemma2": ("Gemma2Config", dict(head_dim=12, query_pre_attn_scalar=12)),
+}
+
+
+@pytest.fixture(scope="module")
+def arch_model(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            import transformers
+
+            cls, overrides = ARCHS[arch]
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**COMMON, **overrides))
+            with torch.no_grad():  # non-trivial norms and biases, so that slicing mistakes show
+                for name, p in model.named_parameters():
+                    if p.dim() == 1:
+                        p.normal_(0.5 if "norm" in name else 0.0, 0.3)
+            path = tmp_path_factory.mktemp(arch) / "tiny"
+            model.save_pretrained(path, safe_serialization=True)
+            ids = R.random_samples(3, 20, vocab=256, seed=3)
+            res = collect_stats(path, ids, device="cpu")
+            sidecar.write(path / sidecar.SIDECAR_NAME, path, res.layers, calibration={"source": "ids", "nsamples": 3, "seqlen": 20, "seed": 3, "tokens": 60})
+            cache[arch] = path
+        return cache[arch]
+
+    return get
+
+
+def kept_rows(before: np.ndarray, after: np.ndarray, block: int) -> list[int]:
+    """Which `block`-row groups of `before` survive in `after` (matched by value)."""
+    groups = [before[i : i + block] for i in range(0, before.shape[0], block)]
+    out = []
+    for k in range(0, after.shape[0], block):
+        out.append(next(i for i, g in enumerate(groups) if np.array_equal(g, after[k : k + block])))
+    return out
+
+
+def masked_reference(model_dir: Path, out_dir: Path, head_dim: int):
+    """The original model with the output columns of every removed key/value group (and its query
+    heads) and of every removed MLP channel zeroed."""
+    ref = R.load_f32_model(model_dir)
+    before, _ = R.read_checkpoint(model_dir)
+    after, _ = R.read_checkpoint(out_dir)
+    q_per_kv = COMMON["num_attention_heads"] // COMMON["num_key_value_heads"]
+    with torch.no_grad():
+        for i, layer in enumerate(ref.model.layers):
+            p = f"model.layers.{i}."
+            kv = kept_rows(R.to_f32(before[p + "self_attn.k_proj.weight"]), R.to_f32(after[p + "self_attn.k_proj.weight"]), head_dim)
+            cols = torch.zeros(layer.self_attn.o_proj.in_features, dtype=torch.bool)
+            for g in kv:
+                cols[g * q_per_kv * head_dim : (g + 1) * q_per_kv * head_dim] = True
+            layer.self_attn.o_proj.weight[:, ~cols] = 0
+            ch = kept_rows(R.to_f32(before[p + "mlp.up_proj.weight"]), R.to_f32(after[p + "mlp.up_proj.weight"]), 1)
+            keep = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.bool)
+            keep[ch] = True
+            layer.mlp.down_proj.weight[:, ~keep] = 0
+    return ref
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_structured_equals_masked_original(run_cli, arch_model, tmp_path, arch, allocation):
+    model = arch_model(arch)
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(["apply", model, "--method", "wanda-sp", "--sparsity", "0.3", "--allocation", allocation, "--no-compensate", "--out", out, "--json"])
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["heads_after"] < s["heads_before"] and s["mlp_channels_after"] < s["mlp_channels_before"]
+    head_dim = ARCHS[arch][1].get("head_dim", COMMON["hidden_size"] // COMMON["num_attention_heads"])
+    ids = R.random_samples(2, 16, vocab=256, seed=5)
+    pruned = R.load_f32_model(out) if s["loader"] == "transformers" else load_pruned(out, dtype=torch.float32)
+    if allocation == "uniform":
+        assert s["loader"] == "transformers"
+    with torch.no_grad():
+        want = masked_reference(model, out, head_dim)(ids).logits
+        got = pruned(ids).logits
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    # Qwen2's q/k/v biases and Qwen3's per-head norms travel with their heads
+    after, _ = R.read_checkpoint(out)
+    if arch == "qwen2":
+        assert after["model.layers.0.self_attn.k_proj.bias"].shape == (s["per_layer"][0]["num_key_value_heads"] * head_dim,)
+    if arch == "qwen3":
+        assert after["model.layers.0.self_attn.k_norm.weight"].shape == (head_dim,)
+
+
+@pytest.mark.parametrize("arch,flag", [("mistral", "attention_bias"), ("qwen2", "attention_bias"), ("qwen3", "mlp_bias"), ("gemma2", "mlp_bias")])
+def test_compensation_refused_without_a_bias_flag(run_cli, arch_model, tmp_path, arch, flag):
+    model = tmp_path / "m" / "tiny"
+    shutil.copytree(arch_model(arch), model)
+    before = tree_hashes(tmp_path)
+    code, stdout, stderr = run_cli(["apply", model, "--method", "flap", "--sparsity", "0.2", "--out", tmp_path / "out"])
+    assert_clean_error(code, stdout, stderr, contains=(arch, flag), hint_contains="--no-compensate")
+    assert tree_hashes(tmp_path) == before and "out" not in listing(tmp_path)
+
+
+def test_unknown_architecture_is_named(run_cli, tmp_path):
+    import stats_helpers as H
+
+    model = H.tiny_gpt2_dir(tmp_path / "g")
+    code, stdout, stderr = run_cli(["apply", model, "--method", "magnitude-sp", "--sparsity", "0.2", "--out", tmp_path / "out"])
+    assert_clean_error(code, stdout, stderr, contains=('model_type "gpt2"', "qwen3"))
