@@ -83,12 +83,21 @@ def test_stats(arch_model, arch):
         np.testing.assert_allclose(ours[k].act_sqsum, r["act_sqsum"], rtol=1e-5, err_msg=k)
 
 
+def apply_and_load(run_cli, path: Path, out: Path, *args: str) -> dict:
+    """`llmprune apply` into `out`; the output loads in stock transformers and gives finite logits."""
+    code, stdout, err = run_cli(["apply", path, *args, "--out", out, "--json"])
+    assert code == 0, err
+    with torch.no_grad():
+        logits = R.load_f32_model(out)(R.random_samples(1, 8, vocab=256, seed=4)).logits
+    assert torch.isfinite(logits).all()
+    return json.loads(stdout)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_unstructured(run_cli, arch_model, tmp_path, arch):
     path = arch_model(arch)
     out = tmp_path / "o"
-    code, stdout, err = run_cli(["apply", path, "--method", "wanda", "--sparsity", "0.5", "--out", out, "--json"])
-    assert code == 0, err
+    apply_and_load(run_cli, path, out, "--method", "wanda", "--sparsity", "0.5")
     stats = R.read_sidecar_stats(path / sidecar.SIDECAR_NAME)
     before, _ = R.read_checkpoint(path)
     after, _ = R.read_checkpoint(out)
@@ -99,21 +108,12 @@ def test_unstructured(run_cli, arch_model, tmp_path, arch):
         got = R.to_f32(after[name])
         got = got.T if st["input_axis"] == 0 else got
         assert np.array_equal(got == 0, want | (w_oi == 0)), name
-    with torch.no_grad():
-        logits = R.load_f32_model(out)(R.random_samples(1, 8, vocab=256, seed=4)).logits
-    assert torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_blocks(run_cli, arch_model, tmp_path, arch):
-    path = arch_model(arch)
-    out = tmp_path / "o"
-    code, stdout, err = run_cli(["apply", path, "--method", "block-influence", "--remove-blocks", "1", "--out", out, "--json"])
-    assert code == 0, err
-    assert json.loads(stdout)["blocks_after"] == 2
-    with torch.no_grad():
-        logits = R.load_f32_model(out)(R.random_samples(1, 8, vocab=256, seed=4)).logits
-    assert torch.isfinite(logits).all()
+    s = apply_and_load(run_cli, arch_model(arch), tmp_path / "o", "--method", "block-influence", "--remove-blocks", "1")
+    assert s["blocks_after"] == 2
 
 
 @pytest.mark.parametrize("arch", ARCHS)
