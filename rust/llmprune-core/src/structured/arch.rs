@@ -39,6 +39,9 @@ pub struct RowTensor {
     pub weight: String,
     pub bias: Option<String>,
     pub rows_per_group: usize,
+    /// First row of this projection inside its weight: 0, or its offset in a fused weight (Phi-3's
+    /// qkv_proj holds q, k and v one after another, gate_up_proj gate and up).
+    pub row_offset: usize,
 }
 
 /// The output projection of a module: `cols_per_group` consecutive input columns per group.
@@ -99,7 +102,7 @@ pub struct Rules {
 
 
 /// The model_types structured pruning knows.
-pub const SUPPORTED: [&str; 8] = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt"];
+pub const SUPPORTED: [&str; 9] = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt"];
 
 fn usize_field(config: &serde_json::Map<String, Value>, key: &str) -> Option<usize> {
     config.get(key).and_then(Value::as_u64).map(|v| v as usize)
@@ -115,7 +118,7 @@ impl Rules {
         let (family, bias_flags) = match model_type {
             "llama" => (Family::Llama, (true, true)),
             "qwen3" | "gemma" | "gemma2" | "gemma3_text" => (Family::Llama, (true, false)),
-            "mistral" | "qwen2" => (Family::Llama, (false, false)),
+            "mistral" | "qwen2" | "phi3" => (Family::Llama, (false, false)),
             "opt" => (Family::Opt, (false, false)),
             other => {
                 let shown = if other.is_empty() { "no model_type".to_string() } else { format!("model_type {other:?}") };
@@ -148,7 +151,9 @@ impl Rules {
             ));
         }
         let q_per_kv = heads / kv_heads;
+        let fused = model_type == "phi3";
         let (attn_names, out_name, mlp_in_names, mlp_out_name): (&[&str], &str, &[&str], &str) = match family {
+            Family::Llama if fused => (&["self_attn.qkv_proj"], "self_attn.o_proj", &["mlp.gate_up_proj"], "mlp.down_proj"),
             Family::Llama => (
                 &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                 "self_attn.o_proj",
@@ -191,6 +196,10 @@ impl Rules {
             };
             let bad = |msg: String| Error::checkpoint(&ckpt.dir, format!("layer {i}: {msg}"));
 
+            if fused {
+                layers.push(fused_layer(&prefix, &weight, heads, kv_heads, head_dim, q_per_kv, [attn_names[0], out_name, mlp_in_names[0], mlp_out_name]).map_err(bad)?);
+                continue;
+            }
             // Attention: the key projection's rows say how many key/value heads this layer keeps.
             let (q, [q_rows, hidden]) = weight(attn_names[0])?;
             let (k, [k_rows, k_in]) = weight(attn_names[1])?;
@@ -209,9 +218,9 @@ impl Rules {
             }
             let attn = Module {
                 inputs: vec![
-                    RowTensor { bias: bias(attn_names[0], q_rows)?, weight: q, rows_per_group: q_per_group },
-                    RowTensor { bias: bias(attn_names[1], k_rows)?, weight: k, rows_per_group: head_dim },
-                    RowTensor { bias: bias(attn_names[2], v_rows)?, weight: v, rows_per_group: head_dim },
+                    RowTensor { bias: bias(attn_names[0], q_rows)?, weight: q, rows_per_group: q_per_group, row_offset: 0 },
+                    RowTensor { bias: bias(attn_names[1], k_rows)?, weight: k, rows_per_group: head_dim, row_offset: 0 },
+                    RowTensor { bias: bias(attn_names[2], v_rows)?, weight: v, rows_per_group: head_dim, row_offset: 0 },
                 ],
                 output: ColTensor { bias: bias(out_name, o_rows)?, weight: o, cols_per_group: q_per_group, out_features: o_rows },
                 groups: kv,
@@ -226,7 +235,7 @@ impl Rules {
                     return Err(bad(format!("{w} has shape [{r}, {c}], inconsistent with the layer's other projections")));
                 }
                 inter = Some(r);
-                inputs.push(RowTensor { bias: bias(m, r)?, weight: w, rows_per_group: 1 });
+                inputs.push(RowTensor { bias: bias(m, r)?, weight: w, rows_per_group: 1, row_offset: 0 });
             }
             let inter = inter.unwrap_or(0);
             let (down, [d_rows, d_cols]) = weight(mlp_out_name)?;
@@ -255,6 +264,49 @@ impl Rules {
     pub fn in_blocks(&self, name: &str) -> bool {
         self.layers.iter().any(|l| name.starts_with(&l.prefix))
     }
+}
+
+/// One layer of a model with fused projections (Phi-3): `qkv` holds the q rows of every head, then
+/// the k rows, then the v rows; `gate_up` the gate rows, then the up rows. A group's rows are one
+/// slice of each part; no biases. `names`: qkv, o, gate_up, down.
+#[allow(clippy::type_complexity)]
+fn fused_layer(
+    prefix: &str,
+    weight: &dyn Fn(&str) -> Result<(String, [usize; 2])>,
+    heads: usize,
+    kv: usize,
+    head_dim: usize,
+    q_per_kv: usize,
+    names: [&str; 4],
+) -> std::result::Result<Layer, String> {
+    let err = |e: Error| e.to_string();
+    let (qkv, [qkv_rows, hidden]) = weight(names[0]).map_err(err)?;
+    let (o, [o_rows, o_cols]) = weight(names[1]).map_err(err)?;
+    let (gate_up, [gu_rows, gu_cols]) = weight(names[2]).map_err(err)?;
+    let (down, [d_rows, d_cols]) = weight(names[3]).map_err(err)?;
+    let (q_rows, k_rows) = (heads * head_dim, kv * head_dim);
+    if qkv_rows != q_rows + 2 * k_rows || o_cols != q_rows {
+        return Err(format!("{qkv} has {qkv_rows} rows and {o} {o_cols} columns, not {heads} query and {kv} key/value heads of {head_dim}"));
+    }
+    if gu_rows % 2 != 0 || gu_cols != hidden || d_cols != gu_rows / 2 {
+        return Err(format!("{gate_up} is [{gu_rows}, {gu_cols}] and {down} has {d_cols} inputs: not a fused gate/up of one width"));
+    }
+    let inter = gu_rows / 2;
+    let row = |offset: usize, per: usize, w: &String| RowTensor { weight: w.clone(), bias: None, rows_per_group: per, row_offset: offset };
+    Ok(Layer {
+        prefix: prefix.to_string(),
+        attn: Module {
+            inputs: vec![row(0, q_per_kv * head_dim, &qkv), row(q_rows, head_dim, &qkv), row(q_rows + k_rows, head_dim, &qkv)],
+            output: ColTensor { weight: o, bias: None, cols_per_group: q_per_kv * head_dim, out_features: o_rows },
+            groups: kv,
+        },
+        mlp: Module {
+            inputs: vec![row(0, 1, &gate_up), row(inter, 1, &gate_up)],
+            output: ColTensor { weight: down, bias: None, cols_per_group: 1, out_features: d_rows },
+            groups: inter,
+        },
+        hidden,
+    })
 }
 
 /// `model.layers.` (or `model.decoder.layers.`, ...): the text before `0.<suffix>` of the tensor

@@ -287,6 +287,9 @@ fn module_grads<'a>(sidecar: &'a Sidecar, m: &Module, fusion: Fusion) -> Result<
 /// Scores of every layer (zeros for skipped ones, which keep everything) and the fusion weights of
 /// the layers that are pruned.
 pub fn score_layers(rules: &Rules, sidecar: &Sidecar, opts: &HywiaOptions, frozen: &[bool]) -> Result<(Vec<LayerScores>, Vec<LayerFusion>)> {
+    if rules.layers.iter().any(|l| l.attn.inputs.iter().chain(&l.mlp.inputs).any(|t| t.row_offset > 0)) {
+        return Err(Error::arg(format!("method hywia does not support {} models' fused projections yet; use flap, wanda-sp or magnitude-sp", rules.model_type)));
+    }
     if sidecar.grads.is_empty() {
         return Err(Error::arg_hint(
             format!("method hywia needs gradient statistics; {} has none", sidecar.path.display()),

@@ -208,7 +208,9 @@ fn module_scores(method: StructMethod, ckpt: &Checkpoint, sidecar: Option<&Sidec
         StructMethod::MagnitudeSp => {
             let mut total = sum_per_group(&column_sums(ckpt, &out.weight, square)?, out.cols_per_group);
             for t in &m.inputs {
-                for (g, s) in sum_per_group(&row_squares(ckpt, &t.weight)?, t.rows_per_group).into_iter().enumerate() {
+                let rows = row_squares(ckpt, &t.weight)?;
+                let part = rows.get(t.row_offset..t.row_offset + m.groups * t.rows_per_group).ok_or_else(|| Error::Internal(format!("{}: rows checked by the rules", t.weight)))?;
+                for (g, s) in sum_per_group(part, t.rows_per_group).into_iter().enumerate() {
                     total[g] += s;
                 }
             }

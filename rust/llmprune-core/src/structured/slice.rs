@@ -155,10 +155,16 @@ fn module_edits(
 ) -> Result<()> {
     let pruned = keep.len() < m.groups;
     for t in &m.inputs {
-        let rows = group_ranges(keep, t.rows_per_group);
+        let rows: Vec<Range<usize>> = group_ranges(keep, t.rows_per_group).into_iter().map(|r| r.start + t.row_offset..r.end + t.row_offset).collect();
         let kept = ranges_len(&rows);
         if pruned {
-            edits.ops.insert(t.weight.clone(), Op::Slice { rows: Some(rows.clone()), cols: None });
+            // a fused weight (several inputs, one tensor) keeps the rows of each part in order
+            match edits.ops.get_mut(&t.weight) {
+                Some(Op::Slice { rows: Some(prev), .. }) if t.row_offset > 0 => prev.extend(rows.iter().cloned()),
+                _ => {
+                    edits.ops.insert(t.weight.clone(), Op::Slice { rows: Some(rows.clone()), cols: None });
+                }
+            }
         }
         match &t.bias {
             Some(b) if pruned => {
