@@ -326,8 +326,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     let provenance = run.provenance(fields, &opts.provenance);
     let moments = |name: &str| -> Option<Moments> {
         let s = run.sidecar.as_ref()?.layers.get(name)?;
-        let (mu, var) = crate::dsnot::moments(&s.act_sum, &s.act_sqsum, s.count);
-        Some(Moments { mu, var })
+        Some(Moments { mu: s.means(), var: s.variances() })
     };
     // the factor of the last input seen: q/k/v (gate/up) share one and come one after another
     let mut cached: Option<(String, Factor)> = None;
@@ -427,9 +426,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     let (map, rewritten): (Option<&BTreeMap<String, String>>, Vec<&str>) = match &bias_plan {
         Some((p, config)) => {
             if let Some(c) = compensate::rewrite_config(config, p) {
-                let path = staging.path.join("config.json");
-                let text = serde_json::to_string_pretty(&Value::Object(c)).map_err(|e| Error::Internal(e.to_string()))?;
-                std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
+                crate::output::write_config(&staging.path, c)?;
                 (Some(&weight_map), vec!["config.json"])
             } else {
                 (None, vec![])

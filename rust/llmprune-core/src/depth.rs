@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::allocation::{block_segment, num_blocks};
 use crate::checkpoint::read_config;
 use crate::error::{Error, Result};
-use crate::output::layout_header;
+use crate::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
 use crate::run::{Progress, Run, StatsNeed};
 
 /// How many blocks go.
@@ -61,15 +61,6 @@ pub struct DepthSummary {
 
 /// The config key holding the number of decoder blocks.
 const LAYER_COUNT_KEYS: [&str; 3] = ["num_hidden_layers", "n_layer", "num_layers"];
-
-/// The blocks to remove: the `n` with the lowest influence, ties lower index first; ascending.
-pub fn choose(influence: &[f64], n: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..influence.len()).collect();
-    order.sort_by(|&a, &b| influence[a].total_cmp(&influence[b]).then(a.cmp(&b)));
-    let mut removed = order[..n.min(order.len())].to_vec();
-    removed.sort_unstable();
-    removed
-}
 
 /// `name` with its block index replaced through `map` (None: the block is removed).
 pub fn renumber(name: &str, map: &[Option<usize>]) -> Option<String> {
@@ -121,67 +112,35 @@ pub fn apply_depth(opts: &DepthOptions, progress: &mut dyn FnMut(Progress) -> Re
         run.warnings.push("the Block Influence sums were taken in sequential mode, on a pruned model".into());
     }
     let influence = blocks.influence();
-    let removed = choose(&influence, n);
-    let mut map: Vec<Option<usize>> = vec![None; total];
-    let mut next = 0;
-    for (b, m) in map.iter_mut().enumerate() {
-        if removed.binary_search(&b).is_err() {
-            *m = Some(next);
-            next += 1;
+    let removed = lowest(&influence, n);
+    let map = renumbering(total, &removed);
+    let keep_listed = |items: &mut Vec<Value>| {
+        if total > 1 && items.len() == total {
+            *items = items.iter().enumerate().filter(|(b, _)| map[*b].is_some()).map(|(_, x)| x.clone()).collect();
         }
-    }
+    };
     config.insert((*key).into(), (total - n).into());
     for v in config.values_mut() {
         if let Value::Array(items) = v {
-            if total > 1 && items.len() == total {
-                let kept: Vec<Value> = items.iter().enumerate().filter(|(b, _)| map[*b].is_some()).map(|(_, x)| x.clone()).collect();
-                *items = kept;
-            }
+            keep_listed(items);
         }
     }
-    let params_before: u64 = run.ckpt.tensors().map(|(_, t)| t.numel() as u64).sum();
-    let staging = run.stage(&opts.out_dir, opts.force)?;
-    let run = run;
     let mut prov = serde_json::Map::new();
     prov.insert("method".into(), "block-influence".into());
     prov.insert("removed_blocks".into(), removed.clone().into());
     prov.insert("blocks_before".into(), total.into());
-    let provenance = run.provenance(prov.clone(), &opts.provenance);
-    let mut weight_map = BTreeMap::new();
-    let (mut params_after, mut tensor_bytes) = (0u64, 0u64);
-    let bytes_written = run.write_shards(&staging, progress, |shard, out| {
-        let kept: Vec<_> = shard.tensors.iter().filter_map(|t| renumber(&t.name, &map).map(|new| (new, t))).collect();
-        let layout: Vec<_> = kept.iter().map(|(new, t)| (new.clone(), t.dtype, t.shape.clone(), t.nbytes())).collect();
-        out.header(layout_header(shard, &provenance, &layout)?)?;
-        for t in &shard.tensors {
-            if let Some(new) = renumber(&t.name, &map) {
-                out.copy(shard.data(t))?;
-                weight_map.insert(new, shard.file_name.clone());
-                params_after += t.numel() as u64;
-                tensor_bytes += t.nbytes() as u64;
-            }
-            out.done(&t.name, t.nbytes())?;
-        }
-        Ok(())
-    })?;
-    let mut cfg = config;
-    // keep what an earlier llmprune run recorded (a structured run's per-layer sizes lose the
-    // removed blocks' entries too)
-    let mut record = match cfg.remove("llmprune") {
-        Some(Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
+    // a structured run's per-layer sizes lose the removed blocks' entries too
+    let record = llmprune_record(&mut config);
     if let Some(Value::Array(items)) = record.get_mut("structured").and_then(|s| s.get_mut("layers")) {
-        if items.len() == total {
-            *items = items.iter().enumerate().filter(|(b, _)| map[*b].is_some()).map(|(_, x)| x.clone()).collect();
-        }
+        keep_listed(items);
     }
-    record.insert("depth".into(), Value::Object(prov));
-    cfg.insert("llmprune".into(), Value::Object(record));
-    let path = staging.path.join("config.json");
-    let text = serde_json::to_string_pretty(&Value::Object(cfg)).map_err(|e| Error::Internal(e.to_string()))?;
-    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
-    let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;
+    record.insert("depth".into(), Value::Object(prov.clone()));
+    let fates = run.ckpt.tensors().map(|(_, t)| (t.name.clone(), renumber(&t.name, &map).map_or(Fate::Drop, Fate::Copy))).collect();
+    let params_before: u64 = run.ckpt.tensors().map(|(_, t)| t.numel() as u64).sum();
+    let staging = run.stage(&opts.out_dir, opts.force)?;
+    let run = run;
+    let provenance = run.provenance(prov, &opts.provenance);
+    let Written { out, bytes_written, params_after } = remap::write(&run, staging, progress, &provenance, &fates, config)?;
     Ok(DepthSummary {
         out: out.display().to_string(),
         method: "block-influence".into(),
@@ -203,12 +162,6 @@ pub fn apply_depth(opts: &DepthOptions, progress: &mut dyn FnMut(Progress) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chooses_lowest_influence_ties_first() {
-        assert_eq!(choose(&[0.5, 0.1, 0.3, 0.1], 2), vec![1, 3]);
-        assert_eq!(choose(&[0.2, 0.2, 0.2], 1), vec![0]);
-    }
 
     #[test]
     fn renumbers_kept_blocks() {

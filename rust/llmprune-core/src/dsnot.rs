@@ -176,18 +176,6 @@ fn refine_row(w: &[f32], factors: Option<&[f32]>, mu: &[f64], var: &[f64], mask:
     swaps
 }
 
-/// Per-channel mean and unbiased variance (clamped at 0) from the sidecar's sums.
-pub fn moments(act_sum: &[f64], act_sqsum: &[f64], count: i64) -> (Vec<f64>, Vec<f64>) {
-    let n = count as f64;
-    let mu: Vec<f64> = act_sum.iter().map(|s| s / n).collect();
-    let var = act_sum
-        .iter()
-        .zip(act_sqsum)
-        .map(|(s, q)| if count > 1 { ((q - s * s / n) / (n - 1.0)).max(0.0) } else { 0.0 })
-        .collect();
-    (mu, var)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::checkpoint::read_config;
 use crate::error::{Error, Result};
-use crate::output::layout_header;
+use crate::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
 use crate::run::{Progress, Run, StatsNeed};
 use crate::sidecar::ExpertStats;
 
@@ -106,23 +106,6 @@ pub struct ExpertSummary {
 
 const EXPERT_COUNT_KEYS: [&str; 3] = ["num_local_experts", "num_experts", "n_routed_experts"];
 
-/// The kept experts: all but the `remove` with the lowest saliency (ties lower index first), ascending.
-pub fn keep(saliency: &[f64], remove: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..saliency.len()).collect();
-    order.sort_by(|&a, &b| saliency[a].total_cmp(&saliency[b]).then(a.cmp(&b)));
-    let mut kept = order[remove.min(order.len())..].to_vec();
-    kept.sort_unstable();
-    kept
-}
-
-/// What happens to one input tensor.
-enum Fate {
-    Copy(String),
-    Drop,
-    /// Keep these rows (leading-axis slices) under this name.
-    Rows(String, Vec<usize>),
-}
-
 /// `<moe>.experts.<j>.<rest>` → (moe, j, rest).
 fn expert_part<'a>(name: &'a str, moe: &str) -> Option<(usize, &'a str)> {
     let rest = name.strip_prefix(moe)?.strip_prefix(".experts.")?;
@@ -130,11 +113,13 @@ fn expert_part<'a>(name: &'a str, moe: &str) -> Option<(usize, &'a str)> {
     Some((j.parse().ok()?, tail))
 }
 
-fn fate(name: &str, shape: &[usize], plans: &BTreeMap<String, (usize, Vec<Option<usize>>, Vec<usize>)>) -> Result<Fate> {
-    for (moe, (e, map, kept)) in plans {
+/// The fate of tensor `name` given each MoE layer's renumbering of its experts (old → new).
+fn fate(name: &str, shape: &[usize], plans: &BTreeMap<String, Vec<Option<usize>>>) -> Result<Fate> {
+    for (moe, map) in plans {
         if !name.starts_with(moe.as_str()) {
             continue;
         }
+        let e = &map.len();
         if let Some((j, tail)) = expert_part(name, moe) {
             return Ok(match map.get(j).copied().flatten() {
                 Some(new) => Fate::Copy(format!("{moe}.experts.{new}.{tail}")),
@@ -147,7 +132,7 @@ fn fate(name: &str, shape: &[usize], plans: &BTreeMap<String, (usize, Vec<Option
         }
         if name.starts_with(&format!("{moe}.gate.")) {
             if shape.first() == Some(e) {
-                return Ok(Fate::Rows(name.to_string(), kept.clone()));
+                return Ok(Fate::Rows(name.to_string(), (0..*e).filter(|&j| map[j].is_some()).collect()));
             }
             return Err(Error::arg(format!("{name} has shape {shape:?}; a router tensor needs {e} rows")));
         }
@@ -195,16 +180,13 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
             ));
         }
         let saliency = opts.method.saliency(st);
-        let kept = keep(&saliency, remove);
-        let mut map = vec![None; e];
-        for (new, &old) in kept.iter().enumerate() {
-            map[old] = Some(new);
-        }
+        let map = renumbering(e, &lowest(&saliency, remove));
+        let kept: Vec<usize> = (0..e).filter(|&j| map[j].is_some()).collect();
         if !run.ckpt.tensors().any(|(_, t)| expert_part(&t.name, moe).is_some()) {
             return Err(Error::arg_hint(format!("no tensors {moe}.experts.<j>.* in the checkpoint: an MoE layout llmprune does not know"), "supported: one module per expert (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)"));
         }
-        layers.push(LayerResult { layer: moe.clone(), kept: kept.clone(), saliency });
-        plans.insert(moe.clone(), (e, map, kept));
+        layers.push(LayerResult { layer: moe.clone(), kept, saliency });
+        plans.insert(moe.clone(), map);
     }
     let e_after = layers[0].kept.len();
     // every tensor's fate is known before anything is written
@@ -213,17 +195,12 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
         fates.insert(t.name.clone(), fate(&t.name, &t.shape, &plans)?);
     }
     config.insert(key.into(), e_after.into());
-    let mut record = match config.remove("llmprune") {
-        Some(Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
     let kept_ids: serde_json::Map<String, Value> = layers.iter().map(|l| (l.layer.clone(), Value::from(l.kept.clone()))).collect();
     let mut prov = serde_json::Map::new();
     prov.insert("method".into(), opts.method.name().into());
     prov.insert("experts_before".into(), e_cfg.into());
     prov.insert("kept_experts".into(), Value::Object(kept_ids));
-    record.insert("experts".into(), Value::Object(prov.clone()));
-    config.insert("llmprune".into(), Value::Object(record));
+    llmprune_record(&mut config).insert("experts".into(), Value::Object(prov.clone()));
     if sc.sequential().is_some() {
         run.warnings.push("the expert statistics were taken in sequential mode, on a pruned model".into());
     }
@@ -231,55 +208,7 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
     let staging = run.stage(&opts.out_dir, opts.force)?;
     let run = run;
     let provenance = run.provenance(prov, &opts.provenance);
-    let mut weight_map = BTreeMap::new();
-    let (mut params_after, mut tensor_bytes) = (0u64, 0u64);
-    let bytes_written = run.write_shards(&staging, progress, |shard, out| {
-        let mut layout = Vec::new();
-        for t in &shard.tensors {
-            match &fates[&t.name] {
-                Fate::Drop => {}
-                Fate::Copy(new) => layout.push((new.clone(), t.dtype, t.shape.clone(), t.nbytes())),
-                Fate::Rows(new, rows) => {
-                    let mut shape = t.shape.clone();
-                    shape[0] = rows.len();
-                    layout.push((new.clone(), t.dtype, shape, t.nbytes() / t.shape[0] * rows.len()));
-                }
-            }
-        }
-        out.header(layout_header(shard, &provenance, &layout)?)?;
-        for t in &shard.tensors {
-            let data = shard.data(t);
-            let (new, written) = match &fates[&t.name] {
-                Fate::Drop => (None, 0),
-                Fate::Copy(new) => {
-                    out.copy(data)?;
-                    (Some(new), t.numel())
-                }
-                Fate::Rows(new, rows) => {
-                    let row = t.nbytes() / t.shape[0];
-                    out.fill(|buf| {
-                        buf.clear();
-                        for &r in rows {
-                            buf.extend_from_slice(&data[r * row..(r + 1) * row]);
-                        }
-                        Ok(())
-                    })?;
-                    (Some(new), t.numel() / t.shape[0] * rows.len())
-                }
-            };
-            if let Some(new) = new {
-                weight_map.insert(new.clone(), shard.file_name.clone());
-                params_after += written as u64;
-                tensor_bytes += (written * t.dtype.bitsize() / 8) as u64;
-            }
-            out.done(&t.name, t.nbytes())?;
-        }
-        Ok(())
-    })?;
-    let path = staging.path.join("config.json");
-    let text = serde_json::to_string_pretty(&Value::Object(config)).map_err(|e| Error::Internal(e.to_string()))?;
-    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
-    let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;
+    let Written { out, bytes_written, params_after } = remap::write(&run, staging, progress, &provenance, &fates, config)?;
     Ok(ExpertSummary {
         out: out.display().to_string(),
         method: opts.method.name().into(),
@@ -303,8 +232,9 @@ mod tests {
 
     #[test]
     fn keeps_the_most_salient() {
-        assert_eq!(keep(&[0.3, 0.1, 0.5, 0.1], 2), vec![0, 2]);
-        assert_eq!(keep(&[1.0, 1.0, 1.0], 1), vec![1, 2]);
+        let kept = |s: &[f64], n| renumbering(s.len(), &lowest(s, n)).iter().enumerate().filter(|(_, m)| m.is_some()).map(|(j, _)| j).collect::<Vec<_>>();
+        assert_eq!(kept(&[0.3, 0.1, 0.5, 0.1], 2), vec![0, 2]);
+        assert_eq!(kept(&[1.0, 1.0, 1.0], 1), vec![1, 2]);
     }
 
     #[test]

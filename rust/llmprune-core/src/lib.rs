@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod output;
 pub mod pool;
 pub mod prunable;
+pub mod remap;
 pub mod run;
 pub mod score;
 pub mod select;

@@ -293,6 +293,13 @@ pub fn layout_header(shard: &Shard, provenance: &str, tensors: &[(String, safete
     encode_header(shard, metadata_with_provenance(shard, provenance), entries)
 }
 
+/// Writes `config` as the config.json of the output being staged in `dir` (pretty, newline-ended).
+pub fn write_config(dir: &Path, config: serde_json::Map<String, Value>) -> Result<()> {
+    let path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&Value::Object(config)).map_err(|e| Error::Internal(e.to_string()))?;
+    fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
+}
+
 /// Writes index.json with a new `total_size` and, when given, a new weight map.
 pub fn write_index(
     index: &serde_json::Map<String, Value>,

@@ -75,16 +75,7 @@ pub fn wanda_factors(s: &LayerStats) -> Vec<f32> {
 /// STADE's factor: the unbiased standard deviation, f32(sqrt((sqsum - n mu^2) / (n - 1))).
 /// Rounding can make a constant channel's variance slightly negative; it is clamped to 0.
 pub fn stade_factors(s: &LayerStats) -> Vec<f32> {
-    let n = s.count as f64;
-    s.act_sum
-        .iter()
-        .zip(&s.act_sqsum)
-        .map(|(&sum, &sq)| {
-            let mu = sum / n;
-            let var = (sq - n * mu * mu) / (n - 1.0);
-            var.max(0.0).sqrt() as f32
-        })
-        .collect()
+    s.variances().into_iter().map(|v| v.sqrt() as f32).collect()
 }
 
 /// The per-input-channel factor for `name` under `method`; None means plain magnitude.

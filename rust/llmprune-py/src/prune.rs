@@ -291,8 +291,7 @@ fn compute_mask<'py>(
         pool::pool(threads)?.install(|| {
             let mut mask = select::mask_matrix(w, rows, cols, factors.as_deref(), t, sc)?;
             if let (Some(r), Some(s)) = (refine.as_ref().filter(|r| r.applies_to(name)), stats.as_ref()) {
-                let (mu, var) = llmprune_core::dsnot::moments(&s.act_sum, &s.act_sqsum, s.count);
-                llmprune_core::dsnot::refine(w, rows, cols, factors.as_deref(), &mu, &var, &mut mask, r);
+                llmprune_core::dsnot::refine(w, rows, cols, factors.as_deref(), &s.means(), &s.variances(), &mut mask, r);
             }
             Ok(mask)
         })

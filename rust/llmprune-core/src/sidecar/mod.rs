@@ -45,6 +45,26 @@ pub struct LayerStats {
 }
 
 impl LayerStats {
+    /// Mean per channel: Σx / n.
+    pub fn means(&self) -> Vec<f64> {
+        let n = self.count as f64;
+        self.act_sum.iter().map(|&s| s / n).collect()
+    }
+
+    /// Unbiased variance per channel, (Σx² − n·μ²) / (n − 1), clamped at 0 (rounding can make a
+    /// constant channel's negative).
+    pub fn variances(&self) -> Vec<f64> {
+        let n = self.count as f64;
+        self.act_sum
+            .iter()
+            .zip(&self.act_sqsum)
+            .map(|(&sum, &sq)| {
+                let mu = sum / n;
+                ((sq - n * mu * mu) / (n - 1.0)).max(0.0)
+            })
+            .collect()
+    }
+
     /// Refuses statistics no calibration pass can produce: non-finite sums, a negative Σx², a
     /// count below one, or Σx² smaller than (Σx)²/n beyond rounding (a negative variance).
     pub fn validate(&self, name: &str) -> std::result::Result<(), String> {

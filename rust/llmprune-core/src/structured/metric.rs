@@ -169,19 +169,6 @@ pub fn output_stats<'a>(sidecar: &'a Sidecar, name: &str, cols: usize, min_count
     Ok(s)
 }
 
-/// Unbiased variance per channel, clamped at 0 (rounding can make a constant channel's negative).
-pub fn variances(s: &LayerStats) -> Vec<f64> {
-    let n = s.count as f64;
-    s.act_sum
-        .iter()
-        .zip(&s.act_sqsum)
-        .map(|(&sum, &sq)| {
-            let mu = sum / n;
-            ((sq - n * mu * mu) / (n - 1.0)).max(0.0)
-        })
-        .collect()
-}
-
 fn sum_per_group(channel: &[f64], per_group: usize) -> Vec<f64> {
     channel.chunks(per_group).map(|c| c.iter().sum()).collect()
 }
@@ -192,7 +179,7 @@ fn module_scores(method: StructMethod, ckpt: &Checkpoint, sidecar: Option<&Sidec
     match method {
         StructMethod::Flap => {
             let stats = output_stats(sidecar.expect("checked by the caller"), &out.weight, cols, 2, "flap")?;
-            let var = variances(stats);
+            let var = stats.variances();
             let sq = column_sums(ckpt, &out.weight, square)?;
             let channel: Vec<f64> = var.iter().zip(&sq).map(|(v, s)| v * s).collect();
             Ok(sum_per_group(&channel, out.cols_per_group))
@@ -245,9 +232,9 @@ mod tests {
     fn variance_is_unbiased_and_clamped() {
         // channel 0: [1, 2, 3] -> 1; channel 1: constant 5 -> 0
         let s = LayerStats { act_sum: vec![6.0, 15.0], act_sqsum: vec![14.0, 75.0], count: 3, input_axis: 1 };
-        assert_eq!(variances(&s), vec![1.0, 0.0]);
+        assert_eq!(s.variances(), vec![1.0, 0.0]);
         let s = LayerStats { act_sum: vec![0.1 * 3.0], act_sqsum: vec![0.03 - 1e-18], count: 3, input_axis: 1 };
-        assert!(variances(&s)[0] >= 0.0);
+        assert!(s.variances()[0] >= 0.0);
     }
 
     #[test]

@@ -16,7 +16,6 @@ pub mod refit;
 pub mod slice;
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -292,9 +291,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         Ok(())
     })?;
     let new_config = config::rewrite(&rules, &config::Rewrite { shapes: &shapes, added_attn_bias: add_attn, added_mlp_bias: add_mlp, provenance: prov });
-    let config_path = staging.path.join("config.json");
-    let text = serde_json::to_string_pretty(&Value::Object(new_config)).map_err(|e| Error::Internal(e.to_string()))?;
-    fs::write(&config_path, text + "\n").map_err(|e| Error::io(&config_path, e))?;
+    crate::output::write_config(&staging.path, new_config)?;
     // config.json was rewritten above
     let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;
 

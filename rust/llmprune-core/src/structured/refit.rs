@@ -41,7 +41,7 @@ pub fn refit(ckpt: &Checkpoint, sidecar: Option<&Sidecar>, gram: &Gram, out: &Co
     let mu: Option<Vec<f64>> = if compensate {
         let sc = sidecar.ok_or_else(|| Error::arg("bias compensation needs activation statistics"))?;
         let s = output_stats(sc, &out.weight, n, 1, "bias compensation")?;
-        Some(s.act_sum.iter().map(|&x| x / s.count as f64).collect())
+        Some(s.means())
     } else {
         None
     };

@@ -1,0 +1,152 @@
+//! Outputs made of whole input tensors — kept under a new name, dropped, or cut to some of their
+//! leading-axis rows — with no value decoded: depth pruning (whole blocks, `depth.rs`) and expert
+//! pruning (whole experts and router rows, `experts.rs`). Every tensor's fate is decided before
+//! anything is written; this module streams the shards through the run scaffold, writes the new
+//! config.json and the index, and renames the output into place.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::output::{layout_header, write_config, StagingDir};
+use crate::run::{Progress, Run};
+
+/// What happens to one input tensor.
+pub enum Fate {
+    /// Copied byte for byte under this name.
+    Copy(String),
+    Drop,
+    /// These rows (leading-axis slices, in this order) under this name.
+    Rows(String, Vec<usize>),
+}
+
+/// The `n` indices with the lowest score, ties lower index first; ascending.
+pub fn lowest(scores: &[f64], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+    let mut out = order[..n.min(order.len())].to_vec();
+    out.sort_unstable();
+    out
+}
+
+/// Old index → new index of `total` items after `removed` (ascending) are gone.
+pub fn renumbering(total: usize, removed: &[usize]) -> Vec<Option<usize>> {
+    let mut next = 0;
+    (0..total)
+        .map(|i| {
+            if removed.binary_search(&i).is_ok() {
+                None
+            } else {
+                next += 1;
+                Some(next - 1)
+            }
+        })
+        .collect()
+}
+
+/// config.json's `llmprune` record (made an object when it is not one), to add this run's entry to
+/// while keeping what earlier llmprune runs recorded.
+pub fn llmprune_record(config: &mut serde_json::Map<String, Value>) -> &mut serde_json::Map<String, Value> {
+    let entry = config.entry("llmprune").or_insert_with(|| Value::Object(Default::default()));
+    if !entry.is_object() {
+        *entry = Value::Object(Default::default());
+    }
+    entry.as_object_mut().expect("made an object above")
+}
+
+/// What `write` wrote.
+pub struct Written {
+    pub out: PathBuf,
+    pub bytes_written: u64,
+    pub params_after: u64,
+}
+
+/// Streams every shard into `staging` as `fates` says (every tensor of the checkpoint has one),
+/// writes `config`, the index with its new weight map and the other files, and commits.
+pub fn write(
+    run: &Run,
+    staging: StagingDir,
+    progress: &mut dyn FnMut(Progress) -> Result<()>,
+    provenance: &str,
+    fates: &BTreeMap<String, Fate>,
+    config: serde_json::Map<String, Value>,
+) -> Result<Written> {
+    let fate_of = |name: &str| fates.get(name).ok_or_else(|| Error::Internal(format!("{name} has no planned fate")));
+    let mut weight_map = BTreeMap::new();
+    let (mut params_after, mut tensor_bytes) = (0u64, 0u64);
+    let bytes_written = run.write_shards(&staging, progress, |shard, out| {
+        let mut layout = Vec::new();
+        for t in &shard.tensors {
+            match fate_of(&t.name)? {
+                Fate::Drop => {}
+                Fate::Copy(new) => layout.push((new.clone(), t.dtype, t.shape.clone(), t.nbytes())),
+                Fate::Rows(new, rows) => {
+                    let mut shape = t.shape.clone();
+                    shape[0] = rows.len();
+                    layout.push((new.clone(), t.dtype, shape, t.nbytes() / t.shape[0] * rows.len()));
+                }
+            }
+        }
+        out.header(layout_header(shard, provenance, &layout)?)?;
+        for t in &shard.tensors {
+            let data = shard.data(t);
+            let (new, written) = match fate_of(&t.name)? {
+                Fate::Drop => (None, 0),
+                Fate::Copy(new) => {
+                    out.copy(data)?;
+                    (Some(new), t.numel())
+                }
+                Fate::Rows(new, rows) => {
+                    let row = t.nbytes() / t.shape[0];
+                    out.fill(|buf| {
+                        buf.clear();
+                        for &r in rows {
+                            buf.extend_from_slice(&data[r * row..(r + 1) * row]);
+                        }
+                        Ok(())
+                    })?;
+                    (Some(new), t.numel() / t.shape[0] * rows.len())
+                }
+            };
+            if let Some(new) = new {
+                weight_map.insert(new.clone(), shard.file_name.clone());
+                params_after += written as u64;
+                tensor_bytes += (written * t.dtype.bitsize() / 8) as u64;
+            }
+            out.done(&t.name, t.nbytes())?;
+        }
+        Ok(())
+    })?;
+    write_config(&staging.path, config)?;
+    let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;
+    Ok(Written { out, bytes_written, params_after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowest_ties_lower_index_first() {
+        assert_eq!(lowest(&[0.5, 0.1, 0.3, 0.1], 2), vec![1, 3]);
+        assert_eq!(lowest(&[0.2, 0.2, 0.2], 1), vec![0]);
+        // the experts kept by REAP are the complement
+        assert_eq!(lowest(&[0.3, 0.1, 0.5, 0.1], 2), vec![1, 3]);
+        assert_eq!(lowest(&[1.0, 1.0, 1.0], 1), vec![0]);
+    }
+
+    #[test]
+    fn renumbers_what_remains() {
+        assert_eq!(renumbering(4, &[1, 2]), vec![Some(0), None, None, Some(1)]);
+        assert_eq!(renumbering(3, &[]), vec![Some(0), Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn record_keeps_earlier_entries() {
+        let mut c: serde_json::Map<String, Value> = serde_json::from_str(r#"{"llmprune": {"structured": {"x": 1}}}"#).unwrap();
+        llmprune_record(&mut c).insert("depth".into(), 2.into());
+        assert_eq!(Value::Object(c), serde_json::json!({"llmprune": {"structured": {"x": 1}, "depth": 2}}));
+    }
+}
