@@ -143,6 +143,7 @@ def apply_cmd(
     if remove_blocks is not None and method not in methods("depth"):
         raise UsageError(f"--remove-blocks applies to {', '.join(methods('depth'))}, not to {method}")
     if method in methods("depth") + methods("experts"):
+        stats_arg = str(stats) if stats is not None else None
         others = {"--pattern": pattern is not None, "--scope": scope != "row", "--include": bool(include), "--exclude": bool(exclude),
                   "--update": update, "--allocation": allocation is not None, "--compensate": compensate is not None,
                   "--refine": refine is not None, "--reconstruct": reconstruct, "--gram": gram is not None}
@@ -154,13 +155,25 @@ def apply_cmd(
                 raise UsageError(f"{method} needs exactly one of --sparsity S (the fraction of routed experts removed per layer) or --experts-keep K")
             if experts_keep is not None and experts_keep < 1:
                 raise UsageError(f"--experts-keep must be at least 1, got {experts_keep}")
-            apply_experts(model, method, sparsity, experts_keep, stats, out, threads, force, json_out)
+            apply_whole(
+                model, method, f"{sparsity:g}" if sparsity is not None else f"keep{experts_keep}", out, json_out,
+                lambda out_dir, on_tensor: _core.apply_experts(
+                    str(model), out_dir, method, sparsity=sparsity, experts_keep=experts_keep, stats=stats_arg, threads=threads, force=force, progress=on_tensor
+                ),
+                lambda s: f"kept {s['experts_after']} of {s['experts_before']} routed experts in each of {len(s['layers'])} MoE layers",
+            )
             return
         if (sparsity is None) == (remove_blocks is None):
             raise UsageError(f"{method} needs exactly one of --sparsity S (the fraction of blocks) or --remove-blocks N")
         if remove_blocks is not None and remove_blocks < 1:
             raise UsageError(f"--remove-blocks must be at least 1, got {remove_blocks}")
-        apply_depth(model, method, sparsity, remove_blocks, stats, out, threads, force, json_out)
+        apply_whole(
+            model, method, f"{sparsity:g}" if sparsity is not None else f"{remove_blocks}blocks", out, json_out,
+            lambda out_dir, on_tensor: _core.apply_depth(
+                str(model), out_dir, sparsity=sparsity, remove_blocks=remove_blocks, stats=stats_arg, threads=threads, force=force, progress=on_tensor
+            ),
+            lambda s: f"removed {len(s['removed_blocks'])} of {s['blocks_before']} decoder blocks ({', '.join(map(str, s['removed_blocks']))})",
+        )
         return
     if method in methods("structured"):
         if pattern is not None:
@@ -293,48 +306,17 @@ def apply_structured(
         typer.echo(fusion_line(s))
 
 
-def apply_depth(model: Path, method: str, sparsity: float | None, remove_blocks: int | None, stats: Path | None, out: Path | None,
-                threads: int | None, force: bool, json_out: bool) -> None:
-    from llmprune import _core
-
-    label = f"{sparsity:g}" if sparsity is not None else f"{remove_blocks}blocks"
+def apply_whole(model: Path, method: str, label: str, out: Path | None, json_out: bool,
+                run: Callable[[str, Callable[..., None]], str], what: Callable[[dict], str]) -> None:
+    """Depth and expert pruning, which keep, drop or cut whole tensors: `run(out_dir, on_tensor)` is
+    the core call, `what(summary)` says what was removed."""
     out_dir = out if out is not None else model.resolve().parent / f"{model.resolve().name}-{method}-{label}"
-    summary = _with_progress(
-        lambda on_tensor: _core.apply_depth(
-            str(model), str(out_dir), sparsity=sparsity, remove_blocks=remove_blocks,
-            stats=str(stats) if stats is not None else None, threads=threads, force=force, progress=on_tensor,
-        )
-    )
+    s = _with_progress(lambda on_tensor: run(str(out_dir), on_tensor))
     if json_out:
-        print_json(summary)
+        print_json(s)
         return
-    s = summary
     typer.echo(
-        f"{method}: removed {len(s['removed_blocks'])} of {s['blocks_before']} decoder blocks ({', '.join(map(str, s['removed_blocks']))}); "
-        f"{s['params_after']:,} of {s['params_before']:,} parameters kept; wrote {s['out']} "
-        f"({s['bytes_written'] / 1e6:,.1f} MB, was {s['bytes_before'] / 1e6:,.1f} MB) in {s['seconds']:.2f} s"
-    )
-
-
-def apply_experts(model: Path, method: str, sparsity: float | None, keep: int | None, stats: Path | None, out: Path | None,
-                  threads: int | None, force: bool, json_out: bool) -> None:
-    from llmprune import _core
-
-    label = f"{sparsity:g}" if sparsity is not None else f"keep{keep}"
-    out_dir = out if out is not None else model.resolve().parent / f"{model.resolve().name}-{method}-{label}"
-    summary = _with_progress(
-        lambda on_tensor: _core.apply_experts(
-            str(model), str(out_dir), method, sparsity=sparsity, experts_keep=keep,
-            stats=str(stats) if stats is not None else None, threads=threads, force=force, progress=on_tensor,
-        )
-    )
-    if json_out:
-        print_json(summary)
-        return
-    s = summary
-    typer.echo(
-        f"{method}: kept {s['experts_after']} of {s['experts_before']} routed experts in each of {len(s['layers'])} MoE layers; "
-        f"{s['params_after']:,} of {s['params_before']:,} parameters kept; wrote {s['out']} "
+        f"{method}: {what(s)}; {s['params_after']:,} of {s['params_before']:,} parameters kept; wrote {s['out']} "
         f"({s['bytes_written'] / 1e6:,.1f} MB, was {s['bytes_before'] / 1e6:,.1f} MB) in {s['seconds']:.2f} s"
     )
 
