@@ -291,11 +291,12 @@ def _moe_name(streamer: LayerStreamer, i: int, rel: str) -> str:
     return name.removesuffix(".gate.weight")
 
 
-def token_cosines(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Σ over the tokens of one window ([L, H] each) of cos(a_t, b_t), in float32 on the device."""
+def token_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ over the tokens of one window ([L, H] each) of cos(a_t, b_t): float32 cosines, a float64
+    sum left on the device (no synchronization per window)."""
     a, b = a.float(), b.float()
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(torch.finfo(torch.float32).tiny)
-    return float(cos.double().sum())
+    return cos.double().sum()
 
 
 def _prune_block(
@@ -402,7 +403,7 @@ def collect_stats(
         grams = GramPass(gram, streamer, info, tokens=int(samples.numel()), mode="dense" if sequential is None else "sequential", sequential=seq_meta)
     gram_summary = None
     # Block Influence: Σ over this rank's tokens of cos(block input, block output), per block
-    cos_sum = torch.zeros(streamer.num_blocks, dtype=torch.float64)
+    cos_sum = torch.zeros(streamer.num_blocks, dtype=torch.float64, device=streamer.device)
     with BlockProgress(progress and info.rank == 0, streamer.num_blocks, "samples", n) as bar, torch.no_grad(), grams or nullcontext():
         bar.phase("embeddings")
         hidden = streamer.capture(mine, on_sample=bar.step)
@@ -457,10 +458,8 @@ def collect_stats(
         if grams is not None:
             gram_summary = grams.finish()
     tokens = max((s.act_count for s in layers.values()), default=0)
-    if info.active:
-        cos_sum = cos_sum.to(streamer.device)
-        info.all_reduce_(cos_sum)
-        cos_sum = cos_sum.cpu()
+    info.all_reduce_(cos_sum)
+    cos_sum = cos_sum.cpu()
     total_tokens = int(samples.shape[0] * samples.shape[1])
     block_cos = BlockStats(cos_sum.numpy(), np.full(streamer.num_blocks, total_tokens, dtype=np.int64))
     return StatsResult(
