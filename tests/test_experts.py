@@ -22,15 +22,49 @@ from llmprune.stats import collect_stats
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
               max_position_embeddings=128, num_experts_per_tok=2, tie_word_embeddings=False)
-ARCHS: dict[str, tuple[str, dict[str, Any], str, str]] = {
-    # name: (config class, overrides, MoE module attribute, config key of the expert count)
-    "mixtral": ("MixtralConfig", dict(intermediate_size=32, num_local_experts=8), "block_sparse_moe", "num_local_experts"),
+SWIGLU = ("gate_proj", "up_proj", "down_proj")
+ARCHS: dict[str, tuple[str, dict[str, Any], str, str, str, tuple[str, str, str]]] = {
+    # name: (config class, overrides, MoE module on disk, config key of the expert count (transformers 5
+    #        may write another of num_local_experts / num_experts / n_routed_experts), router kind,
+    #        one expert's (gate, up, down) linears on disk)
+    "mixtral": ("MixtralConfig", dict(intermediate_size=32, num_local_experts=8), "block_sparse_moe", "num_local_experts", "softmax", ("w1", "w3", "w2")),
     "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
-                                         norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[]), "mlp", "num_experts"),
+                                         norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[]), "mlp", "num_experts", "softmax", SWIGLU),
     "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, head_dim=16, norm_topk_prob=True,
-                                         decoder_sparse_step=1, mlp_only_layers=[]), "mlp", "num_experts"),
-    "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_experts=8), "mlp", "num_experts"),
+                                         decoder_sparse_step=1, mlp_only_layers=[]), "mlp", "num_experts", "softmax", SWIGLU),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_experts=8), "mlp", "num_experts", "softmax", SWIGLU),
+    # DeepSeek-V3: sigmoid router with a score correction, a shared expert, routed weights scaled
+    "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, n_group=1,
+                                             topk_group=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=16, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4),
+                    "mlp", "n_routed_experts", "sigmoid", SWIGLU),
 }
+
+
+def layer_of(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def moe_in_memory(model) -> dict[int, torch.nn.Module]:
+    """Layer index → the MoE module, whatever transformers calls it in memory."""
+    return {layer_of(n): m for n, m in model.named_modules() if ".layers." in n and hasattr(m, "gate") and hasattr(m, "experts")}
+
+
+def reference_route(arch: str, logits: torch.Tensor, bias: torch.Tensor | None, removed=(), normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights the model applies, expert ids), [T, k] each, with `removed` experts never chosen;
+    `normalize`: the router's norm_topk_prob (Mixtral always normalizes)."""
+    cfg = ARCHS[arch][1]
+    logits = logits.double().clone()
+    if ARCHS[arch][4] == "softmax":
+        logits[:, list(removed)] = float("-inf")
+        w, ids = torch.topk(torch.softmax(logits, -1), 2, dim=-1)
+        return (w / w.sum(-1, keepdim=True) if normalize else w), ids
+    scores = torch.sigmoid(logits)
+    choice = scores + bias.double()
+    choice[:, list(removed)] = float("-inf")
+    ids = torch.topk(choice, 2, dim=-1).indices
+    w = scores.gather(1, ids)
+    return w / w.sum(-1, keepdim=True) * cfg["routed_scaling_factor"], ids
 
 
 @pytest.fixture(scope="session")
@@ -41,14 +75,17 @@ def moe_dir(tmp_path_factory):
         if arch not in cache:
             import transformers
 
-            cls, overrides, _, _ = ARCHS[arch]
-            config = getattr(transformers, cls)(**COMMON, **overrides)
+            cls, overrides = ARCHS[arch][:2]
+            config = getattr(transformers, cls)(**{**COMMON, **overrides})
             torch.manual_seed(0)
             model = transformers.AutoModelForCausalLM.from_config(config)
             with torch.no_grad():  # routers far from uniform, so the experts' statistics differ
                 for name, p in model.named_parameters():
                     if name.endswith("gate.weight") and p.shape[0] == 8:
                         p.normal_(0, 0.5)
+                for name, b in model.named_buffers():
+                    if name.endswith("e_score_correction_bias"):
+                        b.normal_(0, 0.2)
             path = tmp_path_factory.mktemp(arch) / "tiny"
             model.save_pretrained(path, safe_serialization=True)
             H.add_tokenizer(path)
@@ -58,31 +95,31 @@ def moe_dir(tmp_path_factory):
     return get
 
 
-def dense_reference(model, ids: torch.Tensor, attr: str) -> dict[str, dict[str, np.ndarray]]:
-    """Per MoE module: routed-token count, Σ g and Σ g·‖f_j‖ with every expert run on every token
-    (dense) and the top-k softmax weights renormalized."""
-    out: dict[str, dict[str, np.ndarray]] = {}
+def dense_reference(model, path: Path, ids: torch.Tensor, arch: str) -> dict[str, dict[str, np.ndarray]]:
+    """Per MoE module (checkpoint name): routed-token count, Σ g and Σ g·‖f_j‖, with the routing
+    and every expert computed in float64 from the checkpoint's tensors on every token (dense), and
+    g the applied top-k weights renormalized. The model only supplies each MoE module's input."""
+    attr, names = ARCHS[arch][2], ARCHS[arch][5]
+    tensors = {k: torch.from_numpy(R.to_f32(t)).double() for k, t in R.read_checkpoint(path)[0].items()}
+    prefixes = sorted({k.removesuffix(".gate.weight") for k in tensors if k.endswith(f"{attr}.gate.weight")})
+    out = {p: {"count": np.zeros(8, np.int64), "gate_sum": np.zeros(8), "reap_sum": np.zeros(8)} for p in prefixes}
     handles = []
-    for name, mod in model.named_modules():
-        if name.endswith("." + attr) and hasattr(mod, "experts"):
-            acc = out.setdefault(name, {"count": np.zeros(8, np.int64), "gate_sum": np.zeros(8), "reap_sum": np.zeros(8)})
+    for p in prefixes:
+        def hook(_m, args, p=p, acc=out[p]):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            w, sel = reference_route(arch, x @ tensors[f"{p}.gate.weight"].t(), tensors.get(f"{p}.gate.e_score_correction_bias"))
+            w = w / w.sum(-1, keepdim=True)
+            for j in range(8):
+                gate, up, down = (tensors[f"{p}.experts.{j}.{n}.weight"] for n in names)
+                f = torch.nn.functional.silu(x @ gate.t()) * (x @ up.t()) @ down.t()
+                routed = sel == j
+                g = (w * routed).sum(-1)
+                hit = routed.any(-1)
+                acc["count"][j] += int(hit.sum())
+                acc["gate_sum"][j] += float(g[hit].sum())
+                acc["reap_sum"][j] += float((g[hit] * f[hit].norm(dim=-1)).sum())
 
-            def hook(m, args, acc=acc):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                probs = torch.softmax(x @ m.gate.weight.double().t(), dim=-1)
-                w, sel = torch.topk(probs, m.top_k, dim=-1)
-                w = w / w.sum(-1, keepdim=True)
-                for j, expert in enumerate(m.experts):
-                    f = expert.double()(x)
-                    routed = sel == j
-                    g = (w * routed).sum(-1)
-                    hit = routed.any(-1)
-                    acc["count"][j] += int(hit.sum())
-                    acc["gate_sum"][j] += float(g[hit].sum())
-                    acc["reap_sum"][j] += float((g[hit] * f[hit].norm(dim=-1)).sum())
-                    expert.float()
-
-            handles.append(mod.register_forward_pre_hook(hook))
+        handles.append(moe_in_memory(model)[layer_of(p)].register_forward_pre_hook(hook))
     with torch.no_grad():
         for j in range(ids.shape[0]):
             model(ids[j : j + 1])
@@ -96,7 +133,7 @@ def test_routing_statistics_equal_dense_reference(moe_dir, arch):
     path = moe_dir(arch)
     ids = R.random_samples(3, 20, vocab=256, seed=1)
     res = collect_stats(path, ids, device="cpu")
-    want = dense_reference(R.load_f32_model(path), ids, ARCHS[arch][2])
+    want = dense_reference(R.load_f32_model(path), path, ids, arch)
     assert sorted(res.experts) == sorted(want) and len(want) == 2
     # routers choose experts and are never pruned: not in the statistics, not prunable
     assert not [k for k in res.layers if k.endswith(f"{ARCHS[arch][2]}.gate.weight")]
@@ -145,19 +182,24 @@ def test_pruned_model_equals_masked_router(run_cli, moe_dir, tmp_path, arch, met
         assert layer["kept"] == sorted(order[3:]), layer
         removed[layer["layer"]] = sorted(order[:3])
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg[ARCHS[arch][3]] == 5 and s["experts_after"] == 5
+    key = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in json.loads((model / "config.json").read_text()))
+    assert cfg[key] == 5 and s["experts_after"] == 5
     assert cfg["llmprune"]["experts"]["kept_experts"] == {l["layer"]: l["kept"] for l in s["layers"]}
 
     ref = R.load_f32_model(model)
-    handles = []
-    for name, mod in ref.named_modules():
-        if name in removed:
-            def mask(_m, _a, logits, r=removed[name]):
-                logits = logits.clone()
-                logits[:, r] = float("-inf")
-                return logits
+    tensors = {k: torch.from_numpy(R.to_f32(t)) for k, t in R.read_checkpoint(model)[0].items()}
+    moes = moe_in_memory(ref)
+    for name, r in removed.items():
+        def mask(gate, args, out, r=r, bias=tensors.get(f"{name}.gate.e_score_correction_bias")):
+            """The router as the original computes it, with the removed experts' logits at -inf."""
+            x = args[0].reshape(-1, args[0].shape[-1])
+            logits = torch.nn.functional.linear(x.float(), gate.weight.float())
+            if isinstance(out, torch.Tensor):  # transformers 4 softmax routers return logits only
+                return logits.index_fill(1, torch.tensor(r), float("-inf"))
+            w, ids = reference_route(arch, logits, bias, removed=r, normalize=getattr(gate, "norm_topk_prob", True))
+            return (ids, w.float()) if len(out) == 2 else (logits, w.float(), ids)
 
-            handles.append(mod.gate.register_forward_hook(mask))
+        moes[layer_of(name)].gate.register_forward_hook(mask)
     ids = R.random_samples(2, 16, vocab=256, seed=9)
     pruned = R.load_f32_model(out)
     with torch.no_grad():

@@ -23,6 +23,7 @@ from torch import nn
 from llmprune.checkpoint import Checkpoint
 from llmprune.devices import resolve_device, resolve_dtype
 from llmprune.errors import UsageError
+from llmprune.moe_layout import disk_renames, unfuse_experts
 from llmprune.skeleton import build_skeleton, find_blocks, linear_input_axis, load_config
 
 def _tensor_slots(root: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, str, torch.Tensor, bool]]:
@@ -134,13 +135,15 @@ class LayerStreamer:
         self.device = resolve_device(device, local_rank)
         self.dtype = resolve_dtype(dtype, self.ckpt.float_dtype(), self.device)
         self.model = build_skeleton(self.config)
+        self._prefix = getattr(self.model, "base_model_prefix", "") or ""
+        self._renames = disk_renames(self.model)
+        unfuse_experts(self.model, lambda qual: self.checkpoint_name(qual) is not None)
         self.blocks_path, self.blocks = find_blocks(self.model)
         self.num_blocks = len(self.blocks)
         self.block_args: list[tuple[tuple, dict] | None] = [None] * self.num_blocks
         self._out_format: int | None = None  # 0: blocks return a tensor; n: a tuple of n items
         self._captured: torch.Tensor | None = None
         self._saved: dict[int, list[tuple[nn.Module, str, torch.Tensor, bool]]] = {}
-        self._prefix = getattr(self.model, "base_model_prefix", "") or ""
         self._share_block_buffers()
         self._load_outside_blocks(with_head)
 
@@ -152,7 +155,16 @@ class LayerStreamer:
         return int(n) if isinstance(n, int) and n > 0 else None
 
     def checkpoint_name(self, qual: str) -> str | None:
-        """The checkpoint's name for a module tensor (checkpoints may omit or add the base prefix)."""
+        """The checkpoint's name for a module tensor: as in memory, or with transformers 5's renamings
+        undone (Mixtral's `mlp` is `block_sparse_moe` on disk)."""
+        for mem, disk in [("", "")] + self._renames:
+            name = self._stored_name(qual.replace(mem, disk) if mem else qual)
+            if name is not None:
+                return name
+        return None
+
+    def _stored_name(self, qual: str) -> str | None:
+        """`qual` as the checkpoint stores it (checkpoints may omit or add the base prefix)."""
         if qual in self.ckpt:
             return qual
         p = self._prefix + "."
