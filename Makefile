@@ -8,7 +8,7 @@ STAMP := $(VENV)/.llmprune-deps-$(REQ_HASH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup develop test test-rust test-python demo bench clean
+.PHONY: setup develop test test-rust test-python test-compat demo bench clean
 
 $(STAMP):
 	python3 -m venv $(VENV)
@@ -35,7 +35,27 @@ test-rust:
 test-python: develop
 	$(PY) -m pytest -q
 
-test: develop test-rust test-python
+# transformers 4.x, the previous major, still works: the MoE, architecture, structured and stats
+# tests again in a virtualenv that sees the main one's packages (a .pth line) but has its own
+# transformers and the hub libraries of that generation.
+COMPAT := $(VENV)-transformers4
+COMPAT_PKGS := transformers==4.57.6 huggingface-hub==0.36.2 tokenizers==0.22.2 peft==0.17.1
+COMPAT_STAMP := $(COMPAT)/.llmprune-compat-$(REQ_HASH)
+COMPAT_TESTS := tests/test_experts.py tests/test_arch_coverage.py tests/test_arch_structured.py tests/test_stats.py tests/test_eval.py
+
+$(COMPAT_STAMP): $(STAMP)
+	rm -rf $(COMPAT)
+	python3 -m venv $(COMPAT)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(COMPAT)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llmprune-main-venv.pth"
+	$(COMPAT)/bin/pip install -q --no-deps $(COMPAT_PKGS)
+	touch $@
+
+test-compat: develop $(COMPAT_STAMP)
+	PYTHONPATH=$(CURDIR)/python $(COMPAT)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	PYTHONPATH=$(CURDIR)/python $(COMPAT)/bin/python -m pytest -q $(COMPAT_TESTS)
+
+test: develop test-rust test-python test-compat
 
 demo: develop
 	$(PY) benches/demo.py
@@ -45,4 +65,4 @@ bench: develop
 	$(PY) benches/apply_bench.py
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) $(COMPAT) target

@@ -280,8 +280,10 @@ def random_samples(nsamples: int = 4, seqlen: int = 32, vocab: int = 256, seed: 
 # --------------------------------------------------------------------------------------------
 
 
-def reference_stats(model, samples) -> dict[str, dict[str, Any]]:
-    """Σx and Σx² (float64) of the input of every linear inside the decoder blocks.
+def reference_stats(model, samples, per_expert: bool = True) -> dict[str, dict[str, Any]]:
+    """Σx and Σx² (float64) of the input of every linear inside the decoder blocks; with
+    `per_expert`, also of each expert's linears inside fused experts modules (transformers 5's
+    in-memory form of a checkpoint that stores one tensor set per expert).
 
     `samples`: a LongTensor [nsamples, seqlen] of token ids (or an iterable of [1, L] / [L] tensors).
     Returns {"<module>.weight": {"act_sum", "act_sqsum", "act_count", "input_axis"}}.
@@ -317,6 +319,8 @@ def reference_stats(model, samples) -> dict[str, dict[str, Any]]:
             hooks.append(mod.register_forward_hook(make_hook(f"{name}.weight", mod.in_features, 1)))
         elif isinstance(mod, Conv1D):
             hooks.append(mod.register_forward_hook(make_hook(f"{name}.weight", mod.weight.shape[0], 0)))
+        elif per_expert and isinstance(getattr(mod, "gate_up_proj", None), torch.Tensor) and mod.gate_up_proj.dim() == 3:
+            hooks.append(fused_expert_hook(model, name, mod, make_hook))
     try:
         with torch.no_grad():
             if isinstance(samples, torch.Tensor) and samples.dim() == 2:
@@ -328,6 +332,44 @@ def reference_stats(model, samples) -> dict[str, dict[str, Any]]:
         for h in hooks:
             h.remove()
     return stats
+
+
+# transformers 5 fuses MoE experts in memory; on disk (and in the sidecar) each expert keeps its
+# linears, under the MoE module's hub name
+EXPERT_LINEARS = {"mixtral": ("w1", "w3", "w2")}  # (gate, up, down); others: gate_proj, up_proj, down_proj
+MOE_DISK_NAME = {"mixtral": (".mlp.", ".block_sparse_moe.")}
+
+
+def fused_expert_hook(model, name: str, mod, make_hook):
+    """Per-expert input statistics of a fused experts module ([E, 2I, H] gate_up_proj, [E, H, I]
+    down_proj, called with (hidden [T, H], top-k ids [T, k], top-k weights)), keyed by the
+    checkpoint's per-expert linear names, over the tokens routed to each expert."""
+    import torch
+
+    mtype = model.config.model_type
+    gate_n, up_n, down_n = EXPERT_LINEARS.get(mtype, ("gate_proj", "up_proj", "down_proj"))
+    mem, disk = MOE_DISK_NAME.get(mtype, ("", ""))
+    prefix = (name + ".").replace(mem, disk) if mem else name + "."
+    e, two_i, h = mod.gate_up_proj.shape
+    calls = {}
+    for j in range(e):
+        for lin, width in ((gate_n, h), (up_n, h), (down_n, two_i // 2)):
+            calls[(j, lin)] = make_hook(f"{prefix}{j}.{lin}.weight", width, 1)
+
+    def hook(_mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        for j in range(e):
+            rows = (ids == j).any(-1)
+            if not rows.any():
+                continue
+            xj = x[rows]
+            g, u = torch.nn.functional.linear(xj, mod.gate_up_proj[j]).chunk(2, dim=-1)
+            calls[(j, gate_n)](None, (xj,), None)
+            calls[(j, up_n)](None, (xj,), None)
+            calls[(j, down_n)](None, (mod.act_fn(g) * u,), None)
+
+    return mod.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # --------------------------------------------------------------------------------------------

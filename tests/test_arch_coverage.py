@@ -37,7 +37,13 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(MOE, moe_intermediate_size=32, num_experts=4, head_dim=12, decoder_sparse_step=1, mlp_only_layers=[])),
     "olmoe": ("OlmoeConfig", dict(MOE, num_experts=4)),
     "qwen2_moe": ("Qwen2MoeConfig", dict(MOE, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, decoder_sparse_step=1, mlp_only_layers=[])),
+    "deepseek_v3": ("DeepseekV3Config", dict(MOE, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1,
+                                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                             v_head_dim=16, num_key_value_heads=8)),
+    "gpt_oss": ("GptOssConfig", dict(MOE, num_local_experts=4, head_dim=16, sliding_window=8)),
 }
+MOE_ARCHS = ("deepseek_v3", "gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+FUSED_ON_DISK = ("gpt_oss",)  # experts stored as [experts, ...] tensors: no per-expert linears to measure
 BUILT = {"opt": H.tiny_opt_dir, "gpt2": H.tiny_gpt2_dir}
 ARCHS = sorted([*CONFIGS, *BUILT])
 
@@ -73,7 +79,7 @@ def test_stats(arch_model, arch):
     path = arch_model(arch)
     ids = R.random_samples(3, 16, vocab=256, seed=2)
     ours = sidecar.read(path / sidecar.SIDECAR_NAME).layers
-    ref = {k: v for k, v in R.reference_stats(R.load_f32_model(path), ids).items() if v["act_count"] > 0}
+    ref = {k: v for k, v in R.reference_stats(R.load_f32_model(path), ids, per_expert=arch not in FUSED_ON_DISK).items() if v["act_count"] > 0}
     # MoE routers (`<moe>.gate.weight` beside `<moe>.experts.*`) are never prunable
     routers = {k for k in ref if k.endswith(".gate.weight") and any(o.startswith(k[: -len("gate.weight")] + "experts.") for o in ref)}
     ref = {k: v for k, v in ref.items() if k not in routers}
@@ -126,7 +132,7 @@ def test_eval(arch_model, arch):
     assert math.isclose(res.perplexity, ref, rel_tol=1e-4), (res.perplexity, ref)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["gpt2", *MOE_ARCHS])
 def test_structured_refused_naming_the_architecture(run_cli, arch_model, tmp_path, arch):
     """Structured groups are defined for LLaMA's relatives and OPT; anything else is one clear
     error naming its model_type (GPT-2's Conv1D, MoE layers)."""
@@ -139,7 +145,7 @@ def test_structured_refused_naming_the_architecture(run_cli, arch_model, tmp_pat
     assert "out" not in listing(tmp_path)
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in MOE_ARCHS])
 def test_experts_refused_on_dense_models(run_cli, arch_model, tmp_path, arch):
     from conftest import assert_clean_error
 

@@ -122,8 +122,10 @@ def test_structured_equals_masked_original(run_cli, arch_model, tmp_path, arch, 
     head_dim = ARCHS[arch][1].get("head_dim", COMMON["hidden_size"] // COMMON["num_attention_heads"])
     ids = R.random_samples(2, 16, vocab=256, seed=5)
     pruned = R.load_f32_model(out) if s["loader"] == "transformers" else load_pruned(out, dtype=torch.float32)
-    if allocation == "uniform":
-        assert s["loader"] == "transformers"
+    if allocation == "uniform":  # transformers 5's Gemma 2/3 configs refuse heads that do not divide hidden_size
+        heads = s["per_layer"][0]["num_attention_heads"]
+        stock = arch not in ("gemma2", "gemma3") or COMMON["hidden_size"] % heads == 0
+        assert s["loader"] == ("transformers" if stock else "llmprune.load_pruned")
     with torch.no_grad():
         want = masked_reference(model, out, head_dim)(ids).logits
         got = pruned(ids).logits

@@ -38,7 +38,11 @@ ARCHS: dict[str, tuple[str, dict[str, Any], str, str, str, tuple[str, str, str]]
                                              topk_group=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
                                              qk_nope_head_dim=8, v_head_dim=16, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4),
                     "mlp", "n_routed_experts", "sigmoid", SWIGLU),
+    # gpt-oss: fused [experts, ...] tensors on disk, a `router` with a bias, top-k of the logits then
+    # softmax over them, biased experts with a clamped GLU
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=32, num_local_experts=8, head_dim=16, sliding_window=8), "mlp", "num_local_experts", "logit-topk", ()),
 }
+ROUTER = {"gpt_oss": "router"}  # the router's name; others: gate
 
 
 def layer_of(name: str) -> int:
@@ -47,7 +51,7 @@ def layer_of(name: str) -> int:
 
 def moe_in_memory(model) -> dict[int, torch.nn.Module]:
     """Layer index → the MoE module, whatever transformers calls it in memory."""
-    return {layer_of(n): m for n, m in model.named_modules() if ".layers." in n and hasattr(m, "gate") and hasattr(m, "experts")}
+    return {layer_of(n): m for n, m in model.named_modules() if ".layers." in n and (hasattr(m, "gate") or hasattr(m, "router")) and hasattr(m, "experts")}
 
 
 def reference_route(arch: str, logits: torch.Tensor, bias: torch.Tensor | None, removed=(), normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +59,10 @@ def reference_route(arch: str, logits: torch.Tensor, bias: torch.Tensor | None, 
     `normalize`: the router's norm_topk_prob (Mixtral always normalizes)."""
     cfg = ARCHS[arch][1]
     logits = logits.double().clone()
+    if ARCHS[arch][4] == "logit-topk":
+        logits[:, list(removed)] = float("-inf")
+        top, ids = torch.topk(logits, 2, dim=-1)
+        return torch.softmax(top, -1), ids
     if ARCHS[arch][4] == "softmax":
         logits[:, list(removed)] = float("-inf")
         w, ids = torch.topk(torch.softmax(logits, -1), 2, dim=-1)
@@ -81,7 +89,7 @@ def moe_dir(tmp_path_factory):
             model = transformers.AutoModelForCausalLM.from_config(config)
             with torch.no_grad():  # routers far from uniform, so the experts' statistics differ
                 for name, p in model.named_parameters():
-                    if name.endswith("gate.weight") and p.shape[0] == 8:
+                    if (name.endswith("gate.weight") or name.endswith("router.weight")) and p.shape[0] == 8:
                         p.normal_(0, 0.5)
                 for name, b in model.named_buffers():
                     if name.endswith("e_score_correction_bias"):
@@ -95,23 +103,35 @@ def moe_dir(tmp_path_factory):
     return get
 
 
+def expert_output(tensors: dict[str, torch.Tensor], p: str, j: int, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    """Expert j of MoE module p on x, from the checkpoint's tensors: a SwiGLU MLP, or gpt-oss's
+    fused expert (interleaved gate/up with biases, gate clamped at 7, up to ±7, (up + 1) · gate · σ(1.702 gate))."""
+    if not names:
+        gu = x @ tensors[f"{p}.experts.gate_up_proj"][j] + tensors[f"{p}.experts.gate_up_proj_bias"][j]
+        gate, up = gu[:, ::2].clamp(max=7.0), gu[:, 1::2].clamp(-7.0, 7.0)
+        h = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+        return h @ tensors[f"{p}.experts.down_proj"][j] + tensors[f"{p}.experts.down_proj_bias"][j]
+    gate, up, down = (tensors[f"{p}.experts.{j}.{n}.weight"] for n in names)
+    return torch.nn.functional.silu(x @ gate.t()) * (x @ up.t()) @ down.t()
+
+
 def dense_reference(model, path: Path, ids: torch.Tensor, arch: str) -> dict[str, dict[str, np.ndarray]]:
     """Per MoE module (checkpoint name): routed-token count, Σ g and Σ g·‖f_j‖, with the routing
     and every expert computed in float64 from the checkpoint's tensors on every token (dense), and
     g the applied top-k weights renormalized. The model only supplies each MoE module's input."""
-    attr, names = ARCHS[arch][2], ARCHS[arch][5]
+    attr, names, router = ARCHS[arch][2], ARCHS[arch][5], ROUTER.get(arch, "gate")
     tensors = {k: torch.from_numpy(R.to_f32(t)).double() for k, t in R.read_checkpoint(path)[0].items()}
-    prefixes = sorted({k.removesuffix(".gate.weight") for k in tensors if k.endswith(f"{attr}.gate.weight")})
+    prefixes = sorted({k.removesuffix(f".{router}.weight") for k in tensors if k.endswith(f"{attr}.{router}.weight")})
     out = {p: {"count": np.zeros(8, np.int64), "gate_sum": np.zeros(8), "reap_sum": np.zeros(8)} for p in prefixes}
     handles = []
     for p in prefixes:
         def hook(_m, args, p=p, acc=out[p]):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
-            w, sel = reference_route(arch, x @ tensors[f"{p}.gate.weight"].t(), tensors.get(f"{p}.gate.e_score_correction_bias"))
+            logits = x @ tensors[f"{p}.{router}.weight"].t() + tensors.get(f"{p}.{router}.bias", 0)
+            w, sel = reference_route(arch, logits, tensors.get(f"{p}.gate.e_score_correction_bias"))
             w = w / w.sum(-1, keepdim=True)
             for j in range(8):
-                gate, up, down = (tensors[f"{p}.experts.{j}.{n}.weight"] for n in names)
-                f = torch.nn.functional.silu(x @ gate.t()) * (x @ up.t()) @ down.t()
+                f = expert_output(tensors, p, j, names, x)
                 routed = sel == j
                 g = (w * routed).sum(-1)
                 hit = routed.any(-1)
@@ -137,7 +157,8 @@ def test_routing_statistics_equal_dense_reference(moe_dir, arch):
     assert sorted(res.experts) == sorted(want) and len(want) == 2
     # routers choose experts and are never pruned: not in the statistics, not prunable
     assert not [k for k in res.layers if k.endswith(f"{ARCHS[arch][2]}.gate.weight")]
-    assert any(".experts.0." in k for k in res.layers)
+    if ARCHS[arch][5]:  # per-expert linears are measured too (fused experts have none)
+        assert any(".experts.0." in k for k in res.layers)
     for name, w in want.items():
         got = res.experts[name]
         assert got["top_k"] == 2
@@ -193,13 +214,18 @@ def test_pruned_model_equals_masked_router(run_cli, moe_dir, tmp_path, arch, met
         def mask(gate, args, out, r=r, bias=tensors.get(f"{name}.gate.e_score_correction_bias")):
             """The router as the original computes it, with the removed experts' logits at -inf."""
             x = args[0].reshape(-1, args[0].shape[-1])
-            logits = torch.nn.functional.linear(x.float(), gate.weight.float())
+            b = getattr(gate, "bias", None)
+            logits = torch.nn.functional.linear(x.float(), gate.weight.float(), b.float() if isinstance(b, torch.Tensor) else None)
             if isinstance(out, torch.Tensor):  # transformers 4 softmax routers return logits only
                 return logits.index_fill(1, torch.tensor(r), float("-inf"))
             w, ids = reference_route(arch, logits, bias, removed=r, normalize=getattr(gate, "norm_topk_prob", True))
-            return (ids, w.float()) if len(out) == 2 else (logits, w.float(), ids)
+            if len(out) == 3:  # transformers 5: (logits, weights, ids)
+                return logits.index_fill(1, torch.tensor(r), float("-inf")), w.float(), ids
+            if out[0].is_floating_point():  # gpt-oss on transformers 4: (scores [T, E], ids)
+                return torch.zeros_like(logits).scatter(1, ids, w.float()), ids
+            return ids, w.float()  # DeepSeek-V3 on transformers 4
 
-        moes[layer_of(name)].gate.register_forward_hook(mask)
+        moes[layer_of(name)].get_submodule(ROUTER.get(arch, "gate")).register_forward_hook(mask)
     ids = R.random_samples(2, 16, vocab=256, seed=9)
     pruned = R.load_f32_model(out)
     with torch.no_grad():
@@ -215,6 +241,10 @@ def test_pruned_model_equals_masked_router(run_cli, moe_dir, tmp_path, arch, met
                 prefix = f"{layer['layer']}.experts.{old}."
                 if k.startswith(prefix):
                     assert R.bits(after[f"{layer['layer']}.experts.{new}." + k[len(prefix):]]).tobytes() == R.bits(t).tobytes()
+        for k, t in before.items():  # fused [experts, ...] tensors and the router: the kept rows, in order
+            fused = k.startswith(f"{layer['layer']}.experts.") and not k.split(".experts.")[1].split(".")[0].isdigit()
+            if fused or k.startswith(f"{layer['layer']}.{ROUTER.get(arch, 'gate')}."):
+                assert R.bits(after[k]).tobytes() == R.bits(t)[layer["kept"]].tobytes(), k
 
 
 def test_fp8_experts_copied_bit_for_bit(run_cli, moe_dir, tmp_path):

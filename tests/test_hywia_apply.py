@@ -277,8 +277,12 @@ def test_outputs_load_and_run(run_cli, base_model, tmp_path):
     sizes = [(layer.self_attn.k_proj.out_features, layer.mlp.down_proj.in_features) for layer in pruned.model.layers]
     assert sizes[0] == sizes[-1] == (32, 128) and sizes[1][0] == 24
 
-    # no layer skipped: every layer the same size, and stock transformers loads it
-    s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.25", "--skip-first", "0", "--skip-last", "0", "--out", tmp_path / "flat")
+    # no layer skipped: every layer the same size; stock transformers loads it when the head count
+    # divides hidden_size (transformers 5's LlamaConfig refuses anything else, head_dim or not)
+    flat = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.25", "--skip-first", "0", "--skip-last", "0", "--out", tmp_path / "six")
+    assert {layer["num_attention_heads"] for layer in flat["per_layer"]} == {6} and flat["loader"] == "llmprune.load_pruned"
+    s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.5", "--skip-first", "0", "--skip-last", "0", "--out", tmp_path / "flat")
+    assert {layer["num_attention_heads"] for layer in s["per_layer"]} == {4}
     assert s["loader"] == "transformers" and len(s["fusion"]) == LAYERS
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "flat", dtype=torch.float32).eval()
     assert sum(p.numel() for p in stock.parameters()) == s["model_params_after"]

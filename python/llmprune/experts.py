@@ -1,17 +1,25 @@
 """Routing statistics of Mixture-of-Experts layers for expert pruning (`apply --method reap|frequency`).
 
-For every MoE module of a block (a module with a router `gate` whose weight has one row per expert,
-a `ModuleList` of routed `experts` — transformers 5's fused experts are put back into that form by
-moe_layout.py — and a top-k), the hooks record, per routed expert j and over the calibration tokens
-routed to it: the count N_j, Σ g_j(t) and REAP's Σ g_j(t) · ‖f_j(t)‖₂, where g is the router weight
-of the token's top-k experts renormalized to sum to 1 (as REAP's code does, whatever the model's own
-`norm_topk_prob`) and f_j(t) the expert's output for the token. Which experts a token goes to, and
-their weights, are the router's own: a router that returns only logits (transformers 4's softmax
-routers) is read as softmax and top-k; one that returns its choice (transformers 5's routers,
-DeepSeek-V3's sigmoid router with its score correction) is taken as it is. Nothing is computed twice:
-each expert's inputs and outputs come from a hook on the expert, as the model itself calls it; which
-token an expert row belongs to follows that routing (slot by slot as transformers' per-expert loops
-gather tokens, or token by token as DeepSeek's does), checked against the rows the expert received.
+For every MoE module of a block (a router `gate` — gpt-oss: `router` — whose weight has one row per
+expert, the routed `experts`, and a top-k), the hooks record, per routed expert j and over the
+calibration tokens routed to it: the count N_j, Σ g_j(t) and REAP's Σ g_j(t) · ‖f_j(t)‖₂, where g is
+the router weight of the token's top-k experts renormalized to sum to 1 (as REAP's code does,
+whatever the model's own `norm_topk_prob`) and f_j(t) the expert's output for the token.
+
+Which experts a token goes to, and their weights, are the router's own: a router that returns only
+logits (transformers 4's softmax routers) is read as softmax and top-k; one that returns its choice
+(transformers 5's routers, DeepSeek-V3's sigmoid router with its score correction, gpt-oss's top-k
+of the logits) is taken as it is.
+
+Experts one module each (transformers 4, and transformers 5's fused modules put back into that form
+by moe_layout.py when the checkpoint stores one tensor set per expert): each expert's inputs and
+outputs come from a hook on the expert, as the model itself calls it — nothing is computed twice;
+which token an expert row belongs to follows the routing (slot by slot as transformers' per-expert
+loops gather tokens, or token by token as DeepSeek's does), checked against the rows received.
+Experts stored fused on disk too (gpt-oss's [experts, ...] tensors): the module computes only the
+weighted sum, so each expert's output is had by calling the module once more on that expert's
+tokens alone at weight 1 (one extra pass over the routed tokens); its per-expert linears have no
+activation statistics (nothing to prune them with).
 """
 
 from __future__ import annotations
@@ -26,56 +34,92 @@ from torch import nn
 from llmprune.errors import UsageError
 
 
-def _top_k(mod: nn.Module) -> int | None:
+ROUTERS = ("gate", "router")  # the router's attribute: most models `gate`, gpt-oss `router`
+
+
+def router_of(mod: nn.Module) -> tuple[str, nn.Module] | None:
+    for attr in ROUTERS:
+        r = getattr(mod, attr, None)
+        if isinstance(r, nn.Module):
+            return attr, r
+    return None
+
+
+def _top_k(mod: nn.Module, router: nn.Module) -> int | None:
     """Experts per token: on the MoE module (transformers 4) or its router (transformers 5)."""
-    for owner in (mod, getattr(mod, "gate", None)):
+    for owner in (mod, router):
         k = getattr(owner, "top_k", None)
         if isinstance(k, int) and k > 0:
             return k
     return None
 
 
+def fused_expert_count(experts: nn.Module) -> int | None:
+    """E for an experts module that holds every expert in 3-D tensors ([E, ...] gate_up_proj)."""
+    w = getattr(experts, "gate_up_proj", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 3 else None
+
+
 def moe_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """(relative name, module) of every MoE module inside a decoder block."""
     out = []
     for name, mod in block.named_modules():
-        experts, gate = getattr(mod, "experts", None), getattr(mod, "gate", None)
-        if isinstance(experts, nn.ModuleList) and gate is not None and _top_k(mod) is not None:
-            w = getattr(gate, "weight", None)
-            if w is None or w.shape[0] != len(experts):
-                raise UsageError(f"{name}: a router of this kind (no [experts, hidden] weight) is not supported for expert statistics")
-            out.append((name, mod))
+        experts, router = getattr(mod, "experts", None), router_of(mod)
+        if experts is None or router is None:
+            continue
+        e = len(experts) if isinstance(experts, nn.ModuleList) else fused_expert_count(experts)
+        if e is None or _top_k(mod, router[1]) is None:
+            continue
+        w = getattr(router[1], "weight", None)
+        if w is None or w.shape[0] != e:
+            raise UsageError(f"{name}: a router of this kind (no [experts, hidden] weight) is not supported for expert statistics")
+        out.append((name, mod))
     return out
 
 
 class _Layer:
     def __init__(self, mod: nn.Module):
         self.mod = mod
-        self.e = len(mod.experts)
-        self.top_k = int(_top_k(mod) or 0)
+        self.router_attr, router = router_of(mod) or ("gate", mod)
+        self.fused = not isinstance(mod.experts, nn.ModuleList)
+        self.e = fused_expert_count(mod.experts) if self.fused else len(mod.experts)
+        self.top_k = int(_top_k(mod, router) or 0)
         self.count = np.zeros(self.e, dtype=np.int64)
         self.gate_sum = np.zeros(self.e)
         self.reap_sum = np.zeros(self.e)
         self.x: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
         self.selected: torch.Tensor | None = None
+        self.dense_weights = False  # the experts module takes [T, E] routing weights (gpt-oss, transformers 4)
+
+    def add(self, j: int, tokens: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> None:
+        """Expert j's outputs `out` [n, H] for `tokens` routed to it in top-k `slots`."""
+        assert self.weights is not None
+        g = self.weights[tokens, slots].double()
+        norms = out.reshape(tokens.numel(), -1).float().norm(dim=-1).double()
+        self.count[j] += tokens.numel()
+        self.gate_sum[j] += float(g.sum())
+        self.reap_sum[j] += float((g * norms).sum())
 
 
 class ExpertHooks:
     """Hooks on the MoE modules of one decoder block; `results()` once the block has run."""
 
-    def __init__(self, block: nn.Module, name_of: Callable[[str], str], device: torch.device):
-        """`name_of(relative module name)` gives the MoE module's checkpoint name."""
+    def __init__(self, block: nn.Module, name_of: Callable[[str, str], str], device: torch.device):
+        """`name_of(relative module name, router attribute)` gives the MoE module's checkpoint name."""
         self.layers: dict[str, _Layer] = {}
         self.handles: list[Any] = []
         self.device = device
         for rel, mod in moe_modules(block):
             layer = _Layer(mod)
-            self.layers[name_of(rel)] = layer
+            self.layers[name_of(rel, layer.router_attr)] = layer
             self.handles.append(mod.register_forward_pre_hook(self._enter(layer), with_kwargs=True))
-            self.handles.append(mod.gate.register_forward_hook(self._route(layer)))
-            for j, expert in enumerate(mod.experts):
-                self.handles.append(expert.register_forward_hook(self._expert(layer, j)))
+            self.handles.append(getattr(mod, layer.router_attr).register_forward_hook(self._route(layer)))
+            if layer.fused:
+                self.handles.append(mod.experts.register_forward_hook(self._probe(layer), with_kwargs=True))
+            else:
+                for j, expert in enumerate(mod.experts):
+                    self.handles.append(expert.register_forward_hook(self._expert(layer, j)))
 
     @staticmethod
     def _enter(layer: _Layer):
@@ -91,15 +135,20 @@ class ExpertHooks:
             if isinstance(out, torch.Tensor):  # router logits: softmax, top-k
                 probs = torch.softmax(out.float(), dim=-1)
                 w, sel = torch.topk(probs, layer.top_k, dim=-1)
-            else:  # the router's own choice: (logits, weights, ids) or (ids, weights)
+            else:  # the router's own choice: (logits, weights, ids), (ids, weights) or (scores [T, E], ids)
                 ids = [t for t in out if isinstance(t, torch.Tensor) and not t.is_floating_point()]
-                if len(ids) != 1:
+                floats = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()]
+                if len(ids) != 1 or ids[0].shape[-1] != layer.top_k:
                     raise UsageError("this MoE router returns neither logits nor its top-k choice; its routing statistics are not supported")
-                sel = ids[0].reshape(-1, ids[0].shape[-1])
-                floats = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == sel.numel()]
-                if not floats or sel.shape[-1] != layer.top_k:
-                    raise UsageError("this MoE router returns neither logits nor its top-k choice; its routing statistics are not supported")
-                w = floats[-1].reshape(sel.shape).float()
+                sel = ids[0].reshape(-1, layer.top_k)
+                top = [t.reshape(sel.shape) for t in floats if t.numel() == sel.numel()]
+                dense = [t.reshape(sel.shape[0], -1) for t in floats if t.numel() == sel.shape[0] * layer.e]
+                if top:
+                    w = top[-1].float()
+                elif dense:  # [T, E] scores, zero off the top-k
+                    w = dense[-1].float().gather(1, sel)
+                else:
+                    raise UsageError("this MoE router returns no weights for its top-k choice; its routing statistics are not supported")
             layer.weights, layer.selected = w / w.sum(-1, keepdim=True), sel
 
         return hook
@@ -117,11 +166,31 @@ class ExpertHooks:
                 raise UsageError("this MoE layer gathers its experts' tokens in an order llmprune does not know")
             if tokens.numel() == 0:  # some models call every expert, routed to or not
                 return
-            g = layer.weights[tokens, slots]
-            norms = out.reshape(x.shape[0], -1).float().norm(dim=-1)
-            layer.count[j] += tokens.numel()
-            layer.gate_sum[j] += float(g.double().sum())
-            layer.reap_sum[j] += float((g.double() * norms.double()).sum())
+            layer.add(j, tokens, slots, out)
+
+        return hook
+
+    @staticmethod
+    def _probe(layer: _Layer):
+        """Fused experts (one module computing every expert's weighted sum): each expert's own output
+        comes from calling the module again on that expert's tokens alone, at weight 1."""
+
+        def hook(mod, args, kwargs, _out):
+            assert layer.selected is not None and layer.x is not None
+            given = list(args) + list(kwargs.values())
+            dense = len(given) > 2 and isinstance(given[2], torch.Tensor) and given[2].shape[-1] == layer.e != layer.top_k
+            for j in range(layer.e):
+                slots, tokens = torch.where((layer.selected == j).t())
+                if tokens.numel() == 0:
+                    continue
+                x = layer.x[tokens]
+                ids = torch.full((tokens.numel(), 1), j, dtype=layer.selected.dtype, device=x.device)
+                if dense:  # [T, E] routing weights (gpt-oss on transformers 4)
+                    ones = torch.zeros(tokens.numel(), layer.e, dtype=x.dtype, device=x.device)
+                    ones[:, j] = 1
+                else:
+                    ones = torch.ones(tokens.numel(), 1, dtype=x.dtype, device=x.device)
+                layer.add(j, tokens, slots, mod.forward(x, ids, ones))
 
         return hook
 

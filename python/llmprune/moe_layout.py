@@ -88,6 +88,8 @@ class PerExpert(nn.ModuleList):
 
 def _per_expert_names(conversions: list[Any]) -> tuple[str, str, str] | None:
     """(gate, up, down) names of one expert's linears on disk, from the converters that fuse them."""
+    if not conversions:
+        return None
     from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
     gate_up = down = None

@@ -282,13 +282,13 @@ def core_sparsegpt(weight: np.ndarray, gram: np.ndarray, **kw: Any) -> tuple[np.
     return _core.sparsegpt(weight, gram, **kw)
 
 
-def _moe_name(streamer: LayerStreamer, i: int, rel: str) -> str:
+def _moe_name(streamer: LayerStreamer, i: int, rel: str, router: str) -> str:
     """The checkpoint's name of MoE module `rel` of block i (found through its router's weight)."""
-    qual = f"{streamer.block_prefix(i)}.{rel}.gate.weight"
+    qual = f"{streamer.block_prefix(i)}.{rel}.{router}.weight"
     name = streamer.checkpoint_name(qual)
     if name is None:
         raise UsageError(f"tensor {qual} is missing from the checkpoint in {streamer.ckpt.dir}")
-    return name.removesuffix(".gate.weight")
+    return name.removesuffix(f".{router}.weight")
 
 
 def token_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -415,7 +415,7 @@ def collect_stats(
             # before the stats hooks: on block 0 it runs the first window once to see shared inputs
             gram_hooks = grams.block(i, hidden) if grams is not None else None
             hooks = _BlockHooks(prunable, streamer.device)
-            moe_hooks = ExpertHooks(streamer.blocks[i], lambda rel, i=i: _moe_name(streamer, i, rel), streamer.device)
+            moe_hooks = ExpertHooks(streamer.blocks[i], lambda rel, router, i=i: _moe_name(streamer, i, rel, router), streamer.device)
             bar.phase(f"block {i}")
             try:
                 for j in range(n):

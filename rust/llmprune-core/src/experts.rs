@@ -10,8 +10,10 @@
 //! gets the new expert count (`num_local_experts`, `num_experts` or `n_routed_experts`).
 //!
 //! Layouts: one module per expert, `<moe>.experts.<j>.<...>`, beside the router `<moe>.gate.*`
-//! (Mixtral's `block_sparse_moe`, Qwen2-MoE / Qwen3-MoE / OLMoE's `mlp`). Fused 3-D expert tensors
-//! and group-limited routers (DeepSeek-V3's `n_group` > 1) are refused by name.
+//! (Mixtral's `block_sparse_moe`, Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3's `mlp`); or fused
+//! tensors with the experts on the leading axis, `<moe>.experts.<param>` [experts, ...], beside
+//! `<moe>.router.*` (gpt-oss, including its MXFP4 `_blocks` / `_scales`), whose kept rows are copied
+//! byte for byte in order. Group-limited routers (DeepSeek-V3's `n_group` > 1) are refused.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -120,6 +122,7 @@ fn fate(name: &str, shape: &[usize], plans: &BTreeMap<String, Vec<Option<usize>>
             continue;
         }
         let e = &map.len();
+        let kept = || (0..*e).filter(|&j| map[j].is_some()).collect::<Vec<_>>();
         if let Some((j, tail)) = expert_part(name, moe) {
             return Ok(match map.get(j).copied().flatten() {
                 Some(new) => Fate::Copy(format!("{moe}.experts.{new}.{tail}")),
@@ -127,14 +130,15 @@ fn fate(name: &str, shape: &[usize], plans: &BTreeMap<String, Vec<Option<usize>>
                 None => return Err(Error::arg(format!("{name}: expert {j} is beyond the {e} experts the statistics know"))),
             });
         }
-        if name.starts_with(&format!("{moe}.experts.")) {
-            return Err(Error::arg_hint(format!("{name}: fused expert tensors are not supported yet"), "only checkpoints with one module per expert can lose experts"));
-        }
-        if name.starts_with(&format!("{moe}.gate.")) {
+        // fused expert tensors ([experts, ...]: gpt-oss's gate_up_proj, its biases, MXFP4 blocks and
+        // scales) and the router's rows (`gate.*` or `router.*`: weight, bias, score correction)
+        let fused = name.starts_with(&format!("{moe}.experts."));
+        if fused || name.starts_with(&format!("{moe}.gate.")) || name.starts_with(&format!("{moe}.router.")) {
             if shape.first() == Some(e) {
-                return Ok(Fate::Rows(name.to_string(), (0..*e).filter(|&j| map[j].is_some()).collect()));
+                return Ok(Fate::Rows(name.to_string(), kept()));
             }
-            return Err(Error::arg(format!("{name} has shape {shape:?}; a router tensor needs {e} rows")));
+            let what = if fused { "a fused expert tensor" } else { "a router tensor" };
+            return Err(Error::arg(format!("{name} has shape {shape:?}; {what} needs {e} rows, one per expert")));
         }
     }
     Ok(Fate::Copy(name.to_string()))
@@ -182,8 +186,11 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
         let saliency = opts.method.saliency(st);
         let map = renumbering(e, &lowest(&saliency, remove));
         let kept: Vec<usize> = (0..e).filter(|&j| map[j].is_some()).collect();
-        if !run.ckpt.tensors().any(|(_, t)| expert_part(&t.name, moe).is_some()) {
-            return Err(Error::arg_hint(format!("no tensors {moe}.experts.<j>.* in the checkpoint: an MoE layout llmprune does not know"), "supported: one module per expert (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)"));
+        if !run.ckpt.tensors().any(|(_, t)| t.name.starts_with(&format!("{moe}.experts."))) {
+            return Err(Error::arg_hint(
+                format!("no tensors {moe}.experts.* in the checkpoint: an MoE layout llmprune does not know"),
+                "supported: one module per expert (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) or fused [experts, ...] tensors (gpt-oss)",
+            ));
         }
         layers.push(LayerResult { layer: moe.clone(), kept, saliency });
         plans.insert(moe.clone(), map);
@@ -242,5 +249,23 @@ mod tests {
         let e = ExpertStats { count: vec![0, 4], gate_sum: vec![0.0, 2.0], reap_sum: vec![0.0, 6.0], top_k: 1 };
         assert_eq!(ExpertMethod::Reap.saliency(&e), vec![0.0, 1.5]);
         assert_eq!(ExpertMethod::Frequency.saliency(&e), vec![0.0, 4.0]);
+    }
+
+    #[test]
+    fn fates_of_per_expert_fused_and_router_tensors() {
+        // 4 experts, 1 and 3 removed: 0 → 0, 2 → 1
+        let plans = BTreeMap::from([("m.layers.0.mlp".to_string(), vec![Some(0), None, Some(1), None])]);
+        let f = |name: &str, shape: &[usize]| fate(name, shape, &plans);
+        assert!(matches!(f("m.layers.0.mlp.experts.2.w1.weight", &[8, 4]).unwrap(), Fate::Copy(n) if n == "m.layers.0.mlp.experts.1.w1.weight"));
+        assert!(matches!(f("m.layers.0.mlp.experts.3.w1.weight", &[8, 4]).unwrap(), Fate::Drop));
+        assert!(f("m.layers.0.mlp.experts.7.w1.weight", &[8, 4]).is_err());
+        for name in ["m.layers.0.mlp.experts.gate_up_proj_blocks", "m.layers.0.mlp.router.bias", "m.layers.0.mlp.gate.e_score_correction_bias"] {
+            assert!(matches!(f(name, &[4, 2, 3]).unwrap(), Fate::Rows(n, rows) if n == name && rows == vec![0, 2]), "{name}");
+        }
+        assert!(f("m.layers.0.mlp.experts.gate_up_proj", &[5, 2, 3]).unwrap_err().to_string().contains("one per expert"));
+        assert!(f("m.layers.0.mlp.gate.weight", &[3, 8]).is_err());
+        // shared experts and other tensors are copied
+        assert!(matches!(f("m.layers.0.mlp.shared_experts.up_proj.weight", &[8, 4]).unwrap(), Fate::Copy(_)));
+        assert!(matches!(f("m.layers.1.mlp.experts.0.w1.weight", &[8, 4]).unwrap(), Fate::Copy(_)));
     }
 }

@@ -14,12 +14,25 @@ use crate::output::{layout_header, write_config, StagingDir};
 use crate::run::{Progress, Run};
 
 /// What happens to one input tensor.
+#[derive(Debug)]
 pub enum Fate {
     /// Copied byte for byte under this name.
     Copy(String),
     Drop,
     /// These rows (leading-axis slices, in this order) under this name.
     Rows(String, Vec<usize>),
+}
+
+/// `rows` as (first, count) runs of consecutive indices, in order.
+fn runs(rows: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &r in rows {
+        match out.last_mut() {
+            Some((start, len)) if *start + *len == r => *len += 1,
+            _ => out.push((r, 1)),
+        }
+    }
+    out
 }
 
 /// The `n` indices with the lowest score, ties lower index first; ascending.
@@ -99,14 +112,12 @@ pub fn write(
                     (Some(new), t.numel())
                 }
                 Fate::Rows(new, rows) => {
+                    // straight from the map, one write per run of consecutive rows: a fused expert
+                    // tensor of gigabytes is never buffered
                     let row = t.nbytes() / t.shape[0];
-                    out.fill(|buf| {
-                        buf.clear();
-                        for &r in rows {
-                            buf.extend_from_slice(&data[r * row..(r + 1) * row]);
-                        }
-                        Ok(())
-                    })?;
+                    for (start, len) in runs(rows) {
+                        out.copy(&data[start * row..(start + len) * row])?;
+                    }
                     (Some(new), t.numel() / t.shape[0] * rows.len())
                 }
             };
@@ -127,6 +138,13 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_of_consecutive_rows() {
+        assert_eq!(runs(&[0, 1, 2, 5, 6, 9]), vec![(0, 3), (5, 2), (9, 1)]);
+        assert_eq!(runs(&[3]), vec![(3, 1)]);
+        assert!(runs(&[]).is_empty());
+    }
 
     #[test]
     fn lowest_ties_lower_index_first() {

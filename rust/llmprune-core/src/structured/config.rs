@@ -3,7 +3,9 @@
 //! Sizes every layer shares go into the stock fields, so transformers builds the right modules:
 //! LLaMA gets `num_attention_heads`, `num_key_value_heads`, `intermediate_size` and an explicit
 //! `head_dim` (the head size no longer follows from hidden_size / heads), plus `attention_bias` /
-//! `mlp_bias` when biases were added. OPT derives its head size from hidden_size / heads, so a
+//! `mlp_bias` when biases were added. transformers 5's LLaMA and Gemma 2/3 configs refuse a head
+//! count that does not divide hidden_size, explicit head_dim or not, so such an output is left to
+//! `llmprune.load_pruned`. OPT derives its head size from hidden_size / heads, so a
 //! checkpoint with heads removed cannot be described by a stock OPT config.
 //!
 //! Every output also records its per-layer sizes under `llmprune.structured.layers`, and
@@ -35,15 +37,20 @@ pub fn layer_shapes(rules: &Rules, plans: &[LayerPlan]) -> Vec<LayerShape> {
         .collect()
 }
 
-/// True when a stock transformers config can describe every layer.
+/// Model types whose transformers 5 config refuses a head count that does not divide hidden_size,
+/// even with an explicit head_dim.
+const HEADS_DIVIDE_HIDDEN: [&str; 4] = ["llama", "gemma2", "gemma3", "gemma3_text"];
+
+/// True when a stock transformers config (4.x and 5.x) can describe every layer.
 pub fn stock_loadable(rules: &Rules, shapes: &[LayerShape]) -> bool {
     let uniform = shapes.windows(2).all(|w| w[0] == w[1]);
+    let field = |k: &str| rules.config.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
     match rules.family {
-        Family::Llama => uniform,
-        Family::Opt => {
-            let heads = rules.config.get("num_attention_heads").and_then(Value::as_u64).unwrap_or(0) as usize;
-            uniform && shapes.iter().all(|s| s.num_attention_heads == heads)
+        Family::Llama => {
+            let strict = rules.config.get("model_type").and_then(Value::as_str).is_some_and(|t| HEADS_DIVIDE_HIDDEN.contains(&t));
+            uniform && !(strict && shapes.iter().any(|s| s.num_attention_heads == 0 || field("hidden_size") % s.num_attention_heads != 0))
         }
+        Family::Opt => uniform && shapes.iter().all(|s| s.num_attention_heads == field("num_attention_heads")),
     }
 }
 
