@@ -1,7 +1,9 @@
 """MoE expert pruning (`stats` routing statistics, `apply --method reap|frequency`) on tiny Mixtral,
-Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models built from configs: the statistics against a
-dense whole-model reference, the pruned model's logits against the original's with the removed
-experts' router logits at -inf, FP8 expert tensors copied bit for bit, and bad input."""
+Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE, DeepSeek-V2/V3 (shared expert; V3's sigmoid router with
+its score correction) and gpt-oss (experts fused on disk) models built from configs, under whichever
+transformers major is installed (`make test` runs both): the statistics against a dense reference
+computed from the checkpoint's tensors, the pruned model's logits against the original's with the
+removed experts never routed to, FP8 expert tensors copied bit for bit, and bad input."""
 
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ ARCHS: dict[str, tuple[str, dict[str, Any], str, str, str, tuple[str, str, str]]
                                              topk_group=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
                                              qk_nope_head_dim=8, v_head_dim=16, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4),
                     "mlp", "n_routed_experts", "sigmoid", SWIGLU),
+    # DeepSeek-V2: softmax router, greedy top-k scaled (not renormalized), a shared expert; transformers 4 gathers
+    # each expert's tokens in argsort order
+    "deepseek_v2": ("DeepseekV2Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, n_group=1,
+                                             topk_group=1, topk_method="greedy", first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=False,
+                                             num_key_value_heads=4),
+                    "mlp", "n_routed_experts", "softmax", SWIGLU),
     # gpt-oss: fused [experts, ...] tensors on disk, a `router` with a bias, top-k of the logits then
     # softmax over them, biased experts with a clamped GLU
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=32, num_local_experts=8, head_dim=16, sliding_window=8), "mlp", "num_local_experts", "logit-topk", ()),
@@ -66,7 +75,7 @@ def reference_route(arch: str, logits: torch.Tensor, bias: torch.Tensor | None, 
     if ARCHS[arch][4] == "softmax":
         logits[:, list(removed)] = float("-inf")
         w, ids = torch.topk(torch.softmax(logits, -1), 2, dim=-1)
-        return (w / w.sum(-1, keepdim=True) if normalize else w), ids
+        return (w / w.sum(-1, keepdim=True) if normalize else w) * cfg.get("routed_scaling_factor", 1.0), ids
     scores = torch.sigmoid(logits)
     choice = scores + bias.double()
     choice[:, list(removed)] = float("-inf")
@@ -218,7 +227,7 @@ def test_pruned_model_equals_masked_router(run_cli, moe_dir, tmp_path, arch, met
             logits = torch.nn.functional.linear(x.float(), gate.weight.float(), b.float() if isinstance(b, torch.Tensor) else None)
             if isinstance(out, torch.Tensor):  # transformers 4 softmax routers return logits only
                 return logits.index_fill(1, torch.tensor(r), float("-inf"))
-            w, ids = reference_route(arch, logits, bias, removed=r, normalize=getattr(gate, "norm_topk_prob", True))
+            w, ids = reference_route(arch, logits, bias, removed=r, normalize=ARCHS[arch][1].get("norm_topk_prob", getattr(gate, "norm_topk_prob", True)))
             if len(out) == 3:  # transformers 5: (logits, weights, ids)
                 return logits.index_fill(1, torch.tensor(r), float("-inf")), w.float(), ids
             if out[0].is_floating_point():  # gpt-oss on transformers 4: (scores [T, E], ids)
@@ -247,11 +256,21 @@ def test_pruned_model_equals_masked_router(run_cli, moe_dir, tmp_path, arch, met
                 assert R.bits(after[k]).tobytes() == R.bits(t)[layer["kept"]].tobytes(), k
 
 
+def relabel_sidecar(sidecar: Path, model: Path, rename: tuple[str, str] = ("", "")) -> None:
+    """A copy of `sidecar` in `model`, its fingerprint and tensor table rewritten for that checkpoint
+    (and `rename` applied to the names of its per-layer statistics)."""
+    from safetensors.numpy import load_file, save_file
+
+    text = R.read_header(sidecar)[0]["__metadata__"]["llmprune"]
+    meta = json.loads(text.replace(*rename) if rename[0] else text)
+    meta["model_fingerprint"], meta["model_tensors"] = R.fingerprint_and_tensors(model)
+    arrays = {k.replace(*rename) if rename[0] else k: v for k, v in load_file(str(sidecar)).items()}
+    save_file(arrays, str(model / "llmprune-stats.safetensors"), metadata={"llmprune": json.dumps(meta)})
+
+
 def test_fp8_experts_copied_bit_for_bit(run_cli, moe_dir, tmp_path):
     """Expert weights stored as F8_E4M3 with per-expert scale tensors: the core copies what it keeps
     without decoding it (the sidecar is the BF16 model's, relabelled for the FP8 checkpoint)."""
-    from safetensors.numpy import load_file, save_file
-
     src = tmp_path / "src" / "tiny"
     shutil.copytree(moe_dir("mixtral"), src)
     sidecar = stats_cli(run_cli, src)
@@ -267,13 +286,7 @@ def test_fp8_experts_copied_bit_for_bit(run_cli, moe_dir, tmp_path):
     from safetensors.torch import save_file as save_torch
 
     save_torch({k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in tensors.items()}, str(fp8 / "model.safetensors"))
-    # relabel the sidecar for the FP8 checkpoint
-    fp, described = R.fingerprint_and_tensors(fp8)
-    header = R.read_header(sidecar)[0]
-    meta = json.loads(header["__metadata__"]["llmprune"])
-    meta["model_fingerprint"], meta["model_tensors"] = fp, described
-    arrays = load_file(str(sidecar))
-    save_file(arrays, str(fp8 / "llmprune-stats.safetensors"), metadata={"llmprune": json.dumps(meta)})
+    relabel_sidecar(sidecar, fp8)
 
     out = tmp_path / "out"
     code, stdout, err = run_cli(["apply", fp8, "--method", "reap", "--sparsity", "0.5", "--out", out, "--json"])
@@ -326,6 +339,16 @@ def test_bad_input(run_cli, moe_dir, tmp_path):
         ([model, "--method", "wanda", "--sparsity", "0.5", "--experts-keep", "4"], "--experts-keep", None),
         ([model, "--method", "reap", "--sparsity", "0.5", "--refine", "dsnot"], "do not apply", None),
     ]
+    # an MoE layout llmprune does not know: the experts' tensors are not under <moe>.experts.*
+    odd = tmp_path / "odd" / "tiny"
+    shutil.copytree(model, odd)
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+    renamed = {k.replace(".experts.", ".moe_experts."): v for k, v in load_torch(str(odd / "model.safetensors")).items()}
+    save_torch(renamed, str(odd / "model.safetensors"))
+    relabel_sidecar(model / "llmprune-stats.safetensors", odd, rename=(".experts.", ".moe_experts."))
+    cases.append(([odd, "--method", "reap", "--sparsity", "0.5"], "an MoE layout llmprune does not know", "supported: one module per expert"))
+    before = tree_hashes(tmp_path)
     for args, needle, hint in cases:
         code, stdout, stderr = run_cli(["apply", *args, "--out", tmp_path / "out"])
         assert_clean_error(code, stdout, stderr, contains=needle, hint_contains=hint)

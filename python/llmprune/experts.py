@@ -14,8 +14,8 @@ of the logits) is taken as it is.
 Experts one module each (transformers 4, and transformers 5's fused modules put back into that form
 by moe_layout.py when the checkpoint stores one tensor set per expert): each expert's inputs and
 outputs come from a hook on the expert, as the model itself calls it — nothing is computed twice;
-which token an expert row belongs to follows the routing (slot by slot as transformers' per-expert
-loops gather tokens, or token by token as DeepSeek's does), checked against the rows received.
+which token an expert row belongs to is found by matching the rows received against the tokens the
+router sent (models gather them slot by slot, token by token, or sorted).
 Experts stored fused on disk too (gpt-oss's [experts, ...] tensors): the module computes only the
 weighted sum, so each expert's output is had by calling the module once more on that expert's
 tokens alone at weight 1 (one extra pass over the routed tokens); its per-expert linears have no
@@ -102,6 +102,20 @@ class _Layer:
         self.reap_sum[j] += float((g * norms).sum())
 
 
+def _row_order(x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor | None:
+    """The permutation p with x == routed[p] (the order in which the model gathered the routed tokens:
+    slot by slot, token by token, or sorted), or None when x is not a reordering of `routed`."""
+    if x.shape != routed.shape:
+        return None
+    p = torch.arange(x.shape[0], device=x.device)
+    if torch.equal(x, routed):
+        return p
+    probe = torch.linspace(1.0, 2.0, x.shape[-1], dtype=torch.float64, device=x.device)
+    a, b = torch.argsort(x.double() @ probe), torch.argsort(routed.double() @ probe)
+    p[a] = b  # row a[i] of x is row b[i] of routed
+    return p if torch.equal(x, routed[p]) else None
+
+
 class ExpertHooks:
     """Hooks on the MoE modules of one decoder block; `results()` once the block has run."""
 
@@ -158,15 +172,14 @@ class ExpertHooks:
         def hook(_mod, args, out):
             assert layer.selected is not None and layer.weights is not None and layer.x is not None
             x = args[0].reshape(-1, args[0].shape[-1])
-            routed = layer.selected == j
-            for slots, tokens in (torch.where(routed.t()), torch.where(routed)[::-1]):  # slot-major, token-major
-                if x.shape[0] == tokens.numel() and torch.equal(x, layer.x[tokens].to(x.dtype)):
-                    break
-            else:
-                raise UsageError("this MoE layer gathers its experts' tokens in an order llmprune does not know")
-            if tokens.numel() == 0:  # some models call every expert, routed to or not
+            slots, tokens = torch.where((layer.selected == j).t())
+            if tokens.numel() == 0 and x.shape[0] > 0:  # some models call every expert, routed to or not
                 return
-            layer.add(j, tokens, slots, out)
+            order = _row_order(x, layer.x[tokens].to(x.dtype))
+            if order is None:
+                raise UsageError("an MoE expert received rows that are not the tokens its router sent it; this MoE layer is not supported")
+            if tokens.numel():
+                layer.add(j, tokens[order], slots[order], out)
 
         return hook
 
