@@ -40,9 +40,12 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "deepseek_v3": ("DeepseekV3Config", dict(MOE, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1,
                                              first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                              v_head_dim=16, num_key_value_heads=8)),
+    "deepseek_v2": ("DeepseekV2Config", dict(MOE, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1,
+                                             topk_method="greedy", first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=8)),
     "gpt_oss": ("GptOssConfig", dict(MOE, num_local_experts=4, head_dim=16, sliding_window=8)),
 }
-MOE_ARCHS = ("deepseek_v3", "gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+MOE_ARCHS = ("deepseek_v2", "deepseek_v3", "gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 FUSED_ON_DISK = ("gpt_oss",)  # experts stored as [experts, ...] tensors: no per-expert linears to measure
 BUILT = {"opt": H.tiny_opt_dir, "gpt2": H.tiny_gpt2_dir}
 ARCHS = sorted([*CONFIGS, *BUILT])

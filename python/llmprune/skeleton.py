@@ -4,6 +4,7 @@ decoder blocks and prunable linear layers are."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,18 @@ def resize_modules(model: nn.Module, config: Any) -> None:
         heads, kv, inter = size["num_attention_heads"], size["num_key_value_heads"], size["intermediate_size"]
         attn = block.self_attn
         q_out, kv_out = heads * head_dim, kv * head_dim
-        if family == "llama":
+        if family == "llama" and hasattr(attn, "qkv_proj"):  # Phi-3: fused qkv_proj and gate_up_proj
+            hidden = attn.qkv_proj.in_features
+            attn.qkv_proj = _resized(attn.qkv_proj, hidden, q_out + 2 * kv_out)
+            attn.o_proj = _resized(attn.o_proj, q_out, attn.o_proj.out_features)
+            # its forward splits qkv at config.num_attention_heads * head_dim: each layer its own config
+            attn.config = copy.copy(attn.config)
+            attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv
+            attn.num_key_value_heads, attn.num_key_value_groups = kv, heads // kv
+            mlp = block.mlp
+            mlp.gate_up_proj = _resized(mlp.gate_up_proj, hidden, 2 * inter)
+            mlp.down_proj = _resized(mlp.down_proj, inter, mlp.down_proj.out_features)
+        elif family == "llama":
             hidden = attn.q_proj.in_features
             attn.q_proj = _resized(attn.q_proj, hidden, q_out)
             attn.k_proj = _resized(attn.k_proj, hidden, kv_out)

@@ -222,14 +222,6 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         ));
     }
     let shapes = config::layer_shapes(&rules, &plans);
-    let fused = rules.layers.iter().any(|l| l.attn.inputs.iter().any(|t| t.row_offset > 0));
-    if fused && !config::stock_loadable(&rules, &shapes) {
-        // Phi-3's attention splits its fused qkv by the config's head counts, the same in every layer
-        return Err(Error::arg_hint(
-            format!("{} layers of different widths cannot be loaded: its attention splits the fused qkv_proj by the config's head counts", rules.model_type),
-            "pass --allocation uniform",
-        ));
-    }
     let params_removed: u64 = plans.iter().zip(&scores).zip(&budgets).map(|((p, s), b)| p.removed_params(s, b)).sum();
     let (block_before, model_before) = count_params(ckpt, &rules);
 
