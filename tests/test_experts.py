@@ -354,3 +354,71 @@ def test_bad_input(run_cli, moe_dir, tmp_path):
         assert_clean_error(code, stdout, stderr, contains=needle, hint_contains=hint)
         assert tree_hashes(tmp_path) == before, args
         assert "out" not in listing(tmp_path)
+
+
+FP4_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An in-memory gpt-oss expert tensor [E, in, out] as OCP MXFP4 on disk: blocks U8 [E, out, in/32,
+    16] (two FP4 codes a byte, low nibble first) and scales U8 [E, out, in/32] (2^(s-127))."""
+    x = np.ascontiguousarray(np.swapaxes(w, 1, 2), dtype=np.float64)  # [E, R, in]
+    e, r, n = x.shape
+    groups = x.reshape(e, r, n // 32, 32)
+    amax = np.maximum(np.abs(groups).max(-1, keepdims=True), 1e-30)
+    exp = np.ceil(np.log2(amax / 6.0))
+    codes = np.abs(groups / 2.0**exp)[..., None] - FP4_GRID[None, None, None, None, :8]
+    code = np.abs(codes).argmin(-1) + 8 * (groups < 0)
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (exp[..., 0] + 127).astype(np.uint8)
+
+
+def dequantize_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    codes = np.stack((blocks & 0x0F, blocks >> 4), axis=-1).reshape(*blocks.shape[:3], 32)
+    values = FP4_GRID[codes] * 2.0 ** (scales.astype(np.float64) - 127)[..., None]
+    return np.ascontiguousarray(np.swapaxes(values.reshape(blocks.shape[0], blocks.shape[1], -1), 1, 2))
+
+
+def test_mxfp4_gpt_oss(run_cli, moe_dir, tmp_path):
+    """gpt-oss as the hub ships it, experts in MXFP4: `stats` reads the blocks and scales as the
+    dequantized tensors (statistics equal those of the dequantized float checkpoint), and expert
+    pruning copies the kept experts' blocks and scales bit for bit."""
+    from safetensors.numpy import save_file
+
+    src = moe_dir("gpt_oss")
+    tensors = {k: R.to_f32(t) for k, t in R.read_checkpoint(src)[0].items()}
+    packed, dense = {}, {}
+    for k, v in tensors.items():
+        if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
+            blocks, scales = quantize_mxfp4(v)
+            packed[k + "_blocks"], packed[k + "_scales"] = blocks, scales
+            dense[k] = dequantize_reference(blocks, scales).astype(np.float32)
+        else:
+            packed[k] = dense[k] = v
+    dirs = {}
+    for name, ts in (("mxfp4", packed), ("dense", dense)):
+        d = tmp_path / name / "tiny"
+        shutil.copytree(src, d)
+        (d / "llmprune-stats.safetensors").unlink(missing_ok=True)
+        save_file(ts, str(d / "model.safetensors"))
+        dirs[name] = d
+    cfg = json.loads((dirs["mxfp4"] / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dirs["mxfp4"] / "config.json").write_text(json.dumps(cfg))
+    ids = R.random_samples(3, 20, vocab=256, seed=1)
+    got, want = collect_stats(dirs["mxfp4"], ids, device="cpu"), collect_stats(dirs["dense"], ids, device="cpu")
+    assert sorted(got.experts) == sorted(want.experts) and len(got.experts) == 2
+    for m, w in want.experts.items():
+        assert got.experts[m]["count"] == w["count"]
+        np.testing.assert_allclose(got.experts[m]["reap_sum"], w["reap_sum"], rtol=1e-6)
+    assert sorted(got.layers) == sorted(want.layers)
+
+    stats_cli(run_cli, dirs["mxfp4"])
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["apply", dirs["mxfp4"], "--method", "reap", "--experts-keep", "5", "--out", out, "--json"])
+    assert code == 0, err
+    after, _ = R.read_checkpoint(out)
+    for layer in json.loads(stdout)["layers"]:
+        for k, v in packed.items():
+            if k.startswith(layer["layer"] + ".experts.") or k.startswith(layer["layer"] + ".router."):
+                assert R.bits(after[k]).tobytes() == np.ascontiguousarray(v[layer["kept"]]).view(np.uint8 if v.dtype == np.uint8 else np.uint32).tobytes(), k

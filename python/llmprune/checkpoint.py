@@ -38,11 +38,22 @@ class Checkpoint:
         self.entries: dict[str, tuple[str, str, tuple[int, ...]]] = {
             name: (f, dtype, tuple(shape)) for name, (f, dtype, shape) in doc["tensors"].items()
         }
+        # MXFP4 pairs (gpt-oss's experts): X_blocks U8 [E, R, G, 16] and X_scales U8 [E, R, G] are read as
+        # the dequantized X [E, G·32, R], the layout the model holds in memory
+        self.mxfp4: dict[str, tuple[str, str]] = {}
+        for name, (_, dtype, shape) in self.entries.items():
+            base = name.removesuffix("_blocks")
+            scales = self.entries.get(base + "_scales")
+            if base != name and dtype == "U8" and len(shape) == 4 and scales is not None and scales[2] == shape[:3] and base not in self.entries:
+                self.mxfp4[base] = (name, base + "_scales")
 
     def __contains__(self, name: str) -> bool:
-        return name in self.entries
+        return name in self.entries or name in self.mxfp4
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.mxfp4:
+            e, r, g, b = self.entries[self.mxfp4[name][0]][2]
+            return (e, g * b * 2, r)
         return self.entries[name][2]
 
     def float_dtype(self) -> torch.dtype:
@@ -60,8 +71,10 @@ class Checkpoint:
         """
         from safetensors import safe_open
 
+        names = list(names)
+        packed = {n: self.mxfp4[n] for n in names if n in self.mxfp4}
         by_file: dict[str, list[str]] = {}
-        for n in names:
+        for n in [n for n in names if n not in packed] + [p for pair in packed.values() for p in pair]:
             by_file.setdefault(self.entries[n][0], []).append(n)
         out: dict[str, torch.Tensor] = {}
         for f, ns in by_file.items():
@@ -71,4 +84,25 @@ class Checkpoint:
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
                     out[n] = t
+        for n, (blocks, scales) in packed.items():
+            out[n] = dequantize_mxfp4(out.pop(blocks), out.pop(scales), dtype or torch.bfloat16)
         return out
+
+
+# the 16 values of an FP4 (E2M1) code, low nibble first in each byte
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """OCP MXFP4: blocks U8 [E, R, G, 16] hold 32 FP4 codes per group (two per byte, low nibble
+    first), scales U8 [E, R, G] the group's power of two (E8M0, bias 127). Returns [E, G·32, R], one
+    expert at a time (never the whole float tensor's intermediates at once)."""
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32, device=blocks.device)
+    e, r, g, b = blocks.shape
+    out = torch.empty(e, g * b * 2, r, dtype=dtype, device=blocks.device)
+    for j in range(e):
+        codes = torch.stack((blocks[j] & 0x0F, blocks[j] >> 4), dim=-1).long()  # [R, G, 16, 2]
+        values = lut[codes].reshape(r, g, b * 2)
+        values = torch.ldexp(values, (scales[j].to(torch.int32) - 127).unsqueeze(-1))
+        out[j] = values.reshape(r, g * b * 2).t().to(dtype)
+    return out
