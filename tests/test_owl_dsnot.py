@@ -186,6 +186,28 @@ def test_compensation_of_existing_biases_and_shards(run_cli, tiny_models, tmp_pa
         assert np.allclose(R.to_f32(after[bias]), want, rtol=1e-5, atol=1e-6), bias
 
 
+def test_compensation_of_conv1d_weights(run_cli, tmp_path):
+    """GPT-2's Conv1D weights are stored [in, out]: each output's bias gains Σ_in (W − W')[in, out] μ[in]."""
+    import stats_helpers as H
+
+    from llmprune import sidecar
+    from llmprune.stats import collect_stats
+
+    model = H.tiny_gpt2_dir(tmp_path / "m" / "tiny", dtype="float32")
+    res = collect_stats(model, R.random_samples(3, 16, vocab=256, seed=2), device="cpu")
+    sidecar.write(model / sidecar.SIDECAR_NAME, model, res.layers, calibration={"source": "ids", "nsamples": 3, "seqlen": 16, "seed": 2, "tokens": 48})
+    out = tmp_path / "o"
+    s = apply_json(run_cli, model, out, "--method", "wanda", "--sparsity", "0.5", "--compensate")
+    assert s["bias_params_added"] == 0 and s["biases_compensated"] == len(res.layers) > 0
+    before, _ = R.read_checkpoint(model)
+    after, _ = R.read_checkpoint(out)
+    for name, st in res.layers.items():
+        mu = np.asarray(st.act_sum) / st.act_count
+        bias = name.replace(".weight", ".bias")
+        want = compensated_bias(R.to_f32(before[name]).T, R.to_f32(after[name]).T, mu, R.to_f32(before[bias]))
+        assert np.allclose(R.to_f32(after[bias]), want, rtol=1e-5, atol=1e-6), bias
+
+
 # --------------------------------------------------------------------------------------------
 # Sequential statistics with OWL / DSnoT
 # --------------------------------------------------------------------------------------------

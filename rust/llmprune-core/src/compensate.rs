@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::allocation::block_index;
 use crate::checkpoint::{Checkpoint, TensorEntry};
-use crate::dtype::decode;
+use crate::dtype::decode_into;
 use crate::error::{Error, Result};
 use crate::prunable::Prunable;
 
@@ -114,22 +114,35 @@ pub fn plan(ckpt: &Checkpoint, config: &serde_json::Map<String, Value>, pruned: 
 }
 
 /// (W − W') μ per output row, for a weight stored as `t` (input axis `input_axis`), from its
-/// original and new bytes.
+/// original and new bytes, decoded one stored row at a time (never a whole f32 copy).
 pub fn bias_delta(t: &TensorEntry, original: &[u8], new: &[u8], input_axis: usize, mu: &[f64]) -> Vec<f64> {
-    let a = decode(t.dtype, original);
-    let b = decode(t.dtype, new);
-    let (r, c) = (t.shape[0], t.shape[1]);
+    let c = t.shape[1];
+    let row_bytes = original.len() / t.shape[0];
+    let rows = || original.chunks_exact(row_bytes).zip(new.chunks_exact(row_bytes));
+    let decoded = |a: &[u8], b: &[u8], buf: &mut (Vec<f32>, Vec<f32>)| {
+        decode_into(t.dtype, a, &mut buf.0);
+        decode_into(t.dtype, b, &mut buf.1);
+    };
     if input_axis == 1 {
-        (0..r)
+        rows()
+            .collect::<Vec<_>>()
             .into_par_iter()
-            .map(|i| (0..c).map(|j| (a[i * c + j] as f64 - b[i * c + j] as f64) * mu[j]).sum())
+            .map_init(
+                || (vec![0f32; c], vec![0f32; c]),
+                |buf, (a, b)| {
+                    decoded(a, b, buf);
+                    buf.0.iter().zip(&buf.1).zip(mu).map(|((&x, &y), &m)| (x as f64 - y as f64) * m).sum()
+                },
+            )
             .collect()
     } else {
         // stored [in, out]: row i is input channel i
         let mut d = vec![0f64; c];
-        for i in 0..r {
-            for (o, dv) in d.iter_mut().enumerate() {
-                *dv += (a[i * c + o] as f64 - b[i * c + o] as f64) * mu[i];
+        let mut buf = (vec![0f32; c], vec![0f32; c]);
+        for ((a, b), &m) in rows().zip(mu) {
+            decoded(a, b, &mut buf);
+            for ((dv, &x), &y) in d.iter_mut().zip(&buf.0).zip(&buf.1) {
+                *dv += (x as f64 - y as f64) * m;
             }
         }
         d
