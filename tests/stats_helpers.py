@@ -185,11 +185,13 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def sequential_reference(model_dir: Path, samples, method: str, sparsity=None, pattern=None) -> dict[str, dict[str, Any]]:
+def sequential_reference(model_dir: Path, samples, method: str, sparsity=None, pattern=None, compensate: bool = False) -> dict[str, dict[str, Any]]:
     """Stats of block i taken with blocks 0..i-1 already pruned (whole model in memory, float32 CPU).
 
     Block by block: forward all samples through the full model with hooks on block i's linears,
     prune block i with reference_mask, go on. Masks are computed from the checkpoint's weights.
+    With `compensate` (a LLaMA model, whose every linear may carry a bias), each pruned linear's
+    bias gains (W − W')·μ, μ its input's mean over the samples, created at zero where missing.
     """
     import torch
     from transformers.pytorch_utils import Conv1D
@@ -210,6 +212,12 @@ def sequential_reference(model_dir: Path, samples, method: str, sparsity=None, p
                 axis = 0 if isinstance(mod, Conv1D) else 1
                 w2 = w.T if axis == 0 else w
                 mask = R.reference_mask(np.ascontiguousarray(w2), method, sparsity=sparsity, pattern=pattern, stats=stats[key], name=key)
+                if compensate:
+                    mu = np.asarray(stats[key]["act_sum"]) / stats[key]["act_count"]
+                    delta = torch.from_numpy(np.where(mask, w2.astype(np.float64), 0.0) @ mu).float()
+                    if mod.bias is None:
+                        mod.bias = torch.nn.Parameter(torch.zeros_like(delta))
+                    mod.bias += delta
                 if axis == 0:
                     mask = mask.T
                 mod.weight[torch.from_numpy(np.ascontiguousarray(mask))] = 0.0

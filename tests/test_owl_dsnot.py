@@ -213,6 +213,24 @@ def test_compensation_of_conv1d_weights(run_cli, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def test_sequential_compensation_is_recorded(run_cli, gram_model, tmp_path):
+    """stats --sequential --compensate records it; apply with the same flags reproduces the
+    algorithm (no warning), without --compensate it warns. (The statistics themselves are checked
+    against a whole-model reference in test_stats.py.)"""
+    model = copy_model(gram_model, tmp_path / "m")
+    seq = tmp_path / "seq.safetensors"
+    code, _, err = run_cli(["stats", model, "--sequential", "--method", "wanda", "--sparsity", "0.5", "--compensate",
+                            "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--out", seq])
+    assert code == 0 and "not compensated" not in err, err
+    assert json.loads(R.read_header(seq)[0]["__metadata__"]["llmprune"])["sequential"]["compensate"] is True
+    code, _, err = run_cli(["apply", model, "--method", "wanda", "--sparsity", "0.5", "--compensate", "--stats", seq, "--out", tmp_path / "a"])
+    assert code == 0 and "does not reproduce" not in err, err
+    code, _, err = run_cli(["apply", model, "--method", "wanda", "--sparsity", "0.5", "--stats", seq, "--out", tmp_path / "b"])
+    assert code == 0 and "bias compensation; pruning with wanda at 0.5 does not reproduce" in err, err
+    code, _, err = run_cli(["stats", model, "--compensate", "--out", tmp_path / "c.safetensors"])
+    assert_clean_error(code, "", err, contains="only apply with --sequential")
+
+
 def test_sequential_owl_records_the_dense_allocation(run_cli, gram_model, tmp_path):
     model = copy_model(gram_model, tmp_path / "m")
     seq = tmp_path / "seq.safetensors"

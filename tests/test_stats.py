@@ -142,6 +142,22 @@ def test_sequential_equals_block_by_block_reference(arch_dir, arch, method, spar
     assert all(v > 0 for v in res.pruned.values())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sequential_compensation_equals_reference(arch_dir, arch):
+    """--compensate: each pruned linear's bias gains (W − W')μ before the next block (LLaMA: biases
+    created; GPT-2: its Conv1D biases rewritten), as a whole-model reference does it."""
+    pytest.importorskip("llmprune._core")
+    path = arch_dir(arch)
+    ids = R.random_samples(3, 20, seed=6)
+    ref = H.sequential_reference(path, ids, "wanda", sparsity=0.5, compensate=True)
+    res = collect_stats(path, ids, device="cpu", sequential=Sequential("wanda", 0.5, compensate=True))
+    assert_stats_close(res.layers, ref)
+    assert res.uncompensated == []
+    plain = collect_stats(path, ids, device="cpu", sequential=Sequential("wanda", 0.5)).layers
+    late = [n for n in ref if ".1." in n]
+    assert any(not np.allclose(plain[n].act_sum, res.layers[n].act_sum, rtol=1e-4) for n in late)
+
+
 def test_sequential_with_core_masks(arch_dir):
     """The pass prunes with the core's compute_mask, the masks `apply` computes."""
     pytest.importorskip("llmprune._core")

@@ -80,6 +80,9 @@ def compute_mask(
 ) -> npt.NDArray[np.bool_]:
     """Mask (True = pruned) of a 2-D [out, in] float32 weight, exactly as `apply` computes it."""
 
+def compensation_flag(model_type: str, weight: str) -> str | None:
+    """The config flag that lets linear `weight` carry a bias it lacks (apply --compensate's rule)."""
+
 def inspect(model_dir: str, input_axis: int | None = None) -> str:
     """Per-tensor sparsity, N:M compliance and provenance of a checkpoint, as JSON (tensors in
     natural name order). input_axis None: from config.json (see default_input_axis)."""

@@ -163,6 +163,7 @@ def stats_cmd(
     dsnot_iters: DsnotItersOpt = None,
     dsnot_threshold: DsnotThresholdOpt = None,
     dsnot_skip: DsnotSkipOpt = None,
+    compensate: Annotated[bool, typer.Option("--compensate", help="--sequential: add each pruned linear's lost mean contribution to its bias, (W - W')·mean(x), before the next block, as apply --compensate does.")] = False,
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
 
@@ -192,13 +193,13 @@ def stats_cmd(
         refine_kw = {k: extras[k] for k in ("refine", "dsnot_iters", "dsnot_threshold", "dsnot_skip")} if refine is not None else None
         seq = Sequential(
             method, sp, pat, update=update, allocation=extras["allocation"], owl_m=owl_m, owl_lambda=owl_lambda,
-            block_sparsity=extras.get("block_sparsity"), refine=refine_kw,
+            block_sparsity=extras.get("block_sparsity"), refine=refine_kw, compensate=compensate,
         )
         if seq.reconstructs and not gram:
             raise UsageError(f"--sequential {method}{' --update' if update else ''} updates weights from each block's Gram matrices", hint="add --gram")
-    elif any(v is not None for v in (method, sparsity, pattern, allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip)) or update:
+    elif any(v is not None for v in (method, sparsity, pattern, allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip)) or update or compensate:
         raise UsageError(
-            "--method, --sparsity, --pattern, --update, --allocation, --owl-*, --refine and --dsnot-* only apply with --sequential",
+            "--method, --sparsity, --pattern, --update, --allocation, --owl-*, --refine, --dsnot-* and --compensate only apply with --sequential",
             hint="add --sequential, or drop them: dense statistics serve every method",
         )
 
@@ -268,6 +269,8 @@ def stats_cmd(
             f"{len(result.unreached)} linears saw no calibration token (e.g. {result.unreached[0]}: an expert nothing was routed to); "
             "they have no statistics, and unstructured methods leave them unpruned"
         )
+    if result.uncompensated:
+        warn(f"{len(result.uncompensated)} pruned linears have no bias their architecture can load (e.g. {result.uncompensated[0]}); they were not compensated")
     seconds = grad_result.seconds if grad_result is not None else result.seconds
     tps = result.tokens / seconds if seconds > 0 else 0.0
     summary = {

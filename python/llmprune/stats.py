@@ -50,6 +50,8 @@ class Sequential:
     block_sparsity: list[float] | None = None
     # DSnoT's keyword arguments for the core's compute_mask (refine="dsnot", ...), or None
     refine: dict[str, Any] | None = None
+    # bias compensation as apply --compensate does it, b += (W - W') mu, before the next block
+    compensate: bool = False
 
     @property
     def reconstructs(self) -> bool:
@@ -87,6 +89,8 @@ class Sequential:
         if self.refine is not None:
             meta["refine"] = "dsnot"
             meta["dsnot"] = self.dsnot_params()
+        if self.compensate:
+            meta["compensate"] = True
         return meta
 
 
@@ -105,6 +109,7 @@ class StatsResult:
     block_cos: BlockStats | None = None  # Σ cos(block input, block output) per block (Block Influence)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)  # MoE routing statistics (experts.py)
     unreached: list[str] = field(default_factory=list)  # linears no calibration token reached (MoE experts)
+    uncompensated: list[str] = field(default_factory=list)  # sequential --compensate: linears that cannot carry a bias
 
     @property
     def mode(self) -> str:
@@ -301,11 +306,12 @@ def token_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _prune_block(
     streamer: LayerStreamer, i: int, stats: dict[str, LayerStats], seq: Sequential, mask_fn: MaskFn, grams: dict[str, np.ndarray] | None = None
-) -> dict[str, int]:
+) -> tuple[dict[str, int], list[str]]:
     """Prune block i's weights in memory as `apply` would from these stats: zero them with the
     method's masks or, when the run reconstructs, through the core's SparseGPT sweep on the block's
-    Gram matrices `grams` (weight name -> H)."""
-    pruned = {}
+    Gram matrices `grams` (weight name -> H); with compensation, add (W − W')μ to each output bias.
+    Returns the weights zeroed per tensor and the pruned linears that cannot carry a bias."""
+    pruned, uncompensated = {}, []
     names = [name for name, _, _ in streamer.prunable(i)]
     # the checkpoint's own values (upcast exactly), whatever dtype the block runs in
     originals = streamer.ckpt.load(names, torch.device("cpu"), torch.float32)
@@ -332,23 +338,30 @@ def _prune_block(
             assert grams is not None
             target = {"mask": np.ascontiguousarray(mask, dtype=np.bool_)} if mask is not None else seq.block_target(i)
             new_w, mask, _ = core_sparsegpt(w_np, grams[name], **target)
-            new = torch.from_numpy(new_w)
-            with torch.no_grad():
-                mod.weight.copy_((new.t() if axis == 0 else new).to(mod.weight.device, mod.weight.dtype))
-            pruned[name] = int(mask.sum())
-            continue
-        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.bool_))
-        if axis == 0:
-            m = m.t()
+        else:
+            new_w = np.where(mask, np.float32(0), w_np)
+        new = torch.from_numpy(np.ascontiguousarray(new_w))
         with torch.no_grad():
-            mod.weight.masked_fill_(m.to(mod.weight.device), 0.0)
-        pruned[name] = int(m.sum())
-    return pruned
+            mod.weight.copy_((new.t() if axis == 0 else new).to(mod.weight.device, mod.weight.dtype))
+        pruned[name] = int(mask.sum())
+        if seq.compensate and not _compensate(streamer, i, mod, name, w_np, new_w, s):
+            uncompensated.append(name)
+    return pruned, uncompensated
 
 
-# --------------------------------------------------------------------------------------------
-# The pass
-# --------------------------------------------------------------------------------------------
+def _compensate(streamer: LayerStreamer, i: int, mod: torch.nn.Module, name: str, w: np.ndarray, new_w: np.ndarray, s: LayerStats) -> bool:
+    """b += (W − W')μ on linear `mod` (weights given [out, in]); a linear without a bias gets one
+    when its architecture's config flag allows it (apply --compensate's rule), else False."""
+    from llmprune._core import compensation_flag
+
+    delta = (w.astype(np.float64) - new_w.astype(np.float64)) @ (np.asarray(s.act_sum, dtype=np.float64) / s.act_count)
+    if mod.bias is None:
+        if compensation_flag(getattr(streamer.config, "model_type", ""), name) is None:
+            return False
+        streamer.add_block_parameter(i, mod, "bias", torch.zeros(delta.shape[0], device=mod.weight.device, dtype=mod.weight.dtype))
+    with torch.no_grad():
+        mod.bias.add_(torch.from_numpy(delta).to(mod.bias.device, mod.bias.dtype))
+    return True
 
 
 def collect_stats(
@@ -394,6 +407,7 @@ def collect_stats(
     layers: dict[str, LayerStats] = {}
     experts: dict[str, dict[str, Any]] = {}
     unreached: list[str] = []
+    uncompensated: list[str] = []
     pruned: dict[str, int] = {}
     grams = None
     if sequential is not None and sequential.reconstructs and gram is None:
@@ -443,7 +457,9 @@ def collect_stats(
             unreached.extend(name for name, _, _ in prunable if name not in block_stats)
             del hooks
             if sequential is not None:
-                pruned.update(_prune_block(streamer, i, block_stats, sequential, mask_fn, block_grams))
+                zeroed, skipped = _prune_block(streamer, i, block_stats, sequential, mask_fn, block_grams)
+                pruned.update(zeroed)
+                uncompensated.extend(skipped)
                 del block_grams
                 bar.phase(f"block {i} (pruned)")
                 for j in range(n):
@@ -476,6 +492,7 @@ def collect_stats(
         block_cos=block_cos,
         experts=experts,
         unreached=unreached,
+        uncompensated=uncompensated,
     )
 
 

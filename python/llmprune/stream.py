@@ -278,10 +278,19 @@ class LayerStreamer:
                 _set(mod, attr, t.to(self.device), False)
         self._saved[i] = saved
 
+    def add_block_parameter(self, i: int, mod: nn.Module, attr: str, value: torch.Tensor) -> None:
+        """Give a module of loaded block i a parameter it lacks (a compensation bias); free_block
+        removes it again."""
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        self._saved.setdefault(i, []).append((mod, attr, None, True))
+
     def free_block(self, i: int) -> None:
         """Drop block i's weights again (back to the meta device)."""
         for mod, attr, t, is_param in reversed(self._saved.pop(i, [])):
-            _set(mod, attr, t, is_param)
+            if t is None:  # added by add_block_parameter
+                mod._parameters[attr] = None
+            else:
+                _set(mod, attr, t, is_param)
 
     # ---- running -----------------------------------------------------------------------------
 

@@ -105,11 +105,12 @@ fn run_settings(opts: &ApplyOptions, update: bool) -> String {
         a => format!(", {} allocation", a.name()),
     };
     let refine = if opts.refine.is_some() { ", DSnoT" } else { "" };
-    format!("{} at {}{upd}{alloc}{refine}", opts.method.name(), opts.target.describe())
+    let comp = if opts.compensate { ", bias compensation" } else { "" };
+    format!("{} at {}{upd}{alloc}{refine}{comp}", opts.method.name(), opts.target.describe())
 }
 
 /// A warning when statistics taken sequentially (recorded in `meta`) came from another method,
-/// target, update, allocation or refinement than this run's, which then does not reproduce that
+/// target, update, allocation, refinement or compensation than this run's, which then does not reproduce that
 /// algorithm.
 fn sequential_warning(meta: &serde_json::Map<String, Value>, opts: &ApplyOptions, update: bool) -> Option<String> {
     let seq = crate::sidecar::sequential_of(meta)?;
@@ -138,12 +139,14 @@ fn sequential_warning(meta: &serde_json::Map<String, Value>, opts: &ApplyOptions
         None => their_refine.is_none(),
         Some(r) => their_refine == Some("dsnot") && seq.get("dsnot") == Some(&dsnot_meta(r)),
     };
-    if their_method != opts.method.name() || theirs != opts.target || their_update != update || !alloc_same || !refine_same {
+    let their_comp = seq.get("compensate").and_then(Value::as_bool).unwrap_or(false);
+    if their_method != opts.method.name() || theirs != opts.target || their_update != update || !alloc_same || !refine_same || their_comp != opts.compensate {
         let upd = if their_update { " with weight updates" } else { "" };
         let alloc = if their_alloc == "uniform" { String::new() } else { format!(", {their_alloc} allocation") };
         let refine = if their_refine.is_some() { ", DSnoT" } else { "" };
+        let comp = if their_comp { ", bias compensation" } else { "" };
         Some(format!(
-            "statistics were taken sequentially with {their_method} at {}{upd}{alloc}{refine}; pruning with {} does not reproduce that algorithm",
+            "statistics were taken sequentially with {their_method} at {}{upd}{alloc}{refine}{comp}; pruning with {} does not reproduce that algorithm",
             theirs.describe(),
             run_settings(opts, update)
         ))

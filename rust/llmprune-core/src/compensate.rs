@@ -54,7 +54,7 @@ impl BiasPlan {
 }
 
 /// The config flag that gives a linear of `model_type` a bias, when there is one.
-fn bias_flag(model_type: &str, weight: &str) -> Option<&'static str> {
+pub fn bias_flag(model_type: &str, weight: &str) -> Option<&'static str> {
     let module = weight.strip_suffix(".weight")?;
     let last = module.rsplit('.').next()?;
     let attn = matches!(last, "q_proj" | "k_proj" | "v_proj" | "o_proj");

@@ -427,6 +427,14 @@ fn owl_allocation(
     })
 }
 
+/// The config flag (`attention_bias`, `mlp_bias`) that lets linear `weight` of a `model_type` model
+/// carry a bias it does not have, or None: the rule `apply --compensate` follows, for `stats
+/// --sequential --compensate`.
+#[pyfunction]
+fn compensation_flag(model_type: &str, weight: &str) -> Option<&'static str> {
+    llmprune_core::compensate::bias_flag(model_type, weight)
+}
+
 /// Depth pruning (`apply --method block-influence`): removes whole decoder blocks by ShortGPT's
 /// Block Influence from the stats sidecar; returns the JSON summary.
 #[pyfunction]
@@ -489,6 +497,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply_experts, m)?)?;
     m.add_function(wrap_pyfunction!(apply_depth, m)?)?;
     m.add_function(wrap_pyfunction!(owl_allocation, m)?)?;
+    m.add_function(wrap_pyfunction!(compensation_flag, m)?)?;
     m.add_function(wrap_pyfunction!(sparsegpt, m)?)?;
     m.add_function(wrap_pyfunction!(apply_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(apply_structured, m)?)?;
