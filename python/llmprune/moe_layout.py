@@ -127,7 +127,7 @@ def unfuse_experts(model: nn.Module, stored: Any) -> None:
         if names is None or getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False) or two_i % 2:
             raise UsageError(
                 f"{qual}.experts: an MoE layout llmprune does not know ({type(experts).__name__} with no per-expert tensors on disk)",
-                hint="supported: one tensor set per expert on disk (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3)",
+                hint="supported: one tensor set per expert on disk (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3) or fused [experts, ...] tensors (gpt-oss)",
             )
         if not stored(f"{qual}.experts.0.{names[0]}.weight"):
             raise UsageError(f"tensor {qual}.experts.0.{names[0]}.weight is missing from the checkpoint")
