@@ -81,6 +81,48 @@ def dsnot_reference(
     return mask
 
 
+def dsnot_nm_reference(
+    w: np.ndarray,
+    score: np.ndarray,
+    mask: np.ndarray,
+    mu: np.ndarray,
+    var: np.ndarray,
+    m: int,
+    iters: int = 50,
+    threshold: float = 0.1 / 2048,
+) -> np.ndarray:
+    """DSnoT's N:M loop, row by row: the grown weight comes from the ends of the same grow order as
+    the unstructured loop; the weight pruned in exchange is the lowest-scored weight of the grown
+    weight's group of m that the original mask kept and no swap has pruned yet. A row stops at
+    |e| <= threshold, after `iters` cycles, when the grow list or the group runs out, or at the
+    first swap that would flip the sign of e (that swap is not made)."""
+    mask = mask.copy()
+    for i in range(w.shape[0]):
+        metric = w[i].astype(np.float64) * mu
+        row = mask[i]
+        err = metric[row].sum()
+        sign = np.sign(err)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(var > 0, metric / np.where(var > 0, var, 1), np.sign(metric) * np.inf)
+        pruned = np.nonzero(row & (metric != 0))[0]
+        grow = list(pruned[np.argsort(ratio[pruned], kind="stable")])
+        candidate = ~row.copy()
+        for _ in range(iters):
+            if not abs(err) > threshold or not grow:
+                break
+            g = grow.pop() if err > 0 else grow.pop(0)
+            group = [j for j in range(g - g % m, min(g - g % m + m, w.shape[1])) if candidate[j]]
+            if not group:
+                break
+            p = min(group, key=lambda j: (score[i, j], j))
+            after = err + metric[p] - metric[g]
+            if np.sign(after) != sign:
+                break
+            row[g], row[p], candidate[p] = False, True, False
+            err = after
+    return mask
+
+
 def compensated_bias(w_before: np.ndarray, w_after: np.ndarray, mu: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """b + (W - W') mu of an [out, in] weight, in float64."""
     b = np.zeros(w_before.shape[0]) if bias is None else bias.astype(np.float64)

@@ -13,7 +13,7 @@ import torch
 
 import reference as R
 from conftest import assert_clean_error, copy_model, listing, tree_hashes
-from owl_dsnot_reference import compensated_bias, dsnot_reference, outlier_ratios, owl_sparsities, wanda_scores
+from owl_dsnot_reference import compensated_bias, dsnot_nm_reference, dsnot_reference, outlier_ratios, owl_sparsities, wanda_scores
 
 from llmprune import _core
 
@@ -111,6 +111,25 @@ def test_dsnot_equals_reference(method, sparsity, iters, threshold):
     assert err(got).mean() < 0.5 * err(base).mean()
 
 
+@pytest.mark.parametrize("method,n,m,iters,threshold", [("wanda", 2, 4, 50, 0.1 / 2048), ("stade", 4, 8, 30, 0.0), ("magnitude", 2, 4, 50, 1e-4)])
+def test_dsnot_nm_equals_reference_and_keeps_the_pattern(method, n, m, iters, threshold):
+    w, st = layer_with_stats(24, 160, 11)
+    cnt = st["act_count"]
+    mu = st["act_sum"] / cnt
+    var = (st["act_sqsum"] - st["act_sum"] ** 2 / cnt) / (cnt - 1)
+    kw = dict(pattern=(n, m), act_sum=st["act_sum"], act_sqsum=st["act_sqsum"], act_count=cnt, name="model.layers.0.self_attn.q_proj.weight")
+    base = _core.compute_mask(w, method, **kw)
+    got = _core.compute_mask(w, method, **kw, refine="dsnot", dsnot_iters=iters, dsnot_threshold=threshold)
+    score = wanda_scores(w, st) if method == "wanda" else R.reference_scores(w, method, st)
+    assert np.array_equal(got, dsnot_nm_reference(w, score, base, mu, var, m, iters=iters, threshold=threshold))
+    assert (got.reshape(24, -1, m).sum(-1) == n).all()  # every group of m still has n pruned
+    assert (got != base).any()
+    err = lambda mk: np.abs(np.where(mk, w * mu[None, :], 0).sum(1))  # noqa: E731
+    assert err(got).mean() < 0.7 * err(base).mean()  # the expected output error shrinks over the rows
+    signs = lambda mk: np.sign(np.where(mk, w * mu[None, :], 0).sum(1))  # noqa: E731
+    assert (signs(got) == signs(base)).all()  # no swap flips a row's error sign
+
+
 def test_dsnot_skips_the_mlp_by_default():
     w, st = layer_with_stats(8, 64, 3)
     kw = dict(sparsity=0.5, act_sum=st["act_sum"], act_sqsum=st["act_sqsum"], act_count=st["act_count"])
@@ -132,6 +151,21 @@ def test_apply_dsnot_keeps_row_counts(run_cli, gram_model, tmp_path):
         base = R.reference_mask(w[name], "wanda", sparsity=0.5, stats=st)
         want = dsnot_reference(w[name], wanda_scores(w[name], st), base, mu, var)
         assert np.array_equal(b[name] == 0, want | (w[name] == 0)), name
+
+
+def test_apply_dsnot_nm(run_cli, gram_model, tmp_path):
+    """apply --pattern 2:4 --refine dsnot: every group of 4 inputs keeps 2 zeros, as the reference."""
+    stats = R.read_sidecar_stats(gram_model / R.SIDECAR_NAME)
+    s = apply_json(run_cli, gram_model, tmp_path / "b", "--method", "wanda", "--pattern", "2:4", "--refine", "dsnot", "--dsnot-skip", "none")
+    assert s["dsnot_swaps"] > 0
+    b, w = weights_of(tmp_path / "b"), weights_of(gram_model)
+    for name, st in stats.items():
+        n = st["act_count"]
+        mu, var = st["act_sum"] / n, (st["act_sqsum"] - st["act_sum"] ** 2 / n) / (n - 1)
+        base = R.reference_mask(w[name], "wanda", pattern=(2, 4), stats=st)
+        want = dsnot_nm_reference(w[name], wanda_scores(w[name], st), base, mu, var, 4)
+        assert np.array_equal(b[name] == 0, want | (w[name] == 0)), name
+        assert ((b[name] == 0).reshape(b[name].shape[0], -1, 4).sum(-1) >= 2).all(), name
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +307,6 @@ def bad_cases(tmp_path: Path) -> list[tuple[list, str]]:
         (wanda + ["--sparsity", "0.5", "--allocation", tmp_path / "neg.json"], "[0, 1)"),
         (wanda + ["--sparsity", "0.5", "--allocation", tmp_path / "text.json"], "not valid JSON"),
         (wanda + ["--sparsity", "0.5", "--allocation", tmp_path / "missing.json"], "no such file"),
-        (wanda + ["--pattern", "2:4", "--refine", "dsnot"], "N:M"),
         (["--method", "sparsegpt", "--sparsity", "0.5", "--refine", "dsnot"], "sparsegpt"),
         (wanda + ["--sparsity", "0.5", "--refine", "other"], "--refine"),
         (wanda + ["--sparsity", "0.5", "--dsnot-iters", "5"], "--refine dsnot"),

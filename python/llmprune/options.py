@@ -82,7 +82,7 @@ def check_method(method: str) -> str:
 
 OwlMOpt = Annotated[Optional[float], typer.Option("--owl-m", metavar="M", help="--allocation owl: a score counts as an outlier above M times its block's mean score.", show_default="5")]
 OwlLambdaOpt = Annotated[Optional[float], typer.Option("--owl-lambda", metavar="L", help="--allocation owl: block sparsities range over S +/- L, L in (0, 0.5).", show_default="0.08")]
-RefineOpt = Annotated[Optional[str], typer.Option("--refine", metavar="dsnot", help="Refine each unstructured mask with DSnoT's training-free prune-and-grow (needs the stats sidecar).", show_default=False)]
+RefineOpt = Annotated[Optional[str], typer.Option("--refine", metavar="dsnot", help="Refine each mask (unstructured or N:M) with DSnoT's training-free prune-and-grow (needs the stats sidecar).", show_default=False)]
 DsnotItersOpt = Annotated[Optional[int], typer.Option("--dsnot-iters", metavar="N", help="--refine dsnot: swap cycles per row.", show_default="50")]
 DsnotThresholdOpt = Annotated[Optional[float], typer.Option("--dsnot-threshold", metavar="T", help="--refine dsnot: a row stops once its expected output error per token is at most T.", show_default="0.1/2048")]
 DsnotSkipOpt = Annotated[Optional[str], typer.Option("--dsnot-skip", metavar="mlp|attn|none", help="--refine dsnot: linears left as the method chose them.", show_default="mlp, as the official code")]

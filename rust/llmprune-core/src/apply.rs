@@ -183,9 +183,6 @@ fn stats_need(opts: &ApplyOptions) -> Option<StatsNeed> {
 fn check_refine(opts: &ApplyOptions) -> Result<()> {
     let Some(r) = &opts.refine else { return Ok(()) };
     r.validate()?;
-    if matches!(opts.target, Target::Pattern { .. }) {
-        return Err(Error::arg_hint("--refine dsnot refines unstructured masks, not N:M patterns", "use --sparsity S"));
-    }
     if opts.scope == Scope::Layer {
         return Err(Error::arg("--refine dsnot works row by row; it does not apply to --scope layer"));
     }
@@ -619,7 +616,7 @@ impl Job<'_> {
     fn mask(&self, w: &[f32], rows: usize, cols: usize, scope: Scope) -> Result<(Vec<bool>, u64)> {
         let mut mask = mask_matrix(w, rows, cols, self.factors, self.target, scope)?;
         let swaps = match self.refine {
-            Some((r, m)) => dsnot::refine(w, rows, cols, self.factors, &m.mu, &m.var, &mut mask, r) as u64,
+            Some((r, m)) => dsnot::refine(w, rows, cols, self.factors, &m.mu, &m.var, &mut mask, r, self.target.group()) as u64,
             None => 0,
         };
         Ok((mask, swaps))

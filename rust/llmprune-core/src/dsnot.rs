@@ -1,5 +1,6 @@
-//! DSnoT (Zhang et al., ICLR 2024): training-free prune-and-grow refinement of an unstructured mask,
-//! row by row, driven by the per-channel mean and variance of the layer's inputs.
+//! DSnoT (Zhang et al., ICLR 2024): training-free prune-and-grow refinement of an unstructured or
+//! N:M mask, row by row, driven by the per-channel mean and variance of the layer's inputs (the
+//! N:M variant is `refine_row_nm`; docs/refinements.md).
 //!
 //! For a row w with pruned set P, the expected output lost to pruning is e = Σ_{j∈P} w_j μ_j
 //! (per token). Each cycle, while |e| exceeds the threshold:
@@ -99,7 +100,9 @@ impl DsnotOptions {
 
 /// Refines `mask` (row-major [rows, cols], true = pruned) of the logical [out, in] weight `w` in
 /// place. `scores` gives the method's per-entry score (|w| · factor); `mu` and `var` are the input
-/// channels' mean and variance. Returns the number of swaps made.
+/// channels' mean and variance; `group`: the M of an N:M mask, whose pattern every swap keeps.
+/// Returns the number of swaps made.
+#[allow(clippy::too_many_arguments)]
 pub fn refine(
     w: &[f32],
     rows: usize,
@@ -109,22 +112,76 @@ pub fn refine(
     var: &[f64],
     mask: &mut [bool],
     opts: &DsnotOptions,
+    group: Option<usize>,
 ) -> usize {
     mask.par_chunks_mut(cols)
         .zip(w.par_chunks(cols))
         .take(rows)
-        .map(|(m, row)| refine_row(row, factors, mu, var, m, opts))
+        .map(|(m, row)| match group {
+            Some(g) => refine_row_nm(row, factors, mu, var, m, opts, g),
+            None => refine_row(row, factors, mu, var, m, opts),
+        })
         .sum()
+}
+
+/// The grow candidates of a row: its pruned weights with w μ ≠ 0 by w μ / Var ascending (ties by column).
+fn grow_order(metric: &[f64], var: &[f64], mask: &[bool]) -> Vec<usize> {
+    let ratio = |j: usize| -> f64 { if var[j] > 0.0 { metric[j] / var[j] } else { metric[j].signum() * f64::INFINITY } };
+    let mut grow: Vec<(f64, usize)> = (0..metric.len()).filter(|&j| mask[j] && metric[j] != 0.0).map(|j| (ratio(j), j)).collect();
+    grow.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    grow.into_iter().map(|(_, j)| j).collect()
+}
+
+/// DSnoT on an N:M row, as the official code's N:M branch: the grown weight comes from the ends of
+/// the grow order as in the unstructured loop, and the weight pruned in exchange is, within the
+/// grown weight's group of M, the kept weight of the original mask with the lowest score (so every
+/// group keeps its N). A swap must keep the error's sign (the official N:M branch requires it); the
+/// row stops at the first swap that would not, at |e| ≤ threshold, after `iters` cycles, or when
+/// the grow list or the group's candidates run out (the official code would then re-prune a pruned
+/// weight and break the pattern).
+fn refine_row_nm(w: &[f32], factors: Option<&[f32]>, mu: &[f64], var: &[f64], mask: &mut [bool], opts: &DsnotOptions, m: usize) -> usize {
+    let cols = w.len();
+    let metric: Vec<f64> = (0..cols).map(|j| w[j] as f64 * mu[j]).collect();
+    let mut err: f64 = (0..cols).filter(|&j| mask[j]).map(|j| metric[j]).sum();
+    let sign = err.signum();
+    let grow = grow_order(&metric, var, mask);
+    let score = |j: usize| -> f32 { w[j].abs() * factors.map_or(1.0, |f| f[j]) };
+    let mut candidate: Vec<bool> = mask.iter().map(|&p| !p).collect(); // kept in the original mask, not yet pruned
+    let (mut lo, mut hi) = (0usize, grow.len());
+    let mut swaps = 0;
+    for _ in 0..opts.iters {
+        if !(err.abs() > opts.threshold) || lo >= hi {
+            break;
+        }
+        let g = if err > 0.0 {
+            hi -= 1;
+            grow[hi]
+        } else {
+            lo += 1;
+            grow[lo - 1]
+        };
+        let start = g - g % m;
+        let Some(p) = (start..(start + m).min(cols)).filter(|&j| candidate[j]).min_by(|&a, &b| score(a).total_cmp(&score(b)).then(a.cmp(&b))) else {
+            break;
+        };
+        let after = err + metric[p] - metric[g];
+        if after.signum() != sign {
+            break;
+        }
+        mask[g] = false;
+        mask[p] = true;
+        candidate[p] = false;
+        err = after;
+        swaps += 1;
+    }
+    swaps
 }
 
 fn refine_row(w: &[f32], factors: Option<&[f32]>, mu: &[f64], var: &[f64], mask: &mut [bool], opts: &DsnotOptions) -> usize {
     let cols = w.len();
     let metric: Vec<f64> = (0..cols).map(|j| w[j] as f64 * mu[j]).collect();
     let mut err: f64 = (0..cols).filter(|&j| mask[j]).map(|j| metric[j]).sum();
-    // grow candidates: the pruned weights by metric / variance, ascending (ties by column)
-    let ratio = |j: usize| -> f64 { if var[j] > 0.0 { metric[j] / var[j] } else { metric[j].signum() * f64::INFINITY } };
-    let mut grow: Vec<(f64, usize)> = (0..cols).filter(|&j| mask[j] && metric[j] != 0.0).map(|j| (ratio(j), j)).collect();
-    grow.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let grow = grow_order(&metric, var, mask);
     // prune candidates: kept weights by score ascending, negatives first in that order, then the
     // positives in reverse order (the lowest-scored positive last)
     let score = |j: usize| -> f32 { w[j].abs() * factors.map_or(1.0, |f| f[j]) };
@@ -143,7 +200,7 @@ fn refine_row(w: &[f32], factors: Option<&[f32]>, mu: &[f64], var: &[f64], mask:
             break;
         }
         let g = if err > 0.0 {
-            let j = grow[g_hi].1;
+            let j = grow[g_hi];
             if g_hi == 0 {
                 g_lo = 1; // list used up
             } else {
@@ -151,7 +208,7 @@ fn refine_row(w: &[f32], factors: Option<&[f32]>, mu: &[f64], var: &[f64], mask:
             }
             j
         } else {
-            let j = grow[g_lo].1;
+            let j = grow[g_lo];
             g_lo += 1;
             j
         };
@@ -181,6 +238,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn nm_swaps_stay_inside_their_groups() {
+        let cols = 64;
+        let w: Vec<f32> = (0..cols).map(|i| ((i * 37 % 29) as f32 - 14.0) / 7.0).collect();
+        let mu: Vec<f64> = (0..cols).map(|j| ((j * 13 % 11) as f64 - 3.0) / 5.0).collect();
+        let var: Vec<f64> = (0..cols).map(|j| 0.5 + (j % 7) as f64 / 3.0).collect();
+        // 2:4 — the first two of every group pruned
+        let mut mask: Vec<bool> = (0..cols).map(|j| j % 4 < 2).collect();
+        let swaps = refine(&w, 1, cols, None, &mu, &var, &mut mask, &DsnotOptions { iters: 50, threshold: 1e-9, skip: DsnotSkip::None }, Some(4));
+        assert!(swaps > 0);
+        assert!(mask.chunks(4).all(|g| g.iter().filter(|&&p| p).count() == 2));
+    }
+
+    #[test]
     fn keeps_row_counts_and_reduces_the_error() {
         let cols = 64;
         let w: Vec<f32> = (0..2 * cols).map(|i| ((i * 37 % 29) as f32 - 14.0) / 7.0).collect();
@@ -190,7 +260,7 @@ mod tests {
         let before = mask.clone();
         let err = |m: &[bool]| -> f64 { (0..cols).filter(|&j| m[j]).map(|j| w[j] as f64 * mu[j]).sum::<f64>() };
         let e0 = err(&mask).abs();
-        refine(&w, 2, cols, None, &mu, &var, &mut mask, &DsnotOptions { iters: 50, threshold: 1e-9, skip: DsnotSkip::None });
+        refine(&w, 2, cols, None, &mu, &var, &mut mask, &DsnotOptions { iters: 50, threshold: 1e-9, skip: DsnotSkip::None }, None);
         for r in 0..2 {
             let count = |m: &[bool]| m[r * cols..(r + 1) * cols].iter().filter(|&&x| x).count();
             assert_eq!(count(&mask), count(&before));

@@ -27,6 +27,14 @@ pub enum Scope {
 }
 
 impl Target {
+    /// The M of an N:M pattern (the group every mask change must stay inside), None for a sparsity.
+    pub fn group(&self) -> Option<usize> {
+        match *self {
+            Target::Pattern { m, .. } => Some(m),
+            Target::Sparsity(_) => None,
+        }
+    }
+
     pub fn validate(&self, scope: Scope) -> Result<()> {
         match *self {
             Target::Sparsity(s) if !(0.0..1.0).contains(&s) => Err(Error::arg(format!(

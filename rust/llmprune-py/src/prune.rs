@@ -280,8 +280,8 @@ fn compute_mask<'py>(
     let factors = score::channel_factors(m, name, stats.as_ref()).map_err(CoreError)?;
     if let Some(r) = &refine {
         r.validate().map_err(CoreError)?;
-        if matches!(t, Target::Pattern { .. }) || sc == Scope::Layer || m == Method::SparseGpt {
-            return Err(InvalidArgumentError::new_err("DSnoT refines unstructured row masks of magnitude, wanda, stade or stade-w"));
+        if sc == Scope::Layer || m == Method::SparseGpt {
+            return Err(InvalidArgumentError::new_err("DSnoT refines row masks (unstructured or N:M) of magnitude, wanda, stade or stade-w"));
         }
         if stats.is_none() {
             return Err(InvalidArgumentError::new_err("DSnoT needs act_sum and act_sqsum"));
@@ -291,7 +291,7 @@ fn compute_mask<'py>(
         pool::pool(threads)?.install(|| {
             let mut mask = select::mask_matrix(w, rows, cols, factors.as_deref(), t, sc)?;
             if let (Some(r), Some(s)) = (refine.as_ref().filter(|r| r.applies_to(name)), stats.as_ref()) {
-                llmprune_core::dsnot::refine(w, rows, cols, factors.as_deref(), &s.means(), &s.variances(), &mut mask, r);
+                llmprune_core::dsnot::refine(w, rows, cols, factors.as_deref(), &s.means(), &s.variances(), &mut mask, r, t.group());
             }
             Ok(mask)
         })
