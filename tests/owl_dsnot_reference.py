@@ -52,8 +52,10 @@ def dsnot_reference(
     var: np.ndarray,
     iters: int = 50,
     threshold: float = 0.1 / 2048,
+    same_sign: bool = False,
 ) -> np.ndarray:
-    """DSnoT's unstructured loop, row by row: each cycle grows one pruned weight (the next from the
+    """DSnoT's unstructured loop, row by row (with `same_sign`, a row stops at the first swap that
+    would flip the sign of its error, without making it): each cycle grows one pruned weight (the next from the
     top of the pruned weights ordered by w mu / var when the row's error e = sum of pruned w mu is
     positive, else from the bottom) and prunes one kept weight (kept weights by score ascending,
     negative w mu first, then positive ones in reverse order; the last one when e < 0, else the
@@ -76,6 +78,8 @@ def dsnot_reference(
                 break
             g = grow.pop() if err > 0 else grow.pop(0)
             p = prune.pop() if err < 0 else prune.pop(0)
+            if same_sign and np.sign(err + metric[p] - metric[g]) != np.sign(err):
+                break
             m[g], m[p] = False, True
             err += metric[p] - metric[g]
     return mask

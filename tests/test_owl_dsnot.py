@@ -90,21 +90,27 @@ def layer_with_stats(rows: int, cols: int, seed: int):
     return w, {"act_sum": x.sum(0), "act_sqsum": (x * x).sum(0), "act_count": x.shape[0]}
 
 
-@pytest.mark.parametrize("method,sparsity,iters,threshold", [("wanda", 0.5, 50, 0.1 / 2048), ("stade", 0.6, 20, 1e-3), ("magnitude", 0.5, 50, 0.0)])
-def test_dsnot_equals_reference(method, sparsity, iters, threshold):
+@pytest.mark.parametrize("method,sparsity,iters,threshold,same_sign",
+                         [("wanda", 0.5, 50, 0.1 / 2048, False), ("stade", 0.6, 20, 1e-3, False), ("magnitude", 0.5, 50, 0.0, False),
+                          ("wanda", 0.7, 50, 0.1 / 2048, True), ("stade", 0.6, 50, 0.0, True)])
+def test_dsnot_equals_reference(method, sparsity, iters, threshold, same_sign):
     w, st = layer_with_stats(24, 160, 7)
     n = st["act_count"]
     mu = st["act_sum"] / n
     var = (st["act_sqsum"] - st["act_sum"] ** 2 / n) / (n - 1)
     kw = dict(sparsity=sparsity, act_sum=st["act_sum"], act_sqsum=st["act_sqsum"], act_count=n, name="model.layers.0.mlp.up_proj.weight")
     base = _core.compute_mask(w, method, **kw)
-    got = _core.compute_mask(w, method, **kw, refine="dsnot", dsnot_iters=iters, dsnot_threshold=threshold, dsnot_skip="none")
+    got = _core.compute_mask(w, method, **kw, refine="dsnot", dsnot_iters=iters, dsnot_threshold=threshold, dsnot_skip="none",
+                             dsnot_same_sign=same_sign or None)
     assert np.array_equal(base, R.reference_mask(w, method, sparsity=sparsity, stats=st))
     score = wanda_scores(w, st) if method == "wanda" else R.reference_scores(w, method, st)
-    want = dsnot_reference(w, score, base, mu, var, iters=iters, threshold=threshold)
+    want = dsnot_reference(w, score, base, mu, var, iters=iters, threshold=threshold, same_sign=same_sign)
     assert np.array_equal(got, want)
     assert (got.sum(1) == base.sum(1)).all()
     assert (got != base).any()
+    if same_sign:
+        sign = lambda mk: np.sign(np.where(mk, w * mu[None, :], 0).sum(1))  # noqa: E731
+        assert (sign(got) == sign(base)).all()
     # the expected output error |sum of pruned w mu| shrinks over the rows (not in every row: as in
     # the official default, a swap may overshoot the sign of the error)
     err = lambda m: np.abs(np.where(m, w * mu[None, :], 0).sum(1))  # noqa: E731
@@ -263,6 +269,20 @@ def test_sequential_compensation_is_recorded(run_cli, gram_model, tmp_path):
     assert code == 0 and "bias compensation; pruning with wanda at 0.5 does not reproduce" in err, err
     code, _, err = run_cli(["stats", model, "--compensate", "--out", tmp_path / "c.safetensors"])
     assert_clean_error(code, "", err, contains="only apply with --sequential")
+
+
+def test_sequential_dsnot_same_sign_is_recorded(run_cli, gram_model, tmp_path):
+    model = copy_model(gram_model, tmp_path / "m")
+    seq = tmp_path / "seq.safetensors"
+    code, _, err = run_cli(["stats", model, "--sequential", "--method", "wanda", "--sparsity", "0.6", "--refine", "dsnot", "--dsnot-same-sign",
+                            "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--out", seq])
+    assert code == 0, err
+    assert json.loads(R.read_header(seq)[0]["__metadata__"]["llmprune"])["sequential"]["dsnot"]["same_sign"] is True
+    args = ["apply", model, "--method", "wanda", "--sparsity", "0.6", "--refine", "dsnot", "--stats", seq]
+    code, _, err = run_cli([*args, "--dsnot-same-sign", "--out", tmp_path / "a"])
+    assert code == 0 and "does not reproduce" not in err, err
+    code, _, err = run_cli([*args, "--out", tmp_path / "b"])
+    assert code == 0 and "does not reproduce" in err, err
 
 
 def test_sequential_owl_records_the_dense_allocation(run_cli, gram_model, tmp_path):

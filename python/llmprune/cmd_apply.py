@@ -13,6 +13,7 @@ from llmprune.console import byte_progress, err, print_json, warn
 from llmprune.errors import UsageError
 from llmprune.options import (
     DsnotItersOpt,
+    DsnotSameSignOpt,
     DsnotSkipOpt,
     DsnotThresholdOpt,
     JsonOpt,
@@ -106,6 +107,7 @@ def apply_cmd(
     dsnot_iters: DsnotItersOpt = None,
     dsnot_threshold: DsnotThresholdOpt = None,
     dsnot_skip: DsnotSkipOpt = None,
+    dsnot_same_sign: DsnotSameSignOpt = False,
     fusion: Annotated[Optional[str], typer.Option("--fusion", metavar="fine|coarse|adaptive", help="hywia: per-weight estimate (fine), whole-group estimate (coarse), or both weighed by their split-half reliability (adaptive).", show_default="fine")] = None,
     taylor: Annotated[Optional[str], typer.Option("--taylor", metavar="first|mix", help="hywia: first-order Taylor (first), or minus half the diagonal Fisher term (mix).", show_default="first")] = None,
     fusion_temperature: Annotated[Optional[float], typer.Option("--fusion-temperature", metavar="T", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1")] = None,
@@ -182,7 +184,8 @@ def apply_cmd(
             raise UsageError(f"structured method {method} needs --sparsity S, the fraction of decoder-block parameters to remove", "e.g. --sparsity 0.2")
         unstructured_only = {"--scope": scope != "row", "--include": bool(include), "--exclude": bool(exclude), "--update": update,
                              "--owl-m": owl_m is not None, "--owl-lambda": owl_lambda is not None, "--refine": refine is not None,
-                             "--dsnot-iters": dsnot_iters is not None, "--dsnot-threshold": dsnot_threshold is not None, "--dsnot-skip": dsnot_skip is not None}
+                             "--dsnot-iters": dsnot_iters is not None, "--dsnot-threshold": dsnot_threshold is not None, "--dsnot-skip": dsnot_skip is not None,
+                             "--dsnot-same-sign": dsnot_same_sign}
         given_u = [k for k, v in unstructured_only.items() if v]
         if given_u:
             raise UsageError(f"{', '.join(given_u)} apply to unstructured methods, not to {method}")
@@ -194,7 +197,7 @@ def apply_cmd(
     if reconstruct:
         raise UsageError(f"--reconstruct applies to the structured methods; unstructured {method} updates weights with --update")
     sparsity_v, pattern_v = parse_target(sparsity, pattern)
-    extras = unstructured_extras(allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip, pattern_v)
+    extras = unstructured_extras(allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip, pattern_v, dsnot_same_sign)
     out_dir = out if out is not None else default_out(model, method, sparsity_v, pattern_v, scope)
     if out is None:
         suffixes = [

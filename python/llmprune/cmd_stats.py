@@ -20,6 +20,7 @@ from llmprune.errors import UsageError
 from llmprune.options import (
     DeviceOpt,
     DsnotItersOpt,
+    DsnotSameSignOpt,
     DsnotSkipOpt,
     DsnotThresholdOpt,
     JsonOpt,
@@ -163,6 +164,7 @@ def stats_cmd(
     dsnot_iters: DsnotItersOpt = None,
     dsnot_threshold: DsnotThresholdOpt = None,
     dsnot_skip: DsnotSkipOpt = None,
+    dsnot_same_sign: DsnotSameSignOpt = False,
     compensate: Annotated[bool, typer.Option("--compensate", help="--sequential: add each pruned linear's lost mean contribution to its bias, (W - W')·mean(x), before the next block, as apply --compensate does.")] = False,
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
@@ -189,15 +191,15 @@ def stats_cmd(
             raise UsageError("--sequential needs --method", hint="e.g. --sequential --method wanda --sparsity 0.5")
         check_method(method)
         sp, pat = parse_target(sparsity, pattern)
-        extras = unstructured_extras(allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip, pat)
-        refine_kw = {k: extras[k] for k in ("refine", "dsnot_iters", "dsnot_threshold", "dsnot_skip")} if refine is not None else None
+        extras = unstructured_extras(allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip, pat, dsnot_same_sign)
+        refine_kw = {k: extras[k] for k in ("refine", "dsnot_iters", "dsnot_threshold", "dsnot_skip", "dsnot_same_sign")} if refine is not None else None
         seq = Sequential(
             method, sp, pat, update=update, allocation=extras["allocation"], owl_m=owl_m, owl_lambda=owl_lambda,
             block_sparsity=extras.get("block_sparsity"), refine=refine_kw, compensate=compensate,
         )
         if seq.reconstructs and not gram:
             raise UsageError(f"--sequential {method}{' --update' if update else ''} updates weights from each block's Gram matrices", hint="add --gram")
-    elif any(v is not None for v in (method, sparsity, pattern, allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip)) or update or compensate:
+    elif any(v is not None for v in (method, sparsity, pattern, allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip)) or update or compensate or dsnot_same_sign:
         raise UsageError(
             "--method, --sparsity, --pattern, --update, --allocation, --owl-*, --refine, --dsnot-* and --compensate only apply with --sequential",
             hint="add --sequential, or drop them: dense statistics serve every method",

@@ -85,6 +85,7 @@ OwlLambdaOpt = Annotated[Optional[float], typer.Option("--owl-lambda", metavar="
 RefineOpt = Annotated[Optional[str], typer.Option("--refine", metavar="dsnot", help="Refine each mask (unstructured or N:M) with DSnoT's training-free prune-and-grow (needs the stats sidecar).", show_default=False)]
 DsnotItersOpt = Annotated[Optional[int], typer.Option("--dsnot-iters", metavar="N", help="--refine dsnot: swap cycles per row.", show_default="50")]
 DsnotThresholdOpt = Annotated[Optional[float], typer.Option("--dsnot-threshold", metavar="T", help="--refine dsnot: a row stops once its expected output error per token is at most T.", show_default="0.1/2048")]
+DsnotSameSignOpt = Annotated[bool, typer.Option("--dsnot-same-sign", help="--refine dsnot: refuse a swap that would flip the sign of the row's expected error, and stop the row there (the official N:M rule, optional in its unstructured loop).")]
 DsnotSkipOpt = Annotated[Optional[str], typer.Option("--dsnot-skip", metavar="mlp|attn|none", help="--refine dsnot: linears left as the method chose them.", show_default="mlp, as the official code")]
 
 
@@ -114,6 +115,7 @@ def unstructured_extras(
     dsnot_threshold: float | None,
     dsnot_skip: str | None,
     pattern: tuple[int, int] | None,
+    dsnot_same_sign: bool = False,
 ) -> dict:
     """The core's keyword arguments for the allocation and DSnoT options (checked by the core)."""
     kw: dict = {"allocation": "uniform"}
@@ -131,7 +133,7 @@ def unstructured_extras(
     kw.update(owl_m=owl_m, owl_lambda=owl_lambda)
     if refine is not None and refine != "dsnot":
         raise UsageError(f"unknown --refine {refine!r}", "the one refinement is dsnot")
-    kw.update(refine=refine, dsnot_iters=dsnot_iters, dsnot_threshold=dsnot_threshold, dsnot_skip=dsnot_skip)
+    kw.update(refine=refine, dsnot_iters=dsnot_iters, dsnot_threshold=dsnot_threshold, dsnot_skip=dsnot_skip, dsnot_same_sign=dsnot_same_sign or None)
     if dsnot_iters is not None and dsnot_iters < 1:
         raise UsageError(f"--dsnot-iters must be at least 1, got {dsnot_iters}")
     return kw

@@ -65,7 +65,10 @@ class Sequential:
         d = method_registry()["defaults"]["dsnot"]
         r = self.refine or {}
         given = {"iters": r.get("dsnot_iters"), "threshold": r.get("dsnot_threshold"), "skip": r.get("dsnot_skip")}
-        return {k: (v if v is not None else d[k]) for k, v in given.items()}
+        params = {k: (v if v is not None else d[k]) for k, v in given.items()}
+        if r.get("dsnot_same_sign"):
+            params["same_sign"] = True  # recorded only when set, as the core records it
+        return params
 
     def block_target(self, i: int) -> dict[str, Any]:
         """The core's target keywords for block i."""

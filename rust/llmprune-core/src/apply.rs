@@ -161,7 +161,11 @@ fn recorded_block_sparsity(seq: &serde_json::Map<String, Value>) -> Option<Vec<f
 
 /// DSnoT's settings as recorded in provenance and sequential metadata.
 pub fn dsnot_meta(r: &DsnotOptions) -> Value {
-    serde_json::json!({"iters": r.iters, "threshold": r.threshold, "skip": r.skip.name()})
+    let mut m = serde_json::json!({"iters": r.iters, "threshold": r.threshold, "skip": r.skip.name()});
+    if r.same_sign {
+        m["same_sign"] = true.into();
+    }
+    m
 }
 
 /// What needs the stats sidecar in this run, if anything.

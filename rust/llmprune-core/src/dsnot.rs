@@ -11,8 +11,8 @@
 //!   next negative one with the lowest score;
 //! - swap the two, e += w_p μ_p − w_g μ_g.
 //!
-//! A row stops at its first cycle with |e| ≤ threshold, after `iters` cycles, or when a candidate
-//! list runs out. Every swap trades one pruned weight for one kept weight, so each row keeps its
+//! A row stops at its first cycle with |e| ≤ threshold, after `iters` cycles, when a candidate
+//! list runs out, or (with `same_sign`) at the first swap that would flip the sign of e. Every swap trades one pruned weight for one kept weight, so each row keeps its
 //! count. As in the official code, the sign of e after a swap is not required to match the sign
 //! before (its default), the cursors advance whether or not the row swaps, and the error is the
 //! official per-sample sum divided by the tokens of a sample: the default threshold is the official
@@ -65,11 +65,14 @@ pub struct DsnotOptions {
     pub iters: usize,
     pub threshold: f64,
     pub skip: DsnotSkip,
+    /// Refuse a swap that would flip the sign of the row's error, and stop the row there (the
+    /// official code's `without_same_sign=False`; its default, and llmprune's, is false).
+    pub same_sign: bool,
 }
 
 impl Default for DsnotOptions {
     fn default() -> Self {
-        DsnotOptions { iters: DSNOT_ITERS, threshold: DSNOT_THRESHOLD, skip: DsnotSkip::Mlp }
+        DsnotOptions { iters: DSNOT_ITERS, threshold: DSNOT_THRESHOLD, skip: DsnotSkip::Mlp, same_sign: false }
     }
 }
 
@@ -225,6 +228,9 @@ fn refine_row(w: &[f32], factors: Option<&[f32]>, mu: &[f64], var: &[f64], mask:
             p_lo += 1;
             j
         };
+        if opts.same_sign && (err + metric[p] - metric[g]).signum() != err.signum() {
+            break;
+        }
         mask[g] = false;
         mask[p] = true;
         err += metric[p] - metric[g];
@@ -245,7 +251,7 @@ mod tests {
         let var: Vec<f64> = (0..cols).map(|j| 0.5 + (j % 7) as f64 / 3.0).collect();
         // 2:4 — the first two of every group pruned
         let mut mask: Vec<bool> = (0..cols).map(|j| j % 4 < 2).collect();
-        let swaps = refine(&w, 1, cols, None, &mu, &var, &mut mask, &DsnotOptions { iters: 50, threshold: 1e-9, skip: DsnotSkip::None }, Some(4));
+        let swaps = refine(&w, 1, cols, None, &mu, &var, &mut mask, &DsnotOptions { iters: 50, threshold: 1e-9, skip: DsnotSkip::None, same_sign: false }, Some(4));
         assert!(swaps > 0);
         assert!(mask.chunks(4).all(|g| g.iter().filter(|&&p| p).count() == 2));
     }
@@ -260,7 +266,7 @@ mod tests {
         let before = mask.clone();
         let err = |m: &[bool]| -> f64 { (0..cols).filter(|&j| m[j]).map(|j| w[j] as f64 * mu[j]).sum::<f64>() };
         let e0 = err(&mask).abs();
-        refine(&w, 2, cols, None, &mu, &var, &mut mask, &DsnotOptions { iters: 50, threshold: 1e-9, skip: DsnotSkip::None }, None);
+        refine(&w, 2, cols, None, &mu, &var, &mut mask, &DsnotOptions { iters: 50, threshold: 1e-9, skip: DsnotSkip::None, same_sign: false }, None);
         for r in 0..2 {
             let count = |m: &[bool]| m[r * cols..(r + 1) * cols].iter().filter(|&&x| x).count();
             assert_eq!(count(&mask), count(&before));

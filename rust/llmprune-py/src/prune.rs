@@ -45,10 +45,10 @@ fn parse_allocation(name: &str, owl_m: Option<f64>, owl_lambda: Option<f64>, blo
 }
 
 /// DSnoT's options when `refine` is "dsnot"; its knobs without it are an error.
-fn parse_refine(refine: Option<&str>, iters: Option<usize>, threshold: Option<f64>, skip: Option<&str>) -> PyResult<Option<DsnotOptions>> {
-    let knobs = iters.is_some() || threshold.is_some() || skip.is_some();
+fn parse_refine(refine: Option<&str>, iters: Option<usize>, threshold: Option<f64>, skip: Option<&str>, same_sign: Option<bool>) -> PyResult<Option<DsnotOptions>> {
+    let knobs = iters.is_some() || threshold.is_some() || skip.is_some() || same_sign.is_some();
     match refine {
-        None if knobs => Err(InvalidArgumentError::new_err("--dsnot-iters, --dsnot-threshold and --dsnot-skip go with --refine dsnot")),
+        None if knobs => Err(InvalidArgumentError::new_err("--dsnot-iters, --dsnot-threshold, --dsnot-skip and --dsnot-same-sign go with --refine dsnot")),
         None => Ok(None),
         Some("dsnot") => {
             let d = DsnotOptions::default();
@@ -56,6 +56,7 @@ fn parse_refine(refine: Option<&str>, iters: Option<usize>, threshold: Option<f6
                 iters: iters.unwrap_or(d.iters),
                 threshold: threshold.unwrap_or(d.threshold),
                 skip: skip.map_or(Ok(d.skip), str::parse).map_err(CoreError)?,
+                same_sign: same_sign.unwrap_or(d.same_sign),
             }))
         }
         Some(other) => Err(InvalidArgumentError::new_err(format!("unknown --refine {other:?}; expected dsnot"))),
@@ -109,7 +110,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> llmprune_core::Result<String> {
     stats=None, threads=None, include=Vec::new(), exclude=Vec::new(), input_axis=None, force=false,
     provenance=None, progress=None, check_only=false, update=false, gram=None, damp=0.01, blocksize=128,
     allocation="uniform", owl_m=None, owl_lambda=None, block_sparsity=None, refine=None, dsnot_iters=None,
-    dsnot_threshold=None, dsnot_skip=None, compensate=false))]
+    dsnot_threshold=None, dsnot_skip=None, dsnot_same_sign=None, compensate=false))]
 #[allow(clippy::too_many_arguments)]
 fn apply_checkpoint(
     py: Python<'_>,
@@ -140,10 +141,11 @@ fn apply_checkpoint(
     dsnot_iters: Option<usize>,
     dsnot_threshold: Option<f64>,
     dsnot_skip: Option<&str>,
+    dsnot_same_sign: Option<bool>,
     compensate: bool,
 ) -> PyResult<String> {
     let allocation = parse_allocation(allocation, owl_m, owl_lambda, block_sparsity)?;
-    let refine = parse_refine(refine, dsnot_iters, dsnot_threshold, dsnot_skip)?;
+    let refine = parse_refine(refine, dsnot_iters, dsnot_threshold, dsnot_skip, dsnot_same_sign)?;
     let default_input_axis = input_axis.unwrap_or_else(|| prunable::default_input_axis(&model_dir));
     let opts = ApplyOptions {
         model_dir,
@@ -235,7 +237,7 @@ fn apply_structured(
 #[pyfunction]
 #[pyo3(signature = (weight, method, *, sparsity=None, pattern=None, scope="row",
     act_sum=None, act_sqsum=None, act_count=0, name="", threads=None, refine=None, dsnot_iters=None,
-    dsnot_threshold=None, dsnot_skip=None))]
+    dsnot_threshold=None, dsnot_skip=None, dsnot_same_sign=None))]
 #[allow(clippy::too_many_arguments)]
 fn compute_mask<'py>(
     py: Python<'py>,
@@ -253,9 +255,10 @@ fn compute_mask<'py>(
     dsnot_iters: Option<usize>,
     dsnot_threshold: Option<f64>,
     dsnot_skip: Option<&str>,
+    dsnot_same_sign: Option<bool>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let m = parse_method(method)?;
-    let refine = parse_refine(refine, dsnot_iters, dsnot_threshold, dsnot_skip)?;
+    let refine = parse_refine(refine, dsnot_iters, dsnot_threshold, dsnot_skip, dsnot_same_sign)?;
     let t = target(sparsity, pattern)?;
     let sc = parse_scope(scope)?;
     t.validate(sc).map_err(CoreError)?;
