@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import UsageError
+from llmprune.moe_layout import expert_count
 
 
 ROUTERS = ("gate", "router")  # the router's attribute: most models `gate`, gpt-oss `router`
@@ -54,21 +55,12 @@ def _top_k(mod: nn.Module, router: nn.Module) -> int | None:
     return None
 
 
-def fused_expert_count(experts: nn.Module) -> int | None:
-    """E for an experts module that holds every expert in 3-D tensors ([E, ...] gate_up_proj)."""
-    w = getattr(experts, "gate_up_proj", None)
-    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 3 else None
-
-
 def moe_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """(relative name, module) of every MoE module inside a decoder block."""
     out = []
     for name, mod in block.named_modules():
-        experts, router = getattr(mod, "experts", None), router_of(mod)
-        if experts is None or router is None:
-            continue
-        e = len(experts) if isinstance(experts, nn.ModuleList) else fused_expert_count(experts)
-        if e is None or _top_k(mod, router[1]) is None:
+        e, router = expert_count(getattr(mod, "experts", None)), router_of(mod)
+        if e is None or router is None or _top_k(mod, router[1]) is None:
             continue
         w = getattr(router[1], "weight", None)
         if w is None or w.shape[0] != e:
@@ -80,9 +72,11 @@ def moe_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
 class _Layer:
     def __init__(self, mod: nn.Module):
         self.mod = mod
-        self.router_attr, router = router_of(mod) or ("gate", mod)
+        found = router_of(mod)
+        assert found is not None, "moe_modules() picks modules with a router"
+        self.router_attr, router = found
         self.fused = not isinstance(mod.experts, nn.ModuleList)
-        self.e = fused_expert_count(mod.experts) if self.fused else len(mod.experts)
+        self.e = int(expert_count(mod.experts) or 0)
         self.top_k = int(_top_k(mod, router) or 0)
         self.count = np.zeros(self.e, dtype=np.int64)
         self.gate_sum = np.zeros(self.e)
@@ -90,7 +84,6 @@ class _Layer:
         self.x: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
         self.selected: torch.Tensor | None = None
-        self.dense_weights = False  # the experts module takes [T, E] routing weights (gpt-oss, transformers 4)
 
     def add(self, j: int, tokens: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> None:
         """Expert j's outputs `out` [n, H] for `tokens` routed to it in top-k `slots`."""

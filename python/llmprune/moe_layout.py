@@ -114,7 +114,7 @@ def unfuse_experts(model: nn.Module, stored: Any) -> None:
     tensor set per expert. `stored(qual)` tells whether the in-memory tensor name `qual` (of the
     per-expert layout) exists in the checkpoint. Fused modules whose checkpoint stores the fused
     tensors themselves (gpt-oss) are left as they are."""
-    fused = [(n, m) for n, m in model.named_modules() if _is_fused(m)]
+    fused = [(n, m) for n, m in model.named_modules() if fused_expert_count(getattr(m, "experts", None)) is not None]
     if not fused:
         return
     conversions = _conversions(model)
@@ -132,13 +132,14 @@ def unfuse_experts(model: nn.Module, stored: Any) -> None:
         if not stored(f"{qual}.experts.0.{names[0]}.weight"):
             raise UsageError(f"tensor {qual}.experts.0.{names[0]}.weight is missing from the checkpoint")
         moe.experts = PerExpert([ExpertMLP(names, h, two_i // 2, experts.act_fn) for _ in range(e)])
-        if not hasattr(moe, "top_k"):
-            moe.top_k = int(moe.gate.top_k)
 
 
-def _is_fused(mod: nn.Module) -> bool:
-    experts = getattr(mod, "experts", None)
-    if experts is None or isinstance(experts, nn.ModuleList):
-        return False
+def fused_expert_count(experts: nn.Module | None) -> int | None:
+    """E for an experts module that holds every expert in 3-D tensors ([E, ...] gate_up_proj), else None."""
     w = getattr(experts, "gate_up_proj", None)
-    return isinstance(w, torch.Tensor) and w.dim() == 3
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 3 else None
+
+
+def expert_count(experts: nn.Module | None) -> int | None:
+    """How many routed experts a module holds: one module each, or fused; None for neither."""
+    return len(experts) if isinstance(experts, nn.ModuleList) else fused_expert_count(experts)
