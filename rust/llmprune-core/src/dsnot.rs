@@ -12,7 +12,8 @@
 //! - swap the two, e += w_p μ_p − w_g μ_g.
 //!
 //! A row stops at its first cycle with |e| ≤ threshold, after `iters` cycles, when a candidate
-//! list runs out, or (with `same_sign`) at the first swap that would flip the sign of e. Every swap trades one pruned weight for one kept weight, so each row keeps its
+//! list runs out, or (with `same_sign`) at the first swap that would flip the sign of e. Every
+//! swap trades one pruned weight for one kept weight, so each row keeps its
 //! count. As in the official code, the sign of e after a swap is not required to match the sign
 //! before (its default), the cursors advance whether or not the row swaps, and the error is the
 //! official per-sample sum divided by the tokens of a sample: the default threshold is the official

@@ -189,7 +189,7 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
         if !run.ckpt.tensors().any(|(_, t)| t.name.starts_with(&format!("{moe}.experts."))) {
             return Err(Error::arg_hint(
                 format!("no tensors {moe}.experts.* in the checkpoint: an MoE layout llmprune does not know"),
-                "supported: one module per expert (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) or fused [experts, ...] tensors (gpt-oss)",
+                "supported: one module per expert (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3) or fused [experts, ...] tensors (gpt-oss)",
             ));
         }
         layers.push(LayerResult { layer: moe.clone(), kept, saliency });
