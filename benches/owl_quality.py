@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo import _fmt_ppl, _provenance, err, llmprune  # noqa: E402
-from sparsegpt_quality import ensure_statistics, write_markdown  # noqa: E402
+from sparsegpt_quality import add_protocol_options, ensure_statistics, write_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("wanda", "stade", "stade-w", "sparsegpt")
@@ -98,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=ROOT / "demo-out" / "smollm2-135m", help="demo checkpoint (cached)")
     ap.add_argument("--work-dir", type=Path, default=None, help="pruned checkpoints [default: beside --model-dir]")
     ap.add_argument("--runs", default=None, help="METHOD[+owl][+compensate][+dsnot]@SPARSITY,... [default: all the issue's rows]")
-    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows [8]")
-    ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window [256]")
-    ap.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window [512]")
-    ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens, 0 for all [4096]")
-    ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (stats and eval) [cpu]")
+    add_protocol_options(ap)
     ap.add_argument("--reuse-stats", action="store_true", help="reuse the sidecars in --model-dir when their calibration matches")
     ap.add_argument("--owl-m", type=float, default=None, help="--owl-m of the owl rows [llmprune's default]")
     ap.add_argument("--owl-lambda", type=float, default=None, help="--owl-lambda of the owl rows [llmprune's default]")

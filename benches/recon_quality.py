@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo import _fmt_ppl, _provenance, err, llmprune, sidecar_meta  # noqa: E402
+from sparsegpt_quality import add_protocol_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS = ",".join([
@@ -135,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="pruned checkpoints and the gradient sidecar [default: beside --model-dir]")
     ap.add_argument("--runs", default=DEFAULT_RUNS, help="METHOD[/ALLOCATION][+reconstruct]@SPARSITY,... in the order to run them")
-    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows [8]")
-    ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window [256]")
-    ap.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window [512]")
-    ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens, 0 for all [4096]")
-    ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (stats and eval) [cpu]")
+    add_protocol_options(ap)
     ap.add_argument("--threads", type=int, default=None, help="threads of `llmprune apply`")
     ap.add_argument("--reuse-stats", action="store_true", help="reuse the dense sidecars in --model-dir when their calibration matches")
     ap.add_argument("--grad-stats", type=Path, default=None,

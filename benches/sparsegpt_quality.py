@@ -160,6 +160,15 @@ def sequential_statistics(model: Path, work: Path, row: Row, args: argparse.Name
     return stats_path, gram_path, llmprune(*stats_args)
 
 
+def add_protocol_options(ap: argparse.ArgumentParser) -> None:
+    """docs/quality.md's protocol as options: calibration and evaluation sizes, the device."""
+    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows [8]")
+    ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window [256]")
+    ap.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window [512]")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens, 0 for all [4096]")
+    ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (stats and eval) [cpu]")
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "python benches/sparsegpt_quality.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -172,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="default --runs: sparsegpt at 50%% and 2:4 and wanda --update at 2:4 with sequential statistics, each beside "
                          "its dense-statistics twin; --markdown writes between the sequential table's markers")
     ap.add_argument("--keep-gram", action="store_true", help="keep the sequential rows' Gram sidecars (deleted after their apply otherwise)")
-    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows [8]")
-    ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window [256]")
-    ap.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window [512]")
-    ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens, 0 for all [4096]")
-    ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (stats and eval) [cpu]")
+    add_protocol_options(ap)
     ap.add_argument("--threads", type=int, default=None, help="threads of `llmprune apply`")
     ap.add_argument("--reuse-stats", action="store_true",
                     help="reuse the sidecars in --model-dir (and the sequential ones in --work-dir) when their calibration matches")

@@ -70,12 +70,25 @@ def test_schedule_file(run_cli, gram_model, tmp_path):
     sched.write_text(json.dumps({"block_sparsity": [0.25, 0.75][:blocks]}))
     s = apply_json(run_cli, gram_model, tmp_path / "o", "--method", "magnitude", "--sparsity", "0.5", "--allocation", sched)
     assert s["allocation"] == "schedule" and s["block_sparsity"] == [0.25, 0.75]
+    assert s["warnings"] == []
     w, out = weights_of(gram_model), weights_of(tmp_path / "o")
     for name, x in out.items():
         if ".layers." in name and name.endswith("proj.weight"):
             b = int(name.split(".layers.")[1].split(".")[0])
             assert ((x == 0).sum(1) >= int(x.shape[1] * [0.25, 0.75][b])).all()
             assert np.array_equal(x == 0, R.reference_mask(w[name], "magnitude", sparsity=[0.25, 0.75][b]) | (w[name] == 0))
+
+
+def test_a_schedule_whose_mean_is_not_the_sparsity_is_pruned_as_it_says_with_a_warning(run_cli, gram_model, tmp_path):
+    sched = tmp_path / "s.json"
+    sched.write_text(json.dumps([0.5, 0.7]))
+    code, stdout, stderr = run_cli(["apply", gram_model, "--out", tmp_path / "o", "--json", "--method", "magnitude", "--sparsity", "0.5", "--allocation", sched])
+    assert code == 0, stderr
+    s = json.loads(stdout)
+    assert s["block_sparsity"] == [0.5, 0.7] and s["sparsity"] == 0.5
+    assert any("average 0.600, not --sparsity 0.5" in w for w in s["warnings"]), s["warnings"]
+    assert "warning:" in stderr and "average 0.600" in stderr
+    assert s["params_pruned"] > 0.55 * s["params_prunable"], "the schedule's sparsities were used"
 
 
 # --------------------------------------------------------------------------------------------

@@ -267,6 +267,14 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         .and_then(recorded_block_sparsity);
     let (targets, block_sparsity) =
         pool.install(|| resolve_targets(ckpt, &prunable, run.sidecar.as_ref().map(|s| &s.layers), opts.target, &opts.allocation, recorded))?;
+    if let (Allocation::Schedule(v), Target::Sparsity(s)) = (&opts.allocation, opts.target) {
+        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        if (mean - s).abs() > 0.005 {
+            run.warnings.push(format!(
+                "the schedule's block sparsities average {mean:.3}, not --sparsity {s}; every block is pruned as the schedule says"
+            ));
+        }
+    }
     let bias_plan = if opts.compensate {
         let config = read_config(&ckpt.dir)?;
         let plan = compensate::plan(ckpt, &config, &prunable)?;
