@@ -89,6 +89,12 @@ def test_a_schedule_whose_mean_is_not_the_sparsity_is_pruned_as_it_says_with_a_w
     assert any("average 0.600, not --sparsity 0.5" in w for w in s["warnings"]), s["warnings"]
     assert "warning:" in stderr and "average 0.600" in stderr
     assert s["params_pruned"] > 0.55 * s["params_prunable"], "the schedule's sparsities were used"
+    seq = tmp_path / "seq.safetensors"
+    code, _, stderr = run_cli(["stats", copy_model(gram_model, tmp_path / "m"), "--sequential", "--method", "wanda", "--sparsity", "0.5",
+                               "--allocation", sched, "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--out", seq])
+    assert code == 0, stderr
+    assert "warning:" in stderr and "average 0.600, not --sparsity 0.5" in stderr
+    assert json.loads(R.read_header(seq)[0]["__metadata__"]["llmprune"])["sequential"]["block_sparsity"] == [0.5, 0.7]
 
 
 # --------------------------------------------------------------------------------------------
