@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import reference as R
 import stats_helpers as H
@@ -40,6 +41,13 @@ ARCHS: dict[str, tuple[str, dict[str, Any], str, str, str, tuple[str, str, str]]
                                              topk_group=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
                                              qk_nope_head_dim=8, v_head_dim=16, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4),
                     "mlp", "n_routed_experts", "sigmoid", SWIGLU),
+    # DeepSeek-V3 routing within groups: each token picks the better of 2 groups of 4 experts (by the
+    # sum of each group's two best scores), then its 2 experts there
+    "deepseek_v3_grouped": ("DeepseekV3Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                                                     n_group=2, topk_group=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
+                                                     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, norm_topk_prob=True,
+                                                     routed_scaling_factor=2.5, num_key_value_heads=4),
+                            "mlp", "n_routed_experts", "sigmoid", SWIGLU),
     # DeepSeek-V2: softmax router, greedy top-k scaled (not renormalized), a shared expert; transformers 4 gathers
     # each expert's tokens in argsort order
     "deepseek_v2": ("DeepseekV2Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, n_group=1,
@@ -47,11 +55,21 @@ ARCHS: dict[str, tuple[str, dict[str, Any], str, str, str, tuple[str, str, str]]
                                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=False,
                                              num_key_value_heads=4),
                     "mlp", "n_routed_experts", "softmax", SWIGLU),
+    # DeepSeek-V2's group-limited greedy routing: the better of 2 groups of 4 by their best score
+    "deepseek_v2_grouped": ("DeepseekV2Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                                                     n_group=2, topk_group=1, topk_method="group_limited_greedy", first_k_dense_replace=0,
+                                                     kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                                     routed_scaling_factor=2.5, norm_topk_prob=False, num_key_value_heads=4),
+                            "mlp", "n_routed_experts", "softmax", SWIGLU),
     # gpt-oss: fused [experts, ...] tensors on disk, a `router` with a bias, top-k of the logits then
     # softmax over them, biased experts with a clamped GLU
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=32, num_local_experts=8, head_dim=16, sliding_window=8), "mlp", "num_local_experts", "logit-topk", ()),
 }
 ROUTER = {"gpt_oss": "router"}  # the router's name; others: gate
+# DeepSeek-V3's router fills the experts of the groups it did not pick with 0.0 in transformers 4
+# (so they can still beat negative corrected scores), with -inf in transformers 5
+GROUP_FILL = 0.0 if int(transformers.__version__.split(".")[0]) < 5 else float("-inf")
+KEEP = {"deepseek_v3_grouped": 6, "deepseek_v2_grouped": 6}  # experts kept by the pruning tests (a multiple of n_group); others: 5
 
 
 def layer_of(name: str) -> int:
@@ -72,13 +90,26 @@ def reference_route(arch: str, logits: torch.Tensor, bias: torch.Tensor | None, 
         logits[:, list(removed)] = float("-inf")
         top, ids = torch.topk(logits, 2, dim=-1)
         return torch.softmax(top, -1), ids
+    groups = cfg.get("n_group", 1)
     if ARCHS[arch][4] == "softmax":
         logits[:, list(removed)] = float("-inf")
-        w, ids = torch.topk(torch.softmax(logits, -1), 2, dim=-1)
+        probs = torch.softmax(logits, -1)
+        if groups > 1:  # group-limited greedy: the topk_group groups with the largest best score, the others' scores 0
+            by_group = probs.view(probs.shape[0], groups, -1)
+            best = torch.topk(by_group.max(dim=-1).values, cfg["topk_group"], dim=-1).indices
+            keep = torch.zeros(probs.shape[0], groups, dtype=torch.bool).scatter(1, best, True)
+            probs = by_group.masked_fill(~keep.unsqueeze(-1), 0.0).view(probs.shape[0], -1)
+        w, ids = torch.topk(probs, 2, dim=-1)
         return (w / w.sum(-1, keepdim=True) if normalize else w) * cfg.get("routed_scaling_factor", 1.0), ids
     scores = torch.sigmoid(logits)
     choice = scores + bias.double()
     choice[:, list(removed)] = float("-inf")
+    if groups > 1:  # keep only the topk_group groups with the largest sums of their two best scores
+        by_group = choice.view(choice.shape[0], groups, -1)
+        best = torch.topk(by_group.topk(2, dim=-1).values.sum(-1), cfg["topk_group"], dim=-1).indices
+        keep = torch.zeros(choice.shape[0], groups, dtype=torch.bool).scatter(1, best, True)
+        choice = by_group.masked_fill(~keep.unsqueeze(-1), GROUP_FILL).view(choice.shape[0], -1)
+        choice[:, list(removed)] = float("-inf")  # a removed expert is never chosen, its group picked or not
     ids = torch.topk(choice, 2, dim=-1).indices
     w = scores.gather(1, ids)
     return w / w.sum(-1, keepdim=True) * cfg["routed_scaling_factor"], ids
@@ -90,8 +121,6 @@ def moe_dir(tmp_path_factory):
 
     def get(arch: str) -> Path:
         if arch not in cache:
-            import transformers
-
             cls, overrides = ARCHS[arch][:2]
             config = getattr(transformers, cls)(**{**COMMON, **overrides})
             torch.manual_seed(0)
@@ -200,7 +229,8 @@ def test_pruned_model_equals_masked_router(run_cli, moe_dir, tmp_path, arch, met
     shutil.copytree(moe_dir(arch), model)
     stats = sidecar_experts(stats_cli(run_cli, model))
     out = tmp_path / "out"
-    code, stdout, err = run_cli(["apply", model, "--method", method, "--experts-keep", "5", "--out", out, "--json"])
+    keep, groups = KEEP.get(arch, 5), ARCHS[arch][1].get("n_group", 1)
+    code, stdout, err = run_cli(["apply", model, "--method", method, "--experts-keep", str(keep), "--out", out, "--json"])
     assert code == 0, err
     s = json.loads(stdout)
     removed: dict[str, list[int]] = {}
@@ -208,12 +238,12 @@ def test_pruned_model_equals_masked_router(run_cli, moe_dir, tmp_path, arch, met
         st = stats[layer["layer"]]
         n = st["count"].astype(np.float64)
         sal = np.where(n > 0, st["reap_sum"] / np.maximum(n, 1), 0.0) if method == "reap" else n
-        order = sorted(range(8), key=lambda j: (sal[j], j))
-        assert layer["kept"] == sorted(order[3:]), layer
-        removed[layer["layer"]] = sorted(order[:3])
+        size, per = 8 // groups, (8 - keep) // groups  # grouped routers: the least salient of every group
+        removed[layer["layer"]] = sorted(j for g in range(groups) for j in sorted(range(g * size, (g + 1) * size), key=lambda j: (sal[j], j))[:per])
+        assert layer["kept"] == [j for j in range(8) if j not in removed[layer["layer"]]], layer
     cfg = json.loads((out / "config.json").read_text())
     key = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in json.loads((model / "config.json").read_text()))
-    assert cfg[key] == 5 and s["experts_after"] == 5
+    assert cfg[key] == keep and s["experts_after"] == keep and cfg.get("n_group") == ARCHS[arch][1].get("n_group")
     assert cfg["llmprune"]["experts"]["kept_experts"] == {l["layer"]: l["kept"] for l in s["layers"]}
 
     ref = R.load_f32_model(model)
@@ -348,6 +378,15 @@ def test_bad_input(run_cli, moe_dir, tmp_path):
     save_torch(renamed, str(odd / "model.safetensors"))
     relabel_sidecar(model / "llmprune-stats.safetensors", odd, rename=(".experts.", ".moe_experts."))
     cases.append(([odd, "--method", "reap", "--sparsity", "0.5"], "an MoE layout llmprune does not know", "supported: one module per expert"))
+    # group-limited routing (2 groups of 4, a token's router picks 1): every group loses as many
+    grouped = tmp_path / "g" / "tiny"
+    shutil.copytree(moe_dir("deepseek_v3_grouped"), grouped)
+    stats_cli(run_cli, grouped)
+    cases += [
+        ([grouped, "--method", "reap", "--experts-keep", "5"], "2 groups of experts", "keep a multiple of 2, e.g. 4"),
+        ([grouped, "--method", "reap", "--experts-keep", "2"], "1 per group in the 1 of 2 groups a token's router picks, is fewer than the 2", "keep at least 4"),
+        ([grouped, "--method", "reap", "--sparsity", "0.2"], "removes no expert", None),  # ⌊0.2 · 4⌋ = 0 per group
+    ]
     before = tree_hashes(tmp_path)
     for args, needle, hint in cases:
         code, stdout, stderr = run_cli(["apply", *args, "--out", tmp_path / "out"])

@@ -13,7 +13,12 @@
 //! (Mixtral's `block_sparse_moe`, Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3's `mlp`); or fused
 //! tensors with the experts on the leading axis, `<moe>.experts.<param>` [experts, ...], beside
 //! `<moe>.router.*` (gpt-oss, including its MXFP4 `_blocks` / `_scales`), whose kept rows are copied
-//! byte for byte in order. Group-limited routers (DeepSeek-V3's `n_group` > 1) are refused.
+//! byte for byte in order.
+//!
+//! Group-limited routers (DeepSeek-V2/V3's `n_group` > 1: a token first picks `topk_group` of the
+//! `n_group` equal, consecutive groups of experts, then its experts among those) lose the same number of
+//! experts from every group, each group's least salient, so the kept experts still split into
+//! `n_group` equal consecutive groups and the router keeps its meaning; `n_group` and `topk_group` stay.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -108,6 +113,54 @@ pub struct ExpertSummary {
 
 const EXPERT_COUNT_KEYS: [&str; 3] = ["num_local_experts", "num_experts", "n_routed_experts"];
 
+/// A group-limited router's groups: `n` (config `n_group`, 1 for other routers) consecutive groups of
+/// `size` experts, of which each token's router picks `top` (`topk_group`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RouterGroups {
+    n: usize,
+    size: usize,
+    top: usize,
+}
+
+impl RouterGroups {
+    fn of(config: &serde_json::Map<String, Value>, experts: usize) -> Result<Self> {
+        let n = config.get("n_group").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+        if n > 1 && experts % n != 0 {
+            return Err(Error::arg(format!("config.json: {experts} experts do not split into n_group = {n} equal groups")));
+        }
+        let top = config.get("topk_group").and_then(Value::as_u64).map_or(n, |t| (t as usize).clamp(1, n));
+        Ok(RouterGroups { n, size: experts / n, top })
+    }
+
+    /// The `remove` experts to drop (ascending): the least salient overall, or with groups the
+    /// `remove / n` least salient of every group (ties: lower index first).
+    fn lowest(&self, saliency: &[f64], remove: usize, moe: &str) -> Result<Vec<usize>> {
+        if self.n == 1 {
+            return Ok(lowest(saliency, remove));
+        }
+        let per = remove / self.n;
+        let kept = self.size - per;
+        // DeepSeek-V3 ranks a group by the sum of its two best scores: every group keeps two
+        if per > 0 && kept < 2 {
+            return Err(Error::arg_hint(
+                format!("{moe}: keeping {kept} of each group's {} experts leaves its router (which ranks groups by their two best experts) without a choice", self.size),
+                format!("keep at least 2 experts per group ({} in all)", 2 * self.n),
+            ));
+        }
+        let mut out = Vec::with_capacity(remove);
+        for g in 0..self.n {
+            let base = g * self.size;
+            out.extend(lowest(&saliency[base..base + self.size], per).into_iter().map(|j| base + j));
+        }
+        Ok(out)
+    }
+
+    /// The most experts a token can still be routed to.
+    fn reachable(&self, kept: usize) -> usize {
+        kept / self.n * self.top
+    }
+}
+
 /// `<moe>.experts.<j>.<rest>` → (moe, j, rest).
 fn expert_part<'a>(name: &'a str, moe: &str) -> Option<(usize, &'a str)> {
     let rest = name.strip_prefix(moe)?.strip_prefix(".experts.")?;
@@ -157,10 +210,8 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
         ));
     }
     let key = key.expect("checked");
-    if config.get("n_group").and_then(Value::as_u64).is_some_and(|g| g > 1) {
-        return Err(Error::arg("this model routes within groups of experts (n_group > 1); removing experts would break its groups"));
-    }
     let e_cfg = config[key].as_u64().unwrap_or(0) as usize;
+    let groups = RouterGroups::of(&config, e_cfg)?;
     let mut plans = BTreeMap::new();
     let mut layers = Vec::new();
     for (moe, st) in &sc.experts {
@@ -169,22 +220,34 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
             return Err(Error::StatsMismatch { path: sc.path.clone(), msg: format!("{moe} has statistics of {e} experts, config.json says {e_cfg}") });
         }
         let remove = match opts.removal {
-            ExpertRemoval::Sparsity(s) if (0.0..1.0).contains(&s) => (s * e as f64).floor() as usize,
+            ExpertRemoval::Sparsity(s) if (0.0..1.0).contains(&s) => groups.n * (s * groups.size as f64).floor() as usize,
             ExpertRemoval::Sparsity(s) => return Err(Error::arg(format!("sparsity must be in [0, 1), got {s}"))),
-            ExpertRemoval::Keep(k) if k <= e => e - k,
-            ExpertRemoval::Keep(k) => return Err(Error::arg(format!("--experts-keep {k} is more than the {e} experts of {moe}"))),
+            ExpertRemoval::Keep(k) if k > e => return Err(Error::arg(format!("--experts-keep {k} is more than the {e} experts of {moe}"))),
+            ExpertRemoval::Keep(k) if k % groups.n != 0 => {
+                return Err(Error::arg_hint(
+                    format!("--experts-keep {k}: this model routes within {} groups of experts (n_group), which must stay equal", groups.n),
+                    format!("keep a multiple of {}, e.g. {}", groups.n, (k / groups.n).max(1) * groups.n),
+                ))
+            }
+            ExpertRemoval::Keep(k) => e - k,
         };
         if remove == 0 {
             return Err(Error::arg_hint(format!("this removes no expert of {e}"), "raise --sparsity, or lower --experts-keep"));
         }
-        if e - remove < st.top_k {
+        if groups.reachable(e - remove) < st.top_k {
+            let least = st.top_k.div_ceil(groups.top) * groups.n;
+            let what = if groups.n > 1 {
+                format!(", {} per group in the {} of {} groups a token's router picks,", (e - remove) / groups.n, groups.top, groups.n)
+            } else {
+                String::new()
+            };
             return Err(Error::arg_hint(
-                format!("keeping {} experts of {moe} is fewer than the {} each token is routed to", e - remove, st.top_k),
-                format!("keep at least {} (remove at most {})", st.top_k, e - st.top_k),
+                format!("keeping {} experts of {moe}{what} is fewer than the {} each token is routed to", e - remove, st.top_k),
+                format!("keep at least {least} (remove at most {})", e - least),
             ));
         }
         let saliency = opts.method.saliency(st);
-        let map = renumbering(e, &lowest(&saliency, remove));
+        let map = renumbering(e, &groups.lowest(&saliency, remove, moe)?);
         let kept: Vec<usize> = (0..e).filter(|&j| map[j].is_some()).collect();
         if !run.ckpt.tensors().any(|(_, t)| t.name.starts_with(&format!("{moe}.experts."))) {
             return Err(Error::arg_hint(
@@ -242,6 +305,23 @@ mod tests {
         let kept = |s: &[f64], n| renumbering(s.len(), &lowest(s, n)).iter().enumerate().filter(|(_, m)| m.is_some()).map(|(j, _)| j).collect::<Vec<_>>();
         assert_eq!(kept(&[0.3, 0.1, 0.5, 0.1], 2), vec![0, 2]);
         assert_eq!(kept(&[1.0, 1.0, 1.0], 1), vec![1, 2]);
+    }
+
+    #[test]
+    fn grouped_routers_lose_the_same_number_from_every_group() {
+        let config = |n: u64, top: u64| serde_json::json!({"n_group": n, "topk_group": top}).as_object().unwrap().clone();
+        let g = RouterGroups::of(&config(2, 1), 8).unwrap();
+        assert_eq!(g, RouterGroups { n: 2, size: 4, top: 1 });
+        // group 0 = experts 0-3, group 1 = 4-7; globally the two lowest would both be in group 1
+        let sal = [0.5, 0.4, 0.9, 0.8, 0.1, 0.2, 0.7, 0.6];
+        assert_eq!(g.lowest(&sal, 2, "m").unwrap(), vec![1, 4]);
+        assert_eq!(g.lowest(&sal, 4, "m").unwrap(), vec![0, 1, 4, 5]);
+        assert!(g.lowest(&sal, 6, "m").unwrap_err().to_string().contains("two best"));
+        assert_eq!(g.reachable(6), 3);
+        assert!(RouterGroups::of(&config(3, 1), 8).is_err());
+        let plain = RouterGroups::of(&serde_json::Map::new(), 8).unwrap();
+        assert_eq!(plain.lowest(&sal, 2, "m").unwrap(), vec![4, 5]);
+        assert_eq!(plain.reachable(5), 5);
     }
 
     #[test]
