@@ -143,7 +143,7 @@ impl RouterGroups {
         // DeepSeek-V3 ranks a group by the sum of its two best scores: every group keeps two
         if per > 0 && kept < 2 {
             return Err(Error::arg_hint(
-                format!("{moe}: keeping {kept} of each group's {} experts leaves its router (which ranks groups by their two best experts) without a choice", self.size),
+                format!("{moe}: keeping {kept} of each group's {} experts is too few for a grouped router (DeepSeek-V3 ranks groups by their two best experts)", self.size),
                 format!("keep at least 2 experts per group ({} in all)", 2 * self.n),
             ));
         }
