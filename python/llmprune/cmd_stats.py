@@ -30,7 +30,6 @@ from llmprune.options import (
     RefineOpt,
     check_method,
     parse_target,
-    schedule_mean_warning,
     unstructured_extras,
 )
 
@@ -194,9 +193,12 @@ def stats_cmd(
         sp, pat = parse_target(sparsity, pattern)
         extras = unstructured_extras(allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip, pat, dsnot_same_sign)
         refine_kw = {k: extras[k] for k in ("refine", "dsnot_iters", "dsnot_threshold", "dsnot_skip", "dsnot_same_sign")} if refine is not None else None
-        mean_warning = schedule_mean_warning(extras.get("block_sparsity"), sp)
-        if mean_warning:
-            warn(mean_warning)
+        if extras.get("block_sparsity") and sp is not None:
+            from llmprune._core import schedule_mean_warning
+
+            mean_warning = schedule_mean_warning(extras["block_sparsity"], sp)
+            if mean_warning:
+                warn(mean_warning)
         seq = Sequential(
             method, sp, pat, update=update, allocation=extras["allocation"], owl_m=owl_m, owl_lambda=owl_lambda,
             block_sparsity=extras.get("block_sparsity"), refine=refine_kw, compensate=compensate,

@@ -106,16 +106,6 @@ def read_schedule(path: Path) -> list[float]:
     return [float(v) for v in values]
 
 
-def schedule_mean_warning(block_sparsity: list[float] | None, sparsity: float | None) -> str | None:
-    """The warning `apply` gives (rust/llmprune-core/src/apply.rs) when a schedule's mean is not --sparsity."""
-    if not block_sparsity or sparsity is None:
-        return None
-    mean = sum(block_sparsity) / len(block_sparsity)
-    if abs(mean - sparsity) <= 0.005:
-        return None
-    return f"the schedule's block sparsities average {mean:.3f}, not --sparsity {sparsity:g}; every block is pruned as the schedule says"
-
-
 def unstructured_extras(
     allocation: str | None,
     owl_m: float | None,

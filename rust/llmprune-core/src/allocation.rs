@@ -78,6 +78,14 @@ impl Allocation {
     }
 }
 
+/// The warning for a schedule whose block sparsities do not average `sparsity` (off by more than
+/// 0.005): every block is still pruned as the schedule says. `apply` and `stats --sequential` give it.
+pub fn schedule_mean_warning(schedule: &[f64], sparsity: f64) -> Option<String> {
+    let mean = schedule.iter().sum::<f64>() / schedule.len().max(1) as f64;
+    ((mean - sparsity).abs() > 0.005)
+        .then(|| format!("the schedule's block sparsities average {mean:.3}, not --sparsity {sparsity}; every block is pruned as the schedule says"))
+}
+
 /// The decoder block a tensor belongs to: N in `…layers.N.…`, `…h.N.…`, `…blocks.N.…`.
 pub fn block_index(name: &str) -> Option<usize> {
     block_segment(&name.split('.').collect::<Vec<_>>()).map(|(_, b)| b)

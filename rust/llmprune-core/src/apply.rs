@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::allocation::{resolve_targets, Allocation};
+use crate::allocation::{resolve_targets, schedule_mean_warning, Allocation};
 use crate::checkpoint::{read_config, Checkpoint, Shard, TensorEntry};
 use crate::compensate::{self, BiasPlan, BiasSource};
 use crate::dsnot::{self, DsnotOptions};
@@ -268,12 +268,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     let (targets, block_sparsity) =
         pool.install(|| resolve_targets(ckpt, &prunable, run.sidecar.as_ref().map(|s| &s.layers), opts.target, &opts.allocation, recorded))?;
     if let (Allocation::Schedule(v), Target::Sparsity(s)) = (&opts.allocation, opts.target) {
-        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-        if (mean - s).abs() > 0.005 {
-            run.warnings.push(format!(
-                "the schedule's block sparsities average {mean:.3}, not --sparsity {s}; every block is pruned as the schedule says"
-            ));
-        }
+        run.warnings.extend(schedule_mean_warning(v, s));
     }
     let bias_plan = if opts.compensate {
         let config = read_config(&ckpt.dir)?;

@@ -438,6 +438,13 @@ fn compensation_flag(model_type: &str, weight: &str) -> Option<&'static str> {
     llmprune_core::compensate::bias_flag(model_type, weight)
 }
 
+/// The warning `apply` gives when a schedule's block sparsities do not average `sparsity`, or None:
+/// for `stats --sequential --allocation FILE`.
+#[pyfunction]
+fn schedule_mean_warning(block_sparsity: Vec<f64>, sparsity: f64) -> Option<String> {
+    allocation::schedule_mean_warning(&block_sparsity, sparsity)
+}
+
 /// Depth pruning (`apply --method block-influence`): removes whole decoder blocks by ShortGPT's
 /// Block Influence from the stats sidecar; returns the JSON summary.
 #[pyfunction]
@@ -501,6 +508,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply_depth, m)?)?;
     m.add_function(wrap_pyfunction!(owl_allocation, m)?)?;
     m.add_function(wrap_pyfunction!(compensation_flag, m)?)?;
+    m.add_function(wrap_pyfunction!(schedule_mean_warning, m)?)?;
     m.add_function(wrap_pyfunction!(sparsegpt, m)?)?;
     m.add_function(wrap_pyfunction!(apply_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(apply_structured, m)?)?;
