@@ -1,11 +1,11 @@
 //! Scoring + selection throughput per method (bytes of bf16 weights per second), 1 and 2 threads.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use llmprune_core::apply::{prune_tensor, ApplyOptions};
+use llmprune_core::unstructured::apply::{prune_tensor, ApplyOptions};
 use llmprune_core::pool::pool as build_pool;
-use llmprune_core::checkpoint::TensorEntry;
-use llmprune_core::score::{channel_factors, Method};
-use llmprune_core::select::{Scope, Target};
+use llmprune_core::io::checkpoint::TensorEntry;
+use llmprune_core::unstructured::score::{channel_factors, Method};
+use llmprune_core::unstructured::select::{Scope, Target};
 use llmprune_core::sidecar::LayerStats;
 use safetensors::Dtype;
 
@@ -44,7 +44,7 @@ fn options(method: Method, target: Target) -> ApplyOptions {
         update: false,
         gram: None,
         sparsegpt: Default::default(),
-        allocation: llmprune_core::allocation::Allocation::Uniform,
+        allocation: llmprune_core::unstructured::allocation::Allocation::Uniform,
         refine: None,
         compensate: false,
     }

@@ -36,7 +36,7 @@ fn main() {
         solve_lower_triangular_in_place(MatRef::from_column_major_slice(&m, n, n), MatMut::from_column_major_slice_mut(&mut e, n, n), par);
         let solve = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let f = llmprune_core::sparsegpt::factor("h", n, || Ok(h.clone()), 0.01, par).unwrap();
+        let f = llmprune_core::unstructured::sparsegpt::factor("h", n, || Ok(h.clone()), 0.01, par).unwrap();
         let whole = t.elapsed().as_secs_f64();
         assert_eq!(f.n, n);
         println!("round {round}: n {n} threads {} cholesky {chol:.3} s, triangular inverse {inv:.3} s, solve against I {solve:.3} s, factor() {whole:.3} s", rayon::current_num_threads());

@@ -1,11 +1,11 @@
 //! Prunes one synthetic 1024x4096 bf16 tensor once, single-threaded: a fixed workload for
 //! instruction counting (`valgrind --tool=callgrind`), which unlike wall time does not depend on
 //! what else the machine is doing. Usage: prune_one magnitude|wanda|stade 0.5|2:4
-use llmprune_core::apply::{prune_tensor, ApplyOptions};
+use llmprune_core::unstructured::apply::{prune_tensor, ApplyOptions};
 use llmprune_core::pool::pool as build_pool;
-use llmprune_core::checkpoint::TensorEntry;
-use llmprune_core::score::{channel_factors, Method};
-use llmprune_core::select::{Scope, Target};
+use llmprune_core::io::checkpoint::TensorEntry;
+use llmprune_core::unstructured::score::{channel_factors, Method};
+use llmprune_core::unstructured::select::{Scope, Target};
 use llmprune_core::sidecar::LayerStats;
 use safetensors::Dtype;
 
@@ -35,7 +35,7 @@ fn main() {
     let opts = ApplyOptions {
         model_dir: ".".into(), out_dir: ".".into(), method, target, scope: Scope::Row, stats: None, threads: Some(1),
         include: vec![], exclude: vec![], default_input_axis: 1, force: false, provenance: Default::default(), check_only: false, update: false, gram: None, sparsegpt: Default::default(),
-        allocation: llmprune_core::allocation::Allocation::Uniform, refine: None, compensate: false,
+        allocation: llmprune_core::unstructured::allocation::Allocation::Uniform, refine: None, compensate: false,
     };
     let pool = build_pool(Some(1)).unwrap();
     let mut out = Vec::new();

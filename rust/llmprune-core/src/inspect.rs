@@ -8,10 +8,10 @@ use safetensors::Dtype;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::checkpoint::{dtype_name, Checkpoint};
-use crate::dtype::float_size;
+use crate::io::checkpoint::{dtype_name, Checkpoint};
+use crate::io::dtype::float_size;
 use crate::error::Result;
-use crate::prunable::in_decoder_block;
+use crate::unstructured::prunable::in_decoder_block;
 
 /// N:M patterns whose compliance is reported.
 pub const PATTERNS: [(usize, usize); 2] = [(2, 4), (4, 8)];

@@ -2,31 +2,24 @@
 //!
 //! Pure Rust, no Python: checkpoints are memory-mapped and processed tensor by tensor, so memory
 //! stays bounded by the largest single tensor whatever the model size.
+//!
+//! Modules by concern: `io` (checkpoints, dtypes, output directories, the shard writer),
+//! `sidecar` (the stats and Gram sidecars), `unstructured` (scores, masks and `apply`),
+//! `structured` (attention groups and MLP channels), `surgery` (whole blocks and experts), and at
+//! the top the run scaffold (`run`), the thread pool (`pool`), errors (`error`) and `inspect`.
 
-pub mod allocation;
-pub mod apply;
-pub mod checkpoint;
-pub mod compensate;
-pub mod depth;
-pub mod dsnot;
-pub mod dtype;
 pub mod error;
-pub mod experts;
 pub mod inspect;
-pub mod output;
+pub mod io;
 pub mod pool;
-pub mod prunable;
-pub mod remap;
 pub mod run;
-pub mod score;
-pub mod select;
 pub mod sidecar;
-pub mod sparsegpt;
 pub mod structured;
-pub mod writer;
+pub mod surgery;
+pub mod unstructured;
 
-pub use apply::{apply, ApplyOptions, ApplySummary};
-pub use run::Progress;
 pub use error::{Error, Result};
-pub use score::Method;
-pub use select::{Scope, Target};
+pub use run::Progress;
+pub use unstructured::apply::{apply, ApplyOptions, ApplySummary};
+pub use unstructured::score::Method;
+pub use unstructured::select::{Scope, Target};

@@ -10,12 +10,12 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::checkpoint::{Checkpoint, Shard, INDEX_FILE};
+use crate::io::checkpoint::{Checkpoint, Shard, INDEX_FILE};
 use crate::error::{Error, Result};
-use crate::output::{copy_other_files, write_index, StagingDir};
+use crate::io::output::{copy_other_files, write_index, StagingDir};
 use crate::sidecar::gram::{Gram, DEFAULT_GRAM};
 use crate::sidecar::{self, Sidecar, DEFAULT_SIDECAR};
-use crate::writer::ShardWriter;
+use crate::io::writer::ShardWriter;
 
 /// Reported after every tensor; returning an error stops the run and removes partial output.
 pub struct Progress<'a> {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use llmprune_core::checkpoint::Checkpoint;
+use llmprune_core::io::checkpoint::Checkpoint;
 use llmprune_core::{apply, ApplyOptions, Error, Method, Scope, Target};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -100,7 +100,7 @@ fn opts(model: &Path, out: &Path, target: Target) -> ApplyOptions {
         update: false,
         gram: None,
         sparsegpt: Default::default(),
-        allocation: llmprune_core::allocation::Allocation::Uniform,
+        allocation: llmprune_core::unstructured::allocation::Allocation::Uniform,
         refine: None,
         compensate: false,
     }
@@ -390,10 +390,10 @@ fn wanda_without_stats_is_a_clear_error() {
 
 #[test]
 fn fused_row_path_equals_mask_matrix() {
-    use llmprune_core::apply::prune_tensor;
-    use llmprune_core::checkpoint::TensorEntry;
-    use llmprune_core::dtype::decode;
-    use llmprune_core::select::mask_matrix;
+    use llmprune_core::unstructured::apply::prune_tensor;
+    use llmprune_core::io::checkpoint::TensorEntry;
+    use llmprune_core::io::dtype::decode;
+    use llmprune_core::unstructured::select::mask_matrix;
     for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
         let t = tensor("model.layers.0.mlp.up_proj.weight", dtype, &[24, 48], 7);
         let entry = TensorEntry { name: t.name.clone(), dtype, shape: t.shape.clone(), start: 0, end: t.data.len() };

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use llmprune_core::output::{clean_stale, StagingDir};
+use llmprune_core::io::output::{clean_stale, StagingDir};
 use llmprune_core::pool::{thread_count, MAX_THREADS};
 use llmprune_core::sidecar::{encode, merge, write, LayerStats, Sidecar, SidecarInfo};
 

@@ -24,6 +24,6 @@ fn overflowing_shape_after_a_valid_tensor_is_an_error() {
     let mut file = (h.len() as u64).to_le_bytes().to_vec();
     file.extend(h);
     file.extend([0u8; 8]);
-    let err = llmprune_core::checkpoint::parse_header(&file, std::path::Path::new("x.safetensors")).err().expect("refused");
+    let err = llmprune_core::io::checkpoint::parse_header(&file, std::path::Path::new("x.safetensors")).err().expect("refused");
     assert!(err.to_string().contains("x.safetensors"), "{err}");
 }

@@ -1,8 +1,8 @@
 //! SparseGPT kernel: basic properties (the numpy transcription of the official algorithm is compared
 //! mask for mask in tests/test_sparsegpt.py).
 
-use llmprune_core::select::Target;
-use llmprune_core::sparsegpt::{prune_matrix, Selection, SparseGptOptions};
+use llmprune_core::unstructured::select::Target;
+use llmprune_core::unstructured::sparsegpt::{prune_matrix, Selection, SparseGptOptions};
 
 fn lcg(seed: &mut u64) -> f32 {
     *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use llmprune_core::checkpoint::Checkpoint;
+use llmprune_core::io::checkpoint::Checkpoint;
 use llmprune_core::error::Error;
 use llmprune_core::structured::{apply_structured, Allocation, Fusion, HywiaOptions, StructMethod, StructuredOptions, StructuredSummary};
 use safetensors::tensor::TensorView;

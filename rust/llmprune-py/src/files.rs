@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use llmprune_core::checkpoint::{dtype_name, Checkpoint, INDEX_FILE};
+use llmprune_core::io::checkpoint::{dtype_name, Checkpoint, INDEX_FILE};
 use llmprune_core::error::Error;
-use llmprune_core::output::{copy_other_files, write_index, StagingDir};
+use llmprune_core::io::output::{copy_other_files, write_index, StagingDir};
 use llmprune_core::sidecar::{self, gram, BlockStats, ExpertStats, GradStats, LayerStats, Sidecar, SidecarInfo};
 use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -223,7 +223,7 @@ fn write_sidecar(
 /// Checks before a long pass that a sidecar can be written at `path` (see `atomic_write`).
 #[pyfunction]
 fn check_file_destination(py: Python<'_>, path: PathBuf) -> PyResult<()> {
-    detached(py, || llmprune_core::output::check_file_destination(&path))
+    detached(py, || llmprune_core::io::output::check_file_destination(&path))
 }
 
 /// `stats merge`: sums sidecars of one model taken on disjoint calibration sets into `out`;

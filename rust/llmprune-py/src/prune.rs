@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use llmprune_core::error::Error;
 use llmprune_core::structured::StructMethod;
-use llmprune_core::allocation::{self, Allocation};
-use llmprune_core::dsnot::DsnotOptions;
-use llmprune_core::{apply, pool, prunable, score, select, structured, ApplyOptions, Method, Scope, Target};
+use llmprune_core::unstructured::allocation::{self, Allocation};
+use llmprune_core::unstructured::dsnot::DsnotOptions;
+use llmprune_core::unstructured::{apply, prunable, score, select};
+use llmprune_core::{pool, structured, ApplyOptions, Method, Scope, Target};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
@@ -163,7 +164,7 @@ fn apply_checkpoint(
         check_only,
         update,
         gram,
-        sparsegpt: llmprune_core::sparsegpt::SparseGptOptions { damp, blocksize },
+        sparsegpt: llmprune_core::unstructured::sparsegpt::SparseGptOptions { damp, blocksize },
         allocation,
         refine,
         compensate,
@@ -294,7 +295,7 @@ fn compute_mask<'py>(
         pool::pool(threads)?.install(|| {
             let mut mask = select::mask_matrix(w, rows, cols, factors.as_deref(), t, sc)?;
             if let (Some(r), Some(s)) = (refine.as_ref().filter(|r| r.applies_to(name)), stats.as_ref()) {
-                llmprune_core::dsnot::refine(w, rows, cols, factors.as_deref(), &s.means(), &s.variances(), &mut mask, r, t.group());
+                llmprune_core::unstructured::dsnot::refine(w, rows, cols, factors.as_deref(), &s.means(), &s.variances(), &mut mask, r, t.group());
             }
             Ok(mask)
         })
@@ -341,7 +342,7 @@ fn methods() -> String {
         "dsnot": apply::dsnot_meta(&d),
     });
     let depth = vec![serde_json::json!({"name": "block-influence", "needs_stats": true})];
-    let experts: Vec<_> = llmprune_core::experts::ExpertMethod::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": true})).collect();
+    let experts: Vec<_> = llmprune_core::surgery::experts::ExpertMethod::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": true})).collect();
     serde_json::json!({"unstructured": unstructured, "structured": structured, "depth": depth, "experts": experts, "defaults": defaults}).to_string()
 }
 
@@ -362,7 +363,7 @@ fn sparsegpt<'py>(
     blocksize: usize,
     threads: Option<usize>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<String>)> {
-    use llmprune_core::sparsegpt::{prune_matrix, Selection, SparseGptOptions};
+    use llmprune_core::unstructured::sparsegpt::{prune_matrix, Selection, SparseGptOptions};
     let (rows, cols) = (weight.shape()[0], weight.shape()[1]);
     if gram.shape() != [cols, cols] {
         return Err(InvalidArgumentError::new_err(format!("gram must be [{cols}, {cols}], got {:?}", gram.shape())));
@@ -418,7 +419,7 @@ fn owl_allocation(
 ) -> PyResult<Vec<f64>> {
     let alloc = parse_allocation("owl", owl_m, owl_lambda, None)?;
     detached(py, || {
-        let ckpt = llmprune_core::checkpoint::Checkpoint::open(&model_dir)?;
+        let ckpt = llmprune_core::io::checkpoint::Checkpoint::open(&model_dir)?;
         let stats: BTreeMap<String, llmprune_core::sidecar::LayerStats> = layers
             .into_iter()
             .map(|(k, (act_sum, act_sqsum, count, input_axis))| (k, llmprune_core::sidecar::LayerStats { act_sum, act_sqsum, count, input_axis }))
@@ -435,7 +436,7 @@ fn owl_allocation(
 /// --sequential --compensate`.
 #[pyfunction]
 fn compensation_flag(model_type: &str, weight: &str) -> Option<&'static str> {
-    llmprune_core::compensate::bias_flag(model_type, weight)
+    llmprune_core::unstructured::compensate::bias_flag(model_type, weight)
 }
 
 /// The warning `apply` gives when a schedule's block sparsities do not average `sparsity`, or None:
@@ -463,14 +464,14 @@ fn apply_depth(
     provenance: Option<BTreeMap<String, String>>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
-    use llmprune_core::depth::{DepthOptions, Removal};
+    use llmprune_core::surgery::depth::{DepthOptions, Removal};
     let removal = match (sparsity, remove_blocks) {
         (Some(s), None) => Removal::Sparsity(s),
         (None, Some(n)) => Removal::Count(n),
         _ => return Err(InvalidArgumentError::new_err("give exactly one of sparsity or remove_blocks")),
     };
     let opts = DepthOptions { model_dir, out_dir, removal, stats, threads, force, provenance: provenance.unwrap_or_default() };
-    run_reporting(py, progress, |report| llmprune_core::depth::apply_depth(&opts, report).and_then(|s| to_json(&s)))
+    run_reporting(py, progress, |report| llmprune_core::surgery::depth::apply_depth(&opts, report).and_then(|s| to_json(&s)))
 }
 
 /// Expert pruning (`apply --method reap|frequency`): removes routed experts of every MoE layer by
@@ -492,7 +493,7 @@ fn apply_experts(
     provenance: Option<BTreeMap<String, String>>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
-    use llmprune_core::experts::{ExpertOptions, ExpertRemoval};
+    use llmprune_core::surgery::experts::{ExpertOptions, ExpertRemoval};
     let removal = match (sparsity, experts_keep) {
         (Some(s), None) => ExpertRemoval::Sparsity(s),
         (None, Some(k)) => ExpertRemoval::Keep(k),
@@ -500,7 +501,7 @@ fn apply_experts(
     };
     let method = method.parse().map_err(CoreError)?;
     let opts = ExpertOptions { model_dir, out_dir, method, removal, stats, threads, force, provenance: provenance.unwrap_or_default() };
-    run_reporting(py, progress, |report| llmprune_core::experts::apply_experts(&opts, report).and_then(|s| to_json(&s)))
+    run_reporting(py, progress, |report| llmprune_core::surgery::experts::apply_experts(&opts, report).and_then(|s| to_json(&s)))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

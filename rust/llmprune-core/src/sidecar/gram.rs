@@ -16,9 +16,9 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use super::check_model;
-use crate::checkpoint::Checkpoint;
+use crate::io::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::output::{check_file_destination, clean_stale, same_file, temp_beside};
+use crate::io::output::{check_file_destination, clean_stale, same_file, temp_beside};
 
 /// Default location of the Gram sidecar inside a model directory; never copied into outputs.
 pub const DEFAULT_GRAM: &str = "llmprune-gram.safetensors";

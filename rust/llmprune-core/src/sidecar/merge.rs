@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::gram::merge_gram;
 use super::{write, BlockStats, ExpertStats, LayerStats, Sidecar, SidecarInfo};
 use crate::error::{Error, Result};
-use crate::output::same_file;
+use crate::io::output::same_file;
 
 #[derive(Debug, Serialize)]
 pub struct MergeSummary {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::checkpoint::{hex, Checkpoint};
+use crate::io::checkpoint::{hex, Checkpoint};
 use crate::error::{Error, Result};
 
 /// Default location of the stats sidecar inside a model directory; never copied into outputs.

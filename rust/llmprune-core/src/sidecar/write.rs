@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::{BlockStats, ExpertStats, GradStats, LayerStats, BLOCK_COS_SUM, BLOCK_COUNT, FORMAT, FORMAT_VERSION};
 use crate::error::{Error, Result};
-use crate::output::{atomic_write, check_not_input};
+use crate::io::output::{atomic_write, check_not_input};
 
 /// What the calibration pass knows besides the sums: the model it ran on, the calibration
 /// settings, the mode (`dense` or `sequential` with its method and target) and, with gradients,

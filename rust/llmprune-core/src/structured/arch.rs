@@ -12,7 +12,7 @@
 
 use serde_json::Value;
 
-use crate::checkpoint::{read_config, Checkpoint};
+use crate::io::checkpoint::{read_config, Checkpoint};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,8 +15,8 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 
-use crate::checkpoint::{Checkpoint, Shard, TensorEntry};
-use crate::dtype::{decode_into, float_size};
+use crate::io::checkpoint::{Checkpoint, Shard, TensorEntry};
+use crate::io::dtype::{decode_into, float_size};
 use crate::error::{Error, Result};
 use crate::sidecar::{LayerStats, Sidecar};
 use crate::structured::arch::{Module, Rules};

@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::checkpoint::{Checkpoint, Shard};
-use crate::dtype::float_size;
+use crate::io::checkpoint::{Checkpoint, Shard};
+use crate::io::dtype::float_size;
 use crate::error::{Error, Result};
 use crate::pool;
 use crate::run::{Progress, Run, StatsNeed};
@@ -283,7 +283,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         Ok(())
     })?;
     let new_config = config::rewrite(&rules, &config::Rewrite { shapes: &shapes, added_attn_bias: add_attn, added_mlp_bias: add_mlp, provenance: prov });
-    crate::output::write_config(&staging.path, new_config)?;
+    crate::io::output::write_config(&staging.path, new_config)?;
     // config.json was rewritten above
     let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;
 
@@ -370,5 +370,5 @@ fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Result<Vec<OutEntry<'a>
 /// The shard's header for the new tensors and offsets, input metadata kept and provenance added.
 fn shard_header(shard: &Shard, plan: &[OutEntry], provenance: &str) -> Result<Vec<u8>> {
     let tensors: Vec<_> = plan.iter().map(|e| (e.name.clone(), e.dtype, e.shape.clone(), e.nbytes)).collect();
-    crate::output::layout_header(shard, provenance, &tensors)
+    crate::io::output::layout_header(shard, provenance, &tensors)
 }

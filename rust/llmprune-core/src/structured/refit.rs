@@ -14,8 +14,8 @@
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
 
-use crate::checkpoint::Checkpoint;
-use crate::dtype::decode;
+use crate::io::checkpoint::Checkpoint;
+use crate::io::dtype::decode;
 use crate::error::{Error, Result};
 use crate::sidecar::gram::Gram;
 use crate::sidecar::Sidecar;

@@ -7,8 +7,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use crate::checkpoint::Checkpoint;
-use crate::dtype::{decode, encode_into, float_size};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::dtype::{decode, encode_into, float_size};
 use crate::error::{Error, Result};
 use crate::sidecar::gram::Gram;
 use crate::sidecar::Sidecar;

@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use llmprune_core::checkpoint::{parse_header, parse_index};
+use llmprune_core::io::checkpoint::{parse_header, parse_index};
 use llmprune_core::sidecar::Sidecar;
 
 pub struct Rng(u64);

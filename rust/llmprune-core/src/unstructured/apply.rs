@@ -8,21 +8,21 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::allocation::{resolve_targets, schedule_mean_warning, Allocation};
-use crate::checkpoint::{read_config, Checkpoint, Shard, TensorEntry};
-use crate::compensate::{self, BiasPlan, BiasSource};
-use crate::dsnot::{self, DsnotOptions};
-use crate::dtype::{decode, decode_into, float_size};
+use crate::unstructured::allocation::{resolve_targets, schedule_mean_warning, Allocation};
+use crate::io::checkpoint::{read_config, Checkpoint, Shard, TensorEntry};
+use crate::unstructured::compensate::{self, BiasPlan, BiasSource};
+use crate::unstructured::dsnot::{self, DsnotOptions};
+use crate::io::dtype::{decode, decode_into, float_size};
 use crate::error::{Error, Result};
-use crate::output::{encode_header, layout_header, metadata_with_provenance};
+use crate::io::output::{encode_header, layout_header, metadata_with_provenance};
 use crate::pool;
-use crate::prunable::{resolve_prunable, Prunable};
+use crate::unstructured::prunable::{resolve_prunable, Prunable};
 use crate::run::{Run, StatsNeed};
-use crate::score::{channel_factors, Method};
-use crate::select::{mask_matrix, n_m_flags, prune_row, row_scores, Scope, Scratch, Target};
+use crate::unstructured::score::{channel_factors, Method};
+use crate::unstructured::select::{mask_matrix, n_m_flags, prune_row, row_scores, Scope, Scratch, Target};
 use crate::sidecar::gram::{unpack, Gram};
-use crate::sparsegpt::{factor, sparsegpt, Factor, Selection, SparseGptOptions};
-use crate::dtype::encode_into;
+use crate::unstructured::sparsegpt::{factor, sparsegpt, Factor, Selection, SparseGptOptions};
+use crate::io::dtype::encode_into;
 
 pub use crate::run::Progress;
 
@@ -50,11 +50,11 @@ pub struct ApplyOptions {
     /// The Gram sidecar (default MODEL/llmprune-gram.safetensors) for sparsegpt and --update.
     pub gram: Option<PathBuf>,
     pub sparsegpt: SparseGptOptions,
-    /// Per-block sparsity: uniform, OWL, or a schedule (rust/llmprune-core/src/allocation.rs).
+    /// Per-block sparsity: uniform, OWL, or a schedule (`unstructured::allocation`).
     pub allocation: Allocation,
-    /// Refine each mask with DSnoT before it is applied (rust/llmprune-core/src/dsnot.rs).
+    /// Refine each mask with DSnoT before it is applied (`unstructured::dsnot`).
     pub refine: Option<DsnotOptions>,
-    /// Fold what pruning removed into the output biases (rust/llmprune-core/src/compensate.rs).
+    /// Fold what pruning removed into the output biases (`unstructured::compensate`).
     pub compensate: bool,
 }
 
@@ -433,7 +433,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     let (map, rewritten): (Option<&BTreeMap<String, String>>, Vec<&str>) = match &bias_plan {
         Some((p, config)) => {
             if let Some(c) = compensate::rewrite_config(config, p) {
-                crate::output::write_config(&staging.path, c)?;
+                crate::io::output::write_config(&staging.path, c)?;
                 (Some(&weight_map), vec!["config.json"])
             } else {
                 (None, vec![])
@@ -703,7 +703,7 @@ fn reconstruct_tensor(
     if cached.as_ref().map(|(k, _)| k.as_str()) != Some(group.key.as_str()) {
         cached.take();
         let n = group.features;
-        let f = factor(&t.name, n, || gram.packed(&group.key).map(|(p, _)| unpack(&p, n)), opts.sparsegpt.damp, crate::sparsegpt::current_par())?;
+        let f = factor(&t.name, n, || gram.packed(&group.key).map(|(p, _)| unpack(&p, n)), opts.sparsegpt.damp, crate::unstructured::sparsegpt::current_par())?;
         warnings.extend(f.warnings.iter().cloned());
         *cached = Some((group.key.clone(), f));
     }
@@ -716,7 +716,7 @@ fn reconstruct_tensor(
         (fixed, swaps) = job.mask(&w, rows, cols, opts.scope)?;
         Selection::Fixed(&fixed)
     };
-    let mask = sparsegpt(&mut w, rows, cols, f, sel, opts.sparsegpt, crate::sparsegpt::current_par())?;
+    let mask = sparsegpt(&mut w, rows, cols, f, sel, opts.sparsegpt, crate::unstructured::sparsegpt::current_par())?;
     let stored = if input_axis == 1 { w } else { transpose(&w, rows, cols) };
     encode_into(t.dtype, &stored, out);
     Ok((mask.iter().filter(|&&m| m).count() as u64, swaps))

@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::allocation::{block_segment, num_blocks};
-use crate::checkpoint::read_config;
+use crate::io::blocks::{block_segment, num_blocks};
+use crate::io::checkpoint::read_config;
 use crate::error::{Error, Result};
-use crate::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
+use crate::surgery::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
 use crate::run::{Progress, Run, StatsNeed};
 
 /// How many blocks go.

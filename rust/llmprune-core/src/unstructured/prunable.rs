@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::checkpoint::Checkpoint;
+use crate::io::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::sidecar::Sidecar;
 

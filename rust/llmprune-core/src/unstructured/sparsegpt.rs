@@ -2,7 +2,7 @@
 //! yet visited so that the layer's output on the calibration inputs changes as little as possible,
 //! using the inverse of the input Gram matrix H = Σ x xᵀ.
 //!
-//! Semantics (tests/sparsegpt_reference.py transcribes them in numpy):
+//! Semantics (tests/support/sparsegpt_reference.py transcribes them in numpy):
 //! 1. Dead inputs (H_jj = 0): H_jj = 1 and column j of W is zeroed.
 //! 2. Damping: H += damp · mean(diag H) · I. A matrix that is still not positive definite gets ten
 //!    times the damping, up to four times, with a warning; then the weight is refused.
@@ -26,7 +26,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::select::{mask_matrix, Scope, Target};
+use crate::unstructured::select::{mask_matrix, Scope, Target};
 
 #[derive(Clone, Copy, Debug)]
 pub struct SparseGptOptions {

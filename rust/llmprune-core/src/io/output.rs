@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::checkpoint::{allowed_target, Checkpoint, Shard, INDEX_FILE};
+use crate::io::checkpoint::{allowed_target, Checkpoint, Shard, INDEX_FILE};
 use crate::error::{Error, Result};
 
 const OTHER_HINT: &str = "choose another --out";
@@ -285,7 +285,7 @@ pub fn layout_header(shard: &Shard, provenance: &str, tensors: &[(String, safete
     let entries: Vec<(String, Value)> = tensors
         .iter()
         .map(|(name, dtype, shape, nbytes)| {
-            let v = serde_json::json!({"dtype": crate::checkpoint::dtype_name(*dtype), "shape": shape, "data_offsets": [offset, offset + nbytes]});
+            let v = serde_json::json!({"dtype": crate::io::checkpoint::dtype_name(*dtype), "shape": shape, "data_offsets": [offset, offset + nbytes]});
             offset += nbytes;
             (name.clone(), v)
         })

@@ -12,7 +12,7 @@ pub enum Method {
     Wanda,
     Stade,
     StadeW,
-    /// Chooses its mask inside the SparseGPT sweep (rust/llmprune-core/src/sparsegpt.rs).
+    /// Chooses its mask inside the SparseGPT sweep (`unstructured::sparsegpt`).
     SparseGpt,
 }
 

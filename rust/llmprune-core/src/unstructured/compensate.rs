@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use rayon::prelude::*;
 use serde_json::Value;
 
-use crate::allocation::block_index;
-use crate::checkpoint::{Checkpoint, TensorEntry};
-use crate::dtype::decode_into;
+use crate::io::blocks::block_index;
+use crate::io::checkpoint::{Checkpoint, TensorEntry};
+use crate::io::dtype::decode_into;
 use crate::error::{Error, Result};
-use crate::prunable::Prunable;
+use crate::unstructured::prunable::Prunable;
 
 /// Where a compensated weight's bias comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,7 +80,7 @@ pub fn plan(ckpt: &Checkpoint, config: &serde_json::Map<String, Value>, pruned: 
             if b.shape != [rows] {
                 return Err(Error::tensor(&shard.path, &bias, format!("has shape {:?}; compensation expects [{rows}]", b.shape)));
             }
-            if crate::dtype::float_size(b.dtype).is_none() {
+            if crate::io::dtype::float_size(b.dtype).is_none() {
                 return Err(Error::tensor(&shard.path, &bias, format!("dtype {:?} cannot be compensated (BF16, F16 and F32 can)", b.dtype)));
             }
             plan.compensated.insert(name.clone(), BiasSource::Existing(bias));

@@ -17,7 +17,7 @@
 //! count. As in the official code, the sign of e after a swap is not required to match the sign
 //! before (its default), the cursors advance whether or not the row swaps, and the error is the
 //! official per-sample sum divided by the tokens of a sample: the default threshold is the official
-//! 0.1 at its 2048-token calibration samples. Deviations, documented in docs/methods.md: the
+//! 0.1 at its 2048-token calibration samples. Deviations (docs/refinements.md): the
 //! variance is the sidecar's (over all calibration tokens, unbiased) where the official code averages
 //! per-sample variances; weights with w_j μ_j = 0 are no candidates (swapping one changes nothing
 //! the error measures, and the official reorder maps such kept weights all to column 0); the

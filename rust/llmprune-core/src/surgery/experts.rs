@@ -27,9 +27,9 @@ use std::str::FromStr;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::checkpoint::read_config;
+use crate::io::checkpoint::read_config;
 use crate::error::{Error, Result};
-use crate::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
+use crate::surgery::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
 use crate::run::{Progress, Run, StatsNeed};
 use crate::sidecar::ExpertStats;
 

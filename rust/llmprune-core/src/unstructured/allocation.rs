@@ -13,12 +13,13 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 use serde_json::Value;
 
-use crate::checkpoint::Checkpoint;
-use crate::dtype::decode;
+use crate::io::blocks::{block_index, num_blocks};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::dtype::decode;
 use crate::error::{Error, Result};
-use crate::prunable::Prunable;
-use crate::score::wanda_factors;
-use crate::select::Target;
+use crate::unstructured::prunable::Prunable;
+use crate::unstructured::score::wanda_factors;
+use crate::unstructured::select::Target;
 use crate::sidecar::LayerStats;
 
 pub const OWL_M: f64 = 5.0;
@@ -84,24 +85,6 @@ pub fn schedule_mean_warning(schedule: &[f64], sparsity: f64) -> Option<String> 
     let mean = schedule.iter().sum::<f64>() / schedule.len().max(1) as f64;
     ((mean - sparsity).abs() > 0.005)
         .then(|| format!("the schedule's block sparsities average {mean:.3}, not --sparsity {sparsity}; every block is pruned as the schedule says"))
-}
-
-/// The decoder block a tensor belongs to: N in `…layers.N.…`, `…h.N.…`, `…blocks.N.…`.
-pub fn block_index(name: &str) -> Option<usize> {
-    block_segment(&name.split('.').collect::<Vec<_>>()).map(|(_, b)| b)
-}
-
-/// In a name split at dots: the position of its block number and the number.
-pub fn block_segment(parts: &[&str]) -> Option<(usize, usize)> {
-    parts.windows(2).enumerate().find_map(|(i, w)| match w[0] {
-        "layers" | "h" | "blocks" if !w[1].is_empty() && w[1].bytes().all(|b| b.is_ascii_digit()) => w[1].parse().ok().map(|b| (i + 1, b)),
-        _ => None,
-    })
-}
-
-/// Number of decoder blocks in the checkpoint: one more than the largest block index of any tensor.
-pub fn num_blocks(ckpt: &Checkpoint) -> usize {
-    ckpt.tensors().filter_map(|(_, t)| block_index(&t.name)).max().map_or(0, |b| b + 1)
 }
 
 /// OWL's per-block sparsities from the outlier ratios `d` (indexed like the blocks): S + mean(r) − r.
@@ -244,12 +227,5 @@ mod tests {
     #[test]
     fn equal_ratios_are_uniform() {
         assert_eq!(owl_from_ratios(&[2.0, 2.0], 0.5, 0.08), vec![0.5, 0.5]);
-    }
-
-    #[test]
-    fn block_indices() {
-        assert_eq!(block_index("model.layers.12.mlp.up_proj.weight"), Some(12));
-        assert_eq!(block_index("transformer.h.3.attn.c_attn.weight"), Some(3));
-        assert_eq!(block_index("lm_head.weight"), None);
     }
 }

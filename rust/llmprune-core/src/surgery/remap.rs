@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::output::{layout_header, write_config, StagingDir};
+use crate::io::output::{layout_header, write_config, StagingDir};
 use crate::run::{Progress, Run};
 
 /// What happens to one input tensor.

@@ -1,0 +1,8 @@
+//! Files in and out: checkpoints (headers, index, fingerprint), dtypes, decoder block numbers in
+//! tensor names, output directories and their staging, and the writer thread.
+
+pub mod blocks;
+pub mod checkpoint;
+pub mod dtype;
+pub mod output;
+pub mod writer;
