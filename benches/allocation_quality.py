@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     t0, load_start = time.perf_counter(), os.getloadavg()
 
-    from llmprune.demo_model import ensure_demo_model
+    from llmprune.model.demo import ensure_demo_model
 
     ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
     stats_info = ensure_statistics(model, args)

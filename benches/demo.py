@@ -251,7 +251,7 @@ class Statistics:
         meta = sidecar_meta(path)
         if meta is None:
             return None
-        from llmprune.text_sources import CALIB, describe_source
+        from llmprune.data.sources import CALIB, describe_source
 
         cal = meta.get("calibration") or {}
         want = {"source": describe_source(self.args.calib, CALIB), "nsamples": self.args.nsamples,
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     # 1. the model (converted once, then reused)
-    from llmprune.demo_model import ensure_demo_model
+    from llmprune.model.demo import ensure_demo_model
 
     with err.status("converting the SmolLM2 GGUF to safetensors (once)", spinner="dots"):
         ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))

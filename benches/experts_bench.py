@@ -73,7 +73,7 @@ def tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def make_model(path: Path, layers: int, shape: str) -> None:
-    from llmprune import sidecar
+    from llmprune.calibration import sidecar
 
     path.mkdir(parents=True)
     if shape == "gpt-oss-20b":

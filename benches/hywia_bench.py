@@ -105,7 +105,7 @@ def main() -> None:
     def evaluate(path: Path) -> dict[str, Any]:
         return cli("eval", path, "--seqlen", a.seqlen, "--max-tokens", a.max_tokens, "--device", a.device)
 
-    from llmprune import sidecar
+    from llmprune.calibration import sidecar
 
     grad_meta = sidecar.read(stats).meta.get("grad") or {}
     record["settings"].update(grad_nsamples=grad_meta.get("nsamples"), grad_seqlen=grad_meta.get("seqlen"))

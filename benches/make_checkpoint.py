@@ -100,7 +100,7 @@ def write_shards(out: Path, tensors: list[tuple[str, tuple[int, ...]]], shard_by
 
 
 def write_synthetic_stats(out: Path, tensors: list[tuple[str, tuple[int, ...]]], seed: int) -> None:
-    from llmprune import sidecar
+    from llmprune.calibration import sidecar
 
     rng = np.random.default_rng(seed + 1)
     n = 4096

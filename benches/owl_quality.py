@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0, load_start = time.perf_counter(), os.getloadavg()
 
-    from llmprune.demo_model import ensure_demo_model
+    from llmprune.model.demo import ensure_demo_model
 
     ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
     stats_info = ensure_statistics(model, args)

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     load_start = os.getloadavg()
 
-    from llmprune.demo_model import ensure_demo_model
+    from llmprune.model.demo import ensure_demo_model
 
     ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
     want = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     load_start = os.getloadavg()
 
-    from llmprune.demo_model import ensure_demo_model
+    from llmprune.model.demo import ensure_demo_model
 
     ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
     stats_info = ensure_statistics(model, args) if any(not r.sequential for r in rows) else {}

@@ -13,8 +13,6 @@ from typing import Any, Callable
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 import reference as R  # noqa: E402
 
 CLI_TIMEOUT = 300

@@ -18,9 +18,9 @@ import torch
 import reference as R
 import stats_helpers as H
 
-from llmprune import sidecar
-from llmprune.evaluate import perplexity
-from llmprune.stats import collect_stats
+from llmprune.calibration import sidecar
+from llmprune.evaluation import perplexity
+from llmprune.calibration.activations import collect_stats
 
 DENSE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
              vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)

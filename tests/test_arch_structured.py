@@ -18,8 +18,9 @@ import torch
 import reference as R
 from conftest import assert_clean_error, listing, tree_hashes
 
-from llmprune import load_pruned, sidecar
-from llmprune.stats import collect_stats
+from llmprune import load_pruned
+from llmprune.calibration import sidecar
+from llmprune.calibration.activations import collect_stats
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
               vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)

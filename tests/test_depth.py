@@ -17,8 +17,8 @@ import stats_helpers as H
 from conftest import assert_clean_error, listing, tree_hashes
 from test_stats import arch_dir  # noqa: F401 - fixture
 
-from llmprune import sidecar
-from llmprune.stats import collect_stats
+from llmprune.calibration import sidecar
+from llmprune.calibration.activations import collect_stats
 
 BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "opt": "model.decoder.layers", "gpt2": "transformer.h"}
 LAYER_KEY = {"llama": "num_hidden_layers", "qwen2": "num_hidden_layers", "opt": "num_hidden_layers", "gpt2": "n_layer"}

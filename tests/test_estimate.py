@@ -8,7 +8,8 @@ import pytest
 
 import reference as R
 import stats_helpers as H
-from llmprune import cli, estimate
+from llmprune import cli
+from llmprune.calibration import estimate
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_pass_flops_count_block_weights_and_attention(model):
 
 
 def test_default_protocol_on_cpu_warns_with_an_estimate(model, tmp_path, monkeypatch, capsys):
-    from llmprune import token_windows
+    from llmprune.data import windows as token_windows
     from llmprune.errors import UsageError
 
     def stop(*args, **kwargs):  # the warning comes before the text is read: no need for the pass

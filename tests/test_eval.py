@@ -18,7 +18,7 @@ from conftest import assert_clean_error
 
 from llmprune import cli
 from llmprune.errors import UsageError
-from llmprune.evaluate import perplexity
+from llmprune.evaluation import perplexity
 
 BUILDERS = {"llama": R.tiny_llama_dir, "opt": H.tiny_opt_dir, "gpt2": H.tiny_gpt2_dir, "qwen2": H.tiny_qwen2_dir}
 
@@ -89,7 +89,7 @@ def cli_model(eval_dir) -> Path:
 def test_cli_eval_json(run_cli, cli_model):
     from transformers import AutoTokenizer
 
-    from llmprune.token_windows import eval_token_ids
+    from llmprune.data.windows import eval_token_ids
 
     code, out, err = run_cli(["eval", cli_model, "--seqlen", "32", "--max-tokens", "300", "--device", "cpu", "--json"])
     assert code == 0, err

@@ -21,7 +21,7 @@ import reference as R
 import stats_helpers as H
 from conftest import assert_clean_error, listing, tree_hashes
 
-from llmprune.stats import collect_stats
+from llmprune.calibration.activations import collect_stats
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
               max_position_embeddings=128, num_experts_per_tok=2, tie_word_embeddings=False)

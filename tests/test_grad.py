@@ -15,8 +15,8 @@ import reference as R
 import stats_helpers as H
 from conftest import assert_clean_error
 
-from llmprune import sidecar
-from llmprune.grad import collect_grad_stats
+from llmprune.calibration import sidecar
+from llmprune.calibration.gradients import collect_grad_stats
 
 BUILDERS = {"llama": R.tiny_llama_dir, "opt": H.tiny_opt_dir, "gpt2": H.tiny_gpt2_dir, "qwen2": H.tiny_qwen2_dir}
 
@@ -145,7 +145,7 @@ def cli_copy(tmp_path_factory, tmp_path) -> Path:
 def test_cli_grad_sidecar_layout(run_cli, cli_copy, tmp_path):
     from transformers import AutoTokenizer
 
-    from llmprune.token_windows import calibration_samples
+    from llmprune.data.windows import calibration_samples
 
     model = cli_copy
     code, out, err = run_cli(["stats", model, "--grad", "--nsamples", "4", "--seqlen", "16", "--json"])

@@ -19,8 +19,8 @@ import sparsegpt_reference as S
 from conftest import assert_clean_error, cli_env, listing
 from test_stats import arch_dir, assert_stats_close, cli_model, model_copy  # noqa: F401 - fixtures
 
-from llmprune.gram import GramTarget
-from llmprune.stats import collect_stats
+from llmprune.calibration.gram import GramTarget
+from llmprune.calibration.activations import collect_stats
 
 GRAM_NAME = "llmprune-gram.safetensors"
 
@@ -106,7 +106,7 @@ def test_gram_equals_whole_model_reference(arch_dir, tmp_path, arch, sharded):
 
 def test_float32_products_as_on_a_gpu(arch_dir, tmp_path, monkeypatch):
     """The GPU path (float32 xᵀx per window, summed in float64), run on the CPU."""
-    from llmprune import gram
+    from llmprune.calibration import gram
 
     monkeypatch.setattr(gram, "float64_products", lambda device: False)
     path = arch_dir("qwen2", sharded=True)
@@ -133,7 +133,7 @@ def test_core_reader_agrees(arch_dir, tmp_path):
 
 def test_sequential_mode_is_recorded(arch_dir, tmp_path):
     """In sequential mode block 0 sees the dense model; the metadata says how later blocks were pruned."""
-    from llmprune.stats import Sequential
+    from llmprune.calibration.sequential import Sequential
 
     path = arch_dir("llama")
     ids = R.random_samples(2, 16, seed=3)
@@ -150,7 +150,7 @@ def test_sequential_mode_is_recorded(arch_dir, tmp_path):
 
 
 def test_failed_pass_leaves_no_file(arch_dir, tmp_path, monkeypatch):
-    from llmprune.stream import LayerStreamer
+    from llmprune.model.stream import LayerStreamer
 
     path = arch_dir("llama")
     real = LayerStreamer.run_block
@@ -231,7 +231,7 @@ def test_torchrun_two_processes_equal_one(run_cli, model_copy, tmp_path):  # noq
 def test_cli_stats_gram_writes_default_file(run_cli, model_copy):  # noqa: F811 - fixture
     from transformers import AutoTokenizer
 
-    from llmprune.token_windows import calibration_samples
+    from llmprune.data.windows import calibration_samples
 
     code, out, err = run_cli(["stats", model_copy, "--nsamples", "2", "--seqlen", "16", "--seed", "3", "--gram", "--json"])
     assert code == 0, err

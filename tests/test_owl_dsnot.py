@@ -249,8 +249,8 @@ def test_compensation_of_conv1d_weights(run_cli, tmp_path):
     """GPT-2's Conv1D weights are stored [in, out]: each output's bias gains Σ_in (W − W')[in, out] μ[in]."""
     import stats_helpers as H
 
-    from llmprune import sidecar
-    from llmprune.stats import collect_stats
+    from llmprune.calibration import sidecar
+    from llmprune.calibration.activations import collect_stats
 
     model = H.tiny_gpt2_dir(tmp_path / "m" / "tiny", dtype="float32")
     res = collect_stats(model, R.random_samples(3, 16, vocab=256, seed=2), device="cpu")

@@ -179,8 +179,8 @@ def sequential_sparsegpt_reference(model_dir: Path, samples, sparsity: float) ->
 
 
 def test_sequential_stats_then_apply_equal_the_block_by_block_reference(run_cli, gram_model, tmp_path):
-    from llmprune.token_windows import calibration_samples
-    from llmprune.tokenizer import load_tokenizer
+    from llmprune.data.windows import calibration_samples
+    from llmprune.data.tokenizer import load_tokenizer
 
     model = copy_model(gram_model, tmp_path / "w")
     for f in (R.SIDECAR_NAME, _core.DEFAULT_GRAM):

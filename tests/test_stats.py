@@ -17,9 +17,10 @@ import reference as R
 import stats_helpers as H
 from conftest import assert_clean_error, cli_env
 
-from llmprune import sidecar
+from llmprune.calibration import sidecar
 from llmprune.errors import UsageError
-from llmprune.stats import Sequential, collect_stats
+from llmprune.calibration.activations import collect_stats
+from llmprune.calibration.sequential import Sequential
 
 BUILDERS = {
     "llama": R.tiny_llama_dir,
@@ -263,8 +264,8 @@ def model_copy(cli_model, tmp_path) -> Path:
 def test_cli_stats_end_to_end(run_cli, model_copy):
     from transformers import AutoTokenizer
 
-    from llmprune.text_sources import describe_source
-    from llmprune.token_windows import calibration_samples
+    from llmprune.data.sources import describe_source
+    from llmprune.data.windows import calibration_samples
 
     code, out, err = run_cli(["stats", model_copy, "--nsamples", "3", "--seqlen", "32", "--seed", "5", "--json"])
     assert code == 0, err
@@ -418,7 +419,7 @@ def test_torchrun_two_processes_equal_one(run_cli, model_copy, tmp_path):
 
 GROUP_SHUTDOWN_SCRIPT = r"""
 import os, sys
-from llmprune.stats import init_distributed, shutdown_distributed
+from llmprune.calibration.distributed import init_distributed, shutdown_distributed
 
 def threads():
     return set(os.listdir("/proc/self/task"))
@@ -460,7 +461,7 @@ PEAK_SCRIPT = r"""
 import sys, torch
 torch.set_num_threads(1)
 import transformers.models.llama.modeling_llama  # imports are not the pass's memory
-from llmprune.stats import collect_stats
+from llmprune.calibration.activations import collect_stats
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -13,7 +13,7 @@ __all__ = ["__version__", "load_pruned"]
 def __getattr__(name: str):
     # torch is imported only when the loader is used, so the CLI starts fast
     if name == "load_pruned":
-        from llmprune.structured import load_pruned
+        from llmprune.model.pruned import load_pruned
 
         return load_pruned
     raise AttributeError(f"module 'llmprune' has no attribute {name!r}")

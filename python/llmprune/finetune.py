@@ -23,9 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llmprune.checkpoint import Checkpoint
+from llmprune.model.checkpoint import Checkpoint
 from llmprune.errors import UsageError
-from llmprune.skeleton import find_blocks, linear_input_axis
+from llmprune.model.skeleton import find_blocks, linear_input_axis
 
 PEFT_HINT = "pip install 'llmprune[finetune]'"
 LOSS_WINDOW = 10  # steps averaged for the first and last loss of the summary
@@ -82,7 +82,7 @@ def require_peft() -> None:
 
 def load_model(model_dir: Path) -> tuple[nn.Module, str]:
     """The whole checkpoint as a float32 CPU causal LM, and which loader built it."""
-    from llmprune.structured import load_pruned, needs_load_pruned
+    from llmprune.model.pruned import load_pruned, needs_load_pruned
 
     if needs_load_pruned(model_dir):  # structurally pruned, layers of different sizes
         return load_pruned(model_dir, dtype=torch.float32), "llmprune.load_pruned"
@@ -195,7 +195,7 @@ def train_lora(
 
 def changed_weights(model: nn.Module, modules: list[str], ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """Checkpoint tensor name -> merged weight of every LoRA-targeted module."""
-    from llmprune.structured import checkpoint_names
+    from llmprune.model.pruned import checkpoint_names
 
     keys = {f"{m}.weight" for m in modules}
     state = model.state_dict()

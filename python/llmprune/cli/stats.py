@@ -17,7 +17,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from llmprune.console import print_json, warn
 from llmprune.errors import UsageError
-from llmprune.options import (
+from llmprune.cli.options import (
     DeviceOpt,
     DsnotItersOpt,
     DsnotSameSignOpt,
@@ -93,7 +93,7 @@ class _DefaultCommand(TyperCommand):
 
 
 def _default_out(model: Path, name: str | None = None, option: str = "--out") -> Path:
-    from llmprune.sidecar import SIDECAR_NAME
+    from llmprune.calibration.sidecar import SIDECAR_NAME
 
     if not os.access(model, os.W_OK):
         hint = f"pass {option} PATH to write it elsewhere"
@@ -113,8 +113,8 @@ def _check_out(out: Path) -> None:
 def _warn_if_slow_on_cpu(model: Path, device: str, nsamples: int, seqlen: int) -> None:
     """The default protocol (128 x 2048 tokens) can take hours on a CPU: say about how long, measured
     from this CPU's matrix-multiply speed and the model's size, and how to ask for less."""
-    from llmprune.devices import resolve_device
-    from llmprune.estimate import pass_seconds
+    from llmprune.model.devices import resolve_device
+    from llmprune.calibration.estimate import pass_seconds
 
     if resolve_device(device).type != "cpu":
         return
@@ -174,12 +174,14 @@ def stats_cmd(
 
     Merge sidecars of disjoint calibration sets with `llmprune stats merge A B ... --out C`.
     """
-    from llmprune import sidecar
-    from llmprune.text_sources import CALIB, describe_source
-    from llmprune.token_windows import calibration_samples
-    from llmprune.tokenizer import load_tokenizer
-    from llmprune.stats import Sequential, collect_stats, init_distributed, shutdown_distributed, validate_schedule, validate_sequential
-    from llmprune.devices import check_pass_inputs
+    from llmprune.calibration import sidecar
+    from llmprune.data.sources import CALIB, describe_source
+    from llmprune.data.windows import calibration_samples
+    from llmprune.data.tokenizer import load_tokenizer
+    from llmprune.calibration.activations import collect_stats
+    from llmprune.calibration.distributed import init_distributed, shutdown_distributed
+    from llmprune.calibration.sequential import Sequential, validate_schedule, validate_sequential
+    from llmprune.model.devices import check_pass_inputs
 
     if nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, not {nsamples}")
@@ -248,7 +250,7 @@ def stats_cmd(
         samples = calibration_samples(calib, load_tokenizer(model), nsamples, seqlen, seed)
         grad_result = None
         if grad:
-            from llmprune.grad import collect_grad_stats
+            from llmprune.calibration.gradients import collect_grad_stats
 
             grad_result = collect_grad_stats(model, samples, device=device, dtype=dtype, mode=grad_mode, progress=True)
             result = grad_result.stats
@@ -308,7 +310,7 @@ def stats_cmd(
 
 def _gram_target(model: Path, gram_out: Path | None, stats_out: Path) -> Any:
     """Where --gram writes (checked now, before the pass)."""
-    from llmprune.gram import GramTarget, gram_name
+    from llmprune.calibration.gram import GramTarget, gram_name
 
     path = Path(gram_out) if gram_out is not None else _default_out(model, gram_name(), "--gram-out")
     if path.resolve() == stats_out.resolve():
@@ -330,7 +332,7 @@ def merge_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Add up sidecars of one model computed on disjoint calibration sets."""
-    from llmprune import sidecar
+    from llmprune.calibration import sidecar
 
     t0 = time.perf_counter()
     summary = sidecar.merge(list(inputs), out)

@@ -11,7 +11,8 @@ import typer
 
 from llmprune.console import byte_progress, err, print_json, warn
 from llmprune.errors import UsageError
-from llmprune.options import (
+from llmprune.methods import method_registry, methods
+from llmprune.cli.options import (
     DsnotItersOpt,
     DsnotSameSignOpt,
     DsnotSkipOpt,
@@ -23,8 +24,6 @@ from llmprune.options import (
     PatternOpt,
     RefineOpt,
     SparsityOpt,
-    method_registry,
-    methods,
     parse_target,
     target_label,
     unstructured_extras,

@@ -38,8 +38,6 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 
 def sparsegpt_reference(
     W: np.ndarray,

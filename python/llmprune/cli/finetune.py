@@ -10,7 +10,7 @@ import typer
 
 from llmprune.console import count_progress, print_json
 from llmprune.errors import UsageError
-from llmprune.options import DeviceOpt, JsonOpt, ModelArg
+from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg
 
 DEFAULT_SEQLEN = 256  # LLM-Pruner's cutoff length
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -70,12 +70,12 @@ def finetune_cmd(
     ft.require_peft()
 
     from llmprune import _core
-    from llmprune.text_sources import CALIB, describe_source
-    from llmprune.token_windows import calibration_samples
-    from llmprune.tokenizer import load_tokenizer
-    from llmprune.checkpoint import Checkpoint
-    from llmprune.devices import resolve_device, window_length
-    from llmprune.skeleton import load_config
+    from llmprune.data.sources import CALIB, describe_source
+    from llmprune.data.windows import calibration_samples
+    from llmprune.data.tokenizer import load_tokenizer
+    from llmprune.model.checkpoint import Checkpoint
+    from llmprune.model.devices import resolve_device, window_length
+    from llmprune.model.skeleton import load_config
 
     t0 = time.perf_counter()
     ckpt = Checkpoint(model)

@@ -20,7 +20,7 @@ def pass_flops(model: Path, tokens: int, seqlen: int) -> float:
     """Multiply-add work of a forward pass over `tokens` tokens in windows of `seqlen`: 2 flops per
     block weight per token, plus causal attention (scores and weighted sum, on average over half the
     window)."""
-    from llmprune.checkpoint import Checkpoint
+    from llmprune.model.checkpoint import Checkpoint
 
     ckpt = Checkpoint(model)
     weights = 0

@@ -1,6 +1,6 @@
 """Text sources for calibration (`llmprune stats --calib`, `finetune --data`) and evaluation
 (`llmprune eval --data`): where the documents come from. Sampling windows and tokenizing them is
-token_windows.py's job.
+windows.py's job.
 
 A source string names one of:
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.errors import UsageError
+from llmprune.methods import methods
 
 ModelArg = Annotated[
     Path,
@@ -32,19 +32,6 @@ PatternOpt = Annotated[
     typer.Option("--pattern", "-p", metavar="N:M", help="Semi-structured pattern: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (cuda when available), cuda or cpu.")]
-
-def methods(kind: str = "unstructured") -> tuple[str, ...]:
-    """The names of the core's methods of one kind (`unstructured` or `structured`)."""
-    return tuple(m["name"] for m in method_registry()[kind])
-
-
-@functools.cache
-def method_registry() -> dict:
-    """`_core.methods()`: every method with what it needs and its defaults."""
-    from llmprune import _core
-
-    return json.loads(_core.methods())
-
 
 def parse_target(sparsity: float | None, pattern: str | None) -> tuple[float | None, tuple[int, int] | None]:
     """Exactly one of --sparsity / --pattern; returns (sparsity, (n, m))."""

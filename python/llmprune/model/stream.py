@@ -6,8 +6,8 @@ until it is needed. Only the modules outside the decoder blocks (embeddings, fin
 LM head) are loaded for the whole run; each block is loaded from the shards, run over every sample,
 and dropped again. Peak memory is one block plus the activations of the samples, whatever the depth.
 
-Used by the statistics pass (`stats.py`), gradients (`grad.py`) and perplexity evaluation
-(`evaluate.py`). The checkpoint view is `checkpoint.py`; devices and dtypes are `devices.py`; the
+Used by the statistics pass (`calibration/activations.py`), gradients (`calibration/gradients.py`) and perplexity evaluation
+(`evaluation.py`). The checkpoint view is `checkpoint.py`; devices and dtypes are `devices.py`; the
 weightless model is `skeleton.py`.
 """
 
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune.checkpoint import Checkpoint
-from llmprune.devices import resolve_device, resolve_dtype
+from llmprune.model.checkpoint import Checkpoint
+from llmprune.model.devices import resolve_device, resolve_dtype
 from llmprune.errors import UsageError
-from llmprune.moe_layout import disk_renames, unfuse_experts
-from llmprune.skeleton import build_skeleton, find_blocks, linear_input_axis, load_config
+from llmprune.model.moe_layout import disk_renames, unfuse_experts
+from llmprune.model.skeleton import build_skeleton, find_blocks, linear_input_axis, load_config
 
 def _tensor_slots(root: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, str, torch.Tensor, bool]]:
     """(qualified name, owning module, attribute, tensor, is_parameter) of every parameter and buffer."""

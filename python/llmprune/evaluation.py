@@ -20,7 +20,7 @@ import torch
 
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
-from llmprune.stream import LayerStreamer
+from llmprune.model.stream import LayerStreamer
 
 # Bytes of window activations held at once; more windows are processed in further chunks.
 ACTIVATION_BUDGET = 2 << 30
@@ -128,13 +128,13 @@ def zero_shot(model_dir: str | Path, tasks: list[str], *, device: str = "auto", 
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmprune.checkpoint import Checkpoint
-    from llmprune.devices import resolve_device, resolve_dtype
+    from llmprune.model.checkpoint import Checkpoint
+    from llmprune.model.devices import resolve_device, resolve_dtype
 
     ckpt = Checkpoint(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, ckpt.float_dtype(), dev)
-    from llmprune.structured import load_pruned, needs_load_pruned
+    from llmprune.model.pruned import load_pruned, needs_load_pruned
 
     if needs_load_pruned(model_dir):  # structurally pruned, layers of different sizes
         model = load_pruned(model_dir, dtype=dt, device=dev)

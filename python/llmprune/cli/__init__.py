@@ -47,14 +47,14 @@ def _root(
 
 
 def _register_commands() -> None:
-    from llmprune import cmd_apply
+    from llmprune.cli import apply
 
-    cmd_apply.register(app)
-    for module in ("cmd_stats", "cmd_eval", "cmd_finetune", "cmd_demo"):
+    apply.register(app)
+    for module in ("stats", "eval", "finetune", "demo"):
         try:
-            mod = __import__(f"llmprune.{module}", fromlist=["register"])
+            mod = __import__(f"llmprune.cli.{module}", fromlist=["register"])
         except ModuleNotFoundError as exc:  # a command module not present in this build
-            if exc.name != f"llmprune.{module}":
+            if exc.name != f"llmprune.cli.{module}":
                 raise
             continue
         mod.register(app)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import UsageError
-from llmprune.moe_layout import expert_count
+from llmprune.model.moe_layout import expert_count
 
 
 ROUTERS = ("gate", "router")  # the router's attribute: most models `gate`, gpt-oss `router`

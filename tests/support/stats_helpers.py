@@ -11,8 +11,6 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 import reference as R  # noqa: E402
 
 TEXT = (

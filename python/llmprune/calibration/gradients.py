@@ -35,9 +35,9 @@ import torch
 
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
-from llmprune.sidecar import GradStats
-from llmprune.stats import StatsResult, collect_stats
-from llmprune.stream import LayerStreamer
+from llmprune.calibration.sidecar import GradStats
+from llmprune.calibration.activations import StatsResult, collect_stats
+from llmprune.model.stream import LayerStreamer
 
 QUANTITIES = ("taylor_abs", "taylor_sum", "fisher", "mix_abs")
 SPLITS = ("all", "a", "b")

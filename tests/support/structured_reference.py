@@ -205,7 +205,7 @@ def apply_json(run_cli, model: Path, *args: Any) -> dict[str, Any]:
 def load_and_compare_perplexity(out: Path):
     """load_pruned's full forward and the layer-streamed perplexity agree; returns the model."""
     import llmprune
-    from llmprune.evaluate import perplexity
+    from llmprune.evaluation import perplexity
 
     model = llmprune.load_pruned(out)
     ids = torch.randint(0, 256, (1, 3 * 16), generator=torch.Generator().manual_seed(4))

@@ -3,7 +3,7 @@
 When every layer keeps the same number of heads and channels (LLaMA), the output's config.json
 describes it and stock `AutoModelForCausalLM.from_pretrained` loads it. Otherwise (global
 allocation, or OPT with heads removed) layers differ in size: config.json records each layer's sizes
-under `llmprune.structured.layers`, and `load_pruned` builds the stock model with every layer's
+under `llmprune.model.pruned.layers`, and `load_pruned` builds the stock model with every layer's
 projections resized to them. The layer-streamed passes (`eval`, `stats`) resize the same way.
 """
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import UsageError
-from llmprune.skeleton import structured_info
+from llmprune.model.skeleton import structured_info
 
 STOCK_LOADER = "transformers"
 
@@ -48,8 +48,8 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype | str | None = None, dev
     """A regular transformers causal LM for any llmprune output (or unpruned checkpoint), with each
     layer's modules sized as the checkpoint stores them. `dtype`: None (float32, like
     from_pretrained), "auto" (the checkpoint's) or a torch dtype."""
-    from llmprune.checkpoint import Checkpoint
-    from llmprune.skeleton import build_skeleton, load_config
+    from llmprune.model.checkpoint import Checkpoint
+    from llmprune.model.skeleton import build_skeleton, load_config
 
     ckpt = Checkpoint(path)
     config = load_config(ckpt.dir)

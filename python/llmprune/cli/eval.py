@@ -8,7 +8,7 @@ import typer
 
 from llmprune.console import print_json
 from llmprune.errors import UsageError
-from llmprune.options import DeviceOpt, JsonOpt, ModelArg
+from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg
 
 
 EVAL_EPILOG = """Examples:
@@ -39,11 +39,11 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity of a checkpoint on held-out text, one decoder block in memory at a time."""
-    from llmprune.text_sources import EVAL, describe_source
-    from llmprune.token_windows import eval_token_ids
-    from llmprune.tokenizer import load_tokenizer
-    from llmprune.evaluate import perplexity, require_lm_eval, zero_shot
-    from llmprune.devices import check_pass_inputs
+    from llmprune.data.sources import EVAL, describe_source
+    from llmprune.data.windows import eval_token_ids
+    from llmprune.data.tokenizer import load_tokenizer
+    from llmprune.evaluation import perplexity, require_lm_eval, zero_shot
+    from llmprune.model.devices import check_pass_inputs
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
     if tasks is not None and not task_list:

@@ -65,7 +65,7 @@ def linear_input_axis(module: nn.Module) -> int | None:
 
 
 def structured_info(config: Any) -> dict[str, Any] | None:
-    """The `llmprune.structured` record of a config (a transformers config or a dict), if any."""
+    """The `llmprune.model.pruned` record of a config (a transformers config or a dict), if any."""
     info = config.get("llmprune") if isinstance(config, dict) else getattr(config, "llmprune", None)
     if not isinstance(info, dict) or not isinstance(info.get("structured"), dict):
         return None

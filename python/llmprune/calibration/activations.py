@@ -3,18 +3,17 @@
 Hooks on each nn.Linear / Conv1D inside the decoder block being run accumulate float64 sums on the
 compute device. In sequential mode (Wanda / STADE's own algorithm) block i is pruned in memory right
 after its statistics are complete, and its outputs are recomputed with the pruned weights before they
-feed block i+1. Under torchrun each rank runs a disjoint slice of the samples and the sums are
-all-reduced block by block, so every rank prunes identically and rank 0 writes the result. With a
-GramTarget the same pass also sums each block's input Gram matrices (gram.py).
+feed block i+1 (sequential.py). Under torchrun each rank runs a disjoint slice of the samples and the
+sums are all-reduced block by block (distributed.py), so every rank prunes identically and rank 0
+writes the result. With a GramTarget the same pass also sums each block's input Gram matrices
+(gram.py).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,79 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmprune.calibration.distributed import DistInfo, shard_samples
+from llmprune.calibration.gram import GramPass, GramSummary, GramTarget
+from llmprune.calibration.routing import ExpertHooks
+from llmprune.calibration.sequential import MaskFn, Sequential, core_compute_mask, prune_block
+from llmprune.calibration.sidecar import BlockStats, LayerStats
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
-from llmprune.experts import ExpertHooks
-from llmprune.gram import GramPass, GramSummary, GramTarget
-from llmprune.options import method_registry
-from llmprune.sidecar import BlockStats, LayerStats
-from llmprune.stream import LayerStreamer
-
-MaskFn = Callable[..., np.ndarray]
-
-
-@dataclass
-class Sequential:
-    """Prune each block (method + sparsity or N:M pattern) before the next block's statistics."""
-
-    method: str
-    sparsity: float | None = None
-    pattern: tuple[int, int] | None = None
-    # also update the kept weights with the SparseGPT sweep (method sparsegpt always does), on the
-    # block's Gram matrices taken in the same pass
-    update: bool = False
-    # per-block sparsity: "uniform", "owl" (computed by a dense pass first) or "schedule"
-    allocation: str = "uniform"
-    owl_m: float | None = None
-    owl_lambda: float | None = None
-    block_sparsity: list[float] | None = None
-    # DSnoT's keyword arguments for the core's compute_mask (refine="dsnot", ...), or None
-    refine: dict[str, Any] | None = None
-    # bias compensation as apply --compensate does it, b += (W - W') mu, before the next block
-    compensate: bool = False
-
-    @property
-    def reconstructs(self) -> bool:
-        return self.update or self.method == "sparsegpt"
-
-    def owl_params(self) -> tuple[float, float]:
-        d = method_registry()["defaults"]["owl"]
-        return (self.owl_m if self.owl_m is not None else d["m"], self.owl_lambda if self.owl_lambda is not None else d["lambda"])
-
-    def dsnot_params(self) -> dict[str, Any]:
-        d = method_registry()["defaults"]["dsnot"]
-        r = self.refine or {}
-        given = {"iters": r.get("dsnot_iters"), "threshold": r.get("dsnot_threshold"), "skip": r.get("dsnot_skip")}
-        params = {k: (v if v is not None else d[k]) for k, v in given.items()}
-        if r.get("dsnot_same_sign"):
-            params["same_sign"] = True  # recorded only when set, as the core records it
-        return params
-
-    def block_target(self, i: int) -> dict[str, Any]:
-        """The core's target keywords for block i."""
-        if self.block_sparsity is not None:
-            return {"sparsity": self.block_sparsity[i], "pattern": None}
-        return {"sparsity": self.sparsity, "pattern": self.pattern}
-
-    def as_meta(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {"method": self.method}
-        if self.pattern is not None:
-            meta["pattern"] = f"{self.pattern[0]}:{self.pattern[1]}"
-        else:
-            meta["sparsity"] = self.sparsity
-        if self.reconstructs:
-            meta["update"] = True
-        if self.allocation != "uniform":
-            meta["allocation"] = self.allocation
-            if self.allocation == "owl":
-                meta["owl_m"], meta["owl_lambda"] = self.owl_params()
-            meta["block_sparsity"] = self.block_sparsity
-        if self.refine is not None:
-            meta["refine"] = "dsnot"
-            meta["dsnot"] = self.dsnot_params()
-        if self.compensate:
-            meta["compensate"] = True
-        return meta
+from llmprune.model.stream import LayerStreamer
 
 
 @dataclass
@@ -110,88 +44,13 @@ class StatsResult:
     pruned: dict[str, int] = field(default_factory=dict)  # sequential mode: weights zeroed per tensor
     gram: GramSummary | None = None  # with a GramTarget: the Gram sidecar written
     block_cos: BlockStats | None = None  # Σ cos(block input, block output) per block (Block Influence)
-    experts: dict[str, dict[str, Any]] = field(default_factory=dict)  # MoE routing statistics (experts.py)
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)  # MoE routing statistics (routing.py)
     unreached: list[str] = field(default_factory=list)  # linears no calibration token reached (MoE experts)
     uncompensated: list[str] = field(default_factory=list)  # sequential --compensate: linears that cannot carry a bias
 
     @property
     def mode(self) -> str:
         return "dense" if self.sequential is None else "sequential"
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed data parallelism (torchrun)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int | None = None
-    initialized_here: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    def all_reduce_(self, t: torch.Tensor) -> None:
-        if self.active:
-            torch.distributed.all_reduce(t)
-
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: str) -> DistInfo:
-    """Join the process group when launched by torchrun with WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return DistInfo()
-    import torch.distributed as dist
-    # torch.distributed.nn binds `group.WORLD` as default arguments when it is imported (transformers
-    # imports it through torch._dynamo while the model skeleton is built). Imported after the group
-    # exists, it would keep the group alive past destroy_process_group, and gloo's threads would then
-    # die with the interpreter: an occasional SIGABRT ("terminate called without an active exception")
-    # on exit. Imported first, it binds None.
-    import torch.distributed.nn  # noqa: F401
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    here = False
-    if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        with _stdout_to_stderr():  # gloo announces its connections on stdout, which carries results only
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-            dist.barrier()
-        here = True
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank if use_cuda else None, initialized_here=here)
-
-
-@contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Route file descriptor 1 to stderr (C++ libraries write there directly)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def shutdown_distributed(info: DistInfo) -> None:
-    if info.active and info.initialized_here:
-        torch.distributed.destroy_process_group()
-
-
-def shard_samples(n: int, info: DistInfo) -> slice:
-    """This rank's contiguous, disjoint share of n samples."""
-    return slice(n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,20 +135,6 @@ class _BlockHooks:
         }
 
 
-def core_compute_mask(weight: np.ndarray, method: str, **kw: Any) -> np.ndarray:
-    """`llmprune._core.compute_mask`: the exact masks `apply` computes (True = pruned)."""
-    from llmprune import _core
-
-    return _core.compute_mask(weight, method, **kw)
-
-
-def core_sparsegpt(weight: np.ndarray, gram: np.ndarray, **kw: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """`llmprune._core.sparsegpt`: the sweep `apply --method sparsegpt` / `--update` runs."""
-    from llmprune import _core
-
-    return _core.sparsegpt(weight, gram, **kw)
-
-
 def _moe_name(streamer: LayerStreamer, i: int, rel: str, router: str) -> str:
     """The checkpoint's name of MoE module `rel` of block i (found through its router's weight)."""
     qual = f"{streamer.block_prefix(i)}.{rel}.{router}.weight"
@@ -305,66 +150,6 @@ def token_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.float(), b.float()
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(torch.finfo(torch.float32).tiny)
     return cos.double().sum()
-
-
-def _prune_block(
-    streamer: LayerStreamer, i: int, stats: dict[str, LayerStats], seq: Sequential, mask_fn: MaskFn, grams: dict[str, np.ndarray] | None = None
-) -> tuple[dict[str, int], list[str]]:
-    """Prune block i's weights in memory as `apply` would from these stats: zero them with the
-    method's masks or, when the run reconstructs, through the core's SparseGPT sweep on the block's
-    Gram matrices `grams` (weight name -> H); with compensation, add (W − W')μ to each output bias.
-    Returns the weights zeroed per tensor and the pruned linears that cannot carry a bias."""
-    pruned, uncompensated = {}, []
-    names = [name for name, _, _ in streamer.prunable(i)]
-    # the checkpoint's own values (upcast exactly), whatever dtype the block runs in
-    originals = streamer.ckpt.load(names, torch.device("cpu"), torch.float32)
-    for name, mod, axis in streamer.prunable(i):
-        if name not in stats:  # an expert no calibration token reached: no statistics, not pruned
-            continue
-        w = originals[name]
-        w_oi = w.t() if axis == 0 else w
-        s = stats[name]
-        w_np = np.ascontiguousarray(w_oi.numpy(), dtype=np.float32)
-        mask = None
-        if seq.method != "sparsegpt":
-            mask = mask_fn(
-                w_np,
-                seq.method,
-                **seq.block_target(i),
-                act_sum=s.act_sum,
-                act_sqsum=s.act_sqsum,
-                act_count=s.act_count,
-                name=name,
-                **(seq.refine or {}),
-            )
-        if seq.reconstructs:
-            assert grams is not None
-            target = {"mask": np.ascontiguousarray(mask, dtype=np.bool_)} if mask is not None else seq.block_target(i)
-            new_w, mask, _ = core_sparsegpt(w_np, grams[name], **target)
-        else:
-            new_w = np.where(mask, np.float32(0), w_np)
-        new = torch.from_numpy(np.ascontiguousarray(new_w))
-        with torch.no_grad():
-            mod.weight.copy_((new.t() if axis == 0 else new).to(mod.weight.device, mod.weight.dtype))
-        pruned[name] = int(mask.sum())
-        if seq.compensate and not _compensate(streamer, i, mod, name, w_np, new_w, s):
-            uncompensated.append(name)
-    return pruned, uncompensated
-
-
-def _compensate(streamer: LayerStreamer, i: int, mod: torch.nn.Module, name: str, w: np.ndarray, new_w: np.ndarray, s: LayerStats) -> bool:
-    """b += (W − W')μ on linear `mod` (weights given [out, in]); a linear without a bias gets one
-    when its architecture's config flag allows it (apply --compensate's rule), else False."""
-    from llmprune._core import compensation_flag
-
-    delta = (w.astype(np.float64) - new_w.astype(np.float64)) @ (np.asarray(s.act_sum, dtype=np.float64) / s.act_count)
-    if mod.bias is None:
-        if compensation_flag(getattr(streamer.config, "model_type", ""), name) is None:
-            return False
-        streamer.add_block_parameter(i, mod, "bias", torch.zeros(delta.shape[0], device=mod.weight.device, dtype=mod.weight.dtype))
-    with torch.no_grad():
-        mod.bias.add_(torch.from_numpy(delta).to(mod.bias.device, mod.bias.dtype))
-    return True
 
 
 def collect_stats(
@@ -387,7 +172,7 @@ def collect_stats(
     all-reduced, so every rank returns the global statistics. `on_hidden(i, h)` sees the inputs of
     block i ([n, L, H], a buffer reused afterwards: copy what you keep) and, with i = number of
     blocks, the last block's outputs; the gradient pass keeps them. With `gram`, the Gram matrices of
-    every block's inputs are written there as the blocks complete (llmprune/gram.py).
+    every block's inputs are written there as the blocks complete (gram.py).
     """
     t0 = time.perf_counter()
     info = dist or DistInfo()
@@ -460,7 +245,7 @@ def collect_stats(
             unreached.extend(name for name, _, _ in prunable if name not in block_stats)
             del hooks
             if sequential is not None:
-                zeroed, skipped = _prune_block(streamer, i, block_stats, sequential, mask_fn, block_grams)
+                zeroed, skipped = prune_block(streamer, i, block_stats, sequential, mask_fn, block_grams)
                 pruned.update(zeroed)
                 uncompensated.extend(skipped)
                 del block_grams
@@ -510,35 +295,7 @@ def owl_block_sparsity(model_dir: str | Path, samples: torch.Tensor, seq: Sequen
     layers = {k: (v.act_sum.tolist(), v.act_sqsum.tolist(), int(v.act_count), int(v.input_axis)) for k, v in dense.layers.items()}
     try:
         return list(_core.owl_allocation(str(model_dir), layers, sparsity=seq.sparsity, owl_m=m, owl_lambda=lam))
-    except Exception as exc:  # noqa: BLE001 - the core's errors become usage errors
-        if type(exc).__module__.startswith("llmprune"):
-            raise UsageError(str(exc), getattr(exc, "hint", None)) from None
-        raise
+    except _core.LlmpruneError as exc:  # the core's errors become usage errors
+        raise UsageError(str(exc), getattr(exc, "hint", None)) from None
 
-
-def validate_schedule(values: list[float]) -> None:
-    """A schedule's values in [0, 1), checked before the long pass (their count once the model's
-    blocks are known, in collect_stats)."""
-    bad = [v for v in values if not 0 <= v < 1]
-    if bad:
-        raise UsageError(f"the schedule's sparsities must be in [0, 1), got {bad[0]}")
-
-
-def validate_sequential(
-    method: str, sparsity: float | None, pattern: tuple[int, int] | None, mask_fn: MaskFn | None = None, refine: dict[str, Any] | None = None
-) -> None:
-    """Let the core reject a bad method / target / DSnoT setting before the long pass starts."""
-    m = pattern[1] if pattern else 4
-    w = np.ones((1, m), dtype=np.float32)
-    ones = np.ones(m, dtype=np.float64)
-    try:
-        (mask_fn or core_compute_mask)(
-            w, method, sparsity=sparsity, pattern=pattern, act_sum=ones, act_sqsum=2 * ones, act_count=4, name="", **(refine or {})
-        )
-    except ImportError as exc:
-        raise UsageError(f"sequential mode needs the compiled llmprune core: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - the core's InvalidArgumentError and friends
-        if type(exc).__module__.startswith("llmprune"):
-            raise UsageError(str(exc)) from None
-        raise
 

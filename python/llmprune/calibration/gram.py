@@ -32,8 +32,8 @@ from torch import nn
 from llmprune.errors import UsageError
 
 if TYPE_CHECKING:
-    from llmprune.stats import DistInfo
-    from llmprune.stream import LayerStreamer
+    from llmprune.calibration.distributed import DistInfo
+    from llmprune.model.stream import LayerStreamer
 
 
 def gram_name() -> str:
