@@ -1,7 +1,8 @@
 //! Scoring + selection throughput per method (bytes of bf16 weights per second), 1 and 2 threads.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use llmprune_core::unstructured::apply::{prune_tensor, ApplyOptions};
+use llmprune_core::unstructured::apply::ApplyOptions;
+use llmprune_core::unstructured::kernel::prune_tensor;
 use llmprune_core::pool::pool as build_pool;
 use llmprune_core::io::checkpoint::TensorEntry;
 use llmprune_core::unstructured::score::{channel_factors, Method};
@@ -75,7 +76,7 @@ fn bench(c: &mut Criterion) {
             let factors = channel_factors(method, &t.name, Some(&stats)).unwrap();
             let mut out = Vec::new();
             group.bench_function(BenchmarkId::new(label, format!("{threads}t")), |b| {
-                b.iter(|| pool.install(|| prune_tensor(&t, &data, 1, factors.as_deref(), &opts, &mut out)).unwrap())
+                b.iter(|| pool.install(|| prune_tensor(&t, &data, 1, factors.as_deref(), &opts, &mut out)).unwrap());
             });
         }
     }

@@ -1,7 +1,8 @@
 //! Prunes one synthetic 1024x4096 bf16 tensor once, single-threaded: a fixed workload for
 //! instruction counting (`valgrind --tool=callgrind`), which unlike wall time does not depend on
 //! what else the machine is doing. Usage: prune_one magnitude|wanda|stade 0.5|2:4
-use llmprune_core::unstructured::apply::{prune_tensor, ApplyOptions};
+use llmprune_core::unstructured::apply::ApplyOptions;
+use llmprune_core::unstructured::kernel::prune_tensor;
 use llmprune_core::pool::pool as build_pool;
 use llmprune_core::io::checkpoint::TensorEntry;
 use llmprune_core::unstructured::score::{channel_factors, Method};

@@ -390,7 +390,7 @@ fn wanda_without_stats_is_a_clear_error() {
 
 #[test]
 fn fused_row_path_equals_mask_matrix() {
-    use llmprune_core::unstructured::apply::prune_tensor;
+    use llmprune_core::unstructured::kernel::prune_tensor;
     use llmprune_core::io::checkpoint::TensorEntry;
     use llmprune_core::io::dtype::decode;
     use llmprune_core::unstructured::select::mask_matrix;

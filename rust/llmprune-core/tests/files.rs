@@ -53,7 +53,7 @@ fn impossible_statistics_are_refused_naming_the_tensor() {
     }
     // a sidecar written by another tool with the same values is refused on reading
     let good = encode(&info(), &layers(vec![1.0], vec![1.0], 2), &BTreeMap::new()).unwrap();
-    let mut bad = good.clone();
+    let mut bad = good;
     let at = bad.len() - 3 * 8; // act_count, act_sqsum, act_sum: the count comes first in name order
     bad[at..at + 8].copy_from_slice(&(-5i64).to_le_bytes());
     let err = Sidecar::from_bytes(&bad, Path::new("s")).err().expect("refused").to_string();

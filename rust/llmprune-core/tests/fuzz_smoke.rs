@@ -18,7 +18,7 @@ fn overflowing_shape_after_a_valid_tensor_is_an_error() {
     // found by fuzzing: the size check of the second tensor overflowed in the error path
     let header = br#"{"b":{"dtype":"F32","shape":[3],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[8,8]}}"#;
     let mut h = header.to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut file = (h.len() as u64).to_le_bytes().to_vec();

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use llmprune_core::io::checkpoint::Checkpoint;
 use llmprune_core::error::Error;
-use llmprune_core::structured::{apply_structured, Allocation, Fusion, HywiaOptions, StructMethod, StructuredOptions, StructuredSummary};
+use llmprune_core::structured::{apply_structured, GroupAllocation, Fusion, HywiaOptions, StructMethod, StructuredOptions, StructuredSummary};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -142,7 +142,7 @@ fn write_sidecar_with(dir: &Path, tensors: &[T], extra: impl Fn(&T) -> Vec<Array
     safetensors::serialize_to_file(views, Some(md), &dir.join("llmprune-stats.safetensors")).unwrap();
 }
 
-fn opts(model: &Path, out: &Path, method: StructMethod, sparsity: f64, allocation: Allocation) -> StructuredOptions {
+fn opts(model: &Path, out: &Path, method: StructMethod, sparsity: f64, allocation: GroupAllocation) -> StructuredOptions {
     StructuredOptions {
         model_dir: model.into(),
         out_dir: out.into(),
@@ -198,7 +198,7 @@ fn sparsity_zero_keeps_every_tensor() {
         write_model(&m, &ts, &llama_config(KV), sharded);
         write_sidecar(&m, &ts);
         let out = root.path().join("out");
-        let s = run(&opts(&m, &out, StructMethod::Flap, 0.0, Allocation::Global)).unwrap();
+        let s = run(&opts(&m, &out, StructMethod::Flap, 0.0, GroupAllocation::Global)).unwrap();
         assert_eq!((s.params_removed, s.bias_params_added), (0, 0));
         assert_eq!(read(&m), read(&out));
         let c = config(&out);
@@ -218,7 +218,7 @@ fn magnitude_sp_slices_the_lowest_norm_groups() {
     let out = root.path().join("out");
     // per layer: attention group cost (2 q heads + k + v rows, 2 o columns of 2) = 8*(4+2+2) + 8*4 = 96,
     // MLP channel cost 24, layer params 8*8*2 + 4*8*2 + 6*8*3 + 16 = 352: S = (96 + 2*24) / 352 -> h = 1, c = 2
-    let s = run(&opts(&m, &out, StructMethod::MagnitudeSp, 144.0 / 352.0, Allocation::Uniform)).unwrap();
+    let s = run(&opts(&m, &out, StructMethod::MagnitudeSp, 144.0 / 352.0, GroupAllocation::Uniform)).unwrap();
     assert_eq!(s.params_removed, 2 * 144);
     assert_eq!(s.block_params_before, 2 * 352);
     assert_eq!(s.block_params_after, 2 * (352 - 144));
@@ -279,7 +279,7 @@ fn flap_compensation_adds_biases() {
         write_model(&m, &ts, &llama_config(KV), sharded);
         write_sidecar(&m, &ts);
         let out = root.path().join("out");
-        let s = run(&opts(&m, &out, StructMethod::Flap, 0.4, Allocation::Global)).unwrap();
+        let s = run(&opts(&m, &out, StructMethod::Flap, 0.4, GroupAllocation::Global)).unwrap();
         assert!(s.compensate && s.params_removed > 0);
         let (a, b) = (read(&m), read(&out));
         let c = config(&out);
@@ -331,7 +331,7 @@ fn existing_bias_is_compensated_in_place() {
     write_model(&m, &ts, &llama_config(KV), false);
     write_sidecar(&m, &ts);
     let out = root.path().join("out");
-    let mut o = opts(&m, &out, StructMethod::WandaSp, 0.3, Allocation::Uniform);
+    let mut o = opts(&m, &out, StructMethod::WandaSp, 0.3, GroupAllocation::Uniform);
     o.compensate = Some(true);
     let s = run(&o).unwrap();
     assert_eq!(s.per_layer[0].num_key_value_heads, 1);
@@ -368,7 +368,7 @@ fn opt_heads_and_channels() {
     write_model(&m, &ts, &cfg, false);
     write_sidecar(&m, &ts);
     let out = root.path().join("out");
-    let s = run(&opts(&m, &out, StructMethod::Flap, 0.3, Allocation::Uniform)).unwrap();
+    let s = run(&opts(&m, &out, StructMethod::Flap, 0.3, GroupAllocation::Uniform)).unwrap();
     // HEADS = 4 groups of 2 rows: h = floor(0.3 * 4 + 0.5) = 1 head per layer
     assert_eq!(s.per_layer[0].num_attention_heads, 3);
     assert_eq!(s.loader, "llmprune.load_pruned");
@@ -395,18 +395,18 @@ fn bad_input_is_refused_before_writing() {
         .collect();
     write_model(&m, &ts1, &cfg, false);
     let out = root.path().join("out");
-    let e = run(&opts(&m, &out, StructMethod::MagnitudeSp, 0.6, Allocation::Uniform)).unwrap_err().to_string();
+    let e = run(&opts(&m, &out, StructMethod::MagnitudeSp, 0.6, GroupAllocation::Uniform)).unwrap_err().to_string();
     assert!(e.contains("all 1 of its attention groups") && e.contains("layer 0"), "{e}");
     assert!(!out.exists());
-    let e = run(&opts(&m, &out, StructMethod::Flap, 0.2, Allocation::Global)).unwrap_err().to_string();
+    let e = run(&opts(&m, &out, StructMethod::Flap, 0.2, GroupAllocation::Global)).unwrap_err().to_string();
     assert!(e.contains("needs activation statistics"), "{e}");
 
     let g = root.path().join("g");
     write_model(&g, &llama_tensors(false), &serde_json::json!({"model_type": "gpt2", "n_layer": 2}), false);
-    let e = run(&opts(&g, &out, StructMethod::MagnitudeSp, 0.2, Allocation::Global)).unwrap_err().to_string();
+    let e = run(&opts(&g, &out, StructMethod::MagnitudeSp, 0.2, GroupAllocation::Global)).unwrap_err().to_string();
     assert!(e.contains("no group rule") && e.contains("gpt2"), "{e}");
 
-    let e = run(&opts(&m, &out, StructMethod::MagnitudeSp, 1.0, Allocation::Global)).unwrap_err().to_string();
+    let e = run(&opts(&m, &out, StructMethod::MagnitudeSp, 1.0, GroupAllocation::Global)).unwrap_err().to_string();
     assert!(e.contains("sparsity must be in [0, 1)"), "{e}");
     assert!(!out.exists());
 }
@@ -456,7 +456,7 @@ fn grad_arrays(t: &T, counts: [i64; 3]) -> Vec<Array> {
 }
 
 fn hywia_opts(m: &Path, out: &Path, sparsity: f64, h: HywiaOptions) -> StructuredOptions {
-    StructuredOptions { hywia: Some(h), ..opts(m, out, StructMethod::Hywia, sparsity, Allocation::Uniform) }
+    StructuredOptions { hywia: Some(h), ..opts(m, out, StructMethod::Hywia, sparsity, GroupAllocation::Uniform) }
 }
 
 fn kept(dir: &Path, layer: usize) -> (Vec<f32>, Vec<f32>) {
@@ -551,7 +551,7 @@ fn hywia_refuses_missing_or_malformed_gradient_statistics() {
     assert!(e.contains("grad_count") && e.contains("together"), "{e}");
 
     // options of hywia with another method
-    let o = StructuredOptions { hywia: Some(HywiaOptions::default()), ..opts(&m, &out, StructMethod::WandaSp, 0.2, Allocation::Uniform) };
+    let o = StructuredOptions { hywia: Some(HywiaOptions::default()), ..opts(&m, &out, StructMethod::WandaSp, 0.2, GroupAllocation::Uniform) };
     assert!(run(&o).unwrap_err().to_string().contains("apply to method hywia"));
     let e = hy(&m, HywiaOptions { temperature: -1.0, ..HywiaOptions::default() });
     assert!(e.contains("--fusion-temperature"), "{e}");

@@ -117,7 +117,6 @@ type PyGrad<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, [i64; 
 /// [3, 4, n].
 #[pyfunction]
 #[allow(clippy::type_complexity)]
-#[allow(clippy::type_complexity)]
 fn read_sidecar<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, BTreeMap<String, PyLayer<'py>>, BTreeMap<String, PyGrad<'py>>, Option<(Vec<f64>, Vec<i64>)>)> {
     let sc = detached(py, || Sidecar::open(&path))?;
     let meta = Value::Object(sc.meta).to_string();
@@ -236,6 +235,9 @@ fn merge_sidecars(py: Python<'_>, paths: Vec<PathBuf>, out: PathBuf) -> PyResult
     })
 }
 
+/// Every input of a Gram sidecar: (key, [(weight, input axis)], features).
+type GramLayout = Vec<(String, Vec<(String, usize)>, usize)>;
+
 /// Writes a Gram sidecar one matrix at a time (docs/sidecar.md): `write(key, packed, count)` for
 /// every input of the layout, then `finish()`; leaving a with block unfinished removes the file.
 #[pyclass(name = "GramWriter", module = "llmprune._core")]
@@ -246,7 +248,7 @@ struct PyGramWriter {
 #[pymethods]
 impl PyGramWriter {
     #[new]
-    fn new(py: Python<'_>, path: PathBuf, model_dir: PathBuf, layout: Vec<(String, Vec<(String, usize)>, usize)>, info: &str) -> PyResult<Self> {
+    fn new(py: Python<'_>, path: PathBuf, model_dir: PathBuf, layout: GramLayout, info: &str) -> PyResult<Self> {
         let info: serde_json::Map<String, Value> = serde_json::from_str(info).map_err(|e| json_err("info", e))?;
         let field = |k: &str| info.get(k).cloned().unwrap_or(Value::Null);
         let info = gram::GramInfo {
@@ -299,7 +301,7 @@ fn read_gram<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, BTreeMap<
             let (packed, count) = g.packed(key)?;
             out.push((key.clone(), grp.weights.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>(), packed, count));
         }
-        Ok((Value::Object(g.meta.clone()).to_string(), out))
+        Ok((Value::Object(g.meta).to_string(), out))
     })?;
     Ok((meta, groups.into_iter().map(|(k, w, p, c)| (k, (w, PyArray1::from_vec(py, p), c))).collect()))
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use llmprune_core::error::Error;
+use llmprune_core::sidecar::SequentialSettings;
 use llmprune_core::structured::StructMethod;
 use llmprune_core::unstructured::allocation::{self, Allocation};
 use llmprune_core::unstructured::dsnot::DsnotOptions;
@@ -215,8 +216,8 @@ fn apply_structured(
     let method: StructMethod = method.parse().map_err(CoreError)?;
     let allocation = match allocation {
         Some(a) => a.parse().map_err(CoreError)?,
-        None if method == StructMethod::Hywia => structured::Allocation::Uniform,
-        None => structured::Allocation::Global,
+        None if method == StructMethod::Hywia => structured::GroupAllocation::Uniform,
+        None => structured::GroupAllocation::Global,
     };
     let opts = structured::StructuredOptions {
         model_dir,
@@ -339,7 +340,7 @@ fn methods() -> String {
     let d = DsnotOptions::default();
     let defaults = serde_json::json!({
         "owl": {"m": allocation::OWL_M, "lambda": allocation::OWL_LAMBDA},
-        "dsnot": apply::dsnot_meta(&d),
+        "dsnot": llmprune_core::unstructured::sequential::dsnot_meta(&d),
     });
     let depth = vec![serde_json::json!({"name": "block-influence", "needs_stats": true})];
     let experts: Vec<_> = llmprune_core::surgery::experts::ExpertMethod::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": true})).collect();
@@ -446,6 +447,41 @@ fn schedule_mean_warning(block_sparsity: Vec<f64>, sparsity: f64) -> Option<Stri
     allocation::schedule_mean_warning(&block_sparsity, sparsity)
 }
 
+/// The `sequential` metadata of a `stats --sequential` pass with these settings, validated as `apply`
+/// validates its own, as JSON: what the stats and Gram sidecars record and `apply` compares with its
+/// settings. `refine` and the `dsnot_*` options as for `compute_mask`; `block_sparsity`: the sparsity
+/// each block was pruned at (owl: the one OWL chose; schedule: the schedule).
+#[pyfunction]
+#[pyo3(signature = (method, *, sparsity=None, pattern=None, update=false, allocation="uniform", owl_m=None, owl_lambda=None,
+    block_sparsity=None, refine=None, dsnot_iters=None, dsnot_threshold=None, dsnot_skip=None, dsnot_same_sign=None, compensate=false))]
+#[allow(clippy::too_many_arguments)]
+fn sequential_settings(
+    method: &str,
+    sparsity: Option<f64>,
+    pattern: Option<(usize, usize)>,
+    update: bool,
+    allocation: &str,
+    owl_m: Option<f64>,
+    owl_lambda: Option<f64>,
+    block_sparsity: Option<Vec<f64>>,
+    refine: Option<&str>,
+    dsnot_iters: Option<usize>,
+    dsnot_threshold: Option<f64>,
+    dsnot_skip: Option<&str>,
+    dsnot_same_sign: Option<bool>,
+    compensate: bool,
+) -> PyResult<String> {
+    // a schedule is its block sparsities; OWL's are chosen by the pass and recorded beside it
+    let (alloc, chosen) = match allocation {
+        "owl" => (parse_allocation(allocation, owl_m, owl_lambda, None)?, block_sparsity),
+        _ => (parse_allocation(allocation, owl_m, owl_lambda, block_sparsity)?, None),
+    };
+    let refine = parse_refine(refine, dsnot_iters, dsnot_threshold, dsnot_skip, dsnot_same_sign)?;
+    let settings = SequentialSettings::new(parse_method(method)?, target(sparsity, pattern)?, update, &alloc, chosen, refine.as_ref(), compensate)
+        .map_err(CoreError)?;
+    Ok(settings.to_value().to_string())
+}
+
 /// Depth pruning (`apply --method block-influence`): removes whole decoder blocks by ShortGPT's
 /// Block Influence from the stats sidecar; returns the JSON summary.
 #[pyfunction]
@@ -510,6 +546,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(owl_allocation, m)?)?;
     m.add_function(wrap_pyfunction!(compensation_flag, m)?)?;
     m.add_function(wrap_pyfunction!(schedule_mean_warning, m)?)?;
+    m.add_function(wrap_pyfunction!(sequential_settings, m)?)?;
     m.add_function(wrap_pyfunction!(sparsegpt, m)?)?;
     m.add_function(wrap_pyfunction!(apply_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(apply_structured, m)?)?;

@@ -204,7 +204,7 @@ fn first_size_mismatch(buf: &[u8]) -> Option<String> {
 /// config.json of the model in `dir`, parsed.
 pub fn read_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
     let path = dir.join("config.json");
-    let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let text = fs::read(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_slice(&text).map_err(|e| Error::checkpoint(&path, format!("config.json is not a JSON object: {e}")))
 }
 

@@ -1,8 +1,10 @@
 //! Files in and out: checkpoints (headers, index, fingerprint), dtypes, decoder block numbers in
-//! tensor names, output directories and their staging, and the writer thread.
+//! tensor names, the plan and header of an output shard, output directories and their staging, and
+//! the writer thread.
 
 pub mod blocks;
 pub mod checkpoint;
 pub mod dtype;
+pub mod layout;
 pub mod output;
 pub mod writer;

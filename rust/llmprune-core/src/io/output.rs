@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::io::checkpoint::{allowed_target, Checkpoint, Shard, INDEX_FILE};
+use crate::io::checkpoint::{allowed_target, Checkpoint, INDEX_FILE};
 use crate::error::{Error, Result};
 
 const OTHER_HINT: &str = "choose another --out";
@@ -246,51 +246,6 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(unwritable(path, parent, e));
     }
     Ok(())
-}
-
-/// The shard's `__metadata__` entries with `llmprune` provenance added.
-pub fn metadata_with_provenance(shard: &Shard, provenance: &str) -> serde_json::Map<String, Value> {
-    let mut meta = match shard.header.get("__metadata__") {
-        Some(Value::Object(m)) => m.clone(),
-        _ => serde_json::Map::new(),
-    };
-    meta.insert("llmprune".into(), provenance.into());
-    meta
-}
-
-/// A safetensors header: `__metadata__` first, then `tensors`, serialized, padded with spaces to 8
-/// bytes and prefixed with its little-endian length.
-pub fn encode_header(
-    shard: &Shard,
-    meta: serde_json::Map<String, Value>,
-    tensors: impl IntoIterator<Item = (String, Value)>,
-) -> Result<Vec<u8>> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), Value::Object(meta));
-    header.extend(tensors);
-    let mut json = serde_json::to_vec(&Value::Object(header))
-        .map_err(|e| Error::checkpoint(&shard.path, format!("cannot serialize header: {e}")))?;
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&json);
-    Ok(bytes)
-}
-
-/// The header of an output shard whose tensors are `(name, dtype, shape, bytes)` laid out one after
-/// another in this order, with the input's metadata and `provenance`.
-pub fn layout_header(shard: &Shard, provenance: &str, tensors: &[(String, safetensors::Dtype, Vec<usize>, usize)]) -> Result<Vec<u8>> {
-    let mut offset = 0usize;
-    let entries: Vec<(String, Value)> = tensors
-        .iter()
-        .map(|(name, dtype, shape, nbytes)| {
-            let v = serde_json::json!({"dtype": crate::io::checkpoint::dtype_name(*dtype), "shape": shape, "data_offsets": [offset, offset + nbytes]});
-            offset += nbytes;
-            (name.clone(), v)
-        })
-        .collect();
-    encode_header(shard, metadata_with_provenance(shard, provenance), entries)
 }
 
 /// Writes `config` as the config.json of the output being staged in `dir` (pretty, newline-ended).

@@ -24,6 +24,9 @@ use crate::io::output::{check_file_destination, clean_stale, same_file, temp_bes
 pub const DEFAULT_GRAM: &str = "llmprune-gram.safetensors";
 pub const GRAM_FORMAT: &str = "llmprune-gram";
 
+/// Start and end of a byte range in the file.
+type ByteRange = (usize, usize);
+
 /// One distinct input: the weights that read it (name, input axis) and its width.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GramGroup {
@@ -190,7 +193,7 @@ pub struct Gram {
     /// weight name -> group key
     by_weight: BTreeMap<String, String>,
     /// group key -> (byte range of the matrix, byte range of the count)
-    ranges: BTreeMap<String, ((usize, usize), (usize, usize))>,
+    ranges: BTreeMap<String, (ByteRange, ByteRange)>,
     mmap: Mmap,
 }
 

@@ -1,12 +1,15 @@
 //! The stats sidecar v1 (docs/sidecar.md): reading and validating it (here), writing it
-//! atomically (`write`) and merging sidecars of disjoint calibration sets (`merge`). Python never
+//! atomically (`write`), merging sidecars of disjoint calibration sets (`merge`), and the settings
+//! of a sequential pass (`sequential`). Python never
 //! parses or writes this format itself; it asks the core through the bindings.
 
 pub mod gram;
 mod merge;
+mod sequential;
 mod write;
 
 pub use merge::{merge, MergeSummary};
+pub use sequential::{DsnotSettings, SequentialSettings};
 pub use write::{encode, write, SidecarInfo};
 
 use std::collections::BTreeMap;

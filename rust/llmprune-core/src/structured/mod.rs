@@ -23,16 +23,17 @@ use serde_json::Value;
 
 use crate::io::checkpoint::{Checkpoint, Shard};
 use crate::io::dtype::float_size;
+use crate::io::layout::{shard_header, OutTensor};
 use crate::error::{Error, Result};
 use crate::pool;
 use crate::run::{Progress, Run, StatsNeed};
-use crate::sidecar::Sidecar;
+use crate::sidecar::SequentialSettings;
 
 pub use arch::{Family, Rules};
 pub use config::LayerShape;
 pub use hywia::{Fusion, HywiaOptions, LayerFusion, Taylor};
 pub use metric::{LayerScores, StructMethod};
-pub use plan::{Allocation, LayerBudget, LayerPlan};
+pub use plan::{GroupAllocation, LayerBudget, LayerPlan};
 
 use slice::{new_shape, slice_into, Edits, Op};
 
@@ -43,7 +44,7 @@ pub struct StructuredOptions {
     pub method: StructMethod,
     /// Fraction of the decoder blocks' parameters to remove, in [0, 1).
     pub sparsity: f64,
-    pub allocation: Allocation,
+    pub allocation: GroupAllocation,
     /// Fold the removed channels' mean contribution into the output projections' biases;
     /// None: the method's default (on for flap).
     pub compensate: Option<bool>,
@@ -175,8 +176,8 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         Some((_, first, last)) => (0..rules.layers.len()).map(|i| i < *first || i >= rules.layers.len() - last).collect(),
         None => vec![false; rules.layers.len()],
     };
-    if let Some(seq) = run.sidecar.as_ref().and_then(Sidecar::sequential) {
-        let m = seq.get("method").and_then(Value::as_str).unwrap_or("?").to_string();
+    if let Some(seq) = run.sidecar.as_ref().and_then(|sc| SequentialSettings::of(&sc.meta)) {
+        let m = seq.map_or_else(|_| "?".to_string(), |s| s.method);
         run.warnings.push(format!(
             "statistics were taken sequentially with {m}; {} is defined on dense statistics",
             opts.method.name()
@@ -262,9 +263,9 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
             tensor_bytes += e.nbytes as u64;
             weight_map.insert(e.name.clone(), shard.file_name.clone());
         }
-        out.header(shard_header(shard, &plan, &shard_prov)?)?;
+        out.header(shard_header(shard, &shard_prov, &plan)?)?;
         for e in &plan {
-            match &e.source {
+            match &e.source.source {
                 Source::Copy(data) => out.copy(data)?,
                 Source::Bytes(bytes) => out.fill(|buf| {
                     buf.clear();
@@ -276,7 +277,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
                     Ok(())
                 })?,
             }
-            if let Some(t) = e.input {
+            if let Some(t) = e.source.input {
                 out.done(&e.name, t)?;
             }
         }
@@ -333,19 +334,15 @@ enum Source<'a> {
     Slice { data: &'a [u8], es: usize, shape: Vec<usize>, rows: Option<Vec<std::ops::Range<usize>>>, cols: Option<Vec<std::ops::Range<usize>>> },
 }
 
-/// One tensor of an output shard.
-struct OutEntry<'a> {
-    name: String,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    nbytes: usize,
+/// Where an output tensor's bytes come from, and the size of the input tensor it replaces (None for
+/// an added tensor).
+struct Origin<'a> {
     source: Source<'a>,
-    /// Bytes of the input tensor it comes from (None for an added tensor).
     input: Option<usize>,
 }
 
 /// The output tensors of one shard in file order; added biases follow their weight.
-fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Result<Vec<OutEntry<'a>>> {
+fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Result<Vec<OutTensor<Origin<'a>>>> {
     let mut out = Vec::with_capacity(shard.tensors.len());
     for t in &shard.tensors {
         let data = shard.data(t);
@@ -359,16 +356,16 @@ fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Result<Vec<OutEntry<'a>
             }
         };
         let nbytes = shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
-        out.push(OutEntry { name: t.name.clone(), dtype: t.dtype, shape, nbytes, source, input: Some(t.nbytes()) });
+        out.push(OutTensor { name: t.name.clone(), dtype: t.dtype, shape, nbytes, source: Origin { source, input: Some(t.nbytes()) } });
         for a in edits.added.get(&t.name).into_iter().flatten() {
-            out.push(OutEntry { name: a.name.clone(), dtype: a.dtype, shape: a.shape.clone(), nbytes: a.data.len(), source: Source::Bytes(&a.data), input: None });
+            out.push(OutTensor {
+                name: a.name.clone(),
+                dtype: a.dtype,
+                shape: a.shape.clone(),
+                nbytes: a.data.len(),
+                source: Origin { source: Source::Bytes(&a.data), input: None },
+            });
         }
     }
     Ok(out)
-}
-
-/// The shard's header for the new tensors and offsets, input metadata kept and provenance added.
-fn shard_header(shard: &Shard, plan: &[OutEntry], provenance: &str) -> Result<Vec<u8>> {
-    let tensors: Vec<_> = plan.iter().map(|e| (e.name.clone(), e.dtype, e.shape.clone(), e.nbytes)).collect();
-    crate::io::output::layout_header(shard, provenance, &tensors)
 }

@@ -19,27 +19,29 @@
 use crate::error::{Error, Result};
 use crate::structured::metric::LayerScores;
 
+/// How structured pruning spreads the removed groups over the layers: one ranking of every
+/// layer's groups together (global), or the same share removed from each layer (uniform).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Allocation {
+pub enum GroupAllocation {
     Global,
     Uniform,
 }
 
-impl Allocation {
+impl GroupAllocation {
     pub fn name(self) -> &'static str {
         match self {
-            Allocation::Global => "global",
-            Allocation::Uniform => "uniform",
+            GroupAllocation::Global => "global",
+            GroupAllocation::Uniform => "uniform",
         }
     }
 }
 
-impl std::str::FromStr for Allocation {
+impl std::str::FromStr for GroupAllocation {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
-            "global" => Ok(Allocation::Global),
-            "uniform" => Ok(Allocation::Uniform),
+            "global" => Ok(GroupAllocation::Global),
+            "uniform" => Ok(GroupAllocation::Uniform),
             other => Err(Error::arg(format!("unknown allocation {other:?}; expected global or uniform"))),
         }
     }
@@ -99,12 +101,12 @@ fn keep_all_but(n: usize, removed: impl IntoIterator<Item = usize>) -> Vec<usize
     (0..n).filter(|&i| keep[i]).collect()
 }
 
-pub fn plan(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allocation: Allocation) -> Result<Vec<LayerPlan>> {
+pub fn plan(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allocation: GroupAllocation) -> Result<Vec<LayerPlan>> {
     plan_skipping(scores, budgets, sparsity, allocation, &vec![false; scores.len()])
 }
 
 /// `plan` with the layers where `frozen` is true left whole.
-pub fn plan_skipping(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allocation: Allocation, frozen: &[bool]) -> Result<Vec<LayerPlan>> {
+pub fn plan_skipping(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allocation: GroupAllocation, frozen: &[bool]) -> Result<Vec<LayerPlan>> {
     if !(0.0..1.0).contains(&sparsity) {
         return Err(Error::arg(format!("sparsity must be in [0, 1), got {sparsity}")));
     }
@@ -128,8 +130,8 @@ pub fn plan_skipping(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: 
         local
     };
     let plans = match allocation {
-        Allocation::Global => global(scores, budgets, sparsity, frozen),
-        Allocation::Uniform => uniform(scores, budgets, local, frozen),
+        GroupAllocation::Global => global(scores, budgets, sparsity, frozen),
+        GroupAllocation::Uniform => uniform(scores, budgets, local, frozen),
     };
     for (i, (p, s)) in plans.iter().zip(scores).enumerate() {
         let what = if p.attn_keep.is_empty() {
@@ -228,16 +230,16 @@ mod tests {
         let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 40 };
         // 0.25 * 80 = 20: in z order the two MLP channels at z = -1.16 come first, then the attention
         // groups at z = -0.71 (layer 0 g0, layer 1 g1): cost 1 + 1 + 10 + 10 = 22 is closest to 20.
-        let p = plan(&scores, &[b, b], 0.25, Allocation::Global).unwrap();
+        let p = plan(&scores, &[b, b], 0.25, GroupAllocation::Global).unwrap();
         assert_eq!(p[0].attn_keep, vec![1]);
         assert_eq!(p[1].attn_keep, vec![0]);
         // MLP z = -1.16 sorts before attention z = -0.707: target 2 removes the two lowest channels
-        let p = plan(&scores, &[b, b], 2.0 / 80.0, Allocation::Global).unwrap();
+        let p = plan(&scores, &[b, b], 2.0 / 80.0, GroupAllocation::Global).unwrap();
         assert_eq!(p[0].mlp_keep, vec![1, 2, 3]);
         assert_eq!(p[1].mlp_keep, vec![0, 1, 2]);
         assert_eq!(p[0].attn_keep, vec![0, 1]);
         // sparsity 0 removes nothing
-        let p = plan(&scores, &[b, b], 0.0, Allocation::Global).unwrap();
+        let p = plan(&scores, &[b, b], 0.0, GroupAllocation::Global).unwrap();
         assert_eq!(p[0].mlp_keep.len() + p[1].mlp_keep.len(), 8);
     }
 
@@ -246,9 +248,9 @@ mod tests {
         let scores = vec![layer(&[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0]), layer(&[5.0, 1.0], &[4.0, 3.0, 2.0, 1.0])];
         let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 40 };
         // h = floor(0.5 * 2 + 0.5) = 1; rest = 20 - 10 = 10 -> c = 10, clamped to the 4 channels: error
-        assert!(plan(&scores, &[b, b], 0.5, Allocation::Uniform).is_err());
+        assert!(plan(&scores, &[b, b], 0.5, GroupAllocation::Uniform).is_err());
         // h = floor(0.3 * 2 + 0.5) = 1, rest = 12 - 10 = 2 channels
-        let p = plan(&scores, &[b, b], 0.3, Allocation::Uniform).unwrap();
+        let p = plan(&scores, &[b, b], 0.3, GroupAllocation::Uniform).unwrap();
         assert_eq!(p[0], LayerPlan { attn_keep: vec![1], mlp_keep: vec![2, 3] });
         assert_eq!(p[1], LayerPlan { attn_keep: vec![0], mlp_keep: vec![0, 1] });
     }
@@ -257,11 +259,11 @@ mod tests {
     fn removing_every_head_is_an_error() {
         let scores = vec![layer(&[1.0], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])];
         let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 16 };
-        let e = plan(&scores, &[b], 0.7, Allocation::Uniform).unwrap_err().to_string();
+        let e = plan(&scores, &[b], 0.7, GroupAllocation::Uniform).unwrap_err().to_string();
         assert!(e.contains("attention groups") && e.contains("layer 0"), "{e}");
-        let e = plan(&scores, &[b], 0.9, Allocation::Global).unwrap_err().to_string();
+        let e = plan(&scores, &[b], 0.9, GroupAllocation::Global).unwrap_err().to_string();
         assert!(e.contains("layer 0"), "{e}");
-        assert!(plan(&scores, &[b], 1.0, Allocation::Global).is_err());
+        assert!(plan(&scores, &[b], 1.0, GroupAllocation::Global).is_err());
     }
 
     #[test]
@@ -270,21 +272,21 @@ mod tests {
         let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 40 };
         let frozen = [true, false];
         // S' = 0.15 · 80 / 40 = 0.3: as uniform 0.3 on layer 1 alone (h = 1, 2 channels)
-        let p = plan_skipping(&scores, &[b, b], 0.15, Allocation::Uniform, &frozen).unwrap();
+        let p = plan_skipping(&scores, &[b, b], 0.15, GroupAllocation::Uniform, &frozen).unwrap();
         assert_eq!(p[0], LayerPlan { attn_keep: vec![0, 1], mlp_keep: vec![0, 1, 2, 3] });
         assert_eq!(p[1], LayerPlan { attn_keep: vec![0], mlp_keep: vec![0, 1] });
         // global: target 0.15 · 80 = 12 from layer 1 only: channel 3 (z −1.16), head 1 (z −0.71),
         // channel 2 (z −0.39) cost 1 + 10 + 1
-        let p = plan_skipping(&scores, &[b, b], 0.15, Allocation::Global, &frozen).unwrap();
+        let p = plan_skipping(&scores, &[b, b], 0.15, GroupAllocation::Global, &frozen).unwrap();
         assert_eq!(p[0], LayerPlan { attn_keep: vec![0, 1], mlp_keep: vec![0, 1, 2, 3] });
         assert_eq!(p[1], LayerPlan { attn_keep: vec![0], mlp_keep: vec![0, 1] });
         // no frozen layer: exactly `plan`
-        for a in [Allocation::Uniform, Allocation::Global] {
+        for a in [GroupAllocation::Uniform, GroupAllocation::Global] {
             assert_eq!(plan_skipping(&scores, &[b, b], 0.3, a, &[false, false]).unwrap(), plan(&scores, &[b, b], 0.3, a).unwrap());
         }
-        let e = plan_skipping(&scores, &[b, b], 0.5, Allocation::Uniform, &frozen).unwrap_err().to_string();
+        let e = plan_skipping(&scores, &[b, b], 0.5, GroupAllocation::Uniform, &frozen).unwrap_err().to_string();
         assert!(e.contains("must stay below 1"), "{e}");
-        let e = plan_skipping(&scores, &[b, b], 0.1, Allocation::Global, &[true, true]).unwrap_err().to_string();
+        let e = plan_skipping(&scores, &[b, b], 0.1, GroupAllocation::Global, &[true, true]).unwrap_err().to_string();
         assert!(e.contains("no layer is left"), "{e}");
     }
 }

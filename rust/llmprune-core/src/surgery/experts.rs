@@ -125,7 +125,7 @@ struct RouterGroups {
 impl RouterGroups {
     fn of(config: &serde_json::Map<String, Value>, experts: usize) -> Result<Self> {
         let n = config.get("n_group").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
-        if n > 1 && experts % n != 0 {
+        if n > 1 && !experts.is_multiple_of(n) {
             return Err(Error::arg(format!("config.json: {experts} experts do not split into n_group = {n} equal groups")));
         }
         let top = config.get("topk_group").and_then(Value::as_u64).map_or(n, |t| (t as usize).clamp(1, n));

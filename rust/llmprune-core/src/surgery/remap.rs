@@ -10,10 +10,13 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::io::output::{layout_header, write_config, StagingDir};
+use crate::io::checkpoint::{Shard, TensorEntry};
+use crate::io::layout::{shard_header, OutTensor};
+use crate::io::output::{write_config, StagingDir};
 use crate::run::{Progress, Run};
 
-/// What happens to one input tensor.
+/// What depth or expert pruning decided for one input tensor; `write` turns the fates of a shard's
+/// tensors into its output plan.
 #[derive(Debug)]
 pub enum Fate {
     /// Copied byte for byte under this name.
@@ -69,6 +72,36 @@ pub fn llmprune_record(config: &mut serde_json::Map<String, Value>) -> &mut serd
     entry.as_object_mut().expect("made an object above")
 }
 
+/// Where an output tensor of `write` comes from: an input tensor, whole or some of its leading-axis
+/// rows (in this order).
+struct Kept<'a> {
+    input: &'a TensorEntry,
+    rows: Option<&'a [usize]>,
+}
+
+/// The output tensors of one shard in file order, from its tensors' fates (dropped ones left out).
+fn shard_plan<'a>(shard: &'a Shard, fates: &'a BTreeMap<String, Fate>) -> Result<Vec<OutTensor<Kept<'a>>>> {
+    let mut plan = Vec::with_capacity(shard.tensors.len());
+    for t in &shard.tensors {
+        let fate = fates.get(&t.name).ok_or_else(|| Error::Internal(format!("{} has no planned fate", t.name)))?;
+        let (name, rows) = match fate {
+            Fate::Drop => continue,
+            Fate::Copy(new) => (new, None),
+            Fate::Rows(new, rows) => (new, Some(rows.as_slice())),
+        };
+        let (shape, nbytes) = match rows {
+            None => (t.shape.clone(), t.nbytes()),
+            Some(rows) => {
+                let mut shape = t.shape.clone();
+                shape[0] = rows.len();
+                (shape, t.nbytes() / t.shape[0] * rows.len())
+            }
+        };
+        plan.push(OutTensor { name: name.clone(), dtype: t.dtype, shape, nbytes, source: Kept { input: t, rows } });
+    }
+    Ok(plan)
+}
+
 /// What `write` wrote.
 pub struct Written {
     pub out: PathBuf,
@@ -86,45 +119,30 @@ pub fn write(
     fates: &BTreeMap<String, Fate>,
     config: serde_json::Map<String, Value>,
 ) -> Result<Written> {
-    let fate_of = |name: &str| fates.get(name).ok_or_else(|| Error::Internal(format!("{name} has no planned fate")));
     let mut weight_map = BTreeMap::new();
     let (mut params_after, mut tensor_bytes) = (0u64, 0u64);
     let bytes_written = run.write_shards(&staging, progress, |shard, out| {
-        let mut layout = Vec::new();
+        let plan = shard_plan(shard, fates)?;
+        out.header(shard_header(shard, provenance, &plan)?)?;
+        let mut planned = plan.iter().peekable();
         for t in &shard.tensors {
-            match fate_of(&t.name)? {
-                Fate::Drop => {}
-                Fate::Copy(new) => layout.push((new.clone(), t.dtype, t.shape.clone(), t.nbytes())),
-                Fate::Rows(new, rows) => {
-                    let mut shape = t.shape.clone();
-                    shape[0] = rows.len();
-                    layout.push((new.clone(), t.dtype, shape, t.nbytes() / t.shape[0] * rows.len()));
-                }
-            }
-        }
-        out.header(layout_header(shard, provenance, &layout)?)?;
-        for t in &shard.tensors {
-            let data = shard.data(t);
-            let (new, written) = match fate_of(&t.name)? {
-                Fate::Drop => (None, 0),
-                Fate::Copy(new) => {
-                    out.copy(data)?;
-                    (Some(new), t.numel())
-                }
-                Fate::Rows(new, rows) => {
-                    // straight from the map, one write per run of consecutive rows: a fused expert
-                    // tensor of gigabytes is never buffered
-                    let row = t.nbytes() / t.shape[0];
-                    for (start, len) in runs(rows) {
-                        out.copy(&data[start * row..(start + len) * row])?;
+            // a dropped tensor has no entry in the plan: it is only counted as done
+            if let Some(e) = planned.next_if(|e| std::ptr::eq(e.source.input, t)) {
+                let data = shard.data(t);
+                match e.source.rows {
+                    None => out.copy(data)?,
+                    Some(rows) => {
+                        // straight from the map, one write per run of consecutive rows: a fused
+                        // expert tensor of gigabytes is never buffered
+                        let row = t.nbytes() / t.shape[0];
+                        for (start, len) in runs(rows) {
+                            out.copy(&data[start * row..(start + len) * row])?;
+                        }
                     }
-                    (Some(new), t.numel() / t.shape[0] * rows.len())
                 }
-            };
-            if let Some(new) = new {
-                weight_map.insert(new.clone(), shard.file_name.clone());
-                params_after += written as u64;
-                tensor_bytes += (written * t.dtype.bitsize() / 8) as u64;
+                weight_map.insert(e.name.clone(), shard.file_name.clone());
+                params_after += e.shape.iter().product::<usize>() as u64;
+                tensor_bytes += e.nbytes as u64;
             }
             out.done(&t.name, t.nbytes())?;
         }

@@ -150,6 +150,9 @@ pub fn outlier_ratios(
     Ok(out)
 }
 
+/// The target of every prunable weight, and the per-block sparsities (None for uniform).
+pub type Targets = (BTreeMap<String, Target>, Option<Vec<f64>>);
+
 /// The target of every prunable weight under `allocation`, and the per-block sparsities
 /// (None for uniform). `recorded` are block sparsities a sequential pass already chose; they are
 /// used as they are (the dense statistics OWL was computed from are not in a sequential sidecar).
@@ -160,7 +163,7 @@ pub fn resolve_targets(
     target: Target,
     allocation: &Allocation,
     recorded: Option<Vec<f64>>,
-) -> Result<(BTreeMap<String, Target>, Option<Vec<f64>>)> {
+) -> Result<Targets> {
     allocation.validate(target)?;
     let s = match (allocation, target) {
         (Allocation::Uniform, _) => return Ok((prunable.keys().map(|k| (k.clone(), target)).collect(), None)),

@@ -4,25 +4,26 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::unstructured::allocation::{resolve_targets, schedule_mean_warning, Allocation};
-use crate::io::checkpoint::{read_config, Checkpoint, Shard, TensorEntry};
-use crate::unstructured::compensate::{self, BiasPlan, BiasSource};
-use crate::unstructured::dsnot::{self, DsnotOptions};
-use crate::io::dtype::{decode, decode_into, float_size};
 use crate::error::{Error, Result};
-use crate::io::output::{encode_header, layout_header, metadata_with_provenance};
+use crate::io::checkpoint::read_config;
+use crate::io::dtype::{decode, encode_into, float_size};
+use crate::io::layout::shard_header;
 use crate::pool;
-use crate::unstructured::prunable::{resolve_prunable, Prunable};
 use crate::run::{Run, StatsNeed};
+use crate::sidecar::gram::Gram;
+use crate::unstructured::allocation::{resolve_targets, schedule_mean_warning, Allocation};
+use crate::unstructured::bias_layout::{shard_items, Item};
+use crate::unstructured::compensate;
+use crate::unstructured::dsnot::DsnotOptions;
+use crate::unstructured::kernel::{prune_tensor_with, reconstruct_tensor, Job, Moments};
+use crate::unstructured::prunable::resolve_prunable;
 use crate::unstructured::score::{channel_factors, Method};
-use crate::unstructured::select::{mask_matrix, n_m_flags, prune_row, row_scores, Scope, Scratch, Target};
-use crate::sidecar::gram::{unpack, Gram};
-use crate::unstructured::sparsegpt::{factor, sparsegpt, Factor, Selection, SparseGptOptions};
-use crate::io::dtype::encode_into;
+use crate::unstructured::select::{Scope, Target};
+use crate::unstructured::sequential::{dsnot_meta, recorded_block_sparsity, sequential_warning};
+use crate::unstructured::sparsegpt::{Factor, SparseGptOptions};
 
 pub use crate::run::Progress;
 
@@ -97,77 +98,6 @@ pub struct ApplySummary {
     pub warnings: Vec<String>,
 }
 
-/// What this run's settings are called in sequential metadata, for comparing with a sidecar's.
-fn run_settings(opts: &ApplyOptions, update: bool) -> String {
-    let upd = if update { " with weight updates" } else { "" };
-    let alloc = match &opts.allocation {
-        Allocation::Uniform => String::new(),
-        a => format!(", {} allocation", a.name()),
-    };
-    let refine = if opts.refine.is_some() { ", DSnoT" } else { "" };
-    let comp = if opts.compensate { ", bias compensation" } else { "" };
-    format!("{} at {}{upd}{alloc}{refine}{comp}", opts.method.name(), opts.target.describe())
-}
-
-/// A warning when statistics taken sequentially (recorded in `meta`) came from another method,
-/// target, update, allocation, refinement or compensation than this run's, which then does not reproduce that
-/// algorithm.
-fn sequential_warning(meta: &serde_json::Map<String, Value>, opts: &ApplyOptions, update: bool) -> Option<String> {
-    let seq = crate::sidecar::sequential_of(meta)?;
-    let their_method = seq.get("method").and_then(Value::as_str).unwrap_or("?");
-    let theirs = match (seq.get("sparsity").and_then(Value::as_f64), seq.get("pattern").and_then(Value::as_str)) {
-        (Some(s), _) => Target::Sparsity(s),
-        (None, Some(p)) => {
-            let mut it = p.split(':').filter_map(|x| x.parse().ok());
-            match (it.next(), it.next()) {
-                (Some(n), Some(m)) => Target::Pattern { n, m },
-                _ => return Some(format!("statistics were taken sequentially with an unreadable pattern {p:?}")),
-            }
-        }
-        _ => return Some("statistics were taken sequentially without a recorded target".into()),
-    };
-    let their_update = seq.get("update").and_then(Value::as_bool).unwrap_or(false);
-    let their_alloc = seq.get("allocation").and_then(Value::as_str).unwrap_or("uniform");
-    let their_owl = (seq.get("owl_m").and_then(Value::as_f64), seq.get("owl_lambda").and_then(Value::as_f64));
-    let alloc_same = match &opts.allocation {
-        Allocation::Uniform => their_alloc == "uniform",
-        Allocation::Owl { m, lambda } => their_alloc == "owl" && their_owl == (Some(*m), Some(*lambda)),
-        Allocation::Schedule(v) => their_alloc == "schedule" && recorded_block_sparsity(seq).as_deref() == Some(v.as_slice()),
-    };
-    let their_refine = seq.get("refine").and_then(Value::as_str);
-    let refine_same = match &opts.refine {
-        None => their_refine.is_none(),
-        Some(r) => their_refine == Some("dsnot") && seq.get("dsnot") == Some(&dsnot_meta(r)),
-    };
-    let their_comp = seq.get("compensate").and_then(Value::as_bool).unwrap_or(false);
-    if their_method != opts.method.name() || theirs != opts.target || their_update != update || !alloc_same || !refine_same || their_comp != opts.compensate {
-        let upd = if their_update { " with weight updates" } else { "" };
-        let alloc = if their_alloc == "uniform" { String::new() } else { format!(", {their_alloc} allocation") };
-        let refine = if their_refine.is_some() { ", DSnoT" } else { "" };
-        let comp = if their_comp { ", bias compensation" } else { "" };
-        Some(format!(
-            "statistics were taken sequentially with {their_method} at {}{upd}{alloc}{refine}{comp}; pruning with {} does not reproduce that algorithm",
-            theirs.describe(),
-            run_settings(opts, update)
-        ))
-    } else {
-        None
-    }
-}
-
-fn recorded_block_sparsity(seq: &serde_json::Map<String, Value>) -> Option<Vec<f64>> {
-    seq.get("block_sparsity")?.as_array()?.iter().map(Value::as_f64).collect()
-}
-
-/// DSnoT's settings as recorded in provenance and sequential metadata.
-pub fn dsnot_meta(r: &DsnotOptions) -> Value {
-    let mut m = serde_json::json!({"iters": r.iters, "threshold": r.threshold, "skip": r.skip.name()});
-    if r.same_sign {
-        m["same_sign"] = true.into();
-    }
-    m
-}
-
 /// What needs the stats sidecar in this run, if anything.
 fn stats_need(opts: &ApplyOptions) -> Option<StatsNeed> {
     let who = if opts.method.needs_stats() {
@@ -197,12 +127,6 @@ fn check_refine(opts: &ApplyOptions) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// Mean and variance of a weight's input channels, for DSnoT and compensation.
-struct Moments {
-    mu: Vec<f64>,
-    var: Vec<f64>,
 }
 
 pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<()>) -> Result<ApplySummary> {
@@ -259,12 +183,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
             }
         }
     }
-    let recorded = run
-        .sidecar
-        .as_ref()
-        .and_then(|s| crate::sidecar::sequential_of(&s.meta))
-        .filter(|seq| seq.get("allocation").and_then(Value::as_str) == Some(opts.allocation.name()))
-        .and_then(recorded_block_sparsity);
+    let recorded = run.sidecar.as_ref().and_then(|s| recorded_block_sparsity(&s.meta, &opts.allocation));
     let (targets, block_sparsity) =
         pool.install(|| resolve_targets(ckpt, &prunable, run.sidecar.as_ref().map(|s| &s.layers), opts.target, &opts.allocation, recorded))?;
     if let (Allocation::Schedule(v), Target::Sparsity(s)) = (&opts.allocation, opts.target) {
@@ -350,16 +269,9 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
             weight_map.insert(it.name.clone(), shard.file_name.clone());
             tensor_bytes += it.nbytes as u64;
         }
-        let header = match plan {
-            None => shard_header(shard, &provenance)?,
-            Some(_) => {
-                let layout: Vec<_> = items.iter().map(|i| (i.name.clone(), i.dtype, i.shape.clone(), i.nbytes)).collect();
-                layout_header(shard, &provenance, &layout)?
-            }
-        };
-        out.header(header)?;
+        out.header(shard_header(shard, &provenance, &items)?)?;
         for it in &items {
-            match it.kind {
+            match it.source {
                 Item::Tensor(t) => {
                     let data = shard.data(t);
                     match prunable.get(&t.name) {
@@ -446,200 +358,6 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     Ok(summary)
 }
 
-/// How one weight is pruned.
-pub struct Job<'a> {
-    pub input_axis: usize,
-    /// Per-input-channel score factor (None: magnitude).
-    pub factors: Option<&'a [f32]>,
-    pub target: Target,
-    refine: Option<(&'a DsnotOptions, &'a Moments)>,
-}
-
-impl<'a> Job<'a> {
-    /// A job without refinement.
-    pub fn plain(input_axis: usize, factors: Option<&'a [f32]>, target: Target) -> Job<'a> {
-        Job { input_axis, factors, target, refine: None }
-    }
-}
-
-enum Item<'a> {
-    Tensor(&'a TensorEntry),
-    /// A compensated (or zero) bias written after its weight, or in its own place when its
-    /// weight was in an earlier shard.
-    Bias { weight: &'a str, existing: Option<&'a TensorEntry> },
-}
-
-struct OutItem<'a> {
-    name: String,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    nbytes: usize,
-    kind: Item<'a>,
-}
-
-/// The output tensors of one shard in order: the input's, with each compensated weight's bias
-/// (its own, or an added one) right after it.
-fn shard_items<'a>(ckpt: &'a Checkpoint, shard: &'a Shard, plan: Option<&'a BiasPlan>) -> Result<Vec<OutItem<'a>>> {
-    let mut items = Vec::with_capacity(shard.tensors.len());
-    let plain = |t: &'a TensorEntry| OutItem { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), nbytes: t.nbytes(), kind: Item::Tensor(t) };
-    let Some(plan) = plan else {
-        items.extend(shard.tensors.iter().map(plain));
-        return Ok(items);
-    };
-    let here = ckpt.shard_of(&shard.tensors.first().map(|t| t.name.clone()).unwrap_or_default());
-    // existing biases of compensated weights -> their weight
-    let owner: BTreeMap<&str, &str> = plan
-        .compensated
-        .iter()
-        .filter_map(|(w, s)| match s {
-            BiasSource::Existing(b) => Some((b.as_str(), w.as_str())),
-            BiasSource::Added => None,
-        })
-        .collect();
-    for t in &shard.tensors {
-        if let Some(&w) = owner.get(t.name.as_str()) {
-            if ckpt.shard_of(w) == here {
-                continue; // written right after its weight
-            }
-            items.push(OutItem { kind: Item::Bias { weight: w, existing: Some(t) }, ..plain(t) });
-            continue;
-        }
-        items.push(plain(t));
-        let rows = || t.shape.first().copied().unwrap_or(0);
-        match plan.compensated.get(&t.name) {
-            Some(BiasSource::Existing(b)) => {
-                if ckpt.shard_of(b) == here {
-                    let (_, bt) = ckpt.get(b).ok_or_else(|| Error::Internal(format!("{b} planned but missing")))?;
-                    items.push(OutItem { kind: Item::Bias { weight: &t.name, existing: Some(bt) }, ..plain(bt) });
-                }
-            }
-            Some(BiasSource::Added) => items.push(added_bias(t, rows())),
-            None if plan.zero_added.contains(&t.name) => items.push(added_bias(t, rows())),
-            None => {}
-        }
-    }
-    Ok(items)
-}
-
-fn added_bias(t: &TensorEntry, rows: usize) -> OutItem<'_> {
-    let es = t.dtype.bitsize() / 8;
-    OutItem {
-        name: BiasPlan::bias_name(&t.name),
-        dtype: t.dtype,
-        shape: vec![rows],
-        nbytes: rows * es,
-        kind: Item::Bias { weight: &t.name, existing: None },
-    }
-}
-
-/// Prunes one tensor into `out` (resized to the tensor's size) with `opts`' target and scope;
-/// returns the number of entries pruned.
-pub fn prune_tensor(
-    t: &TensorEntry,
-    data: &[u8],
-    input_axis: usize,
-    factors: Option<&[f32]>,
-    opts: &ApplyOptions,
-    out: &mut Vec<u8>,
-) -> Result<u64> {
-    prune_tensor_with(t, data, &Job::plain(input_axis, factors, opts.target), opts.scope, out).map(|r| r.0)
-}
-
-/// Prunes one tensor into `out` as `job` says; returns the entries pruned and DSnoT's swaps.
-pub fn prune_tensor_with(t: &TensorEntry, data: &[u8], job: &Job, scope: Scope, out: &mut Vec<u8>) -> Result<(u64, u64)> {
-    let es = float_size(t.dtype).ok_or_else(|| Error::Internal(format!("{}: dtype checked before writing", t.name)))?;
-    let (input_axis, factors, target) = (job.input_axis, job.factors, job.target);
-    let (rows, cols) = if input_axis == 1 { (t.shape[0], t.shape[1]) } else { (t.shape[1], t.shape[0]) };
-    if rows == 0 || cols == 0 {
-        out.clear();
-        out.extend_from_slice(data);
-        return Ok((0, 0));
-    }
-    if input_axis == 1 && job.refine.is_none() && (scope == Scope::Row || matches!(target, Target::Pattern { .. })) {
-        // Rows are copied from the input map inside the parallel loop; the reused buffer is only
-        // resized (zero-filled where it grows), never cleared and refilled on one thread.
-        out.resize(data.len(), 0);
-        let row_bytes = cols * es;
-        if let Target::Pattern { n, m } = target {
-            // N:M: zero pruned entries with a branch-free byte mask.
-            out.par_chunks_mut(row_bytes).zip(data.par_chunks(row_bytes)).for_each_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(weights, scores, flags): &mut (Vec<f32>, Vec<f32>, Vec<u8>), (row, input)| {
-                    row.copy_from_slice(input);
-                    weights.resize(cols, 0.0);
-                    decode_into(t.dtype, row, weights);
-                    row_scores(weights, factors, scores);
-                    n_m_flags(scores, n, m, flags);
-                    match es {
-                        2 => zero_flagged::<2>(row, flags),
-                        4 => zero_flagged::<4>(row, flags),
-                        _ => unreachable!("supported dtypes are 2 or 4 bytes"),
-                    }
-                },
-            );
-            return Ok(((rows * (cols / m) * n) as u64, 0));
-        }
-        // Fused path: decode, score, select and zero one row at a time, rows in parallel.
-        let counts: u64 = out
-            .par_chunks_mut(row_bytes)
-            .zip(data.par_chunks(row_bytes))
-            .map_init(Scratch::default, |scratch, (row, input)| {
-                row.copy_from_slice(input);
-                scratch.weights.resize(cols, 0.0);
-                decode_into(t.dtype, row, &mut scratch.weights);
-                let w = std::mem::take(&mut scratch.weights);
-                prune_row(&w, factors, target, scratch);
-                scratch.weights = w;
-                for &j in &scratch.pruned {
-                    let j = j as usize;
-                    row[j * es..(j + 1) * es].fill(0);
-                }
-                scratch.pruned.len() as u64
-            })
-            .sum();
-        return Ok((counts, 0));
-    }
-    // General path (layer scope, [in, out] storage or DSnoT): mask the logical [out, in] matrix.
-    out.clear();
-    out.extend_from_slice(data);
-    let stored = decode(t.dtype, data);
-    // stored [in, out] when input_axis is 0
-    let logical: Vec<f32> = if input_axis == 1 { stored } else { transpose(&stored, t.shape[0], t.shape[1]) };
-    let (mask, swaps) = job.mask(&logical, rows, cols, scope)?;
-    let mut count = 0u64;
-    for (li, &m) in mask.iter().enumerate() {
-        if m {
-            let si = if input_axis == 1 { li } else { (li % cols) * rows + li / cols };
-            out[si * es..(si + 1) * es].fill(0);
-            count += 1;
-        }
-    }
-    Ok((count, swaps))
-}
-
-impl Job<'_> {
-    /// The mask of the logical [rows, cols] weight `w` (true = pruned), refined by DSnoT when
-    /// asked; returns it with DSnoT's swaps.
-    fn mask(&self, w: &[f32], rows: usize, cols: usize, scope: Scope) -> Result<(Vec<bool>, u64)> {
-        let mut mask = mask_matrix(w, rows, cols, self.factors, self.target, scope)?;
-        let swaps = match self.refine {
-            Some((r, m)) => dsnot::refine(w, rows, cols, self.factors, &m.mu, &m.var, &mut mask, r, self.target.group()) as u64,
-            None => 0,
-        };
-        Ok((mask, swaps))
-    }
-}
-
-/// ANDs every element (of ES bytes) of `row` with its keep mask (`KEEP` or 0).
-#[inline]
-fn zero_flagged<const ES: usize>(row: &mut [u8], keep: &[u8]) {
-    for (elem, &k) in row.chunks_exact_mut(ES).zip(keep) {
-        for b in elem.iter_mut() {
-            *b &= k;
-        }
-    }
-}
-
 fn provenance_fields(opts: &ApplyOptions, gram: Option<&Gram>) -> serde_json::Map<String, Value> {
     let mut p = serde_json::Map::new();
     if let Some(g) = gram {
@@ -657,16 +375,6 @@ fn provenance_fields(opts: &ApplyOptions, gram: Option<&Gram>) -> serde_json::Ma
     p
 }
 
-/// The shard's header with `llmprune` provenance added to `__metadata__`. Tensor offsets are
-/// unchanged: pruning keeps every tensor's size.
-fn shard_header(shard: &Shard, provenance: &str) -> Result<Vec<u8>> {
-    let tensors = shard.header.iter().filter(|(k, _)| *k != "__metadata__").map(|(k, v)| (k.clone(), v.clone()));
-    encode_header(shard, metadata_with_provenance(shard, provenance), tensors)
-}
-
-/// Resolved prunable set, re-exported for the bindings.
-pub type PrunableSet = BTreeMap<String, Prunable>;
-
 /// The Gram sidecar of a run that updates weights, checked.
 fn open_gram(run: &Run, opts: &ApplyOptions) -> Result<Gram> {
     if opts.scope == Scope::Layer && opts.method == Method::SparseGpt {
@@ -677,58 +385,3 @@ fn open_gram(run: &Run, opts: &ApplyOptions) -> Result<Gram> {
     run.open_gram(opts.gram.as_deref(), &who)
 }
 
-/// Prunes one tensor and updates its kept weights with the SparseGPT sweep on its input's Gram
-/// matrix; writes the tensor in its dtype into `out`, returns the entries pruned and DSnoT's swaps.
-#[allow(clippy::too_many_arguments)]
-fn reconstruct_tensor(
-    t: &TensorEntry,
-    data: &[u8],
-    job: &Job,
-    opts: &ApplyOptions,
-    gram: &Gram,
-    cached: &mut Option<(String, Factor)>,
-    warnings: &mut Vec<String>,
-    out: &mut Vec<u8>,
-) -> Result<(u64, u64)> {
-    let input_axis = job.input_axis;
-    let (rows, cols) = if input_axis == 1 { (t.shape[0], t.shape[1]) } else { (t.shape[1], t.shape[0]) };
-    if rows == 0 || cols == 0 {
-        out.clear();
-        out.extend_from_slice(data);
-        return Ok((0, 0));
-    }
-    let stored = decode(t.dtype, data);
-    let mut w: Vec<f32> = if input_axis == 1 { stored } else { transpose(&stored, t.shape[0], t.shape[1]) };
-    let group = gram.group_of(&t.name).ok_or_else(|| Error::Internal(format!("{}: checked before writing", t.name)))?;
-    if cached.as_ref().map(|(k, _)| k.as_str()) != Some(group.key.as_str()) {
-        cached.take();
-        let n = group.features;
-        let f = factor(&t.name, n, || gram.packed(&group.key).map(|(p, _)| unpack(&p, n)), opts.sparsegpt.damp, crate::unstructured::sparsegpt::current_par())?;
-        warnings.extend(f.warnings.iter().cloned());
-        *cached = Some((group.key.clone(), f));
-    }
-    let f = &cached.as_ref().expect("just set").1;
-    let (fixed, swaps);
-    let sel = if opts.method == Method::SparseGpt {
-        swaps = 0;
-        Selection::Target(job.target)
-    } else {
-        (fixed, swaps) = job.mask(&w, rows, cols, opts.scope)?;
-        Selection::Fixed(&fixed)
-    };
-    let mask = sparsegpt(&mut w, rows, cols, f, sel, opts.sparsegpt, crate::unstructured::sparsegpt::current_par())?;
-    let stored = if input_axis == 1 { w } else { transpose(&w, rows, cols) };
-    encode_into(t.dtype, &stored, out);
-    Ok((mask.iter().filter(|&&m| m).count() as u64, swaps))
-}
-
-/// The transpose of a row-major [r, c] matrix.
-fn transpose(m: &[f32], r: usize, c: usize) -> Vec<f32> {
-    let mut tr = vec![0f32; r * c];
-    tr.par_chunks_mut(r).enumerate().for_each(|(o, dst)| {
-        for (i, d) in dst.iter_mut().enumerate() {
-            *d = m[i * c + o];
-        }
-    });
-    tr
-}

@@ -154,6 +154,8 @@ fn refine_row_nm(w: &[f32], factors: Option<&[f32]>, mu: &[f64], var: &[f64], ma
     let (mut lo, mut hi) = (0usize, grow.len());
     let mut swaps = 0;
     for _ in 0..opts.iters {
+        // negated so that a NaN error stops the row
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(err.abs() > opts.threshold) || lo >= hi {
             break;
         }
@@ -200,6 +202,8 @@ fn refine_row(w: &[f32], factors: Option<&[f32]>, mu: &[f64], var: &[f64], mask:
     let (mut p_lo, mut p_hi) = (0usize, prune.len() - 1);
     let mut swaps = 0;
     for _ in 0..opts.iters {
+        // negated so that a NaN error stops the row
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(err.abs() > opts.threshold) || g_lo > g_hi || p_lo > p_hi {
             break;
         }

@@ -194,7 +194,7 @@ pub fn mask_matrix(
         assert_eq!(f.len(), cols);
     }
     if let Target::Pattern { m, .. } = target {
-        if cols % m != 0 {
+        if !cols.is_multiple_of(m) {
             return Err(Error::arg(format!(
                 "{cols} input features are not divisible by M = {m}"
             )));

@@ -136,7 +136,7 @@ pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, f: &Factor, sel: Selec
     }
     let mut bs = opts.blocksize.min(cols.max(1));
     if let Selection::Target(Target::Pattern { m, .. }) = sel {
-        if cols % m != 0 {
+        if !cols.is_multiple_of(m) {
             return Err(Error::arg(format!("{cols} input features are not divisible by M = {m} of the N:M pattern")));
         }
         bs = bs.div_ceil(m) * m; // blocks start on group boundaries
