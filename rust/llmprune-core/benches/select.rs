@@ -1,13 +1,13 @@
 //! Scoring + selection throughput per method (bytes of bf16 weights per second), 1 and 2 threads.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use llmprune_core::io::checkpoint::TensorEntry;
+use llmprune_core::pool::pool as build_pool;
+use llmprune_core::sidecar::LayerStats;
 use llmprune_core::unstructured::apply::ApplyOptions;
 use llmprune_core::unstructured::kernel::prune_tensor;
-use llmprune_core::pool::pool as build_pool;
-use llmprune_core::io::checkpoint::TensorEntry;
 use llmprune_core::unstructured::score::{channel_factors, Method};
 use llmprune_core::unstructured::select::{Scope, Target};
-use llmprune_core::sidecar::LayerStats;
 use safetensors::Dtype;
 
 const ROWS: usize = 1024;
@@ -53,7 +53,8 @@ fn options(method: Method, target: Target) -> ApplyOptions {
 
 fn bench(c: &mut Criterion) {
     let data = bf16_matrix();
-    let t = TensorEntry { name: "model.layers.0.mlp.down_proj.weight".into(), dtype: Dtype::BF16, shape: vec![ROWS, COLS], start: 0, end: data.len() };
+    let t =
+        TensorEntry { name: "model.layers.0.mlp.down_proj.weight".into(), dtype: Dtype::BF16, shape: vec![ROWS, COLS], start: 0, end: data.len() };
     let stats = LayerStats {
         act_sum: (0..COLS).map(|j| (j % 7) as f64).collect(),
         act_sqsum: (0..COLS).map(|j| 10.0 + (j % 13) as f64).collect(),

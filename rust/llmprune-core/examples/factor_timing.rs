@@ -22,7 +22,14 @@ fn main() {
         let mut m = h.clone();
         let t = Instant::now();
         let mut mem = faer::dyn_stack::MemBuffer::new(cholesky_in_place_scratch::<f32>(n, par, Default::default()));
-        cholesky_in_place(MatMut::from_column_major_slice_mut(&mut m, n, n), LltRegularization::default(), par, faer::dyn_stack::MemStack::new(&mut mem), Default::default()).unwrap();
+        cholesky_in_place(
+            MatMut::from_column_major_slice_mut(&mut m, n, n),
+            LltRegularization::default(),
+            par,
+            faer::dyn_stack::MemStack::new(&mut mem),
+            Default::default(),
+        )
+        .unwrap();
         let chol = t.elapsed().as_secs_f64();
         let mut u = vec![0f32; n * n];
         let t = Instant::now();

@@ -1,13 +1,13 @@
 //! Prunes one synthetic 1024x4096 bf16 tensor once, single-threaded: a fixed workload for
 //! instruction counting (`valgrind --tool=callgrind`), which unlike wall time does not depend on
 //! what else the machine is doing. Usage: prune_one magnitude|wanda|stade 0.5|2:4
+use llmprune_core::io::checkpoint::TensorEntry;
+use llmprune_core::pool::pool as build_pool;
+use llmprune_core::sidecar::LayerStats;
 use llmprune_core::unstructured::apply::ApplyOptions;
 use llmprune_core::unstructured::kernel::prune_tensor;
-use llmprune_core::pool::pool as build_pool;
-use llmprune_core::io::checkpoint::TensorEntry;
 use llmprune_core::unstructured::score::{channel_factors, Method};
 use llmprune_core::unstructured::select::{Scope, Target};
-use llmprune_core::sidecar::LayerStats;
 use safetensors::Dtype;
 
 fn main() {
@@ -34,9 +34,25 @@ fn main() {
     let stats = LayerStats { act_sum: vec![1.0; cols], act_sqsum: (0..cols).map(|j| 2.0 + j as f64).collect(), count: 100, input_axis: 1 };
     let factors = channel_factors(method, &t.name, Some(&stats)).unwrap();
     let opts = ApplyOptions {
-        model_dir: ".".into(), out_dir: ".".into(), method, target, scope: Scope::Row, stats: None, threads: Some(1),
-        include: vec![], exclude: vec![], default_input_axis: 1, force: false, provenance: Default::default(), check_only: false, update: false, gram: None, sparsegpt: Default::default(),
-        allocation: llmprune_core::unstructured::allocation::Allocation::Uniform, refine: None, compensate: false,
+        model_dir: ".".into(),
+        out_dir: ".".into(),
+        method,
+        target,
+        scope: Scope::Row,
+        stats: None,
+        threads: Some(1),
+        include: vec![],
+        exclude: vec![],
+        default_input_axis: 1,
+        force: false,
+        provenance: Default::default(),
+        check_only: false,
+        update: false,
+        gram: None,
+        sparsegpt: Default::default(),
+        allocation: llmprune_core::unstructured::allocation::Allocation::Uniform,
+        refine: None,
+        compensate: false,
     };
     let pool = build_pool(Some(1)).unwrap();
     let mut out = Vec::new();

@@ -30,11 +30,7 @@ pub enum Error {
 
     /// A tensor cannot be pruned as asked (dtype, shape, N:M divisibility).
     #[error("tensor {name} in {}: {msg}", path.display())]
-    Tensor {
-        path: PathBuf,
-        name: String,
-        msg: String,
-    },
+    Tensor { path: PathBuf, name: String, msg: String },
 
     /// Bad arguments (sparsity range, N:M pattern, method/scope combination).
     #[error("{msg}")]
@@ -42,11 +38,7 @@ pub enum Error {
 
     /// The output location cannot be used.
     #[error("output {}: {msg}", path.display())]
-    Output {
-        path: PathBuf,
-        msg: String,
-        hint: Option<String>,
-    },
+    Output { path: PathBuf, msg: String, hint: Option<String> },
 
     /// The caller asked to stop (Ctrl-C, SIGTERM).
     #[error("interrupted")]
@@ -59,62 +51,35 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::InvalidCheckpoint {
-            path: path.into(),
-            msg: msg.into(),
-        }
+        Error::InvalidCheckpoint { path: path.into(), msg: msg.into() }
     }
 
     pub fn stats(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::InvalidStats {
-            path: path.into(),
-            msg: msg.into(),
-        }
+        Error::InvalidStats { path: path.into(), msg: msg.into() }
     }
 
     pub fn tensor(path: impl Into<PathBuf>, name: &str, msg: impl Into<String>) -> Self {
-        Error::Tensor {
-            path: path.into(),
-            name: name.to_string(),
-            msg: msg.into(),
-        }
+        Error::Tensor { path: path.into(), name: name.to_string(), msg: msg.into() }
     }
 
     pub fn arg(msg: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            msg: msg.into(),
-            hint: None,
-        }
+        Error::InvalidArgument { msg: msg.into(), hint: None }
     }
 
     pub fn arg_hint(msg: impl Into<String>, hint: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            msg: msg.into(),
-            hint: Some(hint.into()),
-        }
+        Error::InvalidArgument { msg: msg.into(), hint: Some(hint.into()) }
     }
 
     pub fn output(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Output {
-            path: path.into(),
-            msg: msg.into(),
-            hint: None,
-        }
+        Error::Output { path: path.into(), msg: msg.into(), hint: None }
     }
 
     pub fn output_hint(path: impl Into<PathBuf>, msg: impl Into<String>, hint: impl Into<String>) -> Self {
-        Error::Output {
-            path: path.into(),
-            msg: msg.into(),
-            hint: Some(hint.into()),
-        }
+        Error::Output { path: path.into(), msg: msg.into(), hint: Some(hint.into()) }
     }
 
     /// The next step a user can take, when there is an obvious one.

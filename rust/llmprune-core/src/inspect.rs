@@ -8,9 +8,9 @@ use safetensors::Dtype;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::error::Result;
 use crate::io::checkpoint::{dtype_name, Checkpoint};
 use crate::io::dtype::float_size;
-use crate::error::Result;
 use crate::unstructured::prunable::in_decoder_block;
 
 /// N:M patterns whose compliance is reported.
@@ -56,14 +56,8 @@ pub struct Report {
 
 fn zero_flags(dtype: Dtype, bytes: &[u8]) -> Vec<bool> {
     match dtype {
-        Dtype::BF16 | Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff == 0)
-            .collect(),
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7fff_ffff == 0)
-            .collect(),
+        Dtype::BF16 | Dtype::F16 => bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff == 0).collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7fff_ffff == 0).collect(),
         _ => Vec::new(),
     }
 }
@@ -116,19 +110,20 @@ pub fn inspect(dir: &Path, input_axis: usize) -> Result<Report> {
                     // An empty matrix holds no run of M inputs: vacuously compliant, and never
                     // iterated (a [2^45, 0] header would otherwise loop over 2^45 empty rows).
                     let empty = rows == 0 || cols == 0;
-                    let ok = empty || cols % m == 0
-                        && (0..rows).into_par_iter().all(|r| {
-                            (0..cols / m).all(|g| {
-                                (0..m)
-                                    .filter(|&j| {
-                                        let c = g * m + j;
-                                        let i = if input_axis == 1 { r * cols + c } else { c * rows + r };
-                                        z[i]
-                                    })
-                                    .count()
-                                    >= n
-                            })
-                        });
+                    let ok = empty
+                        || cols % m == 0
+                            && (0..rows).into_par_iter().all(|r| {
+                                (0..cols / m).all(|g| {
+                                    (0..m)
+                                        .filter(|&j| {
+                                            let c = g * m + j;
+                                            let i = if input_axis == 1 { r * cols + c } else { c * rows + r };
+                                            z[i]
+                                        })
+                                        .count()
+                                        >= n
+                                })
+                            });
                     nm.insert(format!("{n}:{m}"), ok);
                 }
             }
@@ -149,16 +144,12 @@ pub fn inspect(dir: &Path, input_axis: usize) -> Result<Report> {
         });
     }
     tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
-    let provenance = ckpt.shards.first().and_then(|s| s.metadata().get("llmprune").cloned())
+    let provenance = ckpt
+        .shards
+        .first()
+        .and_then(|s| s.metadata().get("llmprune").cloned())
         .map(|text| serde_json::from_str(&text).unwrap_or(Value::String(text)));
-    Ok(Report {
-        model: dir.display().to_string(),
-        shards: ckpt.shards.len(),
-        tensors,
-        total,
-        prunable: prunable_total,
-        provenance,
-    })
+    Ok(Report { model: dir.display().to_string(), shards: ckpt.shards.len(), tensors, total, prunable: prunable_total, provenance })
 }
 
 #[cfg(test)]

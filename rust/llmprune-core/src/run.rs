@@ -10,12 +10,12 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::io::checkpoint::{Checkpoint, Shard, INDEX_FILE};
 use crate::error::{Error, Result};
+use crate::io::checkpoint::{Checkpoint, Shard, INDEX_FILE};
 use crate::io::output::{copy_other_files, write_index, StagingDir};
+use crate::io::writer::ShardWriter;
 use crate::sidecar::gram::{Gram, DEFAULT_GRAM};
 use crate::sidecar::{self, Sidecar, DEFAULT_SIDECAR};
-use crate::io::writer::ShardWriter;
 
 /// Reported after every tensor; returning an error stops the run and removes partial output.
 pub struct Progress<'a> {
@@ -35,10 +35,7 @@ pub struct StatsNeed {
 
 impl StatsNeed {
     pub fn activations(who: &str) -> StatsNeed {
-        StatsNeed {
-            what: format!("{who} needs activation"),
-            hint: "run `llmprune stats MODEL` first, or pass --stats PATH".into(),
-        }
+        StatsNeed { what: format!("{who} needs activation"), hint: "run `llmprune stats MODEL` first, or pass --stats PATH".into() }
     }
 }
 
@@ -68,10 +65,7 @@ impl Run {
         let sidecar = match (sidecar::locate(&model_dir, stats), need) {
             (Some(p), need) if need.is_some() || stats.is_some() => Some(Sidecar::open(&p)?),
             (None, Some(need)) => {
-                return Err(Error::arg_hint(
-                    format!("{} statistics, and {} has no {DEFAULT_SIDECAR}", need.what, model_dir.display()),
-                    need.hint,
-                ))
+                return Err(Error::arg_hint(format!("{} statistics, and {} has no {DEFAULT_SIDECAR}", need.what, model_dir.display()), need.hint))
             }
             _ => None,
         };
@@ -136,12 +130,8 @@ impl Run {
         progress: &mut dyn FnMut(Progress) -> Result<()>,
         mut each: impl FnMut(&'c Shard, &mut ShardOut<'_, '_, 'c>) -> Result<()>,
     ) -> Result<u64> {
-        let mut counters = Counters {
-            bytes_done: 0,
-            bytes_total: self.ckpt.total_bytes(),
-            tensors_done: 0,
-            tensors_total: self.ckpt.tensors().count(),
-        };
+        let mut counters =
+            Counters { bytes_done: 0, bytes_total: self.ckpt.total_bytes(), tensors_done: 0, tensors_total: self.ckpt.tensors().count() };
         std::thread::scope(|scope| -> Result<u64> {
             let mut writer = ShardWriter::spawn(scope);
             let result = (|| -> Result<()> {

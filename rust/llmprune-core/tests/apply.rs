@@ -42,10 +42,8 @@ fn tensor(name: &str, dtype: Dtype, shape: &[usize], seed: u32) -> T {
 }
 
 fn write_shard(path: &Path, tensors: &[T]) {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|t| (t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|t| (t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap())).collect();
     let meta = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
     safetensors::serialize_to_file(views, meta, path).unwrap();
 }
@@ -179,7 +177,10 @@ fn property_sparsity_zero_identity() {
             let dtype = [Dtype::BF16, Dtype::F16, Dtype::F32][d];
             let root = tmp();
             let m = root.path().join("m");
-            let ts = vec![tensor("model.layers.0.mlp.up_proj.weight", dtype, &[r * 4, c * 4], seed), tensor("model.norm.weight", dtype, &[c * 4], seed + 1)];
+            let ts = vec![
+                tensor("model.layers.0.mlp.up_proj.weight", dtype, &[r * 4, c * 4], seed),
+                tensor("model.norm.weight", dtype, &[c * 4], seed + 1),
+            ];
             write_model(&m, &ts, false);
             let out = root.path().join("out");
             run(&opts(&m, &out, Target::Sparsity(0.0))).unwrap();
@@ -256,8 +257,15 @@ fn overlapping_and_out_of_range_offsets() {
     // make the second tensor start inside the first
     rewrite_header(&f, |h| {
         let v: serde_json::Value = serde_json::from_str(h).unwrap();
-        let second = v.as_object().unwrap().iter().filter(|(k, _)| *k != "__metadata__")
-            .map(|(_, t)| t["data_offsets"][0].as_u64().unwrap()).filter(|&s| s > 0).min().unwrap();
+        let second = v
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k != "__metadata__")
+            .map(|(_, t)| t["data_offsets"][0].as_u64().unwrap())
+            .filter(|&s| s > 0)
+            .min()
+            .unwrap();
         h.replacen(&format!("[{second},"), &format!("[{},", second - 2), 1)
     });
     expect_checkpoint_error(&root.path().join("m"), root.path(), "offsets");
@@ -371,7 +379,11 @@ fn interrupt_removes_partial_output() {
     let mut n = 0;
     let err = apply(&opts(&m, &out, Target::Sparsity(0.5)), &mut |_| {
         n += 1;
-        if n == 2 { Err(Error::Interrupted) } else { Ok(()) }
+        if n == 2 {
+            Err(Error::Interrupted)
+        } else {
+            Ok(())
+        }
     })
     .unwrap_err();
     assert!(matches!(err, Error::Interrupted));
@@ -390,15 +402,21 @@ fn wanda_without_stats_is_a_clear_error() {
 
 #[test]
 fn fused_row_path_equals_mask_matrix() {
-    use llmprune_core::unstructured::kernel::prune_tensor;
     use llmprune_core::io::checkpoint::TensorEntry;
     use llmprune_core::io::dtype::decode;
+    use llmprune_core::unstructured::kernel::prune_tensor;
     use llmprune_core::unstructured::select::mask_matrix;
     for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
         let t = tensor("model.layers.0.mlp.up_proj.weight", dtype, &[24, 48], 7);
         let entry = TensorEntry { name: t.name.clone(), dtype, shape: t.shape.clone(), start: 0, end: t.data.len() };
         let factors: Vec<f32> = (0..48).map(|j| 0.5 + (j % 5) as f32).collect();
-        for target in [Target::Sparsity(0.5), Target::Sparsity(0.3), Target::Pattern { n: 2, m: 4 }, Target::Pattern { n: 4, m: 8 }, Target::Pattern { n: 5, m: 12 }] {
+        for target in [
+            Target::Sparsity(0.5),
+            Target::Sparsity(0.3),
+            Target::Pattern { n: 2, m: 4 },
+            Target::Pattern { n: 4, m: 8 },
+            Target::Pattern { n: 5, m: 12 },
+        ] {
             let mut o = opts(Path::new("."), Path::new("."), target);
             o.method = Method::Wanda;
             let mut out = Vec::new();

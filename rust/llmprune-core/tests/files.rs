@@ -105,7 +105,14 @@ fn staging_uses_an_empty_target_and_removes_leftovers_of_dead_runs() {
     let done = st.commit().unwrap();
     assert!(done.join("config.json").is_file());
     let names: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    assert_eq!({ let mut n = names; n.sort(); n }, ["m", "out"]);
+    assert_eq!(
+        {
+            let mut n = names;
+            n.sort();
+            n
+        },
+        ["m", "out"]
+    );
     // our own process's name is never treated as a leftover
     assert!(clean_stale(&out).is_empty());
 }

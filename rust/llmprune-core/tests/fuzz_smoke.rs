@@ -16,7 +16,8 @@ fn parsers_never_panic_on_mutated_files() {
 #[test]
 fn overflowing_shape_after_a_valid_tensor_is_an_error() {
     // found by fuzzing: the size check of the second tensor overflowed in the error path
-    let header = br#"{"b":{"dtype":"F32","shape":[3],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[8,8]}}"#;
+    let header =
+        br#"{"b":{"dtype":"F32","shape":[3],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[8,8]}}"#;
     let mut h = header.to_vec();
     while !h.len().is_multiple_of(8) {
         h.push(b' ');

@@ -41,7 +41,8 @@ fn identity_gram_prunes_smallest_and_keeps_the_rest() {
         h[i * cols + i] = 1.0;
     }
     let mut w = w0.clone();
-    let (mask, warnings) = prune_matrix("t", &mut w, rows, cols, || Ok(h.clone()), Selection::Target(Target::Sparsity(0.5)), SparseGptOptions::default()).unwrap();
+    let (mask, warnings) =
+        prune_matrix("t", &mut w, rows, cols, || Ok(h.clone()), Selection::Target(Target::Sparsity(0.5)), SparseGptOptions::default()).unwrap();
     assert!(warnings.is_empty());
     assert_eq!(mask.iter().filter(|&&m| m).count(), rows * cols / 2);
     for (i, (&a, &b)) in w0.iter().zip(&w).enumerate() {

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use llmprune_core::io::checkpoint::Checkpoint;
 use llmprune_core::error::Error;
-use llmprune_core::structured::{apply_structured, GroupAllocation, Fusion, HywiaOptions, StructMethod, StructuredOptions, StructuredSummary};
+use llmprune_core::io::checkpoint::Checkpoint;
+use llmprune_core::structured::{apply_structured, Fusion, GroupAllocation, HywiaOptions, StructMethod, StructuredOptions, StructuredSummary};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -67,11 +67,8 @@ fn bytes(vals: &[f32]) -> Vec<u8> {
 
 fn write_shard(path: &Path, tensors: &[&T]) {
     let data: Vec<Vec<u8>> = tensors.iter().map(|t| bytes(&t.vals)).collect();
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .zip(&data)
-        .map(|(t, d)| (t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), d).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().zip(&data).map(|(t, d)| (t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), d).unwrap())).collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
@@ -237,7 +234,11 @@ fn magnitude_sp_slices_the_lowest_norm_groups() {
             })
             .collect();
         let mlp_norm: Vec<f64> = (0..INTER)
-            .map(|c| sq(&rows(w("mlp.gate_proj"), HIDDEN, &[c])) + sq(&rows(w("mlp.up_proj"), HIDDEN, &[c])) + sq(&columns(w("mlp.down_proj"), INTER, &[c])))
+            .map(|c| {
+                sq(&rows(w("mlp.gate_proj"), HIDDEN, &[c]))
+                    + sq(&rows(w("mlp.up_proj"), HIDDEN, &[c]))
+                    + sq(&columns(w("mlp.down_proj"), INTER, &[c]))
+            })
             .collect();
         let keep_g = vec![if attn_norm[0] < attn_norm[1] { 1 } else { 0 }];
         let mut order: Vec<usize> = (0..INTER).collect();
@@ -286,7 +287,9 @@ fn flap_compensation_adds_biases() {
         let per_layer = s.per_layer.clone();
         for (l, shape) in per_layer.iter().enumerate() {
             let p = format!("model.layers.{l}.");
-            for (proj, n) in [("q_proj", shape.num_attention_heads * HD), ("k_proj", shape.num_key_value_heads * HD), ("v_proj", shape.num_key_value_heads * HD)] {
+            for (proj, n) in
+                [("q_proj", shape.num_attention_heads * HD), ("k_proj", shape.num_key_value_heads * HD), ("v_proj", shape.num_key_value_heads * HD)]
+            {
                 let bias = &b[&format!("{p}self_attn.{proj}.bias")];
                 assert_eq!(bias.0, vec![n]);
                 assert!(bias.1.iter().all(|x| *x == 0.0));
@@ -297,7 +300,10 @@ fn flap_compensation_adds_biases() {
                 assert_eq!(b[&format!("{p}{module}.bias")].1, expect, "{p}{module}");
             }
         }
-        assert_eq!(s.bias_params_added as usize, per_layer.iter().map(|x| (x.num_attention_heads + 2 * x.num_key_value_heads) * HD + x.intermediate_size * 2 + 2 * HIDDEN).sum::<usize>());
+        assert_eq!(
+            s.bias_params_added as usize,
+            per_layer.iter().map(|x| (x.num_attention_heads + 2 * x.num_key_value_heads) * HD + x.intermediate_size * 2 + 2 * HIDDEN).sum::<usize>()
+        );
         // added tensors sit in the shard of their weight and the output validates
         if sharded {
             let idx: serde_json::Value = serde_json::from_slice(&fs::read(out.join("model.safetensors.index.json")).unwrap()).unwrap();
@@ -311,9 +317,8 @@ fn flap_compensation_adds_biases() {
 /// columns are found by matching the output's columns to the input's by value.
 fn compensation(w_in: &(Vec<usize>, Vec<f32>), w_out: &(Vec<usize>, Vec<f32>), old: Option<&[f32]>) -> Vec<f32> {
     let (rows, cols, kept_n) = (w_in.0[0], w_in.0[1], w_out.0[1]);
-    let kept: Vec<usize> = (0..kept_n)
-        .map(|k| (0..cols).find(|&j| (0..rows).all(|i| w_in.1[i * cols + j] == w_out.1[i * kept_n + k])).unwrap())
-        .collect();
+    let kept: Vec<usize> =
+        (0..kept_n).map(|k| (0..cols).find(|&j| (0..rows).all(|i| w_in.1[i * cols + j] == w_out.1[i * kept_n + k])).unwrap()).collect();
     (0..rows)
         .map(|i| {
             let c: f64 = (0..cols).filter(|j| !kept.contains(j)).map(|j| w_in.1[i * cols + j] as f64 * (j as f64 + 1.0) / 4.0).sum();
@@ -364,7 +369,8 @@ fn opt_heads_and_channels() {
         ts.push(t(&format!("{p}fc2.weight"), &[HIDDEN, INTER], s + 22));
         ts.push(t(&format!("{p}fc2.bias"), &[HIDDEN], s + 23));
     }
-    let cfg = serde_json::json!({"model_type": "opt", "hidden_size": HIDDEN, "num_attention_heads": HEADS, "ffn_dim": INTER, "num_hidden_layers": LAYERS});
+    let cfg =
+        serde_json::json!({"model_type": "opt", "hidden_size": HIDDEN, "num_attention_heads": HEADS, "ffn_dim": INTER, "num_hidden_layers": LAYERS});
     write_model(&m, &ts, &cfg, false);
     write_sidecar(&m, &ts);
     let out = root.path().join("out");
@@ -501,9 +507,12 @@ fn hywia_follows_the_reliable_estimate() {
     assert_eq!((r.per_layer[1].num_key_value_heads, r.per_layer[1].intermediate_size), (1, 4));
     assert_eq!(r.fusion.unwrap().iter().map(|f| f.layer).collect::<Vec<_>>(), vec![1]);
     assert_eq!(read(&out)[&"model.layers.0.mlp.down_proj.weight".to_string()], a["model.layers.0.mlp.down_proj.weight"]);
-    let e = run(&hywia_opts(&m, &root.path().join("x"), 0.6, HywiaOptions { skip_first: Some(1), ..HywiaOptions::default() })).unwrap_err().to_string();
+    let e =
+        run(&hywia_opts(&m, &root.path().join("x"), 0.6, HywiaOptions { skip_first: Some(1), ..HywiaOptions::default() })).unwrap_err().to_string();
     assert!(e.contains("must stay below 1"), "{e}");
-    let e = run(&hywia_opts(&m, &root.path().join("x"), 0.1, HywiaOptions { skip_first: Some(1), skip_last: Some(1), ..HywiaOptions::default() })).unwrap_err().to_string();
+    let e = run(&hywia_opts(&m, &root.path().join("x"), 0.1, HywiaOptions { skip_first: Some(1), skip_last: Some(1), ..HywiaOptions::default() }))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("leave no layer"), "{e}");
     assert!(!root.path().join("x").exists());
 }

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use llmprune_core::io::checkpoint::{dtype_name, Checkpoint, INDEX_FILE};
 use llmprune_core::error::Error;
+use llmprune_core::io::checkpoint::{dtype_name, Checkpoint, INDEX_FILE};
 use llmprune_core::io::output::{copy_other_files, write_index, StagingDir};
 use llmprune_core::sidecar::{self, gram, BlockStats, ExpertStats, GradStats, LayerStats, Sidecar, SidecarInfo};
 use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
@@ -27,10 +27,8 @@ fn json_err(what: &str, e: serde_json::Error) -> CoreError {
 fn open_checkpoint(py: Python<'_>, model_dir: PathBuf) -> PyResult<String> {
     detached(py, || {
         let ckpt = Checkpoint::open(&model_dir)?;
-        let tensors: serde_json::Map<String, Value> = ckpt
-            .tensors()
-            .map(|(s, t)| (t.name.clone(), serde_json::json!([s.file_name, dtype_name(t.dtype), t.shape])))
-            .collect();
+        let tensors: serde_json::Map<String, Value> =
+            ckpt.tensors().map(|(s, t)| (t.name.clone(), serde_json::json!([s.file_name, dtype_name(t.dtype), t.shape]))).collect();
         let doc = serde_json::json!({
             "dir": ckpt.dir,
             "files": ckpt.shards.iter().map(|s| s.file_name.clone()).collect::<Vec<_>>(),
@@ -66,10 +64,7 @@ impl PyStagingDir {
 
     /// Renames the finished output into place; returns the target.
     fn commit(&mut self, py: Python<'_>) -> PyResult<PathBuf> {
-        let st = self
-            .inner
-            .take()
-            .ok_or_else(|| CoreError(Error::Internal("staging directory already committed or closed".into())))?;
+        let st = self.inner.take().ok_or_else(|| CoreError(Error::Internal("staging directory already committed or closed".into())))?;
         detached(py, || st.commit())
     }
 
@@ -117,7 +112,10 @@ type PyGrad<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, [i64; 
 /// [3, 4, n].
 #[pyfunction]
 #[allow(clippy::type_complexity)]
-fn read_sidecar<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, BTreeMap<String, PyLayer<'py>>, BTreeMap<String, PyGrad<'py>>, Option<(Vec<f64>, Vec<i64>)>)> {
+fn read_sidecar<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(String, BTreeMap<String, PyLayer<'py>>, BTreeMap<String, PyGrad<'py>>, Option<(Vec<f64>, Vec<i64>)>)> {
     let sc = detached(py, || Sidecar::open(&path))?;
     let meta = Value::Object(sc.meta).to_string();
     let layers = sc
@@ -125,11 +123,8 @@ fn read_sidecar<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, BTreeM
         .into_iter()
         .map(|(k, s)| (k, (PyArray1::from_vec(py, s.act_sum), PyArray1::from_vec(py, s.act_sqsum), s.count, s.input_axis)))
         .collect();
-    let grads = sc
-        .grads
-        .into_iter()
-        .map(|(k, g)| (k, (PyArray1::from_vec(py, g.per_output), PyArray1::from_vec(py, g.per_input), g.count)))
-        .collect();
+    let grads =
+        sc.grads.into_iter().map(|(k, g)| (k, (PyArray1::from_vec(py, g.per_output), PyArray1::from_vec(py, g.per_input), g.count))).collect();
     let blocks = sc.blocks.map(|b| (b.cos_sum, b.count));
     Ok((meta, layers, grads, blocks))
 }

@@ -39,18 +39,26 @@ fn parse_allocation(name: &str, owl_m: Option<f64>, owl_lambda: Option<f64>, blo
         "owl" => Ok(Allocation::Owl { m: owl_m.unwrap_or(allocation::OWL_M), lambda: owl_lambda.unwrap_or(allocation::OWL_LAMBDA) }),
         _ if owl_given => Err(InvalidArgumentError::new_err("--owl-m and --owl-lambda go with --allocation owl")),
         "uniform" if block_sparsity.is_none() => Ok(Allocation::Uniform),
-        "schedule" => block_sparsity
-            .map(Allocation::Schedule)
-            .ok_or_else(|| InvalidArgumentError::new_err("a schedule allocation needs its block sparsities")),
+        "schedule" => {
+            block_sparsity.map(Allocation::Schedule).ok_or_else(|| InvalidArgumentError::new_err("a schedule allocation needs its block sparsities"))
+        }
         other => Err(InvalidArgumentError::new_err(format!("unknown allocation {other:?}; expected uniform, owl or a schedule"))),
     }
 }
 
 /// DSnoT's options when `refine` is "dsnot"; its knobs without it are an error.
-fn parse_refine(refine: Option<&str>, iters: Option<usize>, threshold: Option<f64>, skip: Option<&str>, same_sign: Option<bool>) -> PyResult<Option<DsnotOptions>> {
+fn parse_refine(
+    refine: Option<&str>,
+    iters: Option<usize>,
+    threshold: Option<f64>,
+    skip: Option<&str>,
+    same_sign: Option<bool>,
+) -> PyResult<Option<DsnotOptions>> {
     let knobs = iters.is_some() || threshold.is_some() || skip.is_some() || same_sign.is_some();
     match refine {
-        None if knobs => Err(InvalidArgumentError::new_err("--dsnot-iters, --dsnot-threshold, --dsnot-skip and --dsnot-same-sign go with --refine dsnot")),
+        None if knobs => {
+            Err(InvalidArgumentError::new_err("--dsnot-iters, --dsnot-threshold, --dsnot-skip and --dsnot-same-sign go with --refine dsnot"))
+        }
         None => Ok(None),
         Some("dsnot") => {
             let d = DsnotOptions::default();
@@ -83,9 +91,7 @@ fn run_reporting(
         let mut report = |p: llmprune_core::Progress| -> llmprune_core::Result<()> {
             Python::attach(|py| {
                 let outcome = py.check_signals().and_then(|_| match &progress {
-                    Some(cb) => cb
-                        .call1(py, (p.tensor, p.bytes_done, p.bytes_total, p.tensors_done, p.tensors_total))
-                        .map(|_| ()),
+                    Some(cb) => cb.call1(py, (p.tensor, p.bytes_done, p.bytes_total, p.tensors_done, p.tensors_total)).map(|_| ()),
                     None => Ok(()),
                 });
                 outcome.map_err(|e| {
@@ -265,17 +271,12 @@ fn compute_mask<'py>(
     let sc = parse_scope(scope)?;
     t.validate(sc).map_err(CoreError)?;
     let (rows, cols) = (weight.shape()[0], weight.shape()[1]);
-    let w = weight
-        .as_slice()
-        .map_err(|_| InvalidArgumentError::new_err("weight must be a C-contiguous float32 array"))?;
+    let w = weight.as_slice().map_err(|_| InvalidArgumentError::new_err("weight must be a C-contiguous float32 array"))?;
     let stats = match (act_sum, act_sqsum) {
         (Some(s), Some(q)) => {
             let (s, q) = (s.as_slice()?.to_vec(), q.as_slice()?.to_vec());
             if s.len() != cols || q.len() != cols {
-                return Err(InvalidArgumentError::new_err(format!(
-                    "statistics have {} channels but the weight has {cols} input features",
-                    s.len()
-                )));
+                return Err(InvalidArgumentError::new_err(format!("statistics have {} channels but the weight has {cols} input features", s.len())));
             }
             Some(llmprune_core::sidecar::LayerStats { act_sum: s, act_sqsum: q, count: act_count, input_axis: 1 })
         }
@@ -303,7 +304,6 @@ fn compute_mask<'py>(
     })?;
     Ok(PyArray1::from_vec(py, mask).reshape([rows, cols])?.into_any())
 }
-
 
 #[pyfunction]
 #[pyo3(signature = (model_dir, input_axis=None))]
@@ -343,7 +343,8 @@ fn methods() -> String {
         "dsnot": llmprune_core::unstructured::sequential::dsnot_meta(&d),
     });
     let depth = vec![serde_json::json!({"name": "block-influence", "needs_stats": true})];
-    let experts: Vec<_> = llmprune_core::surgery::experts::ExpertMethod::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": true})).collect();
+    let experts: Vec<_> =
+        llmprune_core::surgery::experts::ExpertMethod::ALL.iter().map(|m| serde_json::json!({"name": m.name(), "needs_stats": true})).collect();
     serde_json::json!({"unstructured": unstructured, "structured": structured, "depth": depth, "experts": experts, "defaults": defaults}).to_string()
 }
 
@@ -427,7 +428,8 @@ fn owl_allocation(
             .collect();
         let prunable = stats.iter().map(|(k, s)| (k.clone(), prunable::Prunable { input_axis: s.input_axis })).collect();
         let pool = pool::pool(threads)?;
-        let (_, per_block) = pool.install(|| allocation::resolve_targets(&ckpt, &prunable, Some(&stats), Target::Sparsity(sparsity), &alloc, None))?;
+        let (_, per_block) =
+            pool.install(|| allocation::resolve_targets(&ckpt, &prunable, Some(&stats), Target::Sparsity(sparsity), &alloc, None))?;
         per_block.ok_or_else(|| Error::Internal("OWL gave no block sparsities".into()))
     })
 }

@@ -66,10 +66,7 @@ impl Shard {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
-            return Err(Error::checkpoint(
-                path,
-                format!("truncated file: {len} bytes, too short for a safetensors header"),
-            ));
+            return Err(Error::checkpoint(path, format!("truncated file: {len} bytes, too short for a safetensors header")));
         }
         // SAFETY: the map is read-only; a checkpoint modified while being pruned is outside the
         // contract (as for every reader of safetensors files).
@@ -90,10 +87,7 @@ impl Shard {
 
     pub fn metadata(&self) -> BTreeMap<String, String> {
         match self.header.get("__metadata__") {
-            Some(Value::Object(map)) => map
-                .iter()
-                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
-                .collect(),
+            Some(Value::Object(map)) => map.iter().filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string()))).collect(),
             _ => BTreeMap::new(),
         }
     }
@@ -116,19 +110,15 @@ pub struct ParsedHeader {
 /// Works on bytes only, so the fuzz harness exercises exactly what `Shard::open` runs.
 pub fn parse_header(buf: &[u8], path: &Path) -> Result<ParsedHeader> {
     if buf.len() < 8 {
-        return Err(Error::checkpoint(
-            path,
-            format!("truncated file: {} bytes, too short for a safetensors header", buf.len()),
-        ));
+        return Err(Error::checkpoint(path, format!("truncated file: {} bytes, too short for a safetensors header", buf.len())));
     }
-    let (header_len, metadata) =
-        SafeTensors::read_metadata(buf).map_err(|e| header_error(path, buf, e))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(buf).map_err(|e| header_error(path, buf, e))?;
     let data_start = header_len
         .checked_add(8)
         .filter(|&s| s <= buf.len())
         .ok_or_else(|| Error::checkpoint(path, "header length runs past the end of the file"))?;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&buf[8..data_start])
-        .map_err(|e| Error::checkpoint(path, format!("corrupt JSON header: {e}")))?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&buf[8..data_start]).map_err(|e| Error::checkpoint(path, format!("corrupt JSON header: {e}")))?;
     let mut tensors = Vec::new();
     for (name, info) in metadata.tensors() {
         let (a, b) = info.data_offsets;
@@ -159,10 +149,9 @@ fn header_error(path: &Path, buf: &[u8], e: SafeTensorError) -> Error {
     let declared = u64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8]));
     let msg = match e {
         SafeTensorError::HeaderTooLarge => format!("header length {declared} is too large"),
-        SafeTensorError::InvalidHeaderLength => format!(
-            "header length {declared} is larger than the file ({} bytes): truncated or not a safetensors file",
-            buf.len()
-        ),
+        SafeTensorError::InvalidHeaderLength => {
+            format!("header length {declared} is larger than the file ({} bytes): truncated or not a safetensors file", buf.len())
+        }
         SafeTensorError::InvalidHeader(err) => format!("header is not UTF-8: {err}"),
         SafeTensorError::InvalidHeaderDeserialization(err) | SafeTensorError::JsonError(err) => {
             format!("corrupt JSON header: {err}")
@@ -188,16 +177,19 @@ fn first_size_mismatch(buf: &[u8]) -> Option<String> {
     let header: HashMap<String, Value> = serde_json::from_slice(buf.get(8..8usize.checked_add(n)?)?).ok()?;
     let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
     names.sort();
-    names.into_iter().find(|name| {
-        let info = &header[*name];
-        let dtype: Option<Dtype> = serde_json::from_value(info["dtype"].clone()).ok();
-        let shape: Option<Vec<usize>> = serde_json::from_value(info["shape"].clone()).ok();
-        let offs: Option<(usize, usize)> = serde_json::from_value(info["data_offsets"].clone()).ok();
-        match (dtype, shape, offs) {
-            (Some(d), Some(s), Some((a, b))) => b < a || byte_size(d, &s) != Some(b - a),
-            _ => true,
-        }
-    }).cloned()
+    names
+        .into_iter()
+        .find(|name| {
+            let info = &header[*name];
+            let dtype: Option<Dtype> = serde_json::from_value(info["dtype"].clone()).ok();
+            let shape: Option<Vec<usize>> = serde_json::from_value(info["shape"].clone()).ok();
+            let offs: Option<(usize, usize)> = serde_json::from_value(info["data_offsets"].clone()).ok();
+            match (dtype, shape, offs) {
+                (Some(d), Some(s), Some((a, b))) => b < a || byte_size(d, &s) != Some(b - a),
+                _ => true,
+            }
+        })
+        .cloned()
 }
 
 /// A whole checkpoint directory.
@@ -238,19 +230,13 @@ impl Checkpoint {
         } else if dir.join(SINGLE_FILE).is_file() {
             (None, vec![SINGLE_FILE.to_string()])
         } else {
-            return Err(Error::checkpoint(
-                dir,
-                format!("neither {SINGLE_FILE} nor {INDEX_FILE} found"),
-            ));
+            return Err(Error::checkpoint(dir, format!("neither {SINGLE_FILE} nor {INDEX_FILE} found")));
         };
         let mut shards = Vec::with_capacity(shard_names.len());
         for name in &shard_names {
             let path = dir.join(name);
             if !path.is_file() {
-                return Err(Error::checkpoint(
-                    dir,
-                    format!("shard {name} named by the index is missing"),
-                ));
+                return Err(Error::checkpoint(dir, format!("shard {name} named by the index is missing")));
             }
             contained(&root, dir, name)?;
             shards.push(Shard::open(&path, name)?);
@@ -261,10 +247,7 @@ impl Checkpoint {
                 if let Some((other, _)) = locations.insert(t.name.clone(), (si, ti)) {
                     return Err(Error::checkpoint(
                         dir,
-                        format!(
-                            "tensor {} is stored in both {} and {}",
-                            t.name, shards[other].file_name, shard.file_name
-                        ),
+                        format!("tensor {} is stored in both {} and {}", t.name, shards[other].file_name, shard.file_name),
                     ));
                 }
             }
@@ -272,12 +255,7 @@ impl Checkpoint {
         if let Some(index) = &index {
             check_weight_map(dir, index, &shards, &locations)?;
         }
-        Ok(Checkpoint {
-            dir: dir.to_path_buf(),
-            shards,
-            index,
-            locations,
-        })
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, index, locations })
     }
 
     /// The number of the shard that holds `name`.
@@ -292,16 +270,12 @@ impl Checkpoint {
     }
 
     pub fn tensors(&self) -> impl Iterator<Item = (&Shard, &TensorEntry)> {
-        self.shards
-            .iter()
-            .flat_map(|s| s.tensors.iter().map(move |t| (s, t)))
+        self.shards.iter().flat_map(|s| s.tensors.iter().map(move |t| (s, t)))
     }
 
     /// Name -> `DTYPE[shape]` for every tensor, sorted by name.
     pub fn describe(&self) -> BTreeMap<String, String> {
-        self.tensors()
-            .map(|(_, t)| (t.name.clone(), t.describe()))
-            .collect()
+        self.tensors().map(|(_, t)| (t.name.clone(), t.describe())).collect()
     }
 
     /// sha256 over one `name\tDTYPE\td0,d1\n` line per tensor, sorted by name.
@@ -334,18 +308,14 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Parses index.json (its bytes) and returns it with its shard file names, sorted.
 pub fn parse_index(text: &[u8], path: &Path) -> Result<(serde_json::Map<String, Value>, Vec<String>)> {
-    let index: serde_json::Map<String, Value> = serde_json::from_slice(text)
-        .map_err(|e| Error::checkpoint(path, format!("corrupt JSON: {e}")))?;
+    let index: serde_json::Map<String, Value> = serde_json::from_slice(text).map_err(|e| Error::checkpoint(path, format!("corrupt JSON: {e}")))?;
     let Some(Value::Object(map)) = index.get("weight_map") else {
         return Err(Error::checkpoint(path, "no \"weight_map\" object"));
     };
     let mut names: Vec<String> = Vec::new();
     for (tensor, file) in map {
         let Some(file) = file.as_str() else {
-            return Err(Error::checkpoint(
-                path,
-                format!("weight_map entry for {tensor} is not a file name"),
-            ));
+            return Err(Error::checkpoint(path, format!("weight_map entry for {tensor} is not a file name")));
         };
         check_shard_name(path, file)?;
         if !names.iter().any(|n| n == file) {
@@ -370,11 +340,7 @@ pub fn contained(root: &Path, dir: &Path, rel: impl AsRef<Path>) -> Result<PathB
     }
     Err(Error::checkpoint(
         dir,
-        format!(
-            "{} is a symbolic link to {}, outside the model directory; llmprune follows links only within it",
-            rel.display(),
-            real.display()
-        ),
+        format!("{} is a symbolic link to {}, outside the model directory; llmprune follows links only within it", rel.display(), real.display()),
     ))
 }
 
@@ -385,9 +351,7 @@ pub fn allowed_target(root: &Path, real: &Path) -> bool {
     }
     let snapshots = root.parent();
     match snapshots.and_then(Path::parent) {
-        Some(repo) if snapshots.and_then(Path::file_name) == Some(std::ffi::OsStr::new("snapshots")) => {
-            real.starts_with(repo.join("blobs"))
-        }
+        Some(repo) if snapshots.and_then(Path::file_name) == Some(std::ffi::OsStr::new("snapshots")) => real.starts_with(repo.join("blobs")),
         _ => false,
     }
 }
@@ -395,30 +359,17 @@ pub fn allowed_target(root: &Path, real: &Path) -> bool {
 /// A shard name must be a relative path inside the model directory ending in `.safetensors`.
 fn check_shard_name(index_path: &Path, file: &str) -> Result<()> {
     let p = Path::new(file);
-    let inside = !file.is_empty()
-        && p.components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    let inside = !file.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if !inside {
-        return Err(Error::checkpoint(
-            index_path,
-            format!("shard path {file:?} points outside the model directory"),
-        ));
+        return Err(Error::checkpoint(index_path, format!("shard path {file:?} points outside the model directory")));
     }
     if !file.ends_with(".safetensors") {
-        return Err(Error::checkpoint(
-            index_path,
-            format!("shard path {file:?} does not end in .safetensors"),
-        ));
+        return Err(Error::checkpoint(index_path, format!("shard path {file:?} does not end in .safetensors")));
     }
     Ok(())
 }
 
-fn check_weight_map(
-    dir: &Path,
-    index: &serde_json::Map<String, Value>,
-    shards: &[Shard],
-    locations: &HashMap<String, (usize, usize)>,
-) -> Result<()> {
+fn check_weight_map(dir: &Path, index: &serde_json::Map<String, Value>, shards: &[Shard], locations: &HashMap<String, (usize, usize)>) -> Result<()> {
     let index_path = dir.join(INDEX_FILE);
     let map = index["weight_map"].as_object().expect("checked in read_index");
     for (tensor, file) in map {
@@ -428,27 +379,16 @@ fn check_weight_map(
             Some(&(si, _)) => {
                 return Err(Error::checkpoint(
                     &index_path,
-                    format!(
-                        "index places tensor {tensor} in {file}, but it is stored in {}",
-                        shards[si].file_name
-                    ),
+                    format!("index places tensor {tensor} in {file}, but it is stored in {}", shards[si].file_name),
                 ))
             }
-            None => {
-                return Err(Error::checkpoint(
-                    &index_path,
-                    format!("index names tensor {tensor} in {file}, which does not hold it"),
-                ))
-            }
+            None => return Err(Error::checkpoint(&index_path, format!("index names tensor {tensor} in {file}, which does not hold it"))),
         }
     }
     for shard in shards {
         for t in &shard.tensors {
             if !map.contains_key(&t.name) {
-                return Err(Error::checkpoint(
-                    &index_path,
-                    format!("tensor {} in {} is missing from the index", t.name, shard.file_name),
-                ));
+                return Err(Error::checkpoint(&index_path, format!("tensor {} in {} is missing from the index", t.name, shard.file_name)));
             }
         }
     }

@@ -49,8 +49,7 @@ fn encode_header(shard: &Shard, meta: serde_json::Map<String, Value>, tensors: i
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), Value::Object(meta));
     header.extend(tensors);
-    let mut json =
-        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::checkpoint(&shard.path, format!("cannot serialize header: {e}")))?;
+    let mut json = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::checkpoint(&shard.path, format!("cannot serialize header: {e}")))?;
     while json.len() % 8 != 0 {
         json.push(b' ');
     }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::io::checkpoint::{allowed_target, Checkpoint, INDEX_FILE};
 use crate::error::{Error, Result};
+use crate::io::checkpoint::{allowed_target, Checkpoint, INDEX_FILE};
 
 const OTHER_HINT: &str = "choose another --out";
 const FORCE_HINT: &str = "choose another --out, or pass --force to replace it";
@@ -34,19 +34,13 @@ fn canonical_or_joined(p: &Path) -> Result<PathBuf> {
     if p.exists() {
         return fs::canonicalize(p).map_err(|e| Error::io(p, e));
     }
-    let name = p
-        .file_name()
-        .ok_or_else(|| Error::output_hint(p, "not a directory name", OTHER_HINT))?;
+    let name = p.file_name().ok_or_else(|| Error::output_hint(p, "not a directory name", OTHER_HINT))?;
     let parent = match p.parent() {
         Some(pp) if !pp.as_os_str().is_empty() => pp.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if !parent.is_dir() {
-        return Err(Error::output_hint(
-            p,
-            format!("parent directory {} does not exist", parent.display()),
-            OTHER_HINT,
-        ));
+        return Err(Error::output_hint(p, format!("parent directory {} does not exist", parent.display()), OTHER_HINT));
     }
     let parent = fs::canonicalize(&parent).map_err(|e| Error::io(&parent, e))?;
     Ok(parent.join(name))
@@ -55,11 +49,8 @@ fn canonical_or_joined(p: &Path) -> Result<PathBuf> {
 /// The temporary name beside `target` for this process.
 pub(crate) fn temp_beside(target: &Path) -> Result<(PathBuf, String)> {
     let parent = target.parent().unwrap_or(Path::new("."));
-    let name = target
-        .file_name()
-        .ok_or_else(|| Error::output_hint(target, "not a file or directory name", OTHER_HINT))?
-        .to_string_lossy()
-        .into_owned();
+    let name =
+        target.file_name().ok_or_else(|| Error::output_hint(target, "not a file or directory name", OTHER_HINT))?.to_string_lossy().into_owned();
     let prefix = format!(".{name}{TMP_INFIX}");
     Ok((parent.join(format!("{prefix}{}", std::process::id())), prefix))
 }
@@ -132,9 +123,8 @@ impl StagingDir {
             fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         }
         let parent = out.parent().unwrap_or(Path::new("."));
-        fs::create_dir(&path).map_err(|e| {
-            Error::output_hint(target, format!("cannot create a directory in {}: {e}", parent.display()), OTHER_HINT)
-        })?;
+        fs::create_dir(&path)
+            .map_err(|e| Error::output_hint(target, format!("cannot create a directory in {}: {e}", parent.display()), OTHER_HINT))?;
         Ok(StagingDir { path, target: out, force, committed: false, warnings })
     }
 
@@ -190,7 +180,11 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 /// Refuses to write `dest` when it is the file `input` that the command reads.
 pub fn check_not_input(dest: &Path, input: &Path) -> Result<()> {
     if same_file(dest, input) {
-        return Err(Error::output_hint(dest, format!("is the input {}; llmprune never writes over its input", input.display()), "choose another --out"));
+        return Err(Error::output_hint(
+            dest,
+            format!("is the input {}; llmprune never writes over its input", input.display()),
+            "choose another --out",
+        ));
     }
     Ok(())
 }
@@ -225,11 +219,9 @@ pub fn check_file_destination(path: &Path) -> Result<()> {
 
 fn unwritable(path: &Path, parent: &Path, e: std::io::Error) -> Error {
     match e.kind() {
-        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => Error::output_hint(
-            path,
-            format!("directory {} is not writable", parent.display()),
-            "choose another location with --out",
-        ),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+            Error::output_hint(path, format!("directory {} is not writable", parent.display()), "choose another location with --out")
+        }
         _ => Error::io(path, e),
     }
 }
@@ -256,12 +248,7 @@ pub fn write_config(dir: &Path, config: serde_json::Map<String, Value>) -> Resul
 }
 
 /// Writes index.json with a new `total_size` and, when given, a new weight map.
-pub fn write_index(
-    index: &serde_json::Map<String, Value>,
-    total: u64,
-    weight_map: Option<&BTreeMap<String, String>>,
-    path: &Path,
-) -> Result<()> {
+pub fn write_index(index: &serde_json::Map<String, Value>, total: u64, weight_map: Option<&BTreeMap<String, String>>, path: &Path) -> Result<()> {
     let mut index = index.clone();
     let meta = index.entry("metadata").or_insert_with(|| Value::Object(Default::default()));
     if let Value::Object(m) = meta {
@@ -286,9 +273,7 @@ pub fn copy_other_files(ckpt: &Checkpoint, dst: &Path, leave_out: &[&str]) -> Re
     let dir = &ckpt.dir;
     let root = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
     let skip = |rel: &Path| {
-        rel == Path::new(INDEX_FILE)
-            || leave_out.iter().any(|f| rel == Path::new(f))
-            || ckpt.shards.iter().any(|s| Path::new(&s.file_name) == rel)
+        rel == Path::new(INDEX_FILE) || leave_out.iter().any(|f| rel == Path::new(f)) || ckpt.shards.iter().any(|s| Path::new(&s.file_name) == rel)
     };
     let mut copier = Copier { root: &root, dir, visited: HashSet::from([root.clone()]), skip: &skip };
     copier.children(dir, dst, Path::new(""))
@@ -303,10 +288,7 @@ struct Copier<'a> {
 
 impl Copier<'_> {
     fn children(&mut self, src: &Path, dst: &Path, rel: &Path) -> Result<()> {
-        let mut entries: Vec<_> = fs::read_dir(src)
-            .map_err(|e| Error::io(src, e))?
-            .collect::<std::io::Result<_>>()
-            .map_err(|e| Error::io(src, e))?;
+        let mut entries: Vec<_> = fs::read_dir(src).map_err(|e| Error::io(src, e))?.collect::<std::io::Result<_>>().map_err(|e| Error::io(src, e))?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let name = entry.file_name();
@@ -320,9 +302,8 @@ impl Copier<'_> {
             return Ok(());
         }
         let link = fs::symlink_metadata(src).map_err(|e| Error::io(src, e))?.file_type().is_symlink();
-        let real = fs::canonicalize(src).map_err(|e| {
-            Error::checkpoint(self.dir, format!("{} cannot be read ({e}); a broken symbolic link?", rel.display()))
-        })?;
+        let real = fs::canonicalize(src)
+            .map_err(|e| Error::checkpoint(self.dir, format!("{} cannot be read ({e}); a broken symbolic link?", rel.display())))?;
         if link && !allowed_target(self.root, &real) {
             return Err(Error::checkpoint(
                 self.dir,

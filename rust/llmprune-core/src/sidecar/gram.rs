@@ -16,8 +16,8 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use super::check_model;
-use crate::io::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::io::checkpoint::Checkpoint;
 use crate::io::output::{check_file_destination, clean_stale, same_file, temp_beside};
 
 /// Default location of the Gram sidecar inside a model directory; never copied into outputs.
@@ -155,9 +155,7 @@ impl GramWriter {
         let mut bytes: Vec<u8> = Vec::with_capacity(packed.len() * 8 + 8);
         bytes.extend(packed.iter().flat_map(|x| x.to_le_bytes()));
         bytes.extend(count.to_le_bytes());
-        file.seek(SeekFrom::Start(self.data_start + *offset))
-            .and_then(|_| file.write_all(&bytes))
-            .map_err(|e| Error::io(&self.tmp, e))?;
+        file.seek(SeekFrom::Start(self.data_start + *offset)).and_then(|_| file.write_all(&bytes)).map_err(|e| Error::io(&self.tmp, e))?;
         *done = true;
         Ok(())
     }
@@ -207,13 +205,9 @@ impl Gram {
         // SAFETY: read-only map of a file nothing else writes while pruning (as for shards)
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
-        let meta_text = metadata
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("llmprune"))
-            .ok_or_else(|| bad("no llmprune metadata: not a Gram sidecar".into()))?;
-        let meta: serde_json::Map<String, Value> =
-            serde_json::from_str(meta_text).map_err(|e| bad(format!("corrupt llmprune metadata: {e}")))?;
+        let meta_text =
+            metadata.metadata().as_ref().and_then(|m| m.get("llmprune")).ok_or_else(|| bad("no llmprune metadata: not a Gram sidecar".into()))?;
+        let meta: serde_json::Map<String, Value> = serde_json::from_str(meta_text).map_err(|e| bad(format!("corrupt llmprune metadata: {e}")))?;
         if meta.get("format").and_then(Value::as_str) != Some(GRAM_FORMAT) || meta.get("format_version").and_then(Value::as_u64) != Some(1) {
             return Err(bad(format!("not a Gram sidecar (format {GRAM_FORMAT}, version 1)")));
         }
@@ -300,22 +294,34 @@ pub fn merge_gram(paths: &[PathBuf], out: &Path) -> Result<(usize, i64, serde_js
             ));
         }
         if g.groups != first.groups || (g.meta.get("mode"), g.meta.get("sequential")) != (first.meta.get("mode"), first.meta.get("sequential")) {
-            return Err(Error::arg(format!("{} and {} group the inputs differently or were taken in different modes", first.path.display(), g.path.display())));
+            return Err(Error::arg(format!(
+                "{} and {} group the inputs differently or were taken in different modes",
+                first.path.display(),
+                g.path.display()
+            )));
         }
     }
     for p in paths {
         if same_file(out, p) {
-            return Err(Error::output_hint(out, format!("is the input {}; llmprune never writes over its input", p.display()), "choose another --out"));
+            return Err(Error::output_hint(
+                out,
+                format!("is the input {}; llmprune never writes over its input", p.display()),
+                "choose another --out",
+            ));
         }
     }
     // the writer checks the layout against a checkpoint; here the inputs agree with each other and
     // were checked against theirs when written, so the layout is taken as recorded
     let mut info = first.info();
     if let Value::Object(c) = &mut info.calibration {
-        let total = |k: &str| grams.iter().map(|g| g.meta.get("calibration").and_then(|c| c.get(k)).and_then(Value::as_i64).unwrap_or(0)).sum::<i64>();
+        let total =
+            |k: &str| grams.iter().map(|g| g.meta.get("calibration").and_then(|c| c.get(k)).and_then(Value::as_i64).unwrap_or(0)).sum::<i64>();
         c.insert("nsamples".into(), total("nsamples").into());
         c.insert("tokens".into(), total("tokens").into());
-        c.insert("merged_from".into(), paths.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect::<Vec<_>>().into());
+        c.insert(
+            "merged_from".into(),
+            paths.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect::<Vec<_>>().into(),
+        );
     }
     let mut w = GramWriter::create_unchecked(out, first, info)?;
     let mut tokens = 0;
@@ -353,8 +359,14 @@ impl GramWriter {
         let mut offset = 0u64;
         for g in groups {
             let bytes = (g.packed_len() * 8) as u64;
-            header.insert(format!("{}.gram", g.key), serde_json::json!({"dtype": "F64", "shape": [g.packed_len()], "data_offsets": [offset, offset + bytes]}));
-            header.insert(format!("{}.gram_count", g.key), serde_json::json!({"dtype": "I64", "shape": [1], "data_offsets": [offset + bytes, offset + bytes + 8]}));
+            header.insert(
+                format!("{}.gram", g.key),
+                serde_json::json!({"dtype": "F64", "shape": [g.packed_len()], "data_offsets": [offset, offset + bytes]}),
+            );
+            header.insert(
+                format!("{}.gram_count", g.key),
+                serde_json::json!({"dtype": "I64", "shape": [1], "data_offsets": [offset + bytes, offset + bytes + 8]}),
+            );
             slots.insert(g.key.clone(), (offset, g.clone(), false));
             offset += bytes + 8;
         }

@@ -77,7 +77,9 @@ pub fn merge(paths: &[PathBuf], out: &Path) -> Result<MergeSummary> {
                 "merge only statistics of the same checkpoint",
             ));
         }
-        if let Some(only) = first.layers.keys().filter(|k| !c.layers.contains_key(*k)).chain(c.layers.keys().filter(|k| !first.layers.contains_key(*k))).next() {
+        if let Some(only) =
+            first.layers.keys().filter(|k| !c.layers.contains_key(*k)).chain(c.layers.keys().filter(|k| !first.layers.contains_key(*k))).next()
+        {
             return Err(Error::arg(format!("{a} and {b} list different prunable weights (e.g. {only})")));
         }
         for (name, s) in &c.layers {
@@ -195,7 +197,8 @@ fn is_gram(path: &Path) -> bool {
 fn mode_text(meta: &serde_json::Map<String, Value>) -> String {
     match (meta.get("mode").and_then(Value::as_str), meta.get("sequential").and_then(Value::as_object)) {
         (Some("sequential"), Some(seq)) => {
-            let target = seq.get("pattern").or_else(|| seq.get("sparsity")).map(|v| v.as_str().map_or(v.to_string(), str::to_string)).unwrap_or_default();
+            let target =
+                seq.get("pattern").or_else(|| seq.get("sparsity")).map(|v| v.as_str().map_or(v.to_string(), str::to_string)).unwrap_or_default();
             format!("sequential {} {target}", seq.get("method").and_then(Value::as_str).unwrap_or("?"))
         }
         _ => "dense".into(),

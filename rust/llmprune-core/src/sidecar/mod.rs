@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::io::checkpoint::{hex, Checkpoint};
 use crate::error::{Error, Result};
+use crate::io::checkpoint::{hex, Checkpoint};
 
 /// Default location of the stats sidecar inside a model directory; never copied into outputs.
 pub const DEFAULT_SIDECAR: &str = "llmprune-stats.safetensors";
@@ -232,13 +232,9 @@ impl Sidecar {
         let bad = |msg: String| Error::stats(path, msg);
         let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-        let meta_text = metadata
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("llmprune"))
-            .ok_or_else(|| bad("no llmprune metadata: not a stats sidecar".into()))?;
-        let meta: serde_json::Map<String, Value> = serde_json::from_str(meta_text)
-            .map_err(|e| bad(format!("corrupt llmprune metadata: {e}")))?;
+        let meta_text =
+            metadata.metadata().as_ref().and_then(|m| m.get("llmprune")).ok_or_else(|| bad("no llmprune metadata: not a stats sidecar".into()))?;
+        let meta: serde_json::Map<String, Value> = serde_json::from_str(meta_text).map_err(|e| bad(format!("corrupt llmprune metadata: {e}")))?;
         if meta.get("format_version").and_then(Value::as_u64) != Some(FORMAT_VERSION) {
             return Err(bad(format!("unsupported format_version (expected {FORMAT_VERSION})")));
         }
@@ -255,12 +251,14 @@ impl Sidecar {
             };
             let get = |suffix: &str, dtype: Dtype, rank1: Option<usize>| -> Result<Vec<u8>> {
                 let key = format!("{name}.{suffix}");
-                let view = st
-                    .tensor(&key)
-                    .map_err(|_| bad(format!("missing tensor {key}")))?;
+                let view = st.tensor(&key).map_err(|_| bad(format!("missing tensor {key}")))?;
                 if view.dtype() != dtype || view.shape().len() != 1 || rank1.is_some_and(|n| view.shape()[0] != n) {
-                    return Err(bad(format!("{key} must be {dtype:?} [{}], found {:?} {:?}",
-                        rank1.map_or("n".to_string(), |n| n.to_string()), view.dtype(), view.shape())));
+                    return Err(bad(format!(
+                        "{key} must be {dtype:?} [{}], found {:?} {:?}",
+                        rank1.map_or("n".to_string(), |n| n.to_string()),
+                        view.dtype(),
+                        view.shape()
+                    )));
                 }
                 Ok(view.data().to_vec())
             };
@@ -281,23 +279,12 @@ impl Sidecar {
             use sha2::{Digest, Sha256};
             hex(&Sha256::digest(bytes))
         };
-        Ok(Sidecar {
-            path: path.to_path_buf(),
-            meta,
-            layers,
-            grads,
-            blocks,
-            experts,
-            sha256,
-        })
+        Ok(Sidecar { path: path.to_path_buf(), meta, layers, grads, blocks, experts, sha256 })
     }
 
     /// Refuses a sidecar computed for another model, naming the first tensor that differs.
     pub fn check_matches(&self, ckpt: &Checkpoint) -> Result<()> {
-        let mismatch = |msg: String| Error::StatsMismatch {
-            path: self.path.clone(),
-            msg,
-        };
+        let mismatch = |msg: String| Error::StatsMismatch { path: self.path.clone(), msg };
         check_model(&self.path, &self.meta, ckpt)?;
         for (name, stats) in &self.layers {
             let Some((_, t)) = ckpt.get(name) else {
@@ -312,10 +299,7 @@ impl Sidecar {
             }
             let out = t.shape[1 - stats.input_axis];
             if let Some(g) = self.grads.get(name).filter(|g| g.out_features() != out) {
-                return Err(mismatch(format!(
-                    "tensor {name} has {out} output features but its gradient statistics have {}",
-                    g.out_features()
-                )));
+                return Err(mismatch(format!("tensor {name} has {out} output features but its gradient statistics have {}", g.out_features())));
             }
         }
         Ok(())
@@ -378,7 +362,12 @@ fn read_experts(st: &SafeTensors, meta: &serde_json::Map<String, Value>) -> std:
             Ok(v.data().to_vec())
         };
         let count = tensor("expert_count", Dtype::I64)?.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
-        let e = ExpertStats { count, gate_sum: f64s(&tensor("expert_gate_sum", Dtype::F64)?), reap_sum: f64s(&tensor("expert_reap_sum", Dtype::F64)?), top_k };
+        let e = ExpertStats {
+            count,
+            gate_sum: f64s(&tensor("expert_gate_sum", Dtype::F64)?),
+            reap_sum: f64s(&tensor("expert_reap_sum", Dtype::F64)?),
+            top_k,
+        };
         e.validate(name)?;
         out.insert(name.clone(), e);
     }
@@ -450,8 +439,5 @@ fn read_grads(st: &SafeTensors, name: &str, in_features: usize) -> std::result::
 }
 
 fn f64s(bytes: &[u8]) -> Vec<f64> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect()
+    bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
 }

@@ -199,7 +199,8 @@ mod tests {
     #[test]
     fn reads_back_what_it_writes() {
         let s = SequentialSettings::new(Method::Wanda, Target::Pattern { n: 2, m: 4 }, false, &Allocation::Uniform, None, None, false).unwrap();
-        let meta: serde_json::Map<String, Value> = serde_json::from_value(serde_json::json!({"mode": "sequential", "sequential": s.to_value()})).unwrap();
+        let meta: serde_json::Map<String, Value> =
+            serde_json::from_value(serde_json::json!({"mode": "sequential", "sequential": s.to_value()})).unwrap();
         assert_eq!(SequentialSettings::of(&meta), Some(Ok(s)));
     }
 

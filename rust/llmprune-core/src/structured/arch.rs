@@ -9,11 +9,10 @@
 //! Per-layer sizes are read from the tensors, not the config, so a checkpoint that was already
 //! pruned non-uniformly is described correctly.
 
-
 use serde_json::Value;
 
-use crate::io::checkpoint::{read_config, Checkpoint};
 use crate::error::{Error, Result};
+use crate::io::checkpoint::{read_config, Checkpoint};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -66,11 +65,7 @@ pub struct Module {
 impl Module {
     /// Parameters one group owns: its rows (weights and biases) and its columns of the output.
     pub fn group_cost(&self, in_features: usize) -> u64 {
-        let rows: usize = self
-            .inputs
-            .iter()
-            .map(|t| t.rows_per_group * (in_features + t.bias.is_some() as usize))
-            .sum();
+        let rows: usize = self.inputs.iter().map(|t| t.rows_per_group * (in_features + t.bias.is_some() as usize)).sum();
         (rows + self.output.cols_per_group * self.output.out_features) as u64
     }
 }
@@ -99,7 +94,6 @@ pub struct Rules {
     pub layers: Vec<Layer>,
     pub config: serde_json::Map<String, Value>,
 }
-
 
 /// The model_types structured pruning knows.
 pub const SUPPORTED: [&str; 9] = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt"];
@@ -130,9 +124,9 @@ impl Rules {
             }
         };
         let need = |key: &str| {
-            usize_field(&config, key).filter(|&v| v > 0).ok_or_else(|| {
-                Error::checkpoint(&config_path, format!("config.json has no positive integer {key:?}"))
-            })
+            usize_field(&config, key)
+                .filter(|&v| v > 0)
+                .ok_or_else(|| Error::checkpoint(&config_path, format!("config.json has no positive integer {key:?}")))
         };
         let layers_n = need("num_hidden_layers")?;
         let hidden_cfg = need("hidden_size")?;
@@ -160,12 +154,7 @@ impl Rules {
                 &["mlp.gate_proj", "mlp.up_proj"],
                 "mlp.down_proj",
             ),
-            Family::Opt => (
-                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                "self_attn.out_proj",
-                &["fc1"],
-                "fc2",
-            ),
+            Family::Opt => (&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.out_proj", &["fc1"], "fc2"),
         };
         let base = layer_base(ckpt, &format!("0.{}.weight", attn_names[0])).ok_or_else(|| {
             Error::checkpoint(&ckpt.dir, format!("no tensor named *layers.0.{}.weight for a {} model", attn_names[0], family.name()))
@@ -176,9 +165,7 @@ impl Rules {
             let shape = |module: &str, suffix: &str| ckpt.get(&format!("{prefix}{module}.{suffix}")).map(|(_, t)| t.shape.clone());
             let weight = |module: &str| -> Result<(String, [usize; 2])> {
                 let name = format!("{prefix}{module}.weight");
-                let (shard, t) = ckpt
-                    .get(&name)
-                    .ok_or_else(|| Error::checkpoint(&ckpt.dir, format!("tensor {name} is missing")))?;
+                let (shard, t) = ckpt.get(&name).ok_or_else(|| Error::checkpoint(&ckpt.dir, format!("tensor {name} is missing")))?;
                 match t.shape[..] {
                     [r, c] => Ok((name, [r, c])),
                     _ => Err(Error::tensor(&shard.path, &name, format!("is {}-D; a 2-D weight was expected", t.shape.len()))),
@@ -188,16 +175,16 @@ impl Rules {
                 match shape(module, "bias") {
                     None => Ok(None),
                     Some(s) if s == [len] => Ok(Some(format!("{prefix}{module}.bias"))),
-                    Some(s) => Err(Error::checkpoint(
-                        &ckpt.dir,
-                        format!("tensor {prefix}{module}.bias has shape {s:?}, expected [{len}]"),
-                    )),
+                    Some(s) => Err(Error::checkpoint(&ckpt.dir, format!("tensor {prefix}{module}.bias has shape {s:?}, expected [{len}]"))),
                 }
             };
             let bad = |msg: String| Error::checkpoint(&ckpt.dir, format!("layer {i}: {msg}"));
 
             if fused {
-                layers.push(fused_layer(&prefix, &weight, heads, kv_heads, head_dim, q_per_kv, [attn_names[0], out_name, mlp_in_names[0], mlp_out_name]).map_err(bad)?);
+                layers.push(
+                    fused_layer(&prefix, &weight, heads, kv_heads, head_dim, q_per_kv, [attn_names[0], out_name, mlp_in_names[0], mlp_out_name])
+                        .map_err(bad)?,
+                );
                 continue;
             }
             // Attention: the key projection's rows say how many key/value heads this layer keeps.
@@ -250,12 +237,13 @@ impl Rules {
             layers.push(Layer { prefix, attn, mlp, hidden });
         }
         if let Some((_, t)) = ckpt.tensors().find(|(_, t)| {
-            t.name.strip_prefix(base.as_str()).and_then(|rest| rest.split('.').next()).and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n >= layers_n)
+            t.name
+                .strip_prefix(base.as_str())
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n >= layers_n)
         }) {
-            return Err(Error::checkpoint(
-                &ckpt.dir,
-                format!("tensor {} belongs to a layer beyond num_hidden_layers = {layers_n}", t.name),
-            ));
+            return Err(Error::checkpoint(&ckpt.dir, format!("tensor {} belongs to a layer beyond num_hidden_layers = {layers_n}", t.name)));
         }
         Ok(Rules { family, model_type: model_type.to_string(), bias_flags, head_dim, q_per_kv, layers, config })
     }

@@ -94,9 +94,7 @@ impl HywiaOptions {
         let first = self.skip_first.unwrap_or((layers + 4) / 8);
         let last = self.skip_last.unwrap_or((layers + 8) / 16);
         if first + last >= layers {
-            return Err(Error::arg(format!(
-                "--skip-first {first} and --skip-last {last} leave no layer of the model's {layers} to prune"
-            )));
+            return Err(Error::arg(format!("--skip-first {first} and --skip-last {last} leave no layer of the model's {layers} to prune")));
         }
         Ok((first, last))
     }
@@ -201,11 +199,7 @@ pub fn fuse(fine: &Estimate, coarse: &Estimate, mode: Fusion, temperature: f64) 
         Fusion::Coarse => (0.0, 1.0),
         Fusion::Adaptive => softmax_weights(rho_fine, rho_coarse, temperature),
     };
-    let scores = normalized(&fine.all)
-        .into_iter()
-        .zip(normalized(&coarse.all))
-        .map(|(f, c)| alpha_fine * f + alpha_coarse * c)
-        .collect();
+    let scores = normalized(&fine.all).into_iter().zip(normalized(&coarse.all)).map(|(f, c)| alpha_fine * f + alpha_coarse * c).collect();
     (scores, ModuleFusion { alpha_fine, alpha_coarse, rho_fine, rho_coarse })
 }
 
@@ -263,7 +257,11 @@ fn module_grads<'a>(sidecar: &'a Sidecar, m: &Module, fusion: Fusion) -> Result<
         if !axis_ok || len != m.groups * per_group {
             return Err(Error::StatsMismatch {
                 path: sidecar.path.clone(),
-                msg: format!("gradient statistics of {name} do not cover its {} groups of {per_group} {}", m.groups, if rows { "rows" } else { "columns" }),
+                msg: format!(
+                    "gradient statistics of {name} do not cover its {} groups of {per_group} {}",
+                    m.groups,
+                    if rows { "rows" } else { "columns" }
+                ),
             });
         }
         if g.count[0] == 0 {
@@ -288,7 +286,10 @@ fn module_grads<'a>(sidecar: &'a Sidecar, m: &Module, fusion: Fusion) -> Result<
 /// the layers that are pruned.
 pub fn score_layers(rules: &Rules, sidecar: &Sidecar, opts: &HywiaOptions, frozen: &[bool]) -> Result<(Vec<LayerScores>, Vec<LayerFusion>)> {
     if rules.layers.iter().any(|l| l.attn.inputs.iter().chain(&l.mlp.inputs).any(|t| t.row_offset > 0)) {
-        return Err(Error::arg(format!("method hywia does not support {} models' fused projections yet; use flap, wanda-sp or magnitude-sp", rules.model_type)));
+        return Err(Error::arg(format!(
+            "method hywia does not support {} models' fused projections yet; use flap, wanda-sp or magnitude-sp",
+            rules.model_type
+        )));
     }
     if sidecar.grads.is_empty() {
         return Err(Error::arg_hint(

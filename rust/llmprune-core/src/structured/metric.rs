@@ -15,9 +15,9 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 
+use crate::error::{Error, Result};
 use crate::io::checkpoint::{Checkpoint, Shard, TensorEntry};
 use crate::io::dtype::{decode_into, float_size};
-use crate::error::{Error, Result};
 use crate::sidecar::{LayerStats, Sidecar};
 use crate::structured::arch::{Module, Rules};
 
@@ -59,9 +59,7 @@ impl FromStr for StructMethod {
             "magnitude-sp" => Ok(StructMethod::MagnitudeSp),
             "wanda-sp" => Ok(StructMethod::WandaSp),
             "hywia" => Ok(StructMethod::Hywia),
-            other => Err(Error::arg(format!(
-                "unknown structured method {other:?}; expected flap, magnitude-sp, wanda-sp or hywia"
-            ))),
+            other => Err(Error::arg(format!("unknown structured method {other:?}; expected flap, magnitude-sp, wanda-sp or hywia"))),
         }
     }
 }
@@ -79,9 +77,8 @@ const ROW_BLOCK: usize = 64;
 /// Σ_i f(W_ij) for every column j of a stored [rows, cols] weight.
 pub fn column_sums(ckpt: &Checkpoint, name: &str, f: fn(f32) -> f64) -> Result<Vec<f64>> {
     let (shard, t) = ckpt.get(name).ok_or_else(|| Error::checkpoint(&ckpt.dir, format!("tensor {name} is missing")))?;
-    let es = float_size(t.dtype).ok_or_else(|| {
-        Error::tensor(&shard.path, name, format!("dtype {:?} is not supported (BF16, F16 and F32 are)", t.dtype))
-    })?;
+    let es = float_size(t.dtype)
+        .ok_or_else(|| Error::tensor(&shard.path, name, format!("dtype {:?} is not supported (BF16, F16 and F32 are)", t.dtype)))?;
     let cols = t.shape[1];
     if cols == 0 || t.shape[0] == 0 {
         return Ok(vec![0.0; cols]);
@@ -113,9 +110,8 @@ pub fn column_sums(ckpt: &Checkpoint, name: &str, f: fn(f32) -> f64) -> Result<V
 /// Σ_j W_ij² for every row i of a stored [rows, cols] weight.
 pub fn row_squares(ckpt: &Checkpoint, name: &str) -> Result<Vec<f64>> {
     let (shard, t) = ckpt.get(name).ok_or_else(|| Error::checkpoint(&ckpt.dir, format!("tensor {name} is missing")))?;
-    let es = float_size(t.dtype).ok_or_else(|| {
-        Error::tensor(&shard.path, name, format!("dtype {:?} is not supported (BF16, F16 and F32 are)", t.dtype))
-    })?;
+    let es = float_size(t.dtype)
+        .ok_or_else(|| Error::tensor(&shard.path, name, format!("dtype {:?} is not supported (BF16, F16 and F32 are)", t.dtype)))?;
     let cols = t.shape[1];
     if cols == 0 {
         return Ok(vec![0.0; t.shape[0]]);
@@ -150,10 +146,10 @@ fn absolute(w: f32) -> f64 {
 
 /// The sidecar's statistics of the output projection `name`, checked for `min_count` tokens.
 pub fn output_stats<'a>(sidecar: &'a Sidecar, name: &str, cols: usize, min_count: i64, why: &str) -> Result<&'a LayerStats> {
-    let s = sidecar.layers.get(name).ok_or_else(|| Error::InvalidStats {
-        path: sidecar.path.clone(),
-        msg: format!("no statistics for {name}, which {why} needs"),
-    })?;
+    let s = sidecar
+        .layers
+        .get(name)
+        .ok_or_else(|| Error::InvalidStats { path: sidecar.path.clone(), msg: format!("no statistics for {name}, which {why} needs") })?;
     if s.input_axis != 1 || s.act_sum.len() != cols {
         return Err(Error::StatsMismatch {
             path: sidecar.path.clone(),
@@ -161,10 +157,7 @@ pub fn output_stats<'a>(sidecar: &'a Sidecar, name: &str, cols: usize, min_count
         });
     }
     if s.count < min_count {
-        return Err(Error::arg(format!(
-            "statistics for {name} cover {} tokens; {why} needs at least {min_count}",
-            s.count
-        )));
+        return Err(Error::arg(format!("statistics for {name} cover {} tokens; {why} needs at least {min_count}", s.count)));
     }
     Ok(s)
 }
@@ -196,7 +189,9 @@ fn module_scores(method: StructMethod, ckpt: &Checkpoint, sidecar: Option<&Sidec
             let mut total = sum_per_group(&column_sums(ckpt, &out.weight, square)?, out.cols_per_group);
             for t in &m.inputs {
                 let rows = row_squares(ckpt, &t.weight)?;
-                let part = rows.get(t.row_offset..t.row_offset + m.groups * t.rows_per_group).ok_or_else(|| Error::Internal(format!("{}: rows checked by the rules", t.weight)))?;
+                let part = rows
+                    .get(t.row_offset..t.row_offset + m.groups * t.rows_per_group)
+                    .ok_or_else(|| Error::Internal(format!("{}: rows checked by the rules", t.weight)))?;
                 for (g, s) in sum_per_group(part, t.rows_per_group).into_iter().enumerate() {
                     total[g] += s;
                 }
@@ -215,12 +210,7 @@ pub fn score_layers(method: StructMethod, rules: &Rules, ckpt: &Checkpoint, side
     rules
         .layers
         .iter()
-        .map(|l| {
-            Ok(LayerScores {
-                attn: module_scores(method, ckpt, sidecar, &l.attn)?,
-                mlp: module_scores(method, ckpt, sidecar, &l.mlp)?,
-            })
-        })
+        .map(|l| Ok(LayerScores { attn: module_scores(method, ckpt, sidecar, &l.attn)?, mlp: module_scores(method, ckpt, sidecar, &l.mlp)? }))
         .collect()
 }
 

@@ -21,10 +21,10 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::error::{Error, Result};
 use crate::io::checkpoint::{Checkpoint, Shard};
 use crate::io::dtype::float_size;
 use crate::io::layout::{shard_header, OutTensor};
-use crate::error::{Error, Result};
 use crate::pool;
 use crate::run::{Progress, Run, StatsNeed};
 use crate::sidecar::SequentialSettings;
@@ -108,10 +108,7 @@ pub struct StructuredSummary {
 /// Why this run needs a sidecar (None: it does not).
 fn stats_need(method: StructMethod, compensate: bool) -> Option<StatsNeed> {
     match method {
-        StructMethod::Hywia => Some(StatsNeed {
-            what: "method hywia needs gradient".into(),
-            hint: "run: llmprune stats MODEL --grad".into(),
-        }),
+        StructMethod::Hywia => Some(StatsNeed { what: "method hywia needs gradient".into(), hint: "run: llmprune stats MODEL --grad".into() }),
         m if m.needs_stats() => Some(StatsNeed::activations(&format!("method {}", m.name()))),
         _ if compensate => Some(StatsNeed::activations("bias compensation (--compensate)")),
         _ => None,
@@ -178,14 +175,19 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     };
     if let Some(seq) = run.sidecar.as_ref().and_then(|sc| SequentialSettings::of(&sc.meta)) {
         let m = seq.map_or_else(|_| "?".to_string(), |s| s.method);
-        run.warnings.push(format!(
-            "statistics were taken sequentially with {m}; {} is defined on dense statistics",
-            opts.method.name()
-        ));
+        run.warnings.push(format!("statistics were taken sequentially with {m}; {} is defined on dense statistics", opts.method.name()));
     }
     let (ckpt, sidecar) = (&run.ckpt, run.sidecar.as_ref());
     for l in &rules.layers {
-        for name in l.attn.inputs.iter().map(|t| &t.weight).chain([&l.attn.output.weight]).chain(l.mlp.inputs.iter().map(|t| &t.weight)).chain([&l.mlp.output.weight]) {
+        for name in l
+            .attn
+            .inputs
+            .iter()
+            .map(|t| &t.weight)
+            .chain([&l.attn.output.weight])
+            .chain(l.mlp.inputs.iter().map(|t| &t.weight))
+            .chain([&l.mlp.output.weight])
+        {
             let (shard, t) = ckpt.get(name).ok_or_else(|| Error::Internal(format!("{name} resolved by the group rules but missing")))?;
             if float_size(t.dtype).is_none() {
                 return Err(Error::tensor(&shard.path, name, format!("dtype {:?} is not supported (BF16, F16 and F32 are)", t.dtype)));
@@ -202,7 +204,8 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     };
     let budgets = layer_budgets(ckpt, &rules);
     let plans = plan::plan_skipping(&scores, &budgets, opts.sparsity, opts.allocation, &frozen)?;
-    let (edits, add_attn, add_mlp) = pool.install(|| slice::build_edits(ckpt, sidecar, gram.as_ref().map(|(g, d)| (g, *d)), &rules, &plans, compensate))?;
+    let (edits, add_attn, add_mlp) =
+        pool.install(|| slice::build_edits(ckpt, sidecar, gram.as_ref().map(|(g, d)| (g, *d)), &rules, &plans, compensate))?;
     if rules.family == Family::Opt && (add_attn || add_mlp) {
         return Err(Error::arg(
             "bias compensation needs the model's biases, and this OPT model has none (enable_bias is false); pass --no-compensate",
@@ -214,11 +217,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         .collect();
     if rules.family == Family::Llama && !lacking.is_empty() {
         return Err(Error::arg_hint(
-            format!(
-                "bias compensation adds output-projection biases, and {} models have no {} to load them",
-                rules.model_type,
-                lacking.join(" or ")
-            ),
+            format!("bias compensation adds output-projection biases, and {} models have no {} to load them", rules.model_type, lacking.join(" or ")),
             "pass --no-compensate",
         ));
     }
@@ -283,7 +282,8 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         }
         Ok(())
     })?;
-    let new_config = config::rewrite(&rules, &config::Rewrite { shapes: &shapes, added_attn_bias: add_attn, added_mlp_bias: add_mlp, provenance: prov });
+    let new_config =
+        config::rewrite(&rules, &config::Rewrite { shapes: &shapes, added_attn_bias: add_attn, added_mlp_bias: add_mlp, provenance: prov });
     crate::io::output::write_config(&staging.path, new_config)?;
     // config.json was rewritten above
     let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;

@@ -66,8 +66,7 @@ pub struct LayerPlan {
 
 impl LayerPlan {
     pub fn removed_params(&self, scores: &LayerScores, b: &LayerBudget) -> u64 {
-        (scores.attn.len() - self.attn_keep.len()) as u64 * b.attn_cost
-            + (scores.mlp.len() - self.mlp_keep.len()) as u64 * b.mlp_cost
+        (scores.attn.len() - self.attn_keep.len()) as u64 * b.attn_cost + (scores.mlp.len() - self.mlp_keep.len()) as u64 * b.mlp_cost
     }
 }
 
@@ -106,7 +105,13 @@ pub fn plan(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allo
 }
 
 /// `plan` with the layers where `frozen` is true left whole.
-pub fn plan_skipping(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allocation: GroupAllocation, frozen: &[bool]) -> Result<Vec<LayerPlan>> {
+pub fn plan_skipping(
+    scores: &[LayerScores],
+    budgets: &[LayerBudget],
+    sparsity: f64,
+    allocation: GroupAllocation,
+    frozen: &[bool],
+) -> Result<Vec<LayerPlan>> {
     if !(0.0..1.0).contains(&sparsity) {
         return Err(Error::arg(format!("sparsity must be in [0, 1), got {sparsity}")));
     }
@@ -177,7 +182,11 @@ fn global(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, frozen
     }
     let mut removed: Vec<(Vec<usize>, Vec<usize>)> = vec![(Vec::new(), Vec::new()); scores.len()];
     for &(_, _, l, is_mlp, g) in &entries[..best_k] {
-        if is_mlp { removed[l].1.push(g) } else { removed[l].0.push(g) }
+        if is_mlp {
+            removed[l].1.push(g)
+        } else {
+            removed[l].0.push(g)
+        }
     }
     scores
         .iter()

@@ -14,9 +14,9 @@
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
 
+use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::dtype::decode;
-use crate::error::{Error, Result};
 use crate::sidecar::gram::Gram;
 use crate::sidecar::Sidecar;
 use crate::structured::arch::ColTensor;
@@ -29,13 +29,21 @@ pub struct Refit {
     pub bias: Option<Vec<f64>>,
 }
 
-pub fn refit(ckpt: &Checkpoint, sidecar: Option<&Sidecar>, gram: &Gram, out: &ColTensor, kept: &[usize], compensate: bool, damp: f64) -> Result<Refit> {
+pub fn refit(
+    ckpt: &Checkpoint,
+    sidecar: Option<&Sidecar>,
+    gram: &Gram,
+    out: &ColTensor,
+    kept: &[usize],
+    compensate: bool,
+    damp: f64,
+) -> Result<Refit> {
     let (shard, t) = ckpt.get(&out.weight).ok_or_else(|| Error::Internal(format!("{} resolved by the group rules", out.weight)))?;
     let (rows, n) = (t.shape[0], t.shape[1]);
-    let group = gram.group_of(&out.weight).filter(|g| g.features == n).ok_or_else(|| Error::StatsMismatch {
-        path: gram.path.clone(),
-        msg: format!("no Gram matrix of the input of {}", out.weight),
-    })?;
+    let group = gram
+        .group_of(&out.weight)
+        .filter(|g| g.features == n)
+        .ok_or_else(|| Error::StatsMismatch { path: gram.path.clone(), msg: format!("no Gram matrix of the input of {}", out.weight) })?;
     let (packed, count) = gram.packed(&group.key)?;
     let inv_n = 1.0 / count as f64;
     let mu: Option<Vec<f64>> = if compensate {

@@ -7,15 +7,15 @@ use std::ops::Range;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
+use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::dtype::{decode, encode_into, float_size};
-use crate::error::{Error, Result};
 use crate::sidecar::gram::Gram;
 use crate::sidecar::Sidecar;
-use crate::structured::refit::refit;
 use crate::structured::arch::{ColTensor, Module, Rules};
 use crate::structured::metric::{map_rows, output_stats};
 use crate::structured::plan::LayerPlan;
+use crate::structured::refit::refit;
 
 /// The fate of one input tensor.
 #[derive(Clone, Debug)]
@@ -155,7 +155,8 @@ fn module_edits(
 ) -> Result<()> {
     let pruned = keep.len() < m.groups;
     for t in &m.inputs {
-        let rows: Vec<Range<usize>> = group_ranges(keep, t.rows_per_group).into_iter().map(|r| r.start + t.row_offset..r.end + t.row_offset).collect();
+        let rows: Vec<Range<usize>> =
+            group_ranges(keep, t.rows_per_group).into_iter().map(|r| r.start + t.row_offset..r.end + t.row_offset).collect();
         let kept = ranges_len(&rows);
         if pruned {
             // a fused weight (several inputs, one tensor) keeps the rows of each part in order
@@ -198,10 +199,8 @@ fn module_edits(
     }
     if compensate && (pruned || (out.bias.is_none() && add_bias)) {
         let kept: std::collections::HashSet<usize> = keep.iter().copied().collect();
-        let removed_cols: Vec<usize> = (0..m.groups)
-            .filter(|g| !kept.contains(g))
-            .flat_map(|g| g * out.cols_per_group..(g + 1) * out.cols_per_group)
-            .collect();
+        let removed_cols: Vec<usize> =
+            (0..m.groups).filter(|g| !kept.contains(g)).flat_map(|g| g * out.cols_per_group..(g + 1) * out.cols_per_group).collect();
         let sidecar = sidecar.ok_or_else(|| Error::arg("bias compensation needs activation statistics"))?;
         let (dtype, bias) = match refitted_bias {
             Some(b) => (dtype_of(ckpt, &out.weight), b),
@@ -214,12 +213,7 @@ fn module_edits(
             }
             None => {
                 edits.bias_params_added += bias.len() as u64;
-                edits.added.entry(out.weight.clone()).or_default().push(Added {
-                    name: bias_name(&out.weight),
-                    dtype,
-                    shape: vec![bias.len()],
-                    data,
-                });
+                edits.added.entry(out.weight.clone()).or_default().push(Added { name: bias_name(&out.weight), dtype, shape: vec![bias.len()], data });
             }
         }
     }

@@ -14,11 +14,11 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::error::{Error, Result};
 use crate::io::blocks::{block_segment, num_blocks};
 use crate::io::checkpoint::read_config;
-use crate::error::{Error, Result};
-use crate::surgery::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
 use crate::run::{Progress, Run, StatsNeed};
+use crate::surgery::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
 
 /// How many blocks go.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -27,11 +27,11 @@ use std::str::FromStr;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::io::checkpoint::read_config;
 use crate::error::{Error, Result};
-use crate::surgery::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
+use crate::io::checkpoint::read_config;
 use crate::run::{Progress, Run, StatsNeed};
 use crate::sidecar::ExpertStats;
+use crate::surgery::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExpertMethod {
@@ -61,7 +61,10 @@ impl ExpertMethod {
 impl FromStr for ExpertMethod {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        ExpertMethod::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| Error::arg(format!("unknown expert method {s:?}; expected reap or frequency")))
+        ExpertMethod::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| Error::arg(format!("unknown expert method {s:?}; expected reap or frequency")))
     }
 }
 
@@ -217,7 +220,10 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
     for (moe, st) in &sc.experts {
         let e = st.count.len();
         if e != e_cfg {
-            return Err(Error::StatsMismatch { path: sc.path.clone(), msg: format!("{moe} has statistics of {e} experts, config.json says {e_cfg}") });
+            return Err(Error::StatsMismatch {
+                path: sc.path.clone(),
+                msg: format!("{moe} has statistics of {e} experts, config.json says {e_cfg}"),
+            });
         }
         let remove = match opts.removal {
             ExpertRemoval::Sparsity(s) if (0.0..1.0).contains(&s) => groups.n * (s * groups.size as f64).floor() as usize,
@@ -302,7 +308,8 @@ mod tests {
 
     #[test]
     fn keeps_the_most_salient() {
-        let kept = |s: &[f64], n| renumbering(s.len(), &lowest(s, n)).iter().enumerate().filter(|(_, m)| m.is_some()).map(|(j, _)| j).collect::<Vec<_>>();
+        let kept =
+            |s: &[f64], n| renumbering(s.len(), &lowest(s, n)).iter().enumerate().filter(|(_, m)| m.is_some()).map(|(j, _)| j).collect::<Vec<_>>();
         assert_eq!(kept(&[0.3, 0.1, 0.5, 0.1], 2), vec![0, 2]);
         assert_eq!(kept(&[1.0, 1.0, 1.0], 1), vec![1, 2]);
     }

@@ -13,14 +13,14 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 use serde_json::Value;
 
+use crate::error::{Error, Result};
 use crate::io::blocks::{block_index, num_blocks};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::dtype::decode;
-use crate::error::{Error, Result};
+use crate::sidecar::LayerStats;
 use crate::unstructured::prunable::Prunable;
 use crate::unstructured::score::wanda_factors;
 use crate::unstructured::select::Target;
-use crate::sidecar::LayerStats;
 
 pub const OWL_M: f64 = 5.0;
 pub const OWL_LAMBDA: f64 = 0.08;
@@ -28,7 +28,10 @@ pub const OWL_LAMBDA: f64 = 0.08;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Allocation {
     Uniform,
-    Owl { m: f64, lambda: f64 },
+    Owl {
+        m: f64,
+        lambda: f64,
+    },
     /// One sparsity per decoder block of the model, in block order.
     Schedule(Vec<f64>),
 }
@@ -114,10 +117,9 @@ pub fn outlier_ratios(
     // scores of one weight, computed again for each of the two passes (memory: one tensor)
     let scores = |name: &str, p: &Prunable| -> Result<Vec<f32>> {
         let (shard, t) = ckpt.get(name).ok_or_else(|| Error::Internal(format!("{name} resolved but not in the checkpoint")))?;
-        let s = stats.get(name).ok_or_else(|| Error::StatsMismatch {
-            path: ckpt.dir.clone(),
-            msg: format!("no activation statistics for {name}, which OWL needs"),
-        })?;
+        let s = stats
+            .get(name)
+            .ok_or_else(|| Error::StatsMismatch { path: ckpt.dir.clone(), msg: format!("no activation statistics for {name}, which OWL needs") })?;
         let f = wanda_factors(s);
         let w = decode(t.dtype, shard.data(t));
         let cols = t.shape[p.input_axis];
@@ -174,10 +176,12 @@ pub fn resolve_targets(
     let per_block: Vec<f64> = match (allocation, recorded) {
         (Allocation::Owl { .. }, Some(r)) if r.len() == blocks => r,
         (Allocation::Owl { m, lambda }, _) => {
-            let stats = stats.ok_or_else(|| Error::arg_hint(
-                "--allocation owl needs activation statistics (the outlier ratios are Wanda scores)",
-                "run `llmprune stats MODEL` first, or pass --stats PATH",
-            ))?;
+            let stats = stats.ok_or_else(|| {
+                Error::arg_hint(
+                    "--allocation owl needs activation statistics (the outlier ratios are Wanda scores)",
+                    "run `llmprune stats MODEL` first, or pass --stats PATH",
+                )
+            })?;
             let d = outlier_ratios(ckpt, prunable, stats, *m)?;
             let ratios: Vec<f64> = d.iter().map(|x| x.1).collect();
             let sp = owl_from_ratios(&ratios, s, *lambda);
@@ -187,29 +191,19 @@ pub fn resolve_targets(
                 all[*b] = v;
             }
             if let Some((b, v)) = all.iter().enumerate().find(|(_, v)| !(0.0..1.0).contains(*v)) {
-                return Err(Error::arg_hint(
-                    format!("OWL gives block {b} a sparsity of {v:.4}, outside [0, 1)"),
-                    "lower --sparsity or --owl-lambda",
-                ));
+                return Err(Error::arg_hint(format!("OWL gives block {b} a sparsity of {v:.4}, outside [0, 1)"), "lower --sparsity or --owl-lambda"));
             }
             all
         }
         (Allocation::Schedule(v), _) => {
             if v.len() != blocks {
-                return Err(Error::arg(format!(
-                    "the schedule has {} sparsities, but {} has {blocks} decoder blocks",
-                    v.len(),
-                    ckpt.dir.display()
-                )));
+                return Err(Error::arg(format!("the schedule has {} sparsities, but {} has {blocks} decoder blocks", v.len(), ckpt.dir.display())));
             }
             v.clone()
         }
         (Allocation::Uniform, _) => unreachable!("returned above"),
     };
-    let targets = prunable
-        .keys()
-        .map(|k| (k.clone(), Target::Sparsity(block_index(k).map_or(s, |b| per_block[b]))))
-        .collect();
+    let targets = prunable.keys().map(|k| (k.clone(), Target::Sparsity(block_index(k).map_or(s, |b| per_block[b])))).collect();
     Ok((targets, Some(per_block)))
 }
 

@@ -150,9 +150,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     for (name, p) in &prunable {
         let (shard, t) = ckpt.get(name).ok_or_else(|| Error::Internal(format!("{name} resolved but not in the checkpoint")))?;
         if float_size(t.dtype).is_none() {
-            return Err(Error::tensor(&shard.path, name, format!(
-                "dtype {:?} is not supported for pruning (BF16, F16 and F32 are)", t.dtype
-            )));
+            return Err(Error::tensor(&shard.path, name, format!("dtype {:?} is not supported for pruning (BF16, F16 and F32 are)", t.dtype)));
         }
         if t.shape.len() != 2 {
             return Err(Error::tensor(&shard.path, name, format!("is {}-D; only 2-D weights are pruned", t.shape.len())));
@@ -160,9 +158,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         if let Target::Pattern { m, .. } = opts.target {
             let cols = t.shape[p.input_axis];
             if cols % m != 0 {
-                return Err(Error::tensor(&shard.path, name, format!(
-                    "{cols} input features are not divisible by M = {m} of the N:M pattern"
-                )));
+                return Err(Error::tensor(&shard.path, name, format!("{cols} input features are not divisible by M = {m} of the N:M pattern")));
             }
         }
         let stats = run.sidecar.as_ref().and_then(|s| s.layers.get(name.as_str()));
@@ -174,12 +170,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         if let Some(g) = &gram {
             match g.group_of(name) {
                 Some(grp) if grp.features == t.shape[p.input_axis] => {}
-                _ => {
-                    return Err(Error::StatsMismatch {
-                        path: g.path.clone(),
-                        msg: format!("no Gram matrix of the input of {name}"),
-                    })
-                }
+                _ => return Err(Error::StatsMismatch { path: g.path.clone(), msg: format!("no Gram matrix of the input of {name}") }),
             }
         }
     }
@@ -209,9 +200,18 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     let mut summary = ApplySummary {
         out: staging.target().display().to_string(),
         method: opts.method.name().into(),
-        sparsity: match opts.target { Target::Sparsity(s) => Some(s), _ => None },
-        pattern: match opts.target { Target::Pattern { .. } => Some(opts.target.describe()), _ => None },
-        scope: match opts.scope { Scope::Row => "row".into(), Scope::Layer => "layer".into() },
+        sparsity: match opts.target {
+            Target::Sparsity(s) => Some(s),
+            _ => None,
+        },
+        pattern: match opts.target {
+            Target::Pattern { .. } => Some(opts.target.describe()),
+            _ => None,
+        },
+        scope: match opts.scope {
+            Scope::Row => "row".into(),
+            Scope::Layer => "layer".into(),
+        },
         shards: run.ckpt.shards.len(),
         tensors_pruned: 0,
         tensors_copied: 0,
@@ -278,7 +278,11 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
                         Some(p) => {
                             let f = factors[t.name.as_str()].as_deref();
                             let target = targets[t.name.as_str()];
-                            let m = if opts.refine.is_some() || plan.is_some_and(|pl| pl.compensated.contains_key(&t.name)) { moments(&t.name) } else { None };
+                            let m = if opts.refine.is_some() || plan.is_some_and(|pl| pl.compensated.contains_key(&t.name)) {
+                                moments(&t.name)
+                            } else {
+                                None
+                            };
                             let refine = opts.refine.as_ref().filter(|r| r.applies_to(&t.name)).zip(m.as_ref());
                             let job = Job { input_axis: p.input_axis, factors: f, target, refine };
                             let (pruned, sw, delta) = out.fill(|buf| {
@@ -384,4 +388,3 @@ fn open_gram(run: &Run, opts: &ApplyOptions) -> Result<Gram> {
     let who = if opts.method.needs_gram() { format!("method {}", opts.method.name()) } else { "--update".to_string() };
     run.open_gram(opts.gram.as_deref(), &who)
 }
-

@@ -21,7 +21,8 @@ pub enum Item<'a> {
 /// (its own, or an added one) right after it.
 pub fn shard_items<'a>(ckpt: &'a Checkpoint, shard: &'a Shard, plan: Option<&'a BiasPlan>) -> Result<Vec<OutTensor<Item<'a>>>> {
     let mut items = Vec::with_capacity(shard.tensors.len());
-    let plain = |t: &'a TensorEntry| OutTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), nbytes: t.nbytes(), source: Item::Tensor(t) };
+    let plain =
+        |t: &'a TensorEntry| OutTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), nbytes: t.nbytes(), source: Item::Tensor(t) };
     let Some(plan) = plan else {
         items.extend(shard.tensors.iter().map(plain));
         return Ok(items);

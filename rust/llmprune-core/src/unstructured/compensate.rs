@@ -15,10 +15,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use rayon::prelude::*;
 use serde_json::Value;
 
+use crate::error::{Error, Result};
 use crate::io::blocks::block_index;
 use crate::io::checkpoint::{Checkpoint, TensorEntry};
 use crate::io::dtype::decode_into;
-use crate::error::{Error, Result};
 use crate::unstructured::prunable::Prunable;
 
 /// Where a compensated weight's bias comes from.
@@ -67,7 +67,6 @@ pub fn bias_flag(model_type: &str, weight: &str) -> Option<&'static str> {
     }
 }
 
-
 /// Plans the biases of compensating `pruned` (every prunable weight of the run).
 pub fn plan(ckpt: &Checkpoint, config: &serde_json::Map<String, Value>, pruned: &BTreeMap<String, Prunable>) -> Result<BiasPlan> {
     let mtype = config.get("model_type").and_then(Value::as_str).unwrap_or_default();
@@ -95,7 +94,12 @@ pub fn plan(ckpt: &Checkpoint, config: &serde_json::Map<String, Value>, pruned: 
     if !plan.flags.is_empty() {
         for (_, t) in ckpt.tensors() {
             let covered = bias_flag(mtype, &t.name).is_some_and(|f| plan.flags.contains(f));
-            if covered && t.shape.len() == 2 && block_index(&t.name).is_some() && ckpt.get(&BiasPlan::bias_name(&t.name)).is_none() && !plan.compensated.contains_key(&t.name) {
+            if covered
+                && t.shape.len() == 2
+                && block_index(&t.name).is_some()
+                && ckpt.get(&BiasPlan::bias_name(&t.name)).is_none()
+                && !plan.compensated.contains_key(&t.name)
+            {
                 plan.zero_added.insert(t.name.clone());
             }
         }
@@ -104,9 +108,7 @@ pub fn plan(ckpt: &Checkpoint, config: &serde_json::Map<String, Value>, pruned: 
     for (w, src) in &plan.compensated {
         if let BiasSource::Existing(b) = src {
             if ckpt.shard_of(b) < ckpt.shard_of(w) {
-                return Err(Error::arg(format!(
-                    "{b} is stored in an earlier shard than {w}; compensation writes a bias after its weight"
-                )));
+                return Err(Error::arg(format!("{b} is stored in an earlier shard than {w}; compensation writes a bias after its weight")));
             }
         }
     }

@@ -130,7 +130,13 @@ pub fn refine(
 
 /// The grow candidates of a row: its pruned weights with w μ ≠ 0 by w μ / Var ascending (ties by column).
 fn grow_order(metric: &[f64], var: &[f64], mask: &[bool]) -> Vec<usize> {
-    let ratio = |j: usize| -> f64 { if var[j] > 0.0 { metric[j] / var[j] } else { metric[j].signum() * f64::INFINITY } };
+    let ratio = |j: usize| -> f64 {
+        if var[j] > 0.0 {
+            metric[j] / var[j]
+        } else {
+            metric[j].signum() * f64::INFINITY
+        }
+    };
     let mut grow: Vec<(f64, usize)> = (0..metric.len()).filter(|&j| mask[j] && metric[j] != 0.0).map(|j| (ratio(j), j)).collect();
     grow.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     grow.into_iter().map(|(_, j)| j).collect()
@@ -256,7 +262,17 @@ mod tests {
         let var: Vec<f64> = (0..cols).map(|j| 0.5 + (j % 7) as f64 / 3.0).collect();
         // 2:4 — the first two of every group pruned
         let mut mask: Vec<bool> = (0..cols).map(|j| j % 4 < 2).collect();
-        let swaps = refine(&w, 1, cols, None, &mu, &var, &mut mask, &DsnotOptions { iters: 50, threshold: 1e-9, skip: DsnotSkip::None, same_sign: false }, Some(4));
+        let swaps = refine(
+            &w,
+            1,
+            cols,
+            None,
+            &mu,
+            &var,
+            &mut mask,
+            &DsnotOptions { iters: 50, threshold: 1e-9, skip: DsnotSkip::None, same_sign: false },
+            Some(4),
+        );
         assert!(swaps > 0);
         assert!(mask.chunks(4).all(|g| g.iter().filter(|&&p| p).count() == 2));
     }

@@ -39,14 +39,7 @@ impl<'a> Job<'a> {
 
 /// Prunes one tensor into `out` (resized to the tensor's size) with `opts`' target and scope;
 /// returns the number of entries pruned.
-pub fn prune_tensor(
-    t: &TensorEntry,
-    data: &[u8],
-    input_axis: usize,
-    factors: Option<&[f32]>,
-    opts: &ApplyOptions,
-    out: &mut Vec<u8>,
-) -> Result<u64> {
+pub fn prune_tensor(t: &TensorEntry, data: &[u8], input_axis: usize, factors: Option<&[f32]>, opts: &ApplyOptions, out: &mut Vec<u8>) -> Result<u64> {
     prune_tensor_with(t, data, &Job::plain(input_axis, factors, opts.target), opts.scope, out).map(|r| r.0)
 }
 
@@ -171,7 +164,13 @@ pub(crate) fn reconstruct_tensor(
     if cached.as_ref().map(|(k, _)| k.as_str()) != Some(group.key.as_str()) {
         cached.take();
         let n = group.features;
-        let f = factor(&t.name, n, || gram.packed(&group.key).map(|(p, _)| unpack(&p, n)), opts.sparsegpt.damp, crate::unstructured::sparsegpt::current_par())?;
+        let f = factor(
+            &t.name,
+            n,
+            || gram.packed(&group.key).map(|(p, _)| unpack(&p, n)),
+            opts.sparsegpt.damp,
+            crate::unstructured::sparsegpt::current_par(),
+        )?;
         warnings.extend(f.warnings.iter().cloned());
         *cached = Some((group.key.clone(), f));
     }

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::io::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::io::checkpoint::Checkpoint;
 use crate::sidecar::Sidecar;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,9 +59,7 @@ pub fn in_decoder_block(name: &str) -> bool {
         return false;
     }
     let parts: Vec<&str> = name.split('.').collect();
-    parts.windows(3).any(|w| {
-        matches!(w[0], "layers" | "h" | "blocks") && !w[1].is_empty() && w[1].bytes().all(|b| b.is_ascii_digit())
-    })
+    parts.windows(3).any(|w| matches!(w[0], "layers" | "h" | "blocks") && !w[1].is_empty() && w[1].bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// An MoE router: `<moe>.gate.weight` beside `<moe>.experts.*` tensors. Routers choose experts and
@@ -80,11 +78,7 @@ pub fn resolve_prunable(
     default_input_axis: usize,
 ) -> Result<BTreeMap<String, Prunable>> {
     let mut set: BTreeMap<String, Prunable> = match sidecar {
-        Some(sc) => sc
-            .layers
-            .iter()
-            .map(|(name, s)| (name.clone(), Prunable { input_axis: s.input_axis }))
-            .collect(),
+        Some(sc) => sc.layers.iter().map(|(name, s)| (name.clone(), Prunable { input_axis: s.input_axis })).collect(),
         None => ckpt
             .tensors()
             .filter(|(_, t)| t.shape.len() == 2)
@@ -103,10 +97,7 @@ pub fn resolve_prunable(
     }
     set.retain(|name, _| !exclude.iter().any(|g| glob_match(g, name)));
     if set.is_empty() {
-        return Err(Error::arg(format!(
-            "no prunable tensors in {} (check --include / --exclude)",
-            ckpt.dir.display()
-        )));
+        return Err(Error::arg(format!("no prunable tensors in {} (check --include / --exclude)", ckpt.dir.display())));
     }
     Ok(set)
 }

@@ -49,9 +49,7 @@ impl FromStr for Method {
             "stade" => Ok(Method::Stade),
             "stade-w" => Ok(Method::StadeW),
             "sparsegpt" => Ok(Method::SparseGpt),
-            other => Err(Error::arg(format!(
-                "unknown method {other:?}; expected magnitude, wanda, stade, stade-w or sparsegpt"
-            ))),
+            other => Err(Error::arg(format!("unknown method {other:?}; expected magnitude, wanda, stade, stade-w or sparsegpt"))),
         }
     }
 }
@@ -60,10 +58,7 @@ impl FromStr for Method {
 pub fn is_output_projection(name: &str) -> bool {
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let last = module.rsplit('.').next().unwrap_or(module);
-    matches!(
-        last,
-        "o_proj" | "down_proj" | "out_proj" | "fc2" | "c_proj" | "dense_4h_to_h" | "w2"
-    )
+    matches!(last, "o_proj" | "down_proj" | "out_proj" | "fc2" | "c_proj" | "dense_4h_to_h" | "w2")
 }
 
 /// Wanda's factor: f32(sqrt(sqsum / n)), i.e. the activation norm up to a constant.
@@ -83,27 +78,17 @@ pub fn channel_factors(method: Method, name: &str, stats: Option<&LayerStats>) -
     if !method.needs_stats() {
         return Ok(None);
     }
-    let stats = stats.ok_or_else(|| {
-        Error::arg(format!("method {} needs activation statistics for {name}", method.name()))
-    })?;
+    let stats = stats.ok_or_else(|| Error::arg(format!("method {} needs activation statistics for {name}", method.name())))?;
     let min_count = if method == Method::Wanda { 1 } else { 2 };
     if stats.count < min_count {
-        return Err(Error::arg(format!(
-            "statistics for {name} cover {} tokens; {} needs at least {min_count}",
-            stats.count,
-            method.name()
-        )));
+        return Err(Error::arg(format!("statistics for {name} cover {} tokens; {} needs at least {min_count}", stats.count, method.name())));
     }
     let use_stade = match method {
         Method::Stade => true,
         Method::StadeW => is_output_projection(name),
         _ => false,
     };
-    Ok(Some(if use_stade {
-        stade_factors(stats)
-    } else {
-        wanda_factors(stats)
-    }))
+    Ok(Some(if use_stade { stade_factors(stats) } else { wanda_factors(stats) }))
 }
 
 #[cfg(test)]
@@ -111,12 +96,7 @@ mod tests {
     use super::*;
 
     fn stats(sum: Vec<f64>, sqsum: Vec<f64>, count: i64) -> LayerStats {
-        LayerStats {
-            act_sum: sum,
-            act_sqsum: sqsum,
-            count,
-            input_axis: 1,
-        }
+        LayerStats { act_sum: sum, act_sqsum: sqsum, count, input_axis: 1 }
     }
 
     #[test]

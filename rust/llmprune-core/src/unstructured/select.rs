@@ -37,15 +37,11 @@ impl Target {
 
     pub fn validate(&self, scope: Scope) -> Result<()> {
         match *self {
-            Target::Sparsity(s) if !(0.0..1.0).contains(&s) => Err(Error::arg(format!(
-                "sparsity must be in [0, 1), got {s}"
-            ))),
-            Target::Pattern { n, m } if n == 0 || n >= m => Err(Error::arg(format!(
-                "N:M pattern needs 0 < N < M, got {n}:{m}"
-            ))),
-            Target::Pattern { .. } if scope == Scope::Layer => Err(Error::arg(
-                "--scope layer applies to unstructured sparsity, not to an N:M pattern",
-            )),
+            Target::Sparsity(s) if !(0.0..1.0).contains(&s) => Err(Error::arg(format!("sparsity must be in [0, 1), got {s}"))),
+            Target::Pattern { n, m } if n == 0 || n >= m => Err(Error::arg(format!("N:M pattern needs 0 < N < M, got {n}:{m}"))),
+            Target::Pattern { .. } if scope == Scope::Layer => {
+                Err(Error::arg("--scope layer applies to unstructured sparsity, not to an N:M pattern"))
+            }
             _ => Ok(()),
         }
     }
@@ -181,23 +177,14 @@ fn prune_row_n_m(w: &[f32], factors: Option<&[f32]>, n: usize, m: usize, pruned:
 
 /// Mask (true = pruned) of a row-major [rows, cols] f32 matrix. Used for layer scope, transposed
 /// storage and by the calibration pass (sequential mode), so every path shares one selection.
-pub fn mask_matrix(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    factors: Option<&[f32]>,
-    target: Target,
-    scope: Scope,
-) -> Result<Vec<bool>> {
+pub fn mask_matrix(w: &[f32], rows: usize, cols: usize, factors: Option<&[f32]>, target: Target, scope: Scope) -> Result<Vec<bool>> {
     assert_eq!(w.len(), rows * cols);
     if let Some(f) = factors {
         assert_eq!(f.len(), cols);
     }
     if let Target::Pattern { m, .. } = target {
         if !cols.is_multiple_of(m) {
-            return Err(Error::arg(format!(
-                "{cols} input features are not divisible by M = {m}"
-            )));
+            return Err(Error::arg(format!("{cols} input features are not divisible by M = {m}")));
         }
     }
     let mut mask = vec![false; w.len()];
@@ -209,11 +196,7 @@ pub fn mask_matrix(
             if w.len() > u32::MAX as usize {
                 return Err(Error::arg("layer scope supports matrices of at most 2^32 entries"));
             }
-            let mut keys: Vec<u64> = w
-                .par_iter()
-                .enumerate()
-                .map(|(i, &x)| key(score(x, factors.map(|f| f[i % cols])), i))
-                .collect();
+            let mut keys: Vec<u64> = w.par_iter().enumerate().map(|(i, &x)| key(score(x, factors.map(|f| f[i % cols])), i)).collect();
             let k = Target::count(s, keys.len());
             if k > 0 {
                 if k < keys.len() {
@@ -225,14 +208,12 @@ pub fn mask_matrix(
             }
         }
         _ => {
-            mask.par_chunks_mut(cols)
-                .zip(w.par_chunks(cols))
-                .for_each_init(Scratch::default, |scratch, (mrow, wrow)| {
-                    prune_row(wrow, factors, target, scratch);
-                    for &j in &scratch.pruned {
-                        mrow[j as usize] = true;
-                    }
-                });
+            mask.par_chunks_mut(cols).zip(w.par_chunks(cols)).for_each_init(Scratch::default, |scratch, (mrow, wrow)| {
+                prune_row(wrow, factors, target, scratch);
+                for &j in &scratch.pruned {
+                    mrow[j as usize] = true;
+                }
+            });
         }
     }
     Ok(mask)

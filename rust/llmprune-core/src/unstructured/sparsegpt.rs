@@ -111,7 +111,11 @@ pub fn factor(name: &str, n: usize, mut h: impl FnMut() -> Result<Vec<f32>>, dam
                 }
                 if let Some(bad) = (0..n).find(|&i| !(u[i * n + i].is_finite() && u[i * n + i] > 0.0)) {
                     if attempt < 4 {
-                        warnings.push(format!("{name}: the damped Gram matrix is numerically singular at input {bad}; damping {:.0e} → {:.0e}", damp, damp * 10.0));
+                        warnings.push(format!(
+                            "{name}: the damped Gram matrix is numerically singular at input {bad}; damping {:.0e} → {:.0e}",
+                            damp,
+                            damp * 10.0
+                        ));
                         damp *= 10.0;
                         continue;
                     }
@@ -166,10 +170,12 @@ pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, f: &Factor, sel: Selec
             Selection::Target(Target::Sparsity(s)) => {
                 let scores: Vec<f32> = w1
                     .par_chunks(cnt)
-                    .flat_map_iter(|row| row.iter().enumerate().map(move |(i, &x)| {
-                        let d = u[(i1 + i) * cols + i1 + i];
-                        x * x / (d * d)
-                    }))
+                    .flat_map_iter(|row| {
+                        row.iter().enumerate().map(move |(i, &x)| {
+                            let d = u[(i1 + i) * cols + i1 + i];
+                            x * x / (d * d)
+                        })
+                    })
                     .collect();
                 mask_matrix(&scores, rows, cnt, None, Target::Sparsity(s), Scope::Layer)?
             }
@@ -230,7 +236,15 @@ pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, f: &Factor, sel: Selec
 
 /// Factors H (given afresh by `h` for each damping tried) and runs the sweep on `w`, on the current
 /// rayon pool; returns the mask and any damping warnings.
-pub fn prune_matrix(name: &str, w: &mut [f32], rows: usize, cols: usize, h: impl FnMut() -> Result<Vec<f32>>, sel: Selection, opts: SparseGptOptions) -> Result<(Vec<bool>, Vec<String>)> {
+pub fn prune_matrix(
+    name: &str,
+    w: &mut [f32],
+    rows: usize,
+    cols: usize,
+    h: impl FnMut() -> Result<Vec<f32>>,
+    sel: Selection,
+    opts: SparseGptOptions,
+) -> Result<(Vec<bool>, Vec<String>)> {
     opts.validate()?;
     let par = current_par();
     let f = factor(name, cols, h, opts.damp, par)?;

@@ -55,10 +55,26 @@ fn shard(header: &str, data_len: usize) -> Vec<u8> {
 /// Valid files of each kind, the starting points of mutation.
 pub fn seeds() -> Vec<(Target, Vec<u8>)> {
     let mut out = vec![
-        (Target::Header, shard(r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]},"b":{"dtype":"F32","shape":[3],"data_offsets":[12,24]}}"#, 24)),
-        (Target::Header, shard(r#"{"b":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},"a":{"dtype":"F32","shape":[4,0],"data_offsets":[12,12]}}"#, 12)),
-        (Target::Header, shard(r#"{"x":{"dtype":"F16","shape":[],"data_offsets":[0,2]},"y":{"dtype":"I64","shape":[1,1,1],"data_offsets":[2,10]}}"#, 10)),
-        (Target::Index, br#"{"metadata":{"total_size":48},"weight_map":{"a":"model-00001-of-00002.safetensors","b":"model-00002-of-00002.safetensors"}}"#.to_vec()),
+        (
+            Target::Header,
+            shard(
+                r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]},"b":{"dtype":"F32","shape":[3],"data_offsets":[12,24]}}"#,
+                24,
+            ),
+        ),
+        (
+            Target::Header,
+            shard(r#"{"b":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},"a":{"dtype":"F32","shape":[4,0],"data_offsets":[12,12]}}"#, 12),
+        ),
+        (
+            Target::Header,
+            shard(r#"{"x":{"dtype":"F16","shape":[],"data_offsets":[0,2]},"y":{"dtype":"I64","shape":[1,1,1],"data_offsets":[2,10]}}"#, 10),
+        ),
+        (
+            Target::Index,
+            br#"{"metadata":{"total_size":48},"weight_map":{"a":"model-00001-of-00002.safetensors","b":"model-00002-of-00002.safetensors"}}"#
+                .to_vec(),
+        ),
         (Target::Index, br#"{"weight_map":{"model.layers.0.q.weight":"sub/dir/s.safetensors"}}"#.to_vec()),
     ];
     out.push((Target::Sidecar, sidecar_seed()));
@@ -83,8 +99,20 @@ fn sidecar_seed() -> Vec<u8> {
 }
 
 const NUMBERS: [&str; 14] = [
-    "0", "1", "-1", "7", "8", "255", "4294967295", "4294967296", "9223372036854775807", "9223372036854775808",
-    "18446744073709551615", "18446744073709551616", "1e400", "35184372088832",
+    "0",
+    "1",
+    "-1",
+    "7",
+    "8",
+    "255",
+    "4294967295",
+    "4294967296",
+    "9223372036854775807",
+    "9223372036854775808",
+    "18446744073709551615",
+    "18446744073709551616",
+    "1e400",
+    "35184372088832",
 ];
 
 /// One mutation of `input` (another corpus entry may be spliced in).
@@ -128,7 +156,16 @@ pub fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
                 v.drain(a..a + len);
             }
             7 => {
-                let tokens: [&[u8]; 8] = [br#""dtype":"BOOL""#, br#""shape":[]"#, br#""data_offsets":[0]"#, br#"null"#, br#""__metadata__":7"#, br#""..""#, br#""/x.safetensors""#, br#""input_axis":2"#];
+                let tokens: [&[u8]; 8] = [
+                    br#""dtype":"BOOL""#,
+                    br#""shape":[]"#,
+                    br#""data_offsets":[0]"#,
+                    br#"null"#,
+                    br#""__metadata__":7"#,
+                    br#""..""#,
+                    br#""/x.safetensors""#,
+                    br#""input_axis":2"#,
+                ];
                 let t = tokens[rng.below(tokens.len())];
                 let at = rng.below(v.len() + 1);
                 v.splice(at..at, t.iter().copied());
