@@ -403,7 +403,7 @@ def test_hub_snapshot_links_are_followed(run_cli, tiny_models, tmp_path):
 def big_model(tmp_path_factory) -> Path:
     """A checkpoint big enough that pruning it takes a while (read-only: apply never writes into it)."""
     model = tmp_path_factory.mktemp("big") / "ck"
-    gen = Path(__file__).parent.parent / "benches" / "make_checkpoint.py"
+    gen = Path(__file__).resolve().parents[2] / "benches" / "make_checkpoint.py"
     subprocess.run([sys.executable, str(gen), str(model), "--shape", "1b", "--layers", "6"], check=True, capture_output=True)
     return model
 
