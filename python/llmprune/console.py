@@ -132,7 +132,7 @@ class BlockProgress:
             self._p.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self._p is not None:
             self._p.__exit__(*exc)
 

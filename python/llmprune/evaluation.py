@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -139,7 +139,7 @@ def zero_shot(model_dir: str | Path, tasks: list[str], *, device: str = "auto", 
     if needs_load_pruned(model_dir):  # structurally pruned, layers of different sizes
         model = load_pruned(model_dir, dtype=dt, device=dev)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt).to(dev).eval()
+        model = cast(Any, AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt)).to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(dev))
     try:

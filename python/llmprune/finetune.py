@@ -23,8 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llmprune.model.checkpoint import Checkpoint
 from llmprune.errors import UsageError
+from llmprune.model.checkpoint import Checkpoint
 from llmprune.model.skeleton import find_blocks, linear_input_axis
 
 PEFT_HINT = "pip install 'llmprune[finetune]'"
@@ -156,7 +156,7 @@ def train_lora(
     torch.manual_seed(train.seed)
     config = LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates an int; a float scales alike (alpha / r)
         lora_dropout=lora.dropout,
         target_modules=modules,
         bias="none",

@@ -11,6 +11,7 @@ writes the result. With a GramTarget the same pass also sums each block's input 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,6 +29,7 @@ from llmprune.calibration.sequential import MaskFn, Sequential, core_compute_mas
 from llmprune.calibration.sidecar import BlockStats, LayerStats
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
+from llmprune.model.skeleton import Linear
 from llmprune.model.stream import LayerStreamer
 
 
@@ -69,7 +71,7 @@ class _BlockHooks:
     """Forward pre-hooks on a block's linears. Layers fed the same tensor (q/k/v, gate/up) share
     one reduction of it."""
 
-    def __init__(self, prunable: list[tuple[str, torch.nn.Module, int]], device: torch.device):
+    def __init__(self, prunable: list[tuple[str, Linear, int]], device: torch.device):
         self.accs: dict[str, _Accumulator] = {}
         self._handles = []
         self._last: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor, int]] | None = None
@@ -217,7 +219,7 @@ def collect_stats(
             # before the stats hooks: on block 0 it runs the first window once to see shared inputs
             gram_hooks = grams.block(i, hidden) if grams is not None else None
             hooks = _BlockHooks(prunable, streamer.device)
-            moe_hooks = ExpertHooks(streamer.blocks[i], lambda rel, router, i=i: _moe_name(streamer, i, rel, router), streamer.device)
+            moe_hooks = ExpertHooks(streamer.blocks[i], functools.partial(_moe_name, streamer, i), streamer.device)
             bar.phase(f"block {i}")
             try:
                 for j in range(n):
@@ -236,6 +238,7 @@ def collect_stats(
             experts.update(moe_hooks.results())
             block_grams = None
             if grams is not None:
+                assert gram_hooks is not None
                 grams.commit(gram_hooks)
                 if sequential is not None and sequential.reconstructs:
                     block_grams = gram_hooks.full_matrices()
@@ -292,6 +295,7 @@ def owl_block_sparsity(model_dir: str | Path, samples: torch.Tensor, seq: Sequen
 
     dense = collect_stats(model_dir, samples, sequential=None, dist=info, progress=progress, streamer=streamer)
     m, lam = seq.owl_params()
+    assert seq.sparsity is not None, "an N:M pattern with an allocation is refused before the pass"
     layers = {k: (v.act_sum.tolist(), v.act_sqsum.tolist(), int(v.act_count), int(v.input_axis)) for k, v in dense.layers.items()}
     try:
         return list(_core.owl_allocation(str(model_dir), layers, sparsity=seq.sparsity, owl_m=m, owl_lambda=lam))

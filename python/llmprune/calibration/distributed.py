@@ -38,6 +38,7 @@ def init_distributed(device: str) -> DistInfo:
     if world <= 1:
         return DistInfo()
     import torch.distributed as dist
+
     # torch.distributed.nn binds `group.WORLD` as default arguments when it is imported (transformers
     # imports it through torch._dynamo while the model skeleton is built). Imported after the group
     # exists, it would keep the group alive past destroy_process_group, and gloo's threads would then

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmprune.calibration.activations import StatsResult, collect_stats
+from llmprune.calibration.sidecar import GradStats
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
-from llmprune.calibration.sidecar import GradStats
-from llmprune.calibration.activations import StatsResult, collect_stats
 from llmprune.model.stream import LayerStreamer
 
 QUANTITIES = ("taylor_abs", "taylor_sum", "fisher", "mix_abs")
@@ -203,7 +203,7 @@ class _InputStore:
                 os.unlink(os.path.join(self.tmp, f"block{i}.bin"))
 
 
-def _prunable_weights(streamer: LayerStreamer, i: int) -> list[tuple[str, torch.nn.Parameter, int]]:
+def _prunable_weights(streamer: LayerStreamer, i: int) -> list[tuple[str, torch.Tensor, int]]:
     out = []
     for name, mod, axis in streamer.prunable(i):
         mod.weight.requires_grad_(True)

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
-from torch import nn
 
 from llmprune.errors import UsageError
 
 if TYPE_CHECKING:
     from llmprune.calibration.distributed import DistInfo
+    from llmprune.model.skeleton import Linear
     from llmprune.model.stream import LayerStreamer
 
 
@@ -64,7 +64,7 @@ class GramSummary:
 # --------------------------------------------------------------------------------------------
 
 
-def block_linears(streamer: LayerStreamer, i: int) -> list[tuple[str, str, nn.Module, int]]:
+def block_linears(streamer: LayerStreamer, i: int) -> list[tuple[str, str, Linear, int]]:
     """(name relative to the block, checkpoint weight name, module, input axis) of block i's linears."""
     rel = {id(mod): name for name, mod in streamer.blocks[i].named_modules()}
     return [(rel[id(mod)], name, mod, axis) for name, mod, axis in streamer.prunable(i)]

@@ -34,7 +34,6 @@ from torch import nn
 from llmprune.errors import UsageError
 from llmprune.model.moe_layout import expert_count
 
-
 ROUTERS = ("gate", "router")  # the router's attribute: most models `gate`, gpt-oss `router`
 
 
@@ -70,7 +69,7 @@ def moe_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class _Layer:
-    def __init__(self, mod: nn.Module):
+    def __init__(self, mod: Any):  # a transformers MoE module: experts and router reached by name
         self.mod = mod
         found = router_of(mod)
         assert found is not None, "moe_modules() picks modules with a router"
@@ -122,10 +121,11 @@ class ExpertHooks:
             self.layers[name_of(rel, layer.router_attr)] = layer
             self.handles.append(mod.register_forward_pre_hook(self._enter(layer), with_kwargs=True))
             self.handles.append(getattr(mod, layer.router_attr).register_forward_hook(self._route(layer)))
+            experts: Any = layer.mod.experts
             if layer.fused:
-                self.handles.append(mod.experts.register_forward_hook(self._probe(layer), with_kwargs=True))
+                self.handles.append(experts.register_forward_hook(self._probe(layer), with_kwargs=True))
             else:
-                for j, expert in enumerate(mod.experts):
+                for j, expert in enumerate(experts):
                     self.handles.append(expert.register_forward_hook(self._expert(layer, j)))
 
     @staticmethod
@@ -220,6 +220,6 @@ class ExpertHooks:
     def results(self) -> dict[str, dict[str, Any]]:
         """{moe module name: {count, gate_sum, reap_sum, top_k}}, as the sidecar stores them."""
         return {
-            name: {"count": [int(c) for c in l.count], "gate_sum": l.gate_sum.tolist(), "reap_sum": l.reap_sum.tolist(), "top_k": l.top_k}
-            for name, l in self.layers.items()
+            name: {"count": [int(c) for c in layer.count], "gate_sum": layer.gate_sum.tolist(), "reap_sum": layer.reap_sum.tolist(), "top_k": layer.top_k}
+            for name, layer in self.layers.items()
         }

@@ -9,9 +9,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from llmprune.console import byte_progress, err, print_json, warn
-from llmprune.errors import UsageError
-from llmprune.methods import method_registry, methods
 from llmprune.cli.options import (
     DsnotItersOpt,
     DsnotSameSignOpt,
@@ -28,6 +25,9 @@ from llmprune.cli.options import (
     target_label,
     unstructured_extras,
 )
+from llmprune.console import byte_progress, err, print_json, warn
+from llmprune.errors import UsageError
+from llmprune.methods import method_registry, methods
 
 APPLY_EPILOG = """Examples:
 
@@ -357,11 +357,13 @@ def inspect_cmd(model: ModelArg, json_out: JsonOpt = False) -> None:
     table.add_column("shape", no_wrap=True)
     for col in ("sparsity", "2:4", "4:8"):
         table.add_column(col, justify="right", no_wrap=True)
+    def mark(nm: dict[str, bool], k: str) -> str:
+        return "" if k not in nm else ("yes" if nm[k] else "no")
+
     for t in report["tensors"]:
         nm = t["nm"]
-        mark = lambda k: "" if k not in nm else ("yes" if nm[k] else "no")  # noqa: E731
         dtype = [] if one_dtype else [t["dtype"]]
-        table.add_row(t["name"], *dtype, "x".join(map(str, t["shape"])), f"{t['sparsity']:.2%}", mark("2:4"), mark("4:8"))
+        table.add_row(t["name"], *dtype, "x".join(map(str, t["shape"])), f"{t['sparsity']:.2%}", mark(nm, "2:4"), mark(nm, "4:8"))
     out = Console(highlight=False)
     out.print(table)
     out.print(f"prunable weights: {report['prunable']['sparsity']:.2%} zeros of {report['prunable']['numel']:,}")

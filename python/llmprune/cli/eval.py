@@ -6,10 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg
 from llmprune.console import print_json
 from llmprune.errors import UsageError
-from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg
-
 
 EVAL_EPILOG = """Examples:
 
@@ -40,8 +39,8 @@ def eval_cmd(
 ) -> None:
     """Perplexity of a checkpoint on held-out text, one decoder block in memory at a time."""
     from llmprune.data.sources import EVAL, describe_source
-    from llmprune.data.windows import eval_token_ids
     from llmprune.data.tokenizer import load_tokenizer
+    from llmprune.data.windows import eval_token_ids
     from llmprune.evaluation import perplexity, require_lm_eval, zero_shot
     from llmprune.model.devices import check_pass_inputs
 

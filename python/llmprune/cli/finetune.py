@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg
 from llmprune.console import count_progress, print_json
 from llmprune.errors import UsageError
-from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg
 
 DEFAULT_SEQLEN = 256  # LLM-Pruner's cutoff length
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -71,8 +71,8 @@ def finetune_cmd(
 
     from llmprune import _core
     from llmprune.data.sources import CALIB, describe_source
-    from llmprune.data.windows import calibration_samples
     from llmprune.data.tokenizer import load_tokenizer
+    from llmprune.data.windows import calibration_samples
     from llmprune.model.checkpoint import Checkpoint
     from llmprune.model.devices import resolve_device, window_length
     from llmprune.model.skeleton import load_config

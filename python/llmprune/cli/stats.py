@@ -15,8 +15,6 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from llmprune.console import print_json, warn
-from llmprune.errors import UsageError
 from llmprune.cli.options import (
     DeviceOpt,
     DsnotItersOpt,
@@ -32,6 +30,8 @@ from llmprune.cli.options import (
     parse_target,
     unstructured_extras,
 )
+from llmprune.console import print_json, warn
+from llmprune.errors import UsageError
 
 DEFAULT_COMMAND = "compute"
 DEFAULT_NSAMPLES = 128
@@ -80,7 +80,7 @@ class _StatsGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-class _DefaultContext(TyperCommand.context_class):  # type: ignore[misc,name-defined]
+class _DefaultContext(TyperCommand.context_class):  # type: ignore[misc,valid-type]
     """Names the default command as `llmprune stats` in usage lines and hints."""
 
     @property
@@ -113,8 +113,8 @@ def _check_out(out: Path) -> None:
 def _warn_if_slow_on_cpu(model: Path, device: str, nsamples: int, seqlen: int) -> None:
     """The default protocol (128 x 2048 tokens) can take hours on a CPU: say about how long, measured
     from this CPU's matrix-multiply speed and the model's size, and how to ask for less."""
-    from llmprune.model.devices import resolve_device
     from llmprune.calibration.estimate import pass_seconds
+    from llmprune.model.devices import resolve_device
 
     if resolve_device(device).type != "cpu":
         return
@@ -175,12 +175,12 @@ def stats_cmd(
     Merge sidecars of disjoint calibration sets with `llmprune stats merge A B ... --out C`.
     """
     from llmprune.calibration import sidecar
-    from llmprune.data.sources import CALIB, describe_source
-    from llmprune.data.windows import calibration_samples
-    from llmprune.data.tokenizer import load_tokenizer
     from llmprune.calibration.activations import collect_stats
     from llmprune.calibration.distributed import init_distributed, shutdown_distributed
     from llmprune.calibration.sequential import Sequential, validate_schedule, validate_sequential
+    from llmprune.data.sources import CALIB, describe_source
+    from llmprune.data.tokenizer import load_tokenizer
+    from llmprune.data.windows import calibration_samples
     from llmprune.model.devices import check_pass_inputs
 
     if nsamples < 1:

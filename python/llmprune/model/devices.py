@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from llmprune.model.checkpoint import Checkpoint
 from llmprune.errors import UsageError
+from llmprune.model.checkpoint import Checkpoint
 from llmprune.model.skeleton import load_config
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

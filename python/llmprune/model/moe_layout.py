@@ -13,7 +13,7 @@ and the in-memory names map back to the checkpoint's through transformers' own r
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ def _conversions(model: nn.Module) -> list[Any]:
         from transformers.conversion_mapping import get_model_conversion_mapping
     except ImportError:
         return []
-    return list(get_model_conversion_mapping(model, add_legacy=False))
+    return list(get_model_conversion_mapping(cast(Any, model), add_legacy=False))
 
 
 def disk_renames(model: nn.Module) -> list[tuple[str, str]]:

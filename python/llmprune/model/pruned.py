@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -73,4 +73,4 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype | str | None = None, dev
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise UsageError(f"tensor {left[0]} is missing from the checkpoint in {ckpt.dir}")
-    return model.to(device).eval()
+    return cast(Any, model).to(device).eval()  # transformers' decorated .to() is mistyped

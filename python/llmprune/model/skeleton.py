@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from llmprune.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# A prunable linear layer: nn.Linear ([out, in]) or transformers' Conv1D ([in, out]), which has the
+# same `weight` and `bias` attributes (linear_input_axis tells them apart).
+Linear = nn.Linear
 
 
 def load_config(model_dir: Path):
@@ -22,7 +29,7 @@ def load_config(model_dir: Path):
         raise UsageError(f"cannot read the model configuration in {model_dir}: {exc}") from None
 
 
-def build_skeleton(config) -> nn.Module:
+def build_skeleton(config: Any) -> PreTrainedModel:
     """The causal LM with every parameter on the meta device (buffers such as rotary tables are real)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -97,9 +104,10 @@ def resize_modules(model: nn.Module, config: Any) -> None:
     _, blocks = find_blocks(model)
     if not isinstance(layers, list) or len(layers) != len(blocks) or not isinstance(head_dim, int):
         raise UsageError(f"config.json records {len(layers) if isinstance(layers, list) else 'no'} layer sizes for a model with {len(blocks)} layers")
+    block: Any  # a transformers decoder layer: its submodules are reached by name
     for block, size in zip(blocks, layers):
         heads, kv, inter = size["num_attention_heads"], size["num_key_value_heads"], size["intermediate_size"]
-        attn = block.self_attn
+        attn: Any = block.self_attn
         q_out, kv_out = heads * head_dim, kv * head_dim
         if family == "llama" and hasattr(attn, "qkv_proj"):  # Phi-3: fused qkv_proj and gate_up_proj
             hidden = attn.qkv_proj.in_features
@@ -109,7 +117,7 @@ def resize_modules(model: nn.Module, config: Any) -> None:
             attn.config = copy.copy(attn.config)
             attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv
             attn.num_key_value_heads, attn.num_key_value_groups = kv, heads // kv
-            mlp = block.mlp
+            mlp: Any = block.mlp
             mlp.gate_up_proj = _resized(mlp.gate_up_proj, hidden, 2 * inter)
             mlp.down_proj = _resized(mlp.down_proj, inter, mlp.down_proj.out_features)
         elif family == "llama":

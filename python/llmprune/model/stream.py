@@ -13,18 +13,19 @@ weightless model is `skeleton.py`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from llmprune.errors import UsageError
 from llmprune.model.checkpoint import Checkpoint
 from llmprune.model.devices import resolve_device, resolve_dtype
-from llmprune.errors import UsageError
 from llmprune.model.moe_layout import disk_renames, unfuse_experts
-from llmprune.model.skeleton import build_skeleton, find_blocks, linear_input_axis, load_config
+from llmprune.model.skeleton import Linear, build_skeleton, find_blocks, linear_input_axis, load_config
+
 
 def _tensor_slots(root: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, str, torch.Tensor, bool]]:
     """(qualified name, owning module, attribute, tensor, is_parameter) of every parameter and buffer."""
@@ -143,7 +144,7 @@ class LayerStreamer:
         self.block_args: list[tuple[tuple, dict] | None] = [None] * self.num_blocks
         self._out_format: int | None = None  # 0: blocks return a tensor; n: a tuple of n items
         self._captured: torch.Tensor | None = None
-        self._saved: dict[int, list[tuple[nn.Module, str, torch.Tensor, bool]]] = {}
+        self._saved: dict[int, list[tuple[nn.Module, str, torch.Tensor | None, bool]]] = {}
         self._share_block_buffers()
         self._load_outside_blocks(with_head)
 
@@ -177,7 +178,7 @@ class LayerStreamer:
     def block_prefix(self, i: int) -> str:
         return f"{self.blocks_path}.{i}"
 
-    def prunable(self, i: int) -> list[tuple[str, nn.Module, int]]:
+    def prunable(self, i: int) -> list[tuple[str, Linear, int]]:
         """(checkpoint weight name, module, input axis) of every linear layer in block i."""
         out = []
         block = self.blocks[i]
@@ -189,7 +190,7 @@ class LayerStreamer:
             name = self.checkpoint_name(qual)
             if name is None:
                 raise UsageError(f"tensor {qual} is missing from the checkpoint in {self.ckpt.dir}")
-            out.append((name, mod, axis))
+            out.append((name, cast(Linear, mod), axis))
         return out
 
     # ---- loading -----------------------------------------------------------------------------
@@ -219,7 +220,7 @@ class LayerStreamer:
                 qual = f"{mname}.{attr}" if mname else attr
                 slots.append((qual, mod, attr, t, is_param))
         wanted: dict[str, str] = {}
-        for qual, mod, attr, t, is_param in slots:
+        for qual, mod, _attr, _t, _is_param in slots:
             if mod is head and not with_head:
                 continue
             name = self.checkpoint_name(qual)
@@ -246,7 +247,7 @@ class LayerStreamer:
                 # a tied LM head (stored once, as the embedding): the skeleton lost the tie
                 emb = self.model.get_input_embeddings()
                 if emb is not None and emb.weight.device.type != "meta" and emb.weight.shape == t.shape:
-                    tied = emb.weight
+                    tied = cast(torch.Tensor, emb.weight)
             if tied is None:
                 raise UsageError(f"tensor {qual} is missing from the checkpoint in {self.ckpt.dir}")
             _set(mod, attr, tied, True)
@@ -269,7 +270,7 @@ class LayerStreamer:
             if name is not None:
                 names[qual] = name
         loaded = self._load(names, {q for q, _, _, _, p in slots if p})
-        saved = []
+        saved: list[tuple[nn.Module, str, torch.Tensor | None, bool]] = []
         for qual, mod, attr, t, is_param in slots:
             saved.append((mod, attr, t, is_param))
             if qual in names:
@@ -294,7 +295,7 @@ class LayerStreamer:
 
     # ---- running -----------------------------------------------------------------------------
 
-    def _swap_blocks(self, stand_ins: list[nn.Module]) -> list[nn.Module]:
+    def _swap_blocks(self, stand_ins: Sequence[nn.Module]) -> list[nn.Module]:
         originals = list(self.blocks)
         for k, m in enumerate(stand_ins):
             self.blocks[k] = m
