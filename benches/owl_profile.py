@@ -24,9 +24,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from demo import llmprune  # noqa: E402
+from common import llmprune
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")

@@ -22,19 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C
+from common import err, fmt_ppl, llmprune, ratio
 
-from demo import _fmt_ppl, _provenance, err, llmprune  # noqa: E402
-from sparsegpt_quality import add_protocol_options, ensure_statistics, write_markdown  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("wanda", "stade", "stade-w", "sparsegpt")
 FLAGS = ("owl", "compensate", "dsnot")
 MD_BEGIN = "<!-- owl_quality.py table: begin -->"
@@ -79,26 +74,20 @@ class Row:
         return a
 
 
+def parse_row(item: str) -> Row:
+    r = C.parse_run(item, "METHOD[+owl][+compensate][+dsnot]@SPARSITY", METHODS, flags=FLAGS)
+    return Row(r.method, r.target, list(r.flags))
+
+
 def parse_runs(spec: str) -> list[Row]:
-    rows = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        head, _, s = item.partition("@")
-        method, *flags = head.split("+")
-        if method not in METHODS or any(f not in FLAGS for f in flags) or not s:
-            raise SystemExit(f"error: bad run {item!r}; expected METHOD[+owl][+compensate][+dsnot]@SPARSITY with METHOD in {', '.join(METHODS)}")
-        float(s)
-        rows.append(Row(method, s, flags))
-    return rows
+    return C.parse_runs(spec, parse_row)
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = "python benches/owl_quality.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, default=ROOT / "demo-out" / "smollm2-135m", help="demo checkpoint (cached)")
-    ap.add_argument("--work-dir", type=Path, default=None, help="pruned checkpoints [default: beside --model-dir]")
+    ap = C.parser(__doc__)
+    C.add_model_options(ap, "pruned checkpoints [default: beside --model-dir]")
     ap.add_argument("--runs", default=None, help="METHOD[+owl][+compensate][+dsnot]@SPARSITY,... [default: all the issue's rows]")
-    add_protocol_options(ap)
+    C.add_protocol_options(ap)
     ap.add_argument("--reuse-stats", action="store_true", help="reuse the sidecars in --model-dir when their calibration matches")
     ap.add_argument("--owl-m", type=float, default=None, help="--owl-m of the owl rows [llmprune's default]")
     ap.add_argument("--owl-lambda", type=float, default=None, help="--owl-lambda of the owl rows [llmprune's default]")
@@ -108,29 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path, default=None, help=f"also write the table between '{MD_BEGIN}' and '{MD_END}' in this file")
     args = ap.parse_args(argv)
     rows = parse_runs(args.runs or default_runs())
-    provenance = _provenance()
-    model = args.model_dir.resolve()
-    work = (args.work_dir or model.parent).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t0, load_start = time.perf_counter(), os.getloadavg()
-
-    from llmprune.model.demo import ensure_demo_model
-
-    ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
-    stats_info = ensure_statistics(model, args)
-    eval_args = ["--seqlen", str(args.eval_seqlen), "--device", args.device]
-    if args.max_tokens:
-        eval_args += ["--max-tokens", str(args.max_tokens)]
-    dense_res = llmprune("eval", str(model), *eval_args)
-    dense = dense_res["perplexity"]
+    session = C.Session(__file__, args, argv)
+    model, work = session.model, session.work
+    session.prepare_model()
+    stats_info = C.ensure_statistics(model, args)
+    dense = session.eval(model)["perplexity"]
 
     def save(partial: bool) -> None:
-        if args.json:
-            doc = {"command": command, "provenance": provenance, "dense": dense, "statistics": stats_info,
-                   "rows": [asdict(r) for r in rows], "partial": partial, "seconds": round(time.perf_counter() - t0, 1),
-                   "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        session.save_json(dense=dense, statistics=stats_info, rows=[asdict(r) for r in rows], partial=partial)
 
     if args.resume and args.json and args.json.is_file():
         done = {r["method"] + "".join("+" + f for f in r["flags"]) + "@" + r["sparsity"]: r for r in json.loads(args.json.read_text())["rows"]}
@@ -142,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, row in enumerate(rows, 1):
         if row.perplexity is not None:
             continue
-        err.print(f"[bold][{k}/{len(rows)}] {row.spec}[/bold] [dim]({time.perf_counter() - t0:.0f} s so far)[/dim]")
+        session.announce(k, len(rows), row.spec)
         out = work / f"{model.name}-{row.spec.replace('@', '-').replace('+', '-')}"
         owl = [*(["--owl-m", str(args.owl_m)] if args.owl_m is not None else []), *(["--owl-lambda", str(args.owl_lambda)] if args.owl_lambda is not None else [])]
         res = llmprune("apply", str(model), *row.apply_args(owl), *(["--dsnot-skip", args.dsnot_skip] if args.dsnot_skip and "dsnot" in row.flags else []),
@@ -150,43 +124,37 @@ def main(argv: list[str] | None = None) -> int:
         row.apply_seconds, row.block_sparsity = res.get("seconds"), res.get("block_sparsity")
         row.dsnot_swaps = res.get("dsnot_swaps") if "dsnot" in row.flags else None
         row.bias_params_added = res.get("bias_params_added") if "compensate" in row.flags else None
-        row.perplexity = llmprune("eval", str(out), *eval_args)["perplexity"]
+        row.perplexity = session.eval(out)["perplexity"]
         shutil.rmtree(out, ignore_errors=True)
         save(partial=k < len(rows))
 
-    table = markdown_table(rows, dense, args, command, provenance, time.perf_counter() - t0, load_start, os.getloadavg())
+    table = markdown_table(rows, dense, args, session.command, session.provenance, session.elapsed(), session.load_start, os.getloadavg())
     print(table)
     if args.markdown:
-        write_markdown(args.markdown, table, MD_BEGIN, MD_END)
+        C.write_markdown(args.markdown, table, MD_BEGIN, MD_END)
         err.print(f"wrote {args.markdown}", markup=False)
     return 0
 
 
 def markdown_table(rows: list[Row], dense: float, args: argparse.Namespace, command: str, provenance: str, total: float, load_start, load_end) -> str:
     ppl = {r.spec: r.perplexity for r in rows}
-    lines = [
-        f"Command: `{command}`",
-        "",
-        f"- calibration: nsamples {args.nsamples} x seqlen {args.seqlen}, seed 0 (dense statistics and Gram matrices, one `stats --gram` pass); "
+    facts = [
+        f"calibration: nsamples {args.nsamples} x seqlen {args.seqlen}, seed 0 (dense statistics and Gram matrices, one `stats --gram` pass); "
         f"evaluation: the first {args.max_tokens:,} tokens in {args.eval_seqlen}-token windows; device {args.device}, float32",
-        f"- {provenance}; wall time {total / 60:.1f} min; load average {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} at the start, "
-        f"{load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} at the end",
-        "",
-        f"| method | sparsity | allocation | `--compensate` | `--refine dsnot` | perplexity | ratio to dense ({dense:.2f}) | ratio to the same method, uniform | ratio to wanda, uniform |",
-        "|---|---:|---|---|---|---:|---:|---:|---:|",
+        f"{provenance}; wall time {total / 60:.1f} min; load average {C.loads(load_start, load_end)}",
     ]
+    table = []
     for r in sorted(rows, key=lambda r: (-float(r.sparsity), METHODS.index(r.method), len(r.flags), r.flags)):
         base = ppl.get(f"{r.method}@{r.sparsity}")
         wanda = ppl.get(f"wanda@{r.sparsity}")
-        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
         alloc = "owl" if "owl" in r.flags else "uniform"
         if r.block_sparsity:
             alloc += f" ({min(r.block_sparsity):.3f}-{max(r.block_sparsity):.3f})"
-        lines.append(
-            f"| {r.method} | {float(r.sparsity):.0%} | {alloc} | {'yes' if 'compensate' in r.flags else ''} | {'yes' if 'dsnot' in r.flags else ''} | "
-            f"{_fmt_ppl(r.perplexity)} | {ratio(r.perplexity, dense)} | {ratio(r.perplexity, base)} | {ratio(r.perplexity, wanda)} |"
-        )
-    return "\n".join(lines) + "\n"
+        table.append([r.method, f"{float(r.sparsity):.0%}", alloc, "yes" if "compensate" in r.flags else "", "yes" if "dsnot" in r.flags else "",
+                      fmt_ppl(r.perplexity), ratio(r.perplexity, dense), ratio(r.perplexity, base), ratio(r.perplexity, wanda)])
+    columns = ["method", "sparsity", "allocation", "`--compensate`", "`--refine dsnot`", "perplexity", f"ratio to dense ({dense:.2f})",
+               "ratio to the same method, uniform", "ratio to wanda, uniform"]
+    return C.markdown(command, facts, columns, "lrlllrrrr", table)
 
 
 if __name__ == "__main__":

@@ -24,27 +24,21 @@ twin. The defaults are docs/quality.md's protocol: calibration 8 x 256 tokens of
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C
+from common import err, fmt_ppl, llmprune
 
-from demo import _fmt_ppl, _provenance, err, llmprune, sidecar_meta  # noqa: E402
-from sparsegpt_quality import add_protocol_options  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS = ",".join([
     "flap@0.2", "flap+reconstruct@0.2", "hywia@0.2", "hywia+reconstruct@0.2",
     "flap@0.5", "flap+reconstruct@0.5", "hywia@0.5", "hywia+reconstruct@0.5",
 ])
 METHODS = ("flap", "hywia", "wanda-sp", "magnitude-sp")
-STATS_NAME, GRAM_NAME, GRAD_NAME = "llmprune-stats.safetensors", "llmprune-gram.safetensors", "stats-grad.safetensors"
+GRAD_NAME = "stats-grad.safetensors"
 
 
 @dataclass
@@ -74,53 +68,20 @@ class Row:
         return (self.method, self.allocation, self.sparsity)
 
 
+def parse_row(item: str) -> Row:
+    r = C.parse_run(item, "METHOD[/global|/uniform][+reconstruct]@SPARSITY", METHODS, flags=("reconstruct",), variants=("global", "uniform"))
+    return Row(r.method, r.variant or None, bool(r.flags), r.sparsity)
+
+
 def parse_runs(spec: str) -> list[Row]:
-    rows: list[Row] = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        name, sep, target = item.partition("@")
-        if not sep:
-            raise SystemExit(f"error: {item!r} needs @SPARSITY (e.g. flap@0.2)")
-        name, plus, flag = name.partition("+")
-        method, slash, allocation = name.partition("/")
-        if method not in METHODS or (plus and flag != "reconstruct") or (slash and allocation not in ("global", "uniform")):
-            raise SystemExit(f"error: bad run {item!r}: METHOD[/global|/uniform][+reconstruct]@SPARSITY, METHOD one of {', '.join(METHODS)}")
-        try:
-            sparsity = float(target)
-        except ValueError:
-            raise SystemExit(f"error: bad sparsity in {item!r}") from None
-        if not 0 < sparsity < 1:
-            raise SystemExit(f"error: sparsity of {item!r} must lie in (0, 1)")
-        row = Row(method, allocation or None, bool(plus), sparsity)
-        if row.spec not in {r.spec for r in rows}:
-            rows.append(row)
-    if not rows:
-        raise SystemExit("error: --runs names nothing")
-    return rows
-
-
-def _calibration_matches(meta: dict | None, want: dict) -> bool:
-    return bool(meta) and meta.get("mode", "dense") == "dense" and all((meta.get("calibration") or {}).get(k) == v for k, v in want.items())
-
-
-def ensure_dense(model: Path, args: argparse.Namespace, want: dict) -> dict:
-    """The dense stats and Gram sidecars in MODEL (`llmprune stats MODEL --gram`), reused with --reuse-stats
-    when both carry the same calibration."""
-    if args.reuse_stats:
-        metas = [sidecar_meta(model / n) for n in (STATS_NAME, GRAM_NAME)]
-        if all(_calibration_matches(m, want) for m in metas):
-            err.print(f"reusing {model / STATS_NAME} and {model / GRAM_NAME} (same calibration)", markup=False)
-            return {"reused": True, "tokens": metas[1]["calibration"].get("tokens")}
-    return llmprune("stats", str(model), "--gram", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                    "--seed", "0", "--device", args.device)
+    return C.parse_runs(spec, parse_row)
 
 
 def ensure_grad(model: Path, path: Path, args: argparse.Namespace, want: dict) -> dict:
     """A sidecar with gradient statistics (`llmprune stats MODEL --grad --out PATH`), reused when PATH
     already holds one with the same calibration."""
-    meta = sidecar_meta(path)
-    if _calibration_matches(meta, want) and meta.get("grad"):
+    meta = C.sidecar_meta(path)
+    if C.calibration_matches(meta, want) and meta.get("grad"):
         err.print(f"reusing {path} (same calibration, gradient statistics)", markup=False)
         return {"reused": True, "path": str(path), "tokens": meta["calibration"].get("tokens")}
     res = llmprune("stats", str(model), "--grad", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
@@ -129,14 +90,10 @@ def ensure_grad(model: Path, path: Path, args: argparse.Namespace, want: dict) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = "python benches/recon_quality.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, default=ROOT / "demo-out" / "smollm2-135m", help="demo checkpoint (cached)")
-    ap.add_argument("--work-dir", type=Path, default=None,
-                    help="pruned checkpoints and the gradient sidecar [default: beside --model-dir]")
+    ap = C.parser(__doc__)
+    C.add_model_options(ap, "pruned checkpoints and the gradient sidecar [default: beside --model-dir]")
     ap.add_argument("--runs", default=DEFAULT_RUNS, help="METHOD[/ALLOCATION][+reconstruct]@SPARSITY,... in the order to run them")
-    add_protocol_options(ap)
+    C.add_protocol_options(ap)
     ap.add_argument("--threads", type=int, default=None, help="threads of `llmprune apply`")
     ap.add_argument("--reuse-stats", action="store_true", help="reuse the dense sidecars in --model-dir when their calibration matches")
     ap.add_argument("--grad-stats", type=Path, default=None,
@@ -145,96 +102,61 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON (after every row)")
     args = ap.parse_args(argv)
     rows = parse_runs(args.runs)
-    provenance = _provenance()
-    model = args.model_dir.resolve()
-    work = (args.work_dir or model.parent).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    load_start = os.getloadavg()
-
-    from llmprune.model.demo import ensure_demo_model
-
-    ensure_demo_model(model, log=lambda msg: err.print(msg, markup=False, soft_wrap=True))
-    want = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}
+    session = C.Session(__file__, args, argv)
+    model, work = session.model, session.work
+    session.prepare_model()
+    want = C.calibration(args)
     stats_info: dict[str, dict] = {}
     if any(r.method != "hywia" for r in rows) or any(r.reconstruct for r in rows):
-        stats_info["dense"] = ensure_dense(model, args, want)
+        stats_info["dense"] = C.ensure_statistics(model, args)
     grad_path = (args.grad_stats or work / GRAD_NAME).resolve()
     if any(r.method == "hywia" for r in rows):
         stats_info["grad"] = ensure_grad(model, grad_path, args, want)
 
-    eval_args = ["--seqlen", str(args.eval_seqlen), "--device", args.device]
-    if args.max_tokens:
-        eval_args += ["--max-tokens", str(args.max_tokens)]
     dense = None
     eval_info: dict = {}
     if not args.no_dense_eval:
-        res = llmprune("eval", str(model), *eval_args)
+        res = session.eval(model)
         dense = res["perplexity"]
-        eval_info = {k: res.get(k) for k in ("tokens", "windows", "device", "dtype")}
+        eval_info = C.eval_summary(res)
 
     def save(partial: bool) -> None:
-        if args.json:
-            doc = {"command": command, "provenance": provenance, "dense": dense, "evaluation": eval_info,
-                   "statistics": stats_info, "rows": [asdict(r) for r in rows], "partial": partial,
-                   "seconds": round(time.perf_counter() - t0, 1), "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        session.save_json(dense=dense, evaluation=eval_info, statistics=stats_info, rows=[asdict(r) for r in rows], partial=partial)
 
     for k, row in enumerate(rows, 1):
-        err.print(f"[bold][{k}/{len(rows)}] {row.spec}[/bold] [dim]({time.perf_counter() - t0:.0f} s so far)[/dim]")
+        session.announce(k, len(rows), row.spec)
         out = work / f"{model.name}-{row.label}"
-        apply_args = ["apply", str(model), "--method", row.method, "--sparsity", f"{row.sparsity:g}", "--out", str(out), "--force"]
+        apply_args = [str(model), "--method", row.method, "--sparsity", f"{row.sparsity:g}", "--out", str(out), "--force"]
         if row.allocation:
             apply_args += ["--allocation", row.allocation]
         if row.method == "hywia":
             apply_args += ["--stats", str(grad_path)]
         if row.reconstruct:
             apply_args.append("--reconstruct")
-        if args.threads:
-            apply_args += ["--threads", str(args.threads)]
-        res = llmprune(*apply_args)
+        res = session.apply(*apply_args)
         row.apply_seconds = res.get("seconds")
         if res.get("block_params_before"):
             row.removed = res["params_removed"] / res["block_params_before"]
         row.allocation_used, row.compensate = res.get("allocation"), res.get("compensate")
-        res = llmprune("eval", str(out), *eval_args)
+        res = session.eval(out)
         row.perplexity, row.eval_seconds = res["perplexity"], res.get("seconds")
-        if not eval_info:
-            eval_info = {k: res.get(k) for k in ("tokens", "windows", "device", "dtype")}
+        eval_info = eval_info or C.eval_summary(res)
         shutil.rmtree(out, ignore_errors=True)
         save(partial=k < len(rows))
 
-    total = time.perf_counter() - t0
-    print(markdown_table(rows, dense, args, stats_info, eval_info, total, command, provenance, load_start, os.getloadavg()))
+    print(markdown_table(rows, dense, args, stats_info, eval_info, session.elapsed(), session.command, session.provenance,
+                         session.load_start, os.getloadavg()))
     return 0
 
 
 def markdown_table(rows: list[Row], dense: float | None, args: argparse.Namespace, stats_info: dict, eval_info: dict, total: float,
                    command: str, provenance: str, load_start, load_end) -> str:
-    def how(info: dict | None) -> str:
-        if not info:
-            return "not used"
-        return "reused from an earlier run" if info.get("reused") else f"{float(info.get('seconds') or 0):.0f} s"
-
-    max_tokens = f"the first {args.max_tokens:,} tokens" if args.max_tokens else "all tokens"
     tokens = next((i.get("tokens") for i in stats_info.values() if i.get("tokens")), None)
-    lines = [
-        f"Command: `{command}`",
-        "",
-        f"- model: `{args.model_dir.name}` (SmolLM2-135M-Instruct, bfloat16 safetensors converted by `llmprune demo-model`)",
-        f"- calibration: State of the Union addresses 1900-1949 (built-in); nsamples {args.nsamples} x seqlen {args.seqlen} = "
-        f"{tokens or '?':,} tokens, seed 0; dense statistics and Gram matrices from one `llmprune stats --gram` pass "
-        f"({how(stats_info.get('dense'))}); hywia's gradient statistics from `llmprune stats --grad` ({how(stats_info.get('grad'))})",
-        f"- evaluation: State of the Union addresses 1950- (built-in); {max_tokens}: {eval_info.get('tokens', '?'):,} tokens scored, "
-        f"eval seqlen {args.eval_seqlen}, {eval_info.get('windows', '?')} windows",
-        f"- device: {eval_info.get('device')}, dtype {eval_info.get('dtype')} (stats and eval); --reconstruct: damp 0.01; {provenance}",
-        f"- wall time: {total:,.0f} s ({total / 60:.1f} min); load average (1/5/15 min) "
-        f"{'/'.join(f'{x:.1f}' for x in load_start)} at the start, {'/'.join(f'{x:.1f}' for x in load_end)} at the end",
-        "",
-        f"| method | allocation | removed | plain | `--reconstruct` | ratio | ratio to dense ({_fmt_ppl(dense)}): plain / refit | apply s: plain / refit |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    facts = C.protocol_facts(args, eval_info, tokens,
+                             f"dense statistics and Gram matrices from one `llmprune stats --gram` pass ({C.pass_how(stats_info.get('dense'))}); "
+                             f"hywia's gradient statistics from `llmprune stats --grad` ({C.pass_how(stats_info.get('grad'))})",
+                             "--reconstruct: damp 0.01", provenance, total, load_start, load_end)
+    table = []
     pairs: dict[tuple, dict[bool, Row]] = {}
     for r in rows:
         pairs.setdefault(r.pair_key, {})[r.reconstruct] = r
@@ -248,11 +170,10 @@ def markdown_table(rows: list[Row], dense: float | None, args: argparse.Namespac
         ratio = f"{q / p:.2f}×" if p and q else "-"
         vs_dense = " / ".join(f"{x / dense:.2f}" if x and dense else "-" for x in (p, q))
         secs = " / ".join(f"{r.apply_seconds:.1f}" if r and r.apply_seconds is not None else "-" for r in (plain, refit))
-        lines.append(f"| {method} | {alloc} | {removed} | {_fmt_ppl(p)} | {_fmt_ppl(q)} | {ratio} | {vs_dense} | {secs} |")
-    missing = [r.spec for r in rows if r.perplexity is None]
-    if missing:
-        lines += ["", f"Not measured: {', '.join(missing)}."]
-    return "\n".join(lines) + "\n"
+        table.append([method, alloc, removed, fmt_ppl(p), fmt_ppl(q), ratio, vs_dense, secs])
+    columns = ["method", "allocation", "removed", "plain", "`--reconstruct`", "ratio",
+               f"ratio to dense ({fmt_ppl(dense)}): plain / refit", "apply s: plain / refit"]
+    return C.markdown(command, facts, columns, "llrrrrrr", table, C.not_measured([r.spec for r in rows if r.perplexity is None]))
 
 
 if __name__ == "__main__":

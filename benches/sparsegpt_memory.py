@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_checkpoint import SHAPES, all_tensors
 
-from make_checkpoint import SHAPES, all_tensors  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TOKENS = 2048
 
