@@ -190,7 +190,7 @@ mod tests {
         let s = SequentialSettings::new(Method::SparseGpt, Target::Sparsity(0.6), false, &owl, Some(vec![0.55, 0.65]), Some(&r), true).unwrap();
         assert_eq!(
             s.to_value().to_string(),
-            r#"{"method":"sparsegpt","sparsity":0.6,"update":true,"allocation":"owl","owl_m":5.0,"owl_lambda":0.08,"block_sparsity":[0.55,0.65],"refine":"dsnot","dsnot":{"iters":50,"threshold":4.8828125e-5,"skip":"mlp","same_sign":true},"compensate":true}"#
+            r#"{"method":"sparsegpt","sparsity":0.6,"update":true,"allocation":"owl","owl_m":5.0,"owl_lambda":0.08,"block_sparsity":[0.55,0.65],"refine":"dsnot","dsnot":{"iters":50,"threshold":0.000048828125,"skip":"mlp","same_sign":true},"compensate":true}"#
         );
         let s = SequentialSettings::new(Method::Stade, Target::Pattern { n: 2, m: 4 }, true, &Allocation::Uniform, None, None, false).unwrap();
         assert_eq!(s.to_value().to_string(), r#"{"method":"stade","pattern":"2:4","update":true}"#);
