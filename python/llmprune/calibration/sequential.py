@@ -47,15 +47,6 @@ class Sequential:
         d = method_registry()["defaults"]["owl"]
         return (self.owl_m if self.owl_m is not None else d["m"], self.owl_lambda if self.owl_lambda is not None else d["lambda"])
 
-    def dsnot_params(self) -> dict[str, Any]:
-        d = method_registry()["defaults"]["dsnot"]
-        r = self.refine or {}
-        given = {"iters": r.get("dsnot_iters"), "threshold": r.get("dsnot_threshold"), "skip": r.get("dsnot_skip")}
-        params = {k: (v if v is not None else d[k]) for k, v in given.items()}
-        if r.get("dsnot_same_sign"):
-            params["same_sign"] = True  # recorded only when set, as the core records it
-        return params
-
     def block_target(self, i: int) -> dict[str, Any]:
         """The core's target keywords for block i."""
         if self.block_sparsity is not None:
@@ -63,24 +54,26 @@ class Sequential:
         return {"sparsity": self.sparsity, "pattern": self.pattern}
 
     def as_meta(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {"method": self.method}
-        if self.pattern is not None:
-            meta["pattern"] = f"{self.pattern[0]}:{self.pattern[1]}"
-        else:
-            meta["sparsity"] = self.sparsity
-        if self.reconstructs:
-            meta["update"] = True
-        if self.allocation != "uniform":
-            meta["allocation"] = self.allocation
-            if self.allocation == "owl":
-                meta["owl_m"], meta["owl_lambda"] = self.owl_params()
-            meta["block_sparsity"] = self.block_sparsity
-        if self.refine is not None:
-            meta["refine"] = "dsnot"
-            meta["dsnot"] = self.dsnot_params()
-        if self.compensate:
-            meta["compensate"] = True
-        return meta
+        """The sidecar's `sequential` record, from the core (which validates and writes it, and
+        compares it with apply's settings)."""
+        import json
+
+        from llmprune import _core
+
+        return json.loads(
+            _core.sequential_settings(
+                self.method,
+                sparsity=self.sparsity if self.pattern is None else None,
+                pattern=self.pattern,
+                update=self.update,
+                allocation=self.allocation,
+                owl_m=self.owl_m,
+                owl_lambda=self.owl_lambda,
+                block_sparsity=self.block_sparsity,
+                compensate=self.compensate,
+                **(self.refine or {}),
+            )
+        )
 
 
 def core_compute_mask(weight: np.ndarray, method: str, **kw: Any) -> np.ndarray:
