@@ -183,9 +183,9 @@ fn global(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, frozen
     let mut removed: Vec<(Vec<usize>, Vec<usize>)> = vec![(Vec::new(), Vec::new()); scores.len()];
     for &(_, _, l, is_mlp, g) in &entries[..best_k] {
         if is_mlp {
-            removed[l].1.push(g)
+            removed[l].1.push(g);
         } else {
-            removed[l].0.push(g)
+            removed[l].0.push(g);
         }
     }
     scores
