@@ -14,6 +14,7 @@ import torch
 from llmprune.calibration.sidecar import LayerStats
 from llmprune.errors import UsageError
 from llmprune.methods import method_registry
+from llmprune.model.skeleton import Linear
 from llmprune.model.stream import LayerStreamer
 
 MaskFn = Callable[..., np.ndarray]
@@ -125,6 +126,7 @@ def prune_block(
             target = {"mask": np.ascontiguousarray(mask, dtype=np.bool_)} if mask is not None else seq.block_target(i)
             new_w, mask, _ = core_sparsegpt(w_np, grams[name], **target)
         else:
+            assert mask is not None  # every method but sparsegpt (which reconstructs) masks first
             new_w = np.where(mask, np.float32(0), w_np)
         new = torch.from_numpy(np.ascontiguousarray(new_w))
         with torch.no_grad():
@@ -135,7 +137,7 @@ def prune_block(
     return pruned, uncompensated
 
 
-def _compensate(streamer: LayerStreamer, i: int, mod: torch.nn.Module, name: str, w: np.ndarray, new_w: np.ndarray, s: LayerStats) -> bool:
+def _compensate(streamer: LayerStreamer, i: int, mod: Linear, name: str, w: np.ndarray, new_w: np.ndarray, s: LayerStats) -> bool:
     """b += (W − W')μ on linear `mod` (weights given [out, in]); a linear without a bias gets one
     when its architecture's config flag allows it (apply --compensate's rule), else False."""
     from llmprune._core import compensation_flag
