@@ -201,7 +201,9 @@ def collect_stats(
     pruned: dict[str, int] = {}
     grams = None
     if sequential is not None and sequential.reconstructs and gram is None:
-        raise UsageError(f"sequential {sequential.method}{' with --update' if sequential.update else ''} updates weights from each block's Gram matrices", hint="add --gram")
+        raise UsageError(
+            f"sequential {sequential.method}{' with --update' if sequential.update else ''} updates weights from each block's Gram matrices", hint="add --gram"
+        )
     if gram is not None:
         seq_meta = sequential.as_meta() if sequential is not None else None
         grams = GramPass(gram, streamer, info, tokens=int(samples.numel()), mode="dense" if sequential is None else "sequential", sequential=seq_meta)
@@ -301,5 +303,3 @@ def owl_block_sparsity(model_dir: str | Path, samples: torch.Tensor, seq: Sequen
         return list(_core.owl_allocation(str(model_dir), layers, sparsity=seq.sparsity, owl_m=m, owl_lambda=lam))
     except _core.LlmpruneError as exc:  # the core's errors become usage errors
         raise UsageError(str(exc), getattr(exc, "hint", None)) from None
-
-

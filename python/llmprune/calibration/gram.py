@@ -195,7 +195,9 @@ class BlockGram:
             for rel in acc.group.members:
                 if self.received[rel] != total:
                     names = ", ".join(w for w, _ in acc.group.weights)
-                    raise UsageError(f"in decoder block {self.block} the linears {names} did not all read one input as in block 0; cannot share their Gram matrix")
+                    raise UsageError(
+                        f"in decoder block {self.block} the linears {names} did not all read one input as in block 0; cannot share their Gram matrix"
+                    )
 
     def reduce_across(self, info: DistInfo) -> None:
         for acc in self.accs:

@@ -172,8 +172,6 @@ def validate_sequential(
     w = np.ones((1, m), dtype=np.float32)
     ones = np.ones(m, dtype=np.float64)
     try:
-        (mask_fn or core_compute_mask)(
-            w, method, sparsity=sparsity, pattern=pattern, act_sum=ones, act_sqsum=2 * ones, act_count=4, name="", **(refine or {})
-        )
+        (mask_fn or core_compute_mask)(w, method, sparsity=sparsity, pattern=pattern, act_sum=ones, act_sqsum=2 * ones, act_count=4, name="", **(refine or {}))
     except _core.LlmpruneError as exc:  # InvalidArgumentError and the core's other errors
         raise UsageError(str(exc)) from None

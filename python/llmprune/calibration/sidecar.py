@@ -104,10 +104,7 @@ def read(path: str | Path) -> Sidecar:
     out = {name: LayerStats(act_sum=s, act_sqsum=q, act_count=int(n), input_axis=int(axis)) for name, (s, q, n, axis) in layers.items()}
     grad = None
     if grads:
-        grad = {
-            name: GradStats(out=o.reshape(3, 4, -1), inp=i.reshape(3, 4, -1), count=np.asarray(c, dtype=np.int64))
-            for name, (o, i, c) in grads.items()
-        }
+        grad = {name: GradStats(out=o.reshape(3, 4, -1), inp=i.reshape(3, 4, -1), count=np.asarray(c, dtype=np.int64)) for name, (o, i, c) in grads.items()}
     block_stats = BlockStats(np.asarray(blocks[0], dtype=np.float64), np.asarray(blocks[1], dtype=np.int64)) if blocks is not None else None
     return Sidecar(path=Path(path), meta=json.loads(meta_text), layers=out, grad=grad, blocks=block_stats)
 

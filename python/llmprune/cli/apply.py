@@ -88,37 +88,136 @@ def check_apply_method(method: str) -> None:
 
 def apply_cmd(
     model: ModelArg,
-    method: Annotated[str, typer.Option("--method", "-m", metavar="METHOD", help="magnitude, wanda, stade, stade-w or sparsegpt (unstructured or N:M); flap, magnitude-sp, wanda-sp or hywia (structured); block-influence (whole decoder blocks); reap or frequency (MoE experts).", show_default=False)],
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            "-m",
+            metavar="METHOD",
+            help="magnitude, wanda, stade, stade-w or sparsegpt (unstructured or N:M); flap, magnitude-sp, wanda-sp or hywia (structured); block-influence (whole decoder blocks); reap or frequency (MoE experts).",
+            show_default=False,
+        ),
+    ],
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = None,
-    stats: Annotated[Optional[Path], typer.Option("--stats", metavar="PATH", help="Stats sidecar of MODEL (not needed by magnitude and magnitude-sp).", show_default="MODEL/llmprune-stats.safetensors")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Output directory.", show_default="MODEL-METHOD-TARGET beside MODEL")] = None,
+    stats: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--stats",
+            metavar="PATH",
+            help="Stats sidecar of MODEL (not needed by magnitude and magnitude-sp).",
+            show_default="MODEL/llmprune-stats.safetensors",
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Output directory.", show_default="MODEL-METHOD-TARGET beside MODEL")
+    ] = None,
     scope: Annotated[str, typer.Option("--scope", metavar="row|layer", help="Comparison group of unstructured sparsity: each row, or each matrix.")] = "row",
-    threads: Annotated[Optional[int], typer.Option("--threads", "-j", metavar="N", help="Worker threads.", show_default="LLMPRUNE_NUM_THREADS, else all cores")] = None,
-    include: Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="Only prune tensors matching this glob (repeatable).", show_default=False)] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="Never prune tensors matching this glob (repeatable).", show_default=False)] = None,
+    threads: Annotated[
+        Optional[int], typer.Option("--threads", "-j", metavar="N", help="Worker threads.", show_default="LLMPRUNE_NUM_THREADS, else all cores")
+    ] = None,
+    include: Annotated[
+        Optional[list[str]], typer.Option("--include", metavar="GLOB", help="Only prune tensors matching this glob (repeatable).", show_default=False)
+    ] = None,
+    exclude: Annotated[
+        Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="Never prune tensors matching this glob (repeatable).", show_default=False)
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty output directory.")] = False,
-    allocation: Annotated[Optional[str], typer.Option("--allocation", metavar="MODE", help="Unstructured (--sparsity): uniform, owl (each block's sparsity from its share of outlier Wanda scores, mean S), or a JSON file of per-block sparsities. Structured: global (one threshold across layers and modules) or uniform (the same share removed in every layer).", show_default="uniform; global for structured, uniform for hywia")] = None,
+    allocation: Annotated[
+        Optional[str],
+        typer.Option(
+            "--allocation",
+            metavar="MODE",
+            help="Unstructured (--sparsity): uniform, owl (each block's sparsity from its share of outlier Wanda scores, mean S), or a JSON file of per-block sparsities. Structured: global (one threshold across layers and modules) or uniform (the same share removed in every layer).",
+            show_default="uniform; global for structured, uniform for hywia",
+        ),
+    ] = None,
     owl_m: OwlMOpt = None,
     owl_lambda: OwlLambdaOpt = None,
-    compensate: Annotated[Optional[bool], typer.Option("--compensate/--no-compensate", help="Fold the mean contribution of what was pruned into output biases (adding biases where the architecture allows). Unstructured: b += (W - W') mu; structured: of the removed channels.", show_default="on for flap, off for the others")] = None,
+    compensate: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--compensate/--no-compensate",
+            help="Fold the mean contribution of what was pruned into output biases (adding biases where the architecture allows). Unstructured: b += (W - W') mu; structured: of the removed channels.",
+            show_default="on for flap, off for the others",
+        ),
+    ] = None,
     refine: RefineOpt = None,
     dsnot_iters: DsnotItersOpt = None,
     dsnot_threshold: DsnotThresholdOpt = None,
     dsnot_skip: DsnotSkipOpt = None,
     dsnot_same_sign: DsnotSameSignOpt = False,
-    fusion: Annotated[Optional[str], typer.Option("--fusion", metavar="fine|coarse|adaptive", help="hywia: per-weight estimate (fine), whole-group estimate (coarse), or both weighed by their split-half reliability (adaptive).", show_default="fine")] = None,
-    taylor: Annotated[Optional[str], typer.Option("--taylor", metavar="first|mix", help="hywia: first-order Taylor (first), or minus half the diagonal Fisher term (mix).", show_default="first")] = None,
-    fusion_temperature: Annotated[Optional[float], typer.Option("--fusion-temperature", metavar="T", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1")] = None,
-    skip_first: Annotated[Optional[int], typer.Option("--skip-first", metavar="N", help="hywia: keep the first N decoder layers whole.", show_default="round(layers / 8)")] = None,
-    skip_last: Annotated[Optional[int], typer.Option("--skip-last", metavar="N", help="hywia: keep the last N decoder layers whole.", show_default="round(layers / 16)")] = None,
-    reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Structured methods: refit each output projection on its kept input channels by damped least squares on the Gram sidecar (with --compensate, centered, the bias absorbing the means).")] = False,
-    update: Annotated[bool, typer.Option("--update", help="Unstructured methods: after choosing the mask, update the kept weights to restore each layer's output (SparseGPT's sweep, on the Gram sidecar); sparsegpt always does.")] = False,
-    gram: Annotated[Optional[Path], typer.Option("--gram", metavar="PATH", help="Gram sidecar of MODEL, for sparsegpt, --update and --reconstruct (`llmprune stats MODEL --gram`).", show_default="MODEL/llmprune-gram.safetensors")] = None,
-    damp: Annotated[float, typer.Option("--damp", metavar="F", help="sparsegpt, --update, --reconstruct: damping added to the Gram matrix's diagonal, as a fraction of its mean.")] = 0.01,
+    fusion: Annotated[
+        Optional[str],
+        typer.Option(
+            "--fusion",
+            metavar="fine|coarse|adaptive",
+            help="hywia: per-weight estimate (fine), whole-group estimate (coarse), or both weighed by their split-half reliability (adaptive).",
+            show_default="fine",
+        ),
+    ] = None,
+    taylor: Annotated[
+        Optional[str],
+        typer.Option(
+            "--taylor", metavar="first|mix", help="hywia: first-order Taylor (first), or minus half the diagonal Fisher term (mix).", show_default="first"
+        ),
+    ] = None,
+    fusion_temperature: Annotated[
+        Optional[float],
+        typer.Option("--fusion-temperature", metavar="T", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1"),
+    ] = None,
+    skip_first: Annotated[
+        Optional[int], typer.Option("--skip-first", metavar="N", help="hywia: keep the first N decoder layers whole.", show_default="round(layers / 8)")
+    ] = None,
+    skip_last: Annotated[
+        Optional[int], typer.Option("--skip-last", metavar="N", help="hywia: keep the last N decoder layers whole.", show_default="round(layers / 16)")
+    ] = None,
+    reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--reconstruct",
+            help="Structured methods: refit each output projection on its kept input channels by damped least squares on the Gram sidecar (with --compensate, centered, the bias absorbing the means).",
+        ),
+    ] = False,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Unstructured methods: after choosing the mask, update the kept weights to restore each layer's output (SparseGPT's sweep, on the Gram sidecar); sparsegpt always does.",
+        ),
+    ] = False,
+    gram: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--gram",
+            metavar="PATH",
+            help="Gram sidecar of MODEL, for sparsegpt, --update and --reconstruct (`llmprune stats MODEL --gram`).",
+            show_default="MODEL/llmprune-gram.safetensors",
+        ),
+    ] = None,
+    damp: Annotated[
+        float,
+        typer.Option("--damp", metavar="F", help="sparsegpt, --update, --reconstruct: damping added to the Gram matrix's diagonal, as a fraction of its mean."),
+    ] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", metavar="N", help="sparsegpt / --update: columns per lazy update block.")] = 128,
-    experts_keep: Annotated[Optional[int], typer.Option("--experts-keep", metavar="K", help="reap, frequency: keep K routed experts per MoE layer (instead of --sparsity S, which removes floor(S x experts)).", show_default=False)] = None,
-    remove_blocks: Annotated[Optional[int], typer.Option("--remove-blocks", metavar="N", help="block-influence: remove N decoder blocks (instead of --sparsity S, which removes floor(S x blocks)).", show_default=False)] = None,
+    experts_keep: Annotated[
+        Optional[int],
+        typer.Option(
+            "--experts-keep",
+            metavar="K",
+            help="reap, frequency: keep K routed experts per MoE layer (instead of --sparsity S, which removes floor(S x experts)).",
+            show_default=False,
+        ),
+    ] = None,
+    remove_blocks: Annotated[
+        Optional[int],
+        typer.Option(
+            "--remove-blocks",
+            metavar="N",
+            help="block-influence: remove N decoder blocks (instead of --sparsity S, which removes floor(S x blocks)).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Prune a checkpoint into a new directory, streaming tensor by tensor.
@@ -145,9 +244,18 @@ def apply_cmd(
         raise UsageError(f"--remove-blocks applies to {', '.join(methods('depth'))}, not to {method}")
     if method in methods("depth") + methods("experts"):
         stats_arg = str(stats) if stats is not None else None
-        others = {"--pattern": pattern is not None, "--scope": scope != "row", "--include": bool(include), "--exclude": bool(exclude),
-                  "--update": update, "--allocation": allocation is not None, "--compensate": compensate is not None,
-                  "--refine": refine is not None, "--reconstruct": reconstruct, "--gram": gram is not None}
+        others = {
+            "--pattern": pattern is not None,
+            "--scope": scope != "row",
+            "--include": bool(include),
+            "--exclude": bool(exclude),
+            "--update": update,
+            "--allocation": allocation is not None,
+            "--compensate": compensate is not None,
+            "--refine": refine is not None,
+            "--reconstruct": reconstruct,
+            "--gram": gram is not None,
+        }
         bad = [k for k, v in others.items() if v]
         if bad:
             raise UsageError(f"{', '.join(bad)} do not apply to {method}, which removes whole {'experts' if method in methods('experts') else 'blocks'}")
@@ -157,7 +265,11 @@ def apply_cmd(
             if experts_keep is not None and experts_keep < 1:
                 raise UsageError(f"--experts-keep must be at least 1, got {experts_keep}")
             apply_whole(
-                model, method, f"{sparsity:g}" if sparsity is not None else f"keep{experts_keep}", out, json_out,
+                model,
+                method,
+                f"{sparsity:g}" if sparsity is not None else f"keep{experts_keep}",
+                out,
+                json_out,
                 lambda out_dir, on_tensor: _core.apply_experts(
                     str(model), out_dir, method, sparsity=sparsity, experts_keep=experts_keep, stats=stats_arg, threads=threads, force=force, progress=on_tensor
                 ),
@@ -169,7 +281,11 @@ def apply_cmd(
         if remove_blocks is not None and remove_blocks < 1:
             raise UsageError(f"--remove-blocks must be at least 1, got {remove_blocks}")
         apply_whole(
-            model, method, f"{sparsity:g}" if sparsity is not None else f"{remove_blocks}blocks", out, json_out,
+            model,
+            method,
+            f"{sparsity:g}" if sparsity is not None else f"{remove_blocks}blocks",
+            out,
+            json_out,
             lambda out_dir, on_tensor: _core.apply_depth(
                 str(model), out_dir, sparsity=sparsity, remove_blocks=remove_blocks, stats=stats_arg, threads=threads, force=force, progress=on_tensor
             ),
@@ -181,10 +297,19 @@ def apply_cmd(
             raise UsageError(f"--pattern applies to unstructured methods; structured method {method} takes --sparsity S")
         if sparsity is None:
             raise UsageError(f"structured method {method} needs --sparsity S, the fraction of decoder-block parameters to remove", "e.g. --sparsity 0.2")
-        unstructured_only = {"--scope": scope != "row", "--include": bool(include), "--exclude": bool(exclude), "--update": update,
-                             "--owl-m": owl_m is not None, "--owl-lambda": owl_lambda is not None, "--refine": refine is not None,
-                             "--dsnot-iters": dsnot_iters is not None, "--dsnot-threshold": dsnot_threshold is not None, "--dsnot-skip": dsnot_skip is not None,
-                             "--dsnot-same-sign": dsnot_same_sign}
+        unstructured_only = {
+            "--scope": scope != "row",
+            "--include": bool(include),
+            "--exclude": bool(exclude),
+            "--update": update,
+            "--owl-m": owl_m is not None,
+            "--owl-lambda": owl_lambda is not None,
+            "--refine": refine is not None,
+            "--dsnot-iters": dsnot_iters is not None,
+            "--dsnot-threshold": dsnot_threshold is not None,
+            "--dsnot-skip": dsnot_skip is not None,
+            "--dsnot-same-sign": dsnot_same_sign,
+        }
         given_u = [k for k, v in unstructured_only.items() if v]
         if given_u:
             raise UsageError(f"{', '.join(given_u)} apply to unstructured methods, not to {method}")
@@ -308,8 +433,9 @@ def apply_structured(
         typer.echo(fusion_line(s))
 
 
-def apply_whole(model: Path, method: str, label: str, out: Path | None, json_out: bool,
-                run: Callable[[str, Callable[..., None]], str], what: Callable[[dict], str]) -> None:
+def apply_whole(
+    model: Path, method: str, label: str, out: Path | None, json_out: bool, run: Callable[[str, Callable[..., None]], str], what: Callable[[dict], str]
+) -> None:
     """Depth and expert pruning, which keep, drop or cut whole tensors: `run(out_dir, on_tensor)` is
     the core call, `what(summary)` says what was removed."""
     out_dir = out if out is not None else model.resolve().parent / f"{model.resolve().name}-{method}-{label}"
@@ -357,6 +483,7 @@ def inspect_cmd(model: ModelArg, json_out: JsonOpt = False) -> None:
     table.add_column("shape", no_wrap=True)
     for col in ("sparsity", "2:4", "4:8"):
         table.add_column(col, justify="right", no_wrap=True)
+
     def mark(nm: dict[str, bool], k: str) -> str:
         return "" if k not in nm else ("yes" if nm[k] else "no")
 

@@ -10,9 +10,7 @@ from llmprune.console import err, print_json
 
 
 def demo_model(
-    out_dir: Path = typer.Argument(
-        ..., metavar="DIR", help="Folder to write the checkpoint into (reused if it already holds one)."
-    ),
+    out_dir: Path = typer.Argument(..., metavar="DIR", help="Folder to write the checkpoint into (reused if it already holds one)."),
     force: bool = typer.Option(False, "--force", help="Convert again and replace DIR."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON document."),
 ) -> None:

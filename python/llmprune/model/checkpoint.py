@@ -35,9 +35,7 @@ class Checkpoint:
         self.fingerprint: str = doc["fingerprint"]
         # name -> "DTYPE[d0,d1]", as recorded in stats sidecars
         self.model_tensors: dict[str, str] = doc["model_tensors"]
-        self.entries: dict[str, tuple[str, str, tuple[int, ...]]] = {
-            name: (f, dtype, tuple(shape)) for name, (f, dtype, shape) in doc["tensors"].items()
-        }
+        self.entries: dict[str, tuple[str, str, tuple[int, ...]]] = {name: (f, dtype, tuple(shape)) for name, (f, dtype, shape) in doc["tensors"].items()}
         # MXFP4 pairs (gpt-oss's experts): X_blocks U8 [E, R, G, 16] and X_scales U8 [E, R, G] are read as
         # the dequantized X [E, G·32, R], the layout the model holds in memory
         self.mxfp4: dict[str, tuple[str, str]] = {}

@@ -67,9 +67,7 @@ def is_complete(out_dir: Path) -> bool:
     return info.get("recipe") == RECIPE and all((out_dir / f).is_file() for f in REQUIRED_FILES)
 
 
-def ensure_demo_model(
-    out_dir: str | os.PathLike[str], force: bool = False, log: Callable[[str], None] | None = None
-) -> DemoModel:
+def ensure_demo_model(out_dir: str | os.PathLike[str], force: bool = False, log: Callable[[str], None] | None = None) -> DemoModel:
     """Convert the GGUF into `out_dir` unless it already holds a complete conversion (or `force`)."""
     out = Path(out_dir).expanduser().absolute()
     say = log or (lambda _msg: None)
@@ -79,9 +77,7 @@ def ensure_demo_model(
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory", hint="choose another DIR")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(
-            f"{out} is not empty and holds no complete demo model", hint="choose another DIR, or pass --force to replace it"
-        )
+        raise UsageError(f"{out} is not empty and holds no complete demo model", hint="choose another DIR, or pass --force to replace it")
     from llmprune import _core
 
     gguf = gguf_path()
@@ -106,9 +102,7 @@ def convert(gguf: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, local_files_only=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
 
     config = model.config

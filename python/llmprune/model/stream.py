@@ -322,9 +322,7 @@ class LayerStreamer:
         out: torch.Tensor | None = None
         for j in range(n):
             first = j == 0
-            stand_ins = [
-                _Recorder(b, k, self, record_args=first, last=(k == self.num_blocks - 1)) for k, b in enumerate(self.blocks)
-            ]
+            stand_ins = [_Recorder(b, k, self, record_args=first, last=(k == self.num_blocks - 1)) for k, b in enumerate(self.blocks)]
             originals = self._swap_blocks(stand_ins)
             try:
                 self._forward_ids(ids[j : j + 1])
