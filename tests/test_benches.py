@@ -1,4 +1,4 @@
-"""Smoke runs of the benchmarks at tiny sizes, so they cannot rot (the real figures are in the README)."""
+"""Smoke runs of the benchmarks at tiny sizes, so they cannot rot (the real figures are in docs/results.md and docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ def test_describe_source(tmp_path):
 
 
 def wanda_reference(docs: list[str], nsamples: int, seqlen: int, seed: int) -> list[list[int]]:
-    """Wanda's calibration protocol (README.md, calibration), written plainly with the global `random` module."""
+    """Wanda's calibration protocol (docs/cli.md, `llmprune stats`), written plainly with the global `random` module."""
     random.seed(seed)
     out = []
     for _ in range(nsamples):

@@ -1,6 +1,6 @@
 """Structured pruning (`apply --method flap|magnitude-sp|wanda-sp`) against an independent reference.
 
-The reference (structured_reference.py) is written from the definitions in README.md (FLAP:
+The reference (structured_reference.py) is written from the definitions in docs/cli.md (FLAP:
 variance × squared column norm) with numpy only: group scores, per-layer standardization, the cost-weighted global
 threshold or the uniform counts, the slices of every tensor and the compensated biases. Outputs are
 then loaded with stock transformers (uniform) or `llmprune.load_pruned` (layers of different sizes)

@@ -1,6 +1,6 @@
 """Independent numpy transcriptions of OWL's layer allocation, DSnoT's prune-and-grow and bias
 compensation, following the papers' formulas and the official code's semantics (documented in
-docs/methods.md), for the tests to compare the core with."""
+docs/refinements.md), for the tests to compare the core with."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Independent numpy reference of structured pruning (README.md; FLAP: variance × squared column norm), shared by
+"""Independent numpy reference of structured pruning (docs/cli.md; FLAP: variance × squared column norm), shared by
 the structured tests: group rules, group scores, per-layer standardization, the cost-weighted global
 threshold or the uniform counts (with layers kept whole), the slices of every tensor and the
 compensated biases, and checks of an output against them.
