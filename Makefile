@@ -8,7 +8,7 @@ STAMP := $(VENV)/.llmprune-deps-$(REQ_HASH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup develop test test-rust test-python test-compat demo bench clean
+.PHONY: setup develop test test-fast test-rust test-python test-compat lint demo bench clean
 
 $(STAMP):
 	python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ test-rust:
 test-python: develop
 	$(PY) -m pytest -q
 
+# The edit-test loop: the Python suite without the tests marked slow (pyproject.toml's markers).
+test-fast: develop
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
 # transformers 4.x, the previous major, still works: the MoE, architecture, structured and stats
 # tests again in a virtualenv that sees the main one's packages (a .pth line) but has its own
 # transformers and the hub libraries of that generation.
@@ -56,6 +60,18 @@ test-compat: develop $(COMPAT_STAMP)
 	PYTHONPATH=$(CURDIR)/python $(COMPAT)/bin/python -m pytest -q $(COMPAT_TESTS)
 
 test: develop test-rust test-python test-compat
+
+# Style and consistency gates, run by CI before the tests: rustfmt and clippy on the workspace, ruff
+# (lint and format) and mypy on the Python package, and the checks that _core.pyi matches what the
+# binding exports and that the package's import graph has no cycle.
+PY_SRC := python/llmprune
+lint: develop
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -q -- -D warnings
+	$(PY) -m ruff check $(PY_SRC)
+	$(PY) -m ruff format --check $(PY_SRC)
+	$(PY) -m mypy $(PY_SRC)
+	$(PY) -m pytest -q tests/test_core_stub.py tests/test_import_graph.py
 
 demo: develop
 	$(PY) benches/demo.py
