@@ -206,6 +206,13 @@ pub fn check_file_destination(path: &Path) -> Result<()> {
     if !parent.is_dir() {
         return Err(Error::output_hint(path, format!("directory {} does not exist", parent.display()), "choose another location with --out"));
     }
+    if let Some(kind) = foreign_kind(path) {
+        return Err(Error::output_hint(
+            path,
+            format!("exists and is {kind}; llmprune writes a sidecar only over an llmprune sidecar"),
+            "choose another file name with --out, e.g. stats.safetensors",
+        ));
+    }
     let (tmp, _) = temp_beside(path)?;
     match fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
         Ok(_) => {
@@ -215,6 +222,70 @@ pub fn check_file_destination(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(unwritable(path, &parent, e)),
     }
+}
+
+/// The files of a model directory that are not weights: a sidecar is never written over them.
+const MODEL_FILES: [&str; 11] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+];
+
+/// What an existing file at a sidecar's destination is, when it is not a file a sidecar may
+/// replace (an llmprune sidecar, or an empty file): a model shard, an index, config.json, a
+/// tokenizer file, or any other file.
+pub fn foreign_kind(path: &Path) -> Option<String> {
+    let meta = fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() == 0 {
+        return None;
+    }
+    let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
+    if name == "config.json" {
+        return Some("a model's config.json".into());
+    }
+    if name.ends_with(".index.json") {
+        return Some("a checkpoint index".into());
+    }
+    if MODEL_FILES.contains(&name.as_str()) || name.starts_with("tokenizer") {
+        return Some(format!("a model file ({name})"));
+    }
+    match sidecar_format(path) {
+        Some(Some(_)) => None,
+        Some(None) => Some("a safetensors file that is not an llmprune sidecar (a model shard?)".into()),
+        None => Some("a file that is not an llmprune sidecar".into()),
+    }
+}
+
+/// Reads a safetensors header: None when the file is not safetensors, Some(format) otherwise,
+/// with the `llmprune-stats` / `llmprune-gram` format a sidecar declares.
+fn sidecar_format(path: &Path) -> Option<Option<String>> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n == 0 || n > 100_000_000 || n + 8 > f.metadata().ok()?.len() {
+        return None;
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).ok()?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&header).ok()?;
+    let format = header
+        .get("__metadata__")
+        .and_then(|m| m.get("llmprune"))
+        .and_then(Value::as_str)
+        .and_then(|t| serde_json::from_str::<serde_json::Map<String, Value>>(t).ok())
+        .and_then(|m| m.get("format").and_then(Value::as_str).map(str::to_string))
+        .filter(|f| f == "llmprune-stats" || f == "llmprune-gram");
+    Some(format)
 }
 
 fn unwritable(path: &Path, parent: &Path, e: std::io::Error) -> Error {
@@ -325,6 +396,57 @@ impl Copier<'_> {
             fs::copy(&real, dst).map(|_| ()).map_err(|e| Error::io(src, e))
         } else {
             Err(Error::checkpoint(self.dir, format!("{} is neither a file nor a folder; llmprune copies only those", rel.display())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn safetensors_with(meta: Option<&str>) -> Vec<u8> {
+        let mut header = serde_json::json!({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}});
+        if let Some(m) = meta {
+            header["__metadata__"] = serde_json::json!({ "llmprune": m });
+        }
+        let text = header.to_string();
+        let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(text.as_bytes());
+        bytes.extend(1f32.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn a_sidecar_replaces_only_a_sidecar() {
+        let d = tempfile::tempdir().unwrap();
+        let put = |name: &str, bytes: &[u8]| {
+            let p = d.path().join(name);
+            fs::write(&p, bytes).unwrap();
+            p
+        };
+        // files a sidecar may replace, or a new name
+        assert_eq!(foreign_kind(&put("s.safetensors", &safetensors_with(Some(r#"{"format": "llmprune-stats"}"#)))), None);
+        assert_eq!(foreign_kind(&put("g.safetensors", &safetensors_with(Some(r#"{"format": "llmprune-gram"}"#)))), None);
+        assert_eq!(foreign_kind(&put("empty.safetensors", b"")), None);
+        assert_eq!(foreign_kind(&d.path().join("new.safetensors")), None);
+        assert!(check_file_destination(&d.path().join("s.safetensors")).is_ok());
+        // files of a model, and anything else
+        for (name, bytes, what) in [
+            ("model.safetensors", safetensors_with(None), "model shard"),
+            ("other.safetensors", safetensors_with(Some(r#"{"format": "something"}"#)), "model shard"),
+            ("model.safetensors.index.json", b"{}".to_vec(), "index"),
+            ("config.json", b"{}".to_vec(), "config.json"),
+            ("tokenizer.json", b"{}".to_vec(), "tokenizer.json"),
+            ("tokenizer_config.json", b"{}".to_vec(), "tokenizer_config.json"),
+            ("notes.txt", b"hello".to_vec(), "not an llmprune sidecar"),
+        ] {
+            let p = put(name, &bytes);
+            let kind = foreign_kind(&p).unwrap_or_else(|| panic!("{name} is refused"));
+            assert!(kind.contains(what), "{name}: {kind}");
+            let e = check_file_destination(&p).unwrap_err();
+            assert!(e.to_string().contains("llmprune writes a sidecar only over an llmprune sidecar"), "{e}");
+            assert!(e.hint().is_some());
+            assert_eq!(fs::read(&p).unwrap(), bytes, "{name} is untouched");
         }
     }
 }

@@ -49,6 +49,12 @@ pub fn merge(paths: &[PathBuf], out: &Path) -> Result<MergeSummary> {
             ));
         }
     }
+    // the destination is checked before any input is read (a model shard, an index, config.json
+    // or a tokenizer file is never replaced by a sidecar)
+    for p in paths {
+        crate::io::output::check_not_input(out, p)?;
+    }
+    crate::io::output::check_file_destination(out)?;
     if is_gram(&paths[0]) {
         let (layers, tokens, meta) = merge_gram(paths, out)?;
         return Ok(MergeSummary {
