@@ -24,6 +24,19 @@ pub enum Error {
     #[error("invalid stats sidecar {}: {msg}", path.display())]
     InvalidStats { path: PathBuf, msg: String },
 
+    /// The Gram sidecar (`stats --gram`) is malformed or carries no usable signal.
+    #[error("invalid Gram sidecar {}: {msg}", path.display())]
+    InvalidGram { path: PathBuf, msg: String },
+
+    /// The Gram sidecar was computed for another model, or lacks an input the run needs.
+    #[error("Gram sidecar {} does not match the model: {msg}", path.display())]
+    GramMismatch { path: PathBuf, msg: String },
+
+    /// What is about to be published fails a check of the output (non-finite values, a config
+    /// that does not describe the tensors): nothing is published.
+    #[error("output check failed for tensor {name}: {msg}")]
+    Postcondition { name: String, msg: String, hint: Option<String> },
+
     /// The stats sidecar was computed for another model.
     #[error("stats sidecar {} does not match the model: {msg}", path.display())]
     StatsMismatch { path: PathBuf, msg: String },
@@ -62,6 +75,19 @@ impl Error {
         Error::InvalidStats { path: path.into(), msg: msg.into() }
     }
 
+    pub fn gram(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::InvalidGram { path: path.into(), msg: msg.into() }
+    }
+
+    pub fn gram_mismatch(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::GramMismatch { path: path.into(), msg: msg.into() }
+    }
+
+    /// A failed check of the output about to be published, naming the tensor.
+    pub fn postcondition(name: impl Into<String>, msg: impl Into<String>, hint: Option<String>) -> Self {
+        Error::Postcondition { name: name.into(), msg: msg.into(), hint }
+    }
+
     pub fn tensor(path: impl Into<PathBuf>, name: &str, msg: impl Into<String>) -> Self {
         Error::Tensor { path: path.into(), name: name.to_string(), msg: msg.into() }
     }
@@ -87,6 +113,13 @@ impl Error {
         match self {
             Error::StatsMismatch { .. } => Some("compute statistics for this model with `llmprune stats MODEL`".into()),
             Error::InvalidStats { .. } => Some("recompute the statistics with `llmprune stats MODEL`".into()),
+            Error::InvalidGram { .. } => {
+                Some("recompute the Gram matrices with `llmprune stats MODEL --gram`, or pass another file with --gram PATH".into())
+            }
+            Error::GramMismatch { .. } => {
+                Some("compute Gram matrices for this model with `llmprune stats MODEL --gram`, or pass them with --gram PATH".into())
+            }
+            Error::Postcondition { hint, .. } => hint.clone(),
             Error::InvalidArgument { hint, .. } | Error::Output { hint, .. } => hint.clone(),
             Error::Internal(_) => Some("this is a bug in llmprune; please report it with the command line".into()),
             _ => None,

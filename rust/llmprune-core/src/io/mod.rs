@@ -7,4 +7,5 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod layout;
 pub mod output;
+pub mod postcheck;
 pub mod writer;

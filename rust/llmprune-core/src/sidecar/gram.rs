@@ -53,6 +53,16 @@ pub struct GramInfo {
     pub sequential: Value,
 }
 
+/// The diagonal of a Gram matrix that carries no signal: every entry zero (or not finite).
+fn no_signal(key: &str, mut diag: impl Iterator<Item = f64>, n: usize) -> std::result::Result<(), String> {
+    if n > 0 && !diag.any(|d| d.is_finite() && d > 0.0) {
+        return Err(format!(
+            "the Gram matrix of input {key} is zero on its whole diagonal: that input carried no signal during calibration, and every weight it feeds would be pruned to zero"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks one matrix: finite, a non-negative diagonal, a count of at least 1.
 fn validate(key: &str, packed: &[f64], n: usize, count: i64) -> std::result::Result<(), String> {
     if packed.len() != packed_len(n) {
@@ -197,10 +207,8 @@ pub struct Gram {
 
 impl Gram {
     pub fn open(path: &Path) -> Result<Gram> {
-        let bad = |msg: String| Error::stats(path, msg);
-        if !path.is_file() {
-            return Err(bad("file not found".into()));
-        }
+        let bad = |msg: String| Error::gram(path, msg);
+        crate::sidecar::check_is_file(path, "Gram sidecar", "--gram")?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only map of a file nothing else writes while pruning (as for shards)
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -245,9 +253,12 @@ impl Gram {
 
     /// Refuses a Gram sidecar of another model, or whose inputs do not fit the weights.
     pub fn check_matches(&self, ckpt: &Checkpoint) -> Result<()> {
-        check_model(&self.path, &self.meta, ckpt)?;
+        check_model(&self.path, &self.meta, ckpt).map_err(|e| match e {
+            Error::StatsMismatch { path, msg } => Error::gram_mismatch(path, msg),
+            e => e,
+        })?;
         let groups: Vec<GramGroup> = self.groups.values().cloned().collect();
-        layout_errors(ckpt, &groups).map_err(|m| Error::StatsMismatch { path: self.path.clone(), msg: m })
+        layout_errors(ckpt, &groups).map_err(|m| Error::gram_mismatch(&self.path, m))
     }
 
     pub fn group_of(&self, weight: &str) -> Option<&GramGroup> {
@@ -258,9 +269,24 @@ impl Gram {
     pub fn packed(&self, key: &str) -> Result<(Vec<f64>, i64)> {
         let ((a, b), (c, d)) = self.ranges[key];
         let packed: Vec<f64> = self.mmap[a..b].chunks_exact(8).map(|x| f64::from_le_bytes(x.try_into().expect("8 bytes"))).collect();
-        let count = i64::from_le_bytes(self.mmap[c..d].try_into().map_err(|_| Error::stats(&self.path, "bad count"))?);
-        validate(key, &packed, self.groups[key].features, count).map_err(|m| Error::stats(&self.path, m))?;
+        let count = i64::from_le_bytes(self.mmap[c..d].try_into().map_err(|_| Error::gram(&self.path, "bad count"))?);
+        let n = self.groups[key].features;
+        validate(key, &packed, n, count).map_err(|m| Error::gram(&self.path, m))?;
+        no_signal(key, (0..n).map(|i| packed[i * (i + 1) / 2 + i]), n).map_err(|m| Error::gram(&self.path, m))?;
         Ok((packed, count))
+    }
+
+    /// Refuses the matrix of input `key` when it carries no signal: a diagonal of zeros (the input
+    /// never fired during calibration, or the file was written without data), which would make
+    /// every weight fed by it prune to zero. Reads only the diagonal.
+    pub fn check_signal(&self, key: &str) -> Result<()> {
+        let ((a, _), _) = *self.ranges.get(key).ok_or_else(|| Error::Internal(format!("no Gram input {key}")))?;
+        let n = self.groups[key].features;
+        let diag = (0..n).map(|i| {
+            let at = a + 8 * (i * (i + 1) / 2 + i);
+            f64::from_le_bytes(self.mmap[at..at + 8].try_into().expect("8 bytes"))
+        });
+        no_signal(key, diag, n).map_err(|m| Error::gram(&self.path, m))
     }
 
     pub fn info(&self) -> GramInfo {

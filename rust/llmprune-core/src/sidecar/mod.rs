@@ -37,6 +37,34 @@ pub fn locate(model_dir: &Path, explicit: Option<&Path>) -> Option<PathBuf> {
     }
 }
 
+/// Refuses a sidecar path that names no file: missing, or a directory (`what` names the kind of
+/// file, `option` the option that takes it).
+pub fn check_is_file(path: &Path, what: &str, option: &str) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::arg_hint(
+            format!("{} is a directory, not a {what} file", path.display()),
+            format!(
+                "give {option} the file itself, e.g. {}",
+                path.join(if option == "--gram" { gram::DEFAULT_GRAM } else { DEFAULT_SIDECAR }).display()
+            ),
+        ));
+    }
+    if !path.exists() {
+        return Err(Error::arg_hint(
+            format!("{what} {} does not exist", path.display()),
+            if option == "--gram" {
+                "run `llmprune stats MODEL --gram` first, or pass --gram PATH"
+            } else {
+                "run `llmprune stats MODEL` first, or pass --stats PATH"
+            },
+        ));
+    }
+    if !path.is_file() {
+        return Err(Error::arg(format!("{what} {} is not a regular file", path.display())));
+    }
+    Ok(())
+}
+
 /// Per-input-channel statistics of one prunable weight.
 #[derive(Debug, Clone)]
 pub struct LayerStats {
@@ -220,9 +248,7 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn open(path: &Path) -> Result<Sidecar> {
-        if !path.is_file() {
-            return Err(Error::stats(path, "file not found"));
-        }
+        check_is_file(path, "stats sidecar", "--stats")?;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         Sidecar::from_bytes(&bytes, path)
     }
@@ -237,6 +263,12 @@ impl Sidecar {
         let meta: serde_json::Map<String, Value> = serde_json::from_str(meta_text).map_err(|e| bad(format!("corrupt llmprune metadata: {e}")))?;
         if meta.get("format_version").and_then(Value::as_u64) != Some(FORMAT_VERSION) {
             return Err(bad(format!("unsupported format_version (expected {FORMAT_VERSION})")));
+        }
+        if meta.get("format").and_then(Value::as_str) == Some(gram::GRAM_FORMAT) {
+            return Err(Error::arg_hint(
+                format!("{} is a Gram sidecar (written by `llmprune stats --gram`), not activation statistics", path.display()),
+                "pass it with --gram PATH; --stats takes the sidecar `llmprune stats MODEL` writes",
+            ));
         }
         let Some(Value::Object(layer_meta)) = meta.get("layers") else {
             return Err(bad("metadata has no \"layers\" table".into()));

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::{Checkpoint, Shard};
 use crate::io::dtype::float_size;
 use crate::io::layout::{shard_header, OutTensor};
+use crate::io::postcheck::{check_written, scan};
 use crate::pool;
 use crate::run::{Progress, Run, StatsNeed};
 use crate::sidecar::SequentialSettings;
@@ -152,10 +153,17 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     run.attach_sidecar(opts.stats.as_deref(), stats_need(opts.method, compensate))?;
     let gram = match &opts.reconstruct {
         Some((path, damp)) => {
-            if !(damp.is_finite() && *damp > 0.0) {
-                return Err(Error::arg(format!("--damp must be a positive number, got {damp}")));
+            crate::unstructured::sparsegpt::check_damp(*damp)?;
+            let g = run.open_gram(path.as_deref(), "--reconstruct")?;
+            // every output projection a refit may solve for has a Gram matrix with a signal
+            for l in &rules.layers {
+                for w in [&l.attn.output.weight, &l.mlp.output.weight] {
+                    if let Some(grp) = g.group_of(w) {
+                        g.check_signal(&grp.key)?;
+                    }
+                }
             }
-            Some((run.open_gram(path.as_deref(), "--reconstruct")?, *damp))
+            Some((g, *damp))
         }
         None => None,
     };
@@ -266,11 +274,16 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         for e in &plan {
             match &e.source.source {
                 Source::Copy(data) => out.copy(data)?,
-                Source::Bytes(bytes) => out.fill(|buf| {
-                    buf.clear();
-                    buf.extend_from_slice(bytes);
-                    Ok(())
-                })?,
+                Source::Bytes(bytes) => {
+                    // computed here (a refit, a compensated or added bias): checked before it is written
+                    let input = ckpt.get(&e.name).map(|(s, t)| (t.dtype, s.data(t)));
+                    check_computed(&e.name, e.dtype, bytes, input, gram.is_some())?;
+                    out.fill(|buf| {
+                        buf.clear();
+                        buf.extend_from_slice(bytes);
+                        Ok(())
+                    })?;
+                }
                 Source::Slice { data, es, shape, rows, cols } => out.fill(|buf| {
                     pool.install(|| slice_into(data, *es, shape, rows.as_deref(), cols.as_deref(), buf));
                     Ok(())
@@ -326,6 +339,32 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         skip_last: hywia.as_ref().map(|h| h.2),
         fusion,
     })
+}
+
+/// The postcondition on a tensor the structured pass computed: finite, and, for a refitted weight,
+/// not entirely zero where its input was not.
+fn check_computed(name: &str, dtype: safetensors::Dtype, bytes: &[u8], input: Option<(safetensors::Dtype, &[u8])>, refit: bool) -> Result<()> {
+    let hint = if refit {
+        "the least-squares refit diverged; pass a smaller --damp, or recompute the Gram matrices with `llmprune stats MODEL --gram`"
+    } else {
+        "the bias compensation produced non-finite values; pass --no-compensate, or recompute the statistics"
+    };
+    let same_size = input.filter(|(_, d)| d.len() == bytes.len());
+    let s = check_written(name, dtype, bytes, same_size, Some(hint))?;
+    let numel = bytes.len() * 8 / dtype.bitsize().max(1);
+    if refit && numel > 0 && s.zeros as usize == numel {
+        if let Some(is) = input.and_then(|(dt, d)| scan(dt, d)) {
+            let inumel = input.map_or(0, |(dt, d)| d.len() * 8 / dt.bitsize().max(1));
+            if (is.zeros as usize) < inumel {
+                return Err(Error::postcondition(
+                    name,
+                    "the refitted tensor is entirely zero, and its input was not; nothing was written",
+                    Some(hint.into()),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 enum Source<'a> {

@@ -43,7 +43,7 @@ pub fn refit(
     let group = gram
         .group_of(&out.weight)
         .filter(|g| g.features == n)
-        .ok_or_else(|| Error::StatsMismatch { path: gram.path.clone(), msg: format!("no Gram matrix of the input of {}", out.weight) })?;
+        .ok_or_else(|| Error::gram_mismatch(&gram.path, format!("no Gram matrix of the input of {}", out.weight)))?;
     let (packed, count) = gram.packed(&group.key)?;
     let inv_n = 1.0 / count as f64;
     let mu: Option<Vec<f64>> = if compensate {

@@ -15,8 +15,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::io::blocks::{block_segment, num_blocks};
+use crate::io::blocks::{block_index, block_segment, num_blocks};
 use crate::io::checkpoint::read_config;
+use crate::io::postcheck::check_count;
 use crate::run::{Progress, Run, StatsNeed};
 use crate::surgery::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
 
@@ -140,7 +141,8 @@ pub fn apply_depth(opts: &DepthOptions, progress: &mut dyn FnMut(Progress) -> Re
     let staging = run.stage(&opts.out_dir, opts.force)?;
     let run = run;
     let provenance = run.provenance(prov, &opts.provenance);
-    let Written { out, bytes_written, params_after } = remap::write(&run, staging, progress, &provenance, &fates, config)?;
+    let verify = |shapes: &remap::WrittenShapes| check_blocks_written(shapes, key, total - n);
+    let Written { out, bytes_written, params_after } = remap::write(&run, staging, progress, &provenance, &fates, config, &verify)?;
     Ok(DepthSummary {
         out: out.display().to_string(),
         method: "block-influence".into(),
@@ -159,9 +161,31 @@ pub fn apply_depth(opts: &DepthOptions, progress: &mut dyn FnMut(Progress) -> Re
     })
 }
 
+/// The postcondition of depth pruning: the blocks written are numbered 0..`says` (config.json's
+/// `key`), none missing.
+fn check_blocks_written(shapes: &remap::WrittenShapes, key: &str, says: usize) -> Result<()> {
+    let blocks: std::collections::BTreeSet<usize> = shapes.keys().filter_map(|n| block_index(n)).collect();
+    let next = blocks.iter().next_back().map_or(0, |b| b + 1);
+    if let Some(missing) = (0..next).find(|b| !blocks.contains(b)) {
+        return Err(Error::postcondition(format!("block {missing}"), "no tensor of this block was written; nothing was written", None));
+    }
+    check_count(key, "decoder blocks", next, says)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_written_must_be_those_the_config_says() {
+        let shapes = |names: &[&str]| names.iter().map(|n| (n.to_string(), vec![2])).collect::<remap::WrittenShapes>();
+        let ok = shapes(&["model.layers.0.w", "model.layers.1.w", "model.norm.weight"]);
+        assert!(check_blocks_written(&ok, "num_hidden_layers", 2).is_ok());
+        let e = check_blocks_written(&ok, "num_hidden_layers", 3).unwrap_err().to_string();
+        assert!(e.contains("2 decoder blocks written") && e.contains("says 3"), "{e}");
+        let gap = shapes(&["model.layers.0.w", "model.layers.2.w"]);
+        assert!(check_blocks_written(&gap, "num_hidden_layers", 3).unwrap_err().to_string().contains("block 1"));
+    }
 
     #[test]
     fn renumbers_kept_blocks() {

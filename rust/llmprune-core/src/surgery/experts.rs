@@ -29,6 +29,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::io::checkpoint::read_config;
+use crate::io::postcheck::check_count;
 use crate::run::{Progress, Run, StatsNeed};
 use crate::sidecar::ExpertStats;
 use crate::surgery::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
@@ -115,6 +116,44 @@ pub struct ExpertSummary {
 }
 
 const EXPERT_COUNT_KEYS: [&str; 3] = ["num_local_experts", "num_experts", "n_routed_experts"];
+/// The config keys of the number of experts each token is routed to.
+const TOP_K_KEYS: [&str; 3] = ["num_experts_per_tok", "experts_per_token", "moe_topk"];
+
+/// The MoE modules of a checkpoint: the `<moe>` of every `<moe>.experts.<...>` tensor (shared
+/// experts, `shared_experts.*` / `shared_expert.*`, are not routed and not counted).
+fn moe_modules<'a>(names: impl Iterator<Item = &'a str>) -> std::collections::BTreeSet<String> {
+    names.filter_map(|n| n.find(".experts.").map(|i| n[..i].to_string())).collect()
+}
+
+/// The postcondition of expert pruning: every MoE module of the output has the `says` experts
+/// config.json's `key` states: that many per-expert modules, numbered 0..says, or fused tensors and
+/// router rows of that many.
+fn check_experts_written(shapes: &remap::WrittenShapes, modules: &std::collections::BTreeSet<String>, key: &str, says: usize) -> Result<()> {
+    for moe in modules {
+        let mut ids = std::collections::BTreeSet::new();
+        for (name, shape) in shapes.range(moe.clone()..) {
+            if !name.starts_with(moe.as_str()) {
+                break;
+            }
+            if let Some((j, _)) = expert_part(name, moe) {
+                ids.insert(j);
+            } else if name.starts_with(&format!("{moe}.experts."))
+                || name.starts_with(&format!("{moe}.gate."))
+                || name.starts_with(&format!("{moe}.router."))
+            {
+                check_count(name, &format!("rows (one per expert; {key})"), shape.first().copied().unwrap_or(0), says)?;
+            }
+        }
+        if !ids.is_empty() {
+            let next = ids.iter().next_back().map_or(0, |j| j + 1);
+            if ids.len() != next {
+                return Err(Error::postcondition(moe, format!("the experts written are not numbered 0..{}", ids.len()), None));
+            }
+            check_count(moe, &format!("experts ({key})"), next, says)?;
+        }
+    }
+    Ok(())
+}
 
 /// A group-limited router's groups: `n` (config `n_group`, 1 for other routers) consecutive groups of
 /// `size` experts, of which each token's router picks `top` (`topk_group`).
@@ -206,15 +245,36 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
     let sc = run.sidecar.as_ref().ok_or_else(|| Error::Internal("the sidecar is required".into()))?;
     let mut config = read_config(&run.ckpt.dir)?;
     let key = EXPERT_COUNT_KEYS.iter().find(|k| config.get(**k).and_then(Value::as_u64).is_some_and(|n| n > 0)).copied();
-    if sc.experts.is_empty() || key.is_none() {
+    let modules = moe_modules(run.ckpt.tensors().map(|(_, t)| t.name.as_str()));
+    let Some(key) = key.filter(|_| !modules.is_empty()) else {
         return Err(Error::arg_hint(
             format!("method {} removes experts of Mixture-of-Experts layers, and {} has none", opts.method.name(), run.ckpt.dir.display()),
             "for a dense model use --method block-influence (whole blocks) or a structured method",
         ));
+    };
+    // every MoE module of the checkpoint needs its routing statistics, else it would keep all its
+    // experts while config.json says fewer
+    if let Some(moe) = modules.iter().find(|m| !sc.experts.contains_key(*m)) {
+        let what = if sc.experts.is_empty() {
+            format!("it has no expert routing statistics at all, which method {} needs", opts.method.name())
+        } else {
+            format!("it has no expert routing statistics for {moe}, one of the model's {} MoE layers", modules.len())
+        };
+        return Err(Error::arg_hint(
+            format!("stats sidecar {}: {what}", sc.path.display()),
+            "re-run `llmprune stats MODEL` on this model (this version records the routing of every MoE layer), then apply again",
+        ));
     }
-    let key = key.expect("checked");
+    if let Some(moe) = sc.experts.keys().find(|m| !modules.contains(*m)) {
+        return Err(Error::StatsMismatch {
+            path: sc.path.clone(),
+            msg: format!("expert statistics for {moe}, which is no MoE layer of the checkpoint"),
+        });
+    }
     let e_cfg = config[key].as_u64().unwrap_or(0) as usize;
     let groups = RouterGroups::of(&config, e_cfg)?;
+    // the experts each token is routed to: config.json's, which the output is loaded with
+    let config_top_k = TOP_K_KEYS.iter().find_map(|k| config.get(*k).and_then(Value::as_u64)).map(|k| k as usize);
     let mut plans = BTreeMap::new();
     let mut layers = Vec::new();
     for (moe, st) in &sc.experts {
@@ -240,15 +300,16 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
         if remove == 0 {
             return Err(Error::arg_hint(format!("this removes no expert of {e}"), "raise --sparsity, or lower --experts-keep"));
         }
-        if groups.reachable(e - remove) < st.top_k {
-            let least = st.top_k.div_ceil(groups.top) * groups.n;
+        let top_k = config_top_k.unwrap_or(st.top_k);
+        if groups.reachable(e - remove) < top_k {
+            let least = top_k.div_ceil(groups.top) * groups.n;
             let what = if groups.n > 1 {
                 format!(", {} per group in the {} of {} groups a token's router picks,", (e - remove) / groups.n, groups.top, groups.n)
             } else {
                 String::new()
             };
             return Err(Error::arg_hint(
-                format!("keeping {} experts of {moe}{what} is fewer than the {} each token is routed to", e - remove, st.top_k),
+                format!("keeping {} experts of {moe}{what} is fewer than the {top_k} each token is routed to", e - remove),
                 format!("keep at least {least} (remove at most {})", e - least),
             ));
         }
@@ -284,7 +345,8 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
     let staging = run.stage(&opts.out_dir, opts.force)?;
     let run = run;
     let provenance = run.provenance(prov, &opts.provenance);
-    let Written { out, bytes_written, params_after } = remap::write(&run, staging, progress, &provenance, &fates, config)?;
+    let verify = |shapes: &remap::WrittenShapes| check_experts_written(shapes, &modules, key, e_after);
+    let Written { out, bytes_written, params_after } = remap::write(&run, staging, progress, &provenance, &fates, config, &verify)?;
     Ok(ExpertSummary {
         out: out.display().to_string(),
         method: opts.method.name().into(),
@@ -329,6 +391,41 @@ mod tests {
         let plain = RouterGroups::of(&serde_json::Map::new(), 8).unwrap();
         assert_eq!(plain.lowest(&sal, 2, "m").unwrap(), vec![4, 5]);
         assert_eq!(plain.reachable(5), 5);
+    }
+
+    #[test]
+    fn moe_modules_leave_shared_experts_out() {
+        let names =
+            ["m.layers.0.mlp.experts.0.w1.weight", "m.layers.0.mlp.shared_experts.up_proj.weight", "m.layers.1.mlp.experts.gate_up_proj", "m.norm"];
+        let m = moe_modules(names.into_iter());
+        assert_eq!(m.into_iter().collect::<Vec<_>>(), vec!["m.layers.0.mlp".to_string(), "m.layers.1.mlp".to_string()]);
+    }
+
+    #[test]
+    fn experts_written_must_be_those_the_config_says() {
+        let modules: std::collections::BTreeSet<String> = ["a.mlp".to_string(), "b.mlp".to_string()].into();
+        let mut shapes: remap::WrittenShapes = BTreeMap::new();
+        for j in 0..2 {
+            shapes.insert(format!("a.mlp.experts.{j}.w1.weight"), vec![4, 2]);
+        }
+        shapes.insert("a.mlp.gate.weight".into(), vec![2, 4]);
+        shapes.insert("b.mlp.experts.gate_up_proj".into(), vec![2, 4, 8]);
+        shapes.insert("b.mlp.router.weight".into(), vec![2, 4]);
+        shapes.insert("b.mlp.shared_experts.w.weight".into(), vec![9, 4]);
+        assert!(check_experts_written(&shapes, &modules, "num_experts", 2).is_ok());
+        // a layer left with 4 experts while config.json says 2
+        for j in 2..4 {
+            shapes.insert(format!("a.mlp.experts.{j}.w1.weight"), vec![4, 2]);
+        }
+        let e = check_experts_written(&shapes, &modules, "num_experts", 2).unwrap_err().to_string();
+        assert!(e.contains("a.mlp") && e.contains("4 experts"), "{e}");
+        shapes.retain(|k, _| !k.starts_with("a.mlp.experts.2") && !k.starts_with("a.mlp.experts.3"));
+        shapes.insert("b.mlp.router.weight".into(), vec![3, 4]);
+        let e = check_experts_written(&shapes, &modules, "num_experts", 2).unwrap_err().to_string();
+        assert!(e.contains("b.mlp.router.weight") && e.contains("3 rows"), "{e}");
+        shapes.insert("b.mlp.router.weight".into(), vec![2, 4]);
+        shapes.remove("a.mlp.experts.0.w1.weight");
+        assert!(check_experts_written(&shapes, &modules, "num_experts", 2).unwrap_err().to_string().contains("numbered"));
     }
 
     #[test]

@@ -109,8 +109,13 @@ pub struct Written {
     pub params_after: u64,
 }
 
+/// The shapes of the tensors `write` wrote, by output name: what its postcondition checks.
+pub type WrittenShapes = BTreeMap<String, Vec<usize>>;
+
 /// Streams every shard into `staging` as `fates` says (every tensor of the checkpoint has one),
-/// writes `config`, the index with its new weight map and the other files, and commits.
+/// checks what was written with `verify` (the postcondition: the counts `config` states must be
+/// those of the tensors), writes `config`, the index with its new weight map and the other files,
+/// and commits.
 pub fn write(
     run: &Run,
     staging: StagingDir,
@@ -118,7 +123,9 @@ pub fn write(
     provenance: &str,
     fates: &BTreeMap<String, Fate>,
     config: serde_json::Map<String, Value>,
+    verify: &dyn Fn(&WrittenShapes) -> Result<()>,
 ) -> Result<Written> {
+    let mut shapes: WrittenShapes = BTreeMap::new();
     let mut weight_map = BTreeMap::new();
     let (mut params_after, mut tensor_bytes) = (0u64, 0u64);
     let bytes_written = run.write_shards(&staging, progress, |shard, out| {
@@ -141,6 +148,7 @@ pub fn write(
                     }
                 }
                 weight_map.insert(e.name.clone(), shard.file_name.clone());
+                shapes.insert(e.name.clone(), e.shape.clone());
                 params_after += e.shape.iter().product::<usize>() as u64;
                 tensor_bytes += e.nbytes as u64;
             }
@@ -148,6 +156,7 @@ pub fn write(
         }
         Ok(())
     })?;
+    verify(&shapes)?;
     write_config(&staging.path, config)?;
     let out = run.finish(staging, tensor_bytes, Some(&weight_map), &["config.json"])?;
     Ok(Written { out, bytes_written, params_after })

@@ -191,7 +191,14 @@ pub fn resolve_targets(
                 all[*b] = v;
             }
             if let Some((b, v)) = all.iter().enumerate().find(|(_, v)| !(0.0..1.0).contains(*v)) {
-                return Err(Error::arg_hint(format!("OWL gives block {b} a sparsity of {v:.4}, outside [0, 1)"), "lower --sparsity or --owl-lambda"));
+                // OWL spreads the blocks' sparsities over up to 2λ around S: below 0 the target is
+                // too low for that spread, at 1 or above too high
+                let hint = if *v < 0.0 {
+                    format!("raise --sparsity (e.g. to {lambda} or more), or lower --owl-lambda (e.g. to {s} or less)")
+                } else {
+                    format!("lower --sparsity (e.g. to {} or less), or lower --owl-lambda", 1.0 - lambda)
+                };
+                return Err(Error::arg_hint(format!("OWL gives block {b} a sparsity of {v:.4}, outside [0, 1)"), hint));
             }
             all
         }

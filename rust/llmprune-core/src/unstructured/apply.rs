@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::read_config;
 use crate::io::dtype::{decode, encode_into, float_size};
 use crate::io::layout::shard_header;
+use crate::io::postcheck::check_written;
 use crate::pool;
 use crate::run::{Run, StatsNeed};
 use crate::sidecar::gram::Gram;
@@ -147,6 +148,7 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
     let prunable = resolve_prunable(ckpt, run.sidecar.as_ref(), &opts.include, &opts.exclude, opts.default_input_axis)?;
     // Every per-tensor check happens before anything is written.
     let mut factors: BTreeMap<String, Option<Vec<f32>>> = BTreeMap::new();
+    let mut signal_checked = std::collections::BTreeSet::new();
     for (name, p) in &prunable {
         let (shard, t) = ckpt.get(name).ok_or_else(|| Error::Internal(format!("{name} resolved but not in the checkpoint")))?;
         if float_size(t.dtype).is_none() {
@@ -169,8 +171,12 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
         }
         if let Some(g) = &gram {
             match g.group_of(name) {
-                Some(grp) if grp.features == t.shape[p.input_axis] => {}
-                _ => return Err(Error::StatsMismatch { path: g.path.clone(), msg: format!("no Gram matrix of the input of {name}") }),
+                Some(grp) if grp.features == t.shape[p.input_axis] => {
+                    if signal_checked.insert(grp.key.clone()) {
+                        g.check_signal(&grp.key)?;
+                    }
+                }
+                _ => return Err(Error::gram_mismatch(&g.path, format!("no Gram matrix of the input of {name}"))),
             }
         }
     }
@@ -290,6 +296,12 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
                                     Some(g) => pool.install(|| reconstruct_tensor(t, data, &job, opts, g, &mut cached, &mut recon_warnings, buf))?,
                                     None => pool.install(|| prune_tensor_with(t, data, &job, opts.scope, buf))?,
                                 };
+                                let hint = if gram.is_some() {
+                                    "the weight update diverged; check the Gram sidecar (`llmprune stats MODEL --gram`) and --damp"
+                                } else {
+                                    "this is a bug in llmprune; please report it with the command line"
+                                };
+                                pool.install(|| check_written(&t.name, t.dtype, buf, Some((t.dtype, data)), Some(hint)))?;
                                 let delta = match (plan, &m) {
                                     (Some(pl), Some(m)) if pl.compensated.contains_key(&t.name) => {
                                         Some(pool.install(|| compensate::bias_delta(t, data, buf, p.input_axis, &m.mu)))
@@ -334,6 +346,14 @@ pub fn apply(opts: &ApplyOptions, progress: &mut dyn FnMut(Progress) -> Result<(
                     let v32: Vec<f32> = values.iter().map(|&x| x as f32).collect();
                     out.fill(|buf| {
                         encode_into(it.dtype, &v32, buf);
+                        let input = existing.and_then(|b| run.ckpt.get(&b.name).map(|(bs, _)| (b.dtype, bs.data(b))));
+                        check_written(
+                            &it.name,
+                            it.dtype,
+                            buf,
+                            input,
+                            Some("the bias compensation produced non-finite values; run without --compensate, or recompute the statistics"),
+                        )?;
                         Ok(())
                     })?;
                     if let Some(b) = existing {

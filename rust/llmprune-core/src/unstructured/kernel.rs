@@ -186,7 +186,26 @@ pub(crate) fn reconstruct_tensor(
     let mask = sparsegpt(&mut w, rows, cols, f, sel, opts.sparsegpt, crate::unstructured::sparsegpt::current_par())?;
     let stored = if input_axis == 1 { w } else { transpose(&w, rows, cols) };
     encode_into(t.dtype, &stored, out);
-    Ok((mask.iter().filter(|&&m| m).count() as u64, swaps))
+    // the pruned count is what was written: the mask, and the kept weights the update zeroed (the
+    // columns of inputs that never fired, and values rounded to zero), but not weights that were
+    // zero in the input already and stayed
+    let masked = |si: usize| if input_axis == 1 { mask[si] } else { mask[(si % rows) * cols + si / rows] };
+    let extra = zeroed_beyond(t.dtype, data, out, masked);
+    Ok((mask.iter().filter(|&&m| m).count() as u64 + extra, swaps))
+}
+
+/// The entries of `written` that are zero where `input` was not and `masked` (by stored index)
+/// says the mask did not select them.
+pub(crate) fn zeroed_beyond(dtype: safetensors::Dtype, input: &[u8], written: &[u8], masked: impl Fn(usize) -> bool + Sync) -> u64 {
+    let Some(es) = float_size(dtype) else { return 0 };
+    let magnitude: u32 = if es == 2 { 0x7fff } else { 0x7fff_ffff };
+    let bits = |c: &[u8]| if es == 2 { u16::from_le_bytes([c[0], c[1]]) as u32 } else { u32::from_le_bytes([c[0], c[1], c[2], c[3]]) };
+    input
+        .par_chunks_exact(es)
+        .zip(written.par_chunks_exact(es))
+        .enumerate()
+        .filter(|(i, (a, b))| bits(b) & magnitude == 0 && bits(a) & magnitude != 0 && !masked(*i))
+        .count() as u64
 }
 
 /// The transpose of a row-major [r, c] matrix.

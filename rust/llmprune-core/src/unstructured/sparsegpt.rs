@@ -42,11 +42,33 @@ impl Default for SparseGptOptions {
     }
 }
 
+/// The largest `--damp` accepted: the damping is `damp` times the mean of the Gram diagonal, so
+/// beyond this it outweighs the statistics, and the update degenerates to a no-op (or, in f32, to
+/// an overflow that zeroes the weights).
+pub const MAX_DAMP: f64 = 10.0;
+
+/// Refuses a `--damp` that is not a positive number of at most `MAX_DAMP`.
+pub fn check_damp(damp: f64) -> Result<()> {
+    if !(damp.is_finite() && damp > 0.0) {
+        return Err(Error::arg_hint(
+            format!("--damp must be a positive number, got {damp}"),
+            "the damping is a fraction of the Gram diagonal's mean; the default is 0.01",
+        ));
+    }
+    if damp > MAX_DAMP {
+        return Err(Error::arg_hint(
+            format!(
+                "--damp {damp} is too large: damping {damp} times the Gram diagonal's mean would outweigh the statistics and make the update a no-op"
+            ),
+            format!("pass a --damp in (0, {MAX_DAMP}]; the default is 0.01, and 0.1 helps an ill-conditioned matrix"),
+        ));
+    }
+    Ok(())
+}
+
 impl SparseGptOptions {
     pub fn validate(&self) -> Result<()> {
-        if !(self.damp.is_finite() && self.damp > 0.0) {
-            return Err(Error::arg(format!("--damp must be a positive number, got {}", self.damp)));
-        }
+        check_damp(self.damp)?;
         if self.blocksize == 0 {
             return Err(Error::arg("--blocksize must be at least 1"));
         }
@@ -129,7 +151,10 @@ pub fn factor(name: &str, n: usize, mut h: impl FnMut() -> Result<Vec<f32>>, dam
             Err(_) => break,
         }
     }
-    Err(Error::arg(format!("{name}: the Gram matrix is not positive definite even with damping {damp:.0e}; recompute the statistics")))
+    Err(Error::arg_hint(
+        format!("{name}: the Gram matrix of its input is not positive definite even with damping {damp:.0e}"),
+        "pass a larger --damp (e.g. 0.1), or recompute the Gram matrices with `llmprune stats MODEL --gram`",
+    ))
 }
 
 /// Prunes (and updates) the row-major [rows, cols] weight `w` in place with the factor of its
