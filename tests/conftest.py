@@ -57,6 +57,12 @@ def run_cli() -> Callable[..., tuple[int, str, str]]:
     return run_cli_subprocess
 
 
+def slow_except(values: list[Any] | tuple[Any, ...], *fast: Any) -> list[Any]:
+    """Parametrize values with every case but the FAST ones marked slow, so that the fast lane
+    (`make test-fast`: -m "not slow") keeps a cheap case or two of a long list."""
+    return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 # --------------------------------------------------------------------------------------------
 # Tiny models
 # --------------------------------------------------------------------------------------------

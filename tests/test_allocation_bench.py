@@ -43,6 +43,7 @@ def test_a_schedule_outside_the_unit_interval_is_refused():
         compose("ramp:0.4", 0.7, 30, None)
 
 
+@pytest.mark.slow
 def test_owl_profile_agrees_with_apply(gram_model):
     """The bench's numpy outlier ratios give the block sparsities `apply --allocation owl` reports
     (it exits 1 otherwise), on a real (tiny) checkpoint and its sidecar."""

@@ -101,13 +101,15 @@ def _mask_cases():
             for flag, value in CONFIGS:
                 if not full and value == "4:8":
                     continue
-                cases.append(pytest.param(dtype, sharded, method, flag, value, "row", id=f"{dtype}-{'sharded' if sharded else 'single'}-{method}-{value}"))
-        cases.append(pytest.param(dtype, sharded, "magnitude", "--sparsity", "0.5", "layer", id=f"{dtype}-{'sharded' if sharded else 'single'}-magnitude-0.5-layer"))
+                cases.append(pytest.param(dtype, sharded, method, flag, value, "row", id=f"{dtype}-{'sharded' if sharded else 'single'}-{method}-{value}",
+                                          marks=() if full and value == "0.5" else pytest.mark.slow))
+        cases.append(pytest.param(dtype, sharded, "magnitude", "--sparsity", "0.5", "layer", id=f"{dtype}-{'sharded' if sharded else 'single'}-magnitude-0.5-layer",
+                                  marks=() if full else pytest.mark.slow))
     # floor(size * s) with a fractional product
     for method, scope in [("wanda", "row"), ("stade-w", "row"), ("magnitude", "layer"), ("magnitude", "row")]:
-        cases.append(pytest.param("bfloat16", True, method, "--sparsity", "0.3", scope, id=f"bfloat16-sharded-{method}-0.3-{scope}"))
-    cases.append(pytest.param("bfloat16", True, "stade", "--sparsity", "0.9", "row", id="bfloat16-sharded-stade-0.9"))
-    cases.append(pytest.param("bfloat16", True, "wanda", "--pattern", "1:4", "row", id="bfloat16-sharded-wanda-1:4"))
+        cases.append(pytest.param("bfloat16", True, method, "--sparsity", "0.3", scope, id=f"bfloat16-sharded-{method}-0.3-{scope}", marks=pytest.mark.slow))
+    cases.append(pytest.param("bfloat16", True, "stade", "--sparsity", "0.9", "row", id="bfloat16-sharded-stade-0.9", marks=pytest.mark.slow))
+    cases.append(pytest.param("bfloat16", True, "wanda", "--pattern", "1:4", "row", id="bfloat16-sharded-wanda-1:4", marks=pytest.mark.slow))
     return cases
 
 

@@ -17,6 +17,7 @@ import torch
 
 import reference as R
 import stats_helpers as H
+from conftest import slow_except
 
 from llmprune.calibration import sidecar
 from llmprune.evaluation import perplexity
@@ -77,7 +78,7 @@ def arch_model(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", slow_except(ARCHS, "llama"))
 def test_stats(arch_model, arch):
     path = arch_model(arch)
     ids = R.random_samples(3, 16, vocab=256, seed=2)
@@ -102,7 +103,7 @@ def apply_and_load(run_cli, path: Path, out: Path, *args: str) -> dict:
     return json.loads(stdout)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", slow_except(ARCHS, "llama", "mixtral"))
 def test_unstructured(run_cli, arch_model, tmp_path, arch):
     path = arch_model(arch)
     out = tmp_path / "o"
@@ -119,13 +120,13 @@ def test_unstructured(run_cli, arch_model, tmp_path, arch):
         assert np.array_equal(got == 0, want | (w_oi == 0)), name
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", slow_except(ARCHS, "llama"))
 def test_blocks(run_cli, arch_model, tmp_path, arch):
     s = apply_and_load(run_cli, arch_model(arch), tmp_path / "o", "--method", "block-influence", "--remove-blocks", "1")
     assert s["blocks_after"] == 2
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", slow_except(ARCHS, "llama"))
 def test_eval(arch_model, arch):
     path = arch_model(arch)
     ids = torch.randint(0, 256, (1, 3 * 16), generator=torch.Generator().manual_seed(1))
@@ -135,7 +136,7 @@ def test_eval(arch_model, arch):
     assert math.isclose(res.perplexity, ref, rel_tol=1e-4), (res.perplexity, ref)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", *MOE_ARCHS])
+@pytest.mark.parametrize("arch", slow_except(["gpt2", *MOE_ARCHS], "mixtral"))
 def test_structured_refused_naming_the_architecture(run_cli, arch_model, tmp_path, arch):
     """Structured groups are defined for LLaMA's relatives and OPT; anything else is one clear
     error naming its model_type (GPT-2's Conv1D, MoE layers)."""
@@ -148,7 +149,7 @@ def test_structured_refused_naming_the_architecture(run_cli, arch_model, tmp_pat
     assert "out" not in listing(tmp_path)
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in MOE_ARCHS])
+@pytest.mark.parametrize("arch", slow_except([a for a in ARCHS if a not in MOE_ARCHS], "llama"))
 def test_experts_refused_on_dense_models(run_cli, arch_model, tmp_path, arch):
     from conftest import assert_clean_error
 

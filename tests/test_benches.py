@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_apply_bench_tiny(tmp_path):
     cmd = [
         sys.executable, str(ROOT / "benches" / "apply_bench.py"), "--shape", "tiny", "--workdir", str(tmp_path),
@@ -41,6 +42,7 @@ def test_make_checkpoint_is_loadable(tmp_path):
     assert report["prunable"]["zeros"] == 0
 
 
+@pytest.mark.slow
 def test_hywia_bench_tiny(tmp_path):
     """stats --grad, apply (hywia, flap), eval, finetune and eval again through the CLI, on a tiny LLaMA."""
     import reference as R
@@ -65,6 +67,7 @@ def test_hywia_bench_tiny(tmp_path):
     assert all(r["ppl"] > 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_sparsegpt_bench_small():
     """The kernel speed bench at 1024-wide shapes: both sides run, and agree on the layer-output error."""
     cmd = [sys.executable, str(ROOT / "benches" / "sparsegpt_bench.py"), "--small"]
@@ -80,6 +83,7 @@ def test_sparsegpt_bench_small():
 
 
 @pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="needs /usr/bin/time (apt-get install time)")
+@pytest.mark.slow
 def test_sparsegpt_memory_tiny(tmp_path):
     """The apply memory bench on the tiny shape: checkpoint, synthetic Gram sidecar, measured apply."""
     cmd = [sys.executable, str(ROOT / "benches" / "sparsegpt_memory.py"), "--shape", "tiny", "--workdir", str(tmp_path)]

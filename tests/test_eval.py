@@ -86,6 +86,7 @@ def cli_model(eval_dir) -> Path:
     return eval_dir("llama", tokenizer=True)
 
 
+@pytest.mark.slow
 def test_cli_eval_json(run_cli, cli_model):
     from transformers import AutoTokenizer
 
@@ -101,6 +102,7 @@ def test_cli_eval_json(run_cli, cli_model):
     assert math.isclose(doc["perplexity"], ref, rel_tol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_eval_text_file(run_cli, cli_model, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text(H.TEXT)
@@ -134,6 +136,7 @@ def test_cli_eval_bad_input(run_cli, cli_model, tmp_path, capsys):
         assert_clean_error(code, out, err, contains=contains)
 
 
+@pytest.mark.slow
 def test_cli_eval_model_without_tokenizer(run_cli, eval_dir, tmp_path):
     shutil.copytree(eval_dir("opt"), tmp_path / "o")
     code, out, err = run_cli(["eval", tmp_path / "o", "--seqlen", "16"])

@@ -82,6 +82,7 @@ def trained(run_cli, tiny_models, tmp_path_factory) -> tuple[Path, Path, dict[st
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_summary(trained):
     model, out, s = trained
     assert out == model.parent / "tiny-lora"
@@ -93,6 +94,7 @@ def test_loss_decreases_and_summary(trained):
     assert s["trainable_params"] > 0 and s["seconds"] >= s["seconds_training"] > 0
 
 
+@pytest.mark.slow
 def test_output_has_the_input_layout_and_loads(trained):
     model, out, s = trained
     compare_checkpoints(model, out, ALL_TARGETS)
@@ -112,6 +114,7 @@ def test_output_has_the_input_layout_and_loads(trained):
     assert mean_loss(after, ids) < mean_loss(before, ids) - 0.05, "the merged weights should fit the text better"
 
 
+@pytest.mark.slow
 def test_targets_subset_tied_float32_reproducible(run_cli, tiny_models, tmp_path):
     model = with_tokenizer(tiny_models("float32", sharded=False, stats=False, tie_word_embeddings=True), tmp_path / "m")
     assert "lm_head.weight" not in R.read_checkpoint(model)[0]
@@ -128,6 +131,7 @@ def test_targets_subset_tied_float32_reproducible(run_cli, tiny_models, tmp_path
         assert R.to_f32(t) == pytest.approx(R.to_f32(runs[1][1][name]), rel=1e-4, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_structured_non_uniform_round_trip(run_cli, tiny_models, tmp_path):
     import llmprune
 
@@ -163,6 +167,7 @@ def test_cuda_bfloat16_autocast(run_cli, tiny_models, tmp_path):
     compare_checkpoints(model, Path(s["out"]), ALL_TARGETS)
 
 
+@pytest.mark.slow
 def test_force_replaces_and_text_summary(run_cli, tiny_models, tmp_path):
     model = with_tokenizer(tiny_models("bfloat16", sharded=False, stats=False), tmp_path / "m")
     out = tmp_path / "m" / "tiny-lora"
@@ -200,38 +205,42 @@ def expect_failure(run_cli, model: Path, args: list[Any], env: dict[str, str] | 
 @pytest.mark.parametrize(
     "args, contains, hint",
     [
-        (["--targets", "q_proj,qkv_proj"], "qkv_proj", "q_proj"),
-        (["--targets", "c_attn"], "c_attn", "down_proj"),
-        (["--targets", " , "], "names no layer", None),
-        (["--seqlen", "1000"], "exceeds the model's context of 128", "--seqlen 128"),
+        pytest.param(["--targets", "q_proj,qkv_proj"], "qkv_proj", "q_proj", marks=pytest.mark.slow),
+        pytest.param(["--targets", "c_attn"], "c_attn", "down_proj", marks=pytest.mark.slow),
+        pytest.param(["--targets", " , "], "names no layer", None, marks=pytest.mark.slow),
+        pytest.param(["--seqlen", "1000"], "exceeds the model's context of 128", "--seqlen 128", marks=pytest.mark.slow),
         (["--steps", "2", "--epochs", "1"], "not both", None),
-        (["--rank", "0"], "--rank", None),
-        (["--dropout", "1"], "--dropout", None),
-        (["--lr", "0"], "--lr", None),
-        (["--data", "nope.txt"], "unknown text source", None),
-        (["--device", "tpu"], "unknown device", None),
+        pytest.param(["--rank", "0"], "--rank", None, marks=pytest.mark.slow),
+        pytest.param(["--dropout", "1"], "--dropout", None, marks=pytest.mark.slow),
+        pytest.param(["--lr", "0"], "--lr", None, marks=pytest.mark.slow),
+        pytest.param(["--data", "nope.txt"], "unknown text source", None, marks=pytest.mark.slow),
+        pytest.param(["--device", "tpu"], "unknown device", None, marks=pytest.mark.slow),
     ],
 )
 def test_bad_arguments(run_cli, bad_model, tmp_path, args, contains, hint):
     expect_failure(run_cli, bad_model, ["--data", text_file(tmp_path), "--steps", "1", *FAST, *args], contains=contains, hint_contains=hint)
 
 
+@pytest.mark.slow
 def test_text_shorter_than_seqlen(run_cli, bad_model, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Only a few words.")
     expect_failure(run_cli, bad_model, [*FAST, "--data", short], contains="longer than --seqlen 32", hint_contains="--seqlen")
 
 
+@pytest.mark.slow
 def test_missing_model(run_cli, tmp_path):
     (tmp_path / "m").mkdir()
     expect_failure(run_cli, tmp_path / "m" / "nope", [], contains="not found")
 
 
+@pytest.mark.slow
 def test_model_without_tokenizer(run_cli, tiny_models, tmp_path):
     model = copy_model(tiny_models("bfloat16", sharded=True, stats=False), tmp_path / "m")
     expect_failure(run_cli, model, ["--steps", "1"], contains="no tokenizer files", hint_contains="tokenizer")
 
 
+@pytest.mark.slow
 def test_output_exists(run_cli, bad_model, tmp_path):
     out = bad_model.parent / "tiny-lora"
     out.mkdir()
@@ -241,6 +250,7 @@ def test_output_exists(run_cli, bad_model, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["input", "inside"])
+@pytest.mark.slow
 def test_output_is_the_input(run_cli, bad_model, tmp_path, where):
     out = bad_model if where == "input" else bad_model / "sub"
     expect_failure(run_cli, bad_model, ["--data", text_file(tmp_path), "--out", out, *FAST], contains="input model directory")

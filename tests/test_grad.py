@@ -142,6 +142,7 @@ def cli_copy(tmp_path_factory, tmp_path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_cli_grad_sidecar_layout(run_cli, cli_copy, tmp_path):
     from transformers import AutoTokenizer
 
@@ -174,10 +175,10 @@ def test_cli_grad_sidecar_layout(run_cli, cli_copy, tmp_path):
 @pytest.mark.parametrize(
     "args,contains",
     [
-        (["--grad", "--sequential", "--method", "wanda", "--sparsity", "0.5"], "cannot be combined"),
+        pytest.param(["--grad", "--sequential", "--method", "wanda", "--sparsity", "0.5"], "cannot be combined", marks=pytest.mark.slow),
         (["--grad", "--grad-mode", "sideways"], "unknown --grad-mode"),
-        (["--grad-mode", "full"], "applies with --grad only"),
-        (["--grad", "--seqlen", "1"], "at least 2 tokens"),
+        pytest.param(["--grad-mode", "full"], "applies with --grad only", marks=pytest.mark.slow),
+        pytest.param(["--grad", "--seqlen", "1"], "at least 2 tokens", marks=pytest.mark.slow),
     ],
 )
 def test_cli_grad_bad_input(run_cli, cli_copy, args, contains):
@@ -187,6 +188,7 @@ def test_cli_grad_bad_input(run_cli, cli_copy, args, contains):
     assert sorted(p.name for p in cli_copy.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_spilled_block_inputs_give_the_same_estimates(models, monkeypatch):
     """With the kept block inputs in file-backed maps (as for a model whose activations exceed memory)."""
     import os

@@ -228,6 +228,7 @@ def test_torchrun_two_processes_equal_one(run_cli, model_copy, tmp_path):  # noq
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_stats_gram_writes_default_file(run_cli, model_copy):  # noqa: F811 - fixture
     from transformers import AutoTokenizer
 
@@ -254,8 +255,8 @@ def test_cli_stats_gram_writes_default_file(run_cli, model_copy):  # noqa: F811 
     "args,contains",
     [
         (["--gram", "--grad"], "cannot be combined"),
-        (["--gram-out", "x.safetensors"], "--gram-out applies with --gram only"),
-        (["--gram", "--out", "same.safetensors", "--gram-out", "same.safetensors"], "both name"),
+        pytest.param(["--gram-out", "x.safetensors"], "--gram-out applies with --gram only", marks=pytest.mark.slow),
+        pytest.param(["--gram", "--out", "same.safetensors", "--gram-out", "same.safetensors"], "both name", marks=pytest.mark.slow),
     ],
 )
 def test_cli_stats_gram_bad_input(run_cli, model_copy, args, contains):  # noqa: F811 - fixture

@@ -226,6 +226,7 @@ def read_grads(sidecar: Path) -> dict[str, dict[str, np.ndarray]]:
     return {n: {"out": arrays[f"{n}.grad_out"], "in": arrays[f"{n}.grad_in"]} for n in names}
 
 
+@pytest.mark.slow
 def test_statistics_from_stats_grad(run_cli, tmp_path):
     """End to end with the sidecar `llmprune stats --grad` writes."""
     model = R.tiny_llama_dir(tmp_path / "m" / "tiny", dtype="float32", seed=5, **MODEL)
@@ -290,6 +291,7 @@ def test_outputs_load_and_run(run_cli, base_model, tmp_path):
         assert torch.isfinite(stock(R.random_samples(1, 16, seed=3)).logits).all()
 
 
+@pytest.mark.slow
 def test_global_output_runs_with_load_pruned(run_cli, base_model, tmp_path):
     model, _ = model_with_grads(base_model, tmp_path / "m")
     s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.3", "--allocation", "global", "--fusion", "coarse")

@@ -36,6 +36,7 @@ def apply_json(run_cli, model: Path, out: Path, *args) -> dict:
 
 
 @pytest.mark.parametrize("sparsity,m,lam", [(0.7, 5.0, 0.08), (0.5, 3.0, 0.2)])
+@pytest.mark.slow
 def test_owl_block_sparsities_equal_the_formula(run_cli, gram_model, tmp_path, sparsity, m, lam):
     """On the sidecar of a real `llmprune stats` pass: the block sparsities equal the numpy
     transcription, average exactly S, and every row of a block keeps floor(cols * s_block) zeros."""
@@ -53,6 +54,7 @@ def test_owl_block_sparsities_equal_the_formula(run_cli, gram_model, tmp_path, s
     assert prov["allocation"] == "owl" and prov["block_sparsity"] == s["block_sparsity"]
 
 
+@pytest.mark.slow
 def test_owl_masks_are_wanda_masks_at_each_blocks_sparsity(run_cli, gram_model, tmp_path):
     stats = R.read_sidecar_stats(gram_model / R.SIDECAR_NAME)
     s = apply_json(run_cli, gram_model, tmp_path / "o", "--method", "wanda", "--sparsity", "0.6", "--allocation", "owl")
@@ -64,6 +66,7 @@ def test_owl_masks_are_wanda_masks_at_each_blocks_sparsity(run_cli, gram_model, 
         assert ((out[name] == 0) == (want | (w[name] == 0))).all(), name
 
 
+@pytest.mark.slow
 def test_schedule_file(run_cli, gram_model, tmp_path):
     blocks = 2
     sched = tmp_path / "s.json"
@@ -79,6 +82,7 @@ def test_schedule_file(run_cli, gram_model, tmp_path):
             assert np.array_equal(x == 0, R.reference_mask(w[name], "magnitude", sparsity=[0.25, 0.75][b]) | (w[name] == 0))
 
 
+@pytest.mark.slow
 def test_a_schedule_whose_mean_is_not_the_sparsity_is_pruned_as_it_says_with_a_warning(run_cli, gram_model, tmp_path):
     sched = tmp_path / "s.json"
     sched.write_text(json.dumps([0.5, 0.7]))
@@ -163,6 +167,7 @@ def test_dsnot_skips_the_mlp_by_default():
     assert not np.array_equal(_core.compute_mask(w, "wanda", **kw, name="model.layers.0.self_attn.q_proj.weight", refine="dsnot"), plain)
 
 
+@pytest.mark.slow
 def test_apply_dsnot_keeps_row_counts(run_cli, gram_model, tmp_path):
     stats = R.read_sidecar_stats(gram_model / R.SIDECAR_NAME)
     plain = apply_json(run_cli, gram_model, tmp_path / "a", "--method", "wanda", "--sparsity", "0.5")
@@ -178,6 +183,7 @@ def test_apply_dsnot_keeps_row_counts(run_cli, gram_model, tmp_path):
         assert np.array_equal(b[name] == 0, want | (w[name] == 0)), name
 
 
+@pytest.mark.slow
 def test_apply_dsnot_nm(run_cli, gram_model, tmp_path):
     """apply --pattern 2:4 --refine dsnot: every group of 4 inputs keeps 2 zeros, as the reference."""
     stats = R.read_sidecar_stats(gram_model / R.SIDECAR_NAME)
@@ -272,6 +278,7 @@ def test_compensation_of_conv1d_weights(run_cli, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sequential_compensation_is_recorded(run_cli, gram_model, tmp_path):
     """stats --sequential --compensate records it; apply with the same flags reproduces the
     algorithm (no warning), without --compensate it warns. (The statistics themselves are checked
@@ -290,6 +297,7 @@ def test_sequential_compensation_is_recorded(run_cli, gram_model, tmp_path):
     assert_clean_error(code, "", err, contains="only apply with --sequential")
 
 
+@pytest.mark.slow
 def test_sequential_dsnot_same_sign_is_recorded(run_cli, gram_model, tmp_path):
     model = copy_model(gram_model, tmp_path / "m")
     seq = tmp_path / "seq.safetensors"
@@ -304,6 +312,7 @@ def test_sequential_dsnot_same_sign_is_recorded(run_cli, gram_model, tmp_path):
     assert code == 0 and "does not reproduce" in err, err
 
 
+@pytest.mark.slow
 def test_sequential_owl_records_the_dense_allocation(run_cli, gram_model, tmp_path):
     model = copy_model(gram_model, tmp_path / "m")
     seq = tmp_path / "seq.safetensors"
@@ -356,6 +365,7 @@ def bad_cases(tmp_path: Path) -> list[tuple[list, str]]:
     ]
 
 
+@pytest.mark.slow
 def test_bad_input_writes_nothing(run_cli, gram_model, tmp_path):
     model = copy_model(gram_model, tmp_path / "m")
     before = tree_hashes(tmp_path / "m")
@@ -368,6 +378,7 @@ def test_bad_input_writes_nothing(run_cli, gram_model, tmp_path):
         assert listing(tmp_path) == sorted(["m", "short.json", "range.json", "neg.json", "text.json"]), args
 
 
+@pytest.mark.slow
 def test_sequential_bad_input(run_cli, gram_model, tmp_path):
     model = copy_model(gram_model, tmp_path / "m")
     before = tree_hashes(tmp_path / "m")

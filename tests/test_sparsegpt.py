@@ -178,6 +178,7 @@ def sequential_sparsegpt_reference(model_dir: Path, samples, sparsity: float) ->
     return out
 
 
+@pytest.mark.slow
 def test_sequential_stats_then_apply_equal_the_block_by_block_reference(run_cli, gram_model, tmp_path):
     from llmprune.data.windows import calibration_samples
     from llmprune.data.tokenizer import load_tokenizer
@@ -206,6 +207,7 @@ def test_sequential_stats_then_apply_equal_the_block_by_block_reference(run_cli,
     assert code == 0 and "does not reproduce" in err, err
 
 
+@pytest.mark.slow
 def test_sequential_reconstruction_needs_gram(run_cli, tiny_models, tmp_path):
     model = copy_model(tiny_models("bfloat16", sharded=True, stats=False), tmp_path / "w")
     before = tree_hashes(tmp_path)

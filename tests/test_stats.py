@@ -102,6 +102,7 @@ def test_checkpoint_names_without_base_prefix(arch_dir, tmp_path, arch, prefix):
     assert_stats_close(res.layers, ref)
 
 
+@pytest.mark.slow
 def test_more_layers_and_bf16_compute(arch_dir):
     """A deeper model; and bf16 compute (allowed with --dtype) stays close to the float32 reference."""
     path = arch_dir("llama", num_hidden_layers=5)
@@ -159,6 +160,7 @@ def test_sequential_compensation_equals_reference(arch_dir, arch):
     assert any(not np.allclose(plain[n].act_sum, res.layers[n].act_sum, rtol=1e-4) for n in late)
 
 
+@pytest.mark.slow
 def test_sequential_with_core_masks(arch_dir):
     """The pass prunes with the core's compute_mask, the masks `apply` computes."""
     pytest.importorskip("llmprune._core")
@@ -286,6 +288,7 @@ def test_cli_stats_end_to_end(run_cli, model_copy):
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_cli_stats_sequential_records_mode(run_cli, model_copy, tmp_path):
     out_path = tmp_path / "seq.safetensors"
     code, out, err = run_cli(
@@ -298,6 +301,7 @@ def test_cli_stats_sequential_records_mode(run_cli, model_copy, tmp_path):
     assert not (model_copy / R.SIDECAR_NAME).exists()
 
 
+@pytest.mark.slow
 def test_cli_merge(run_cli, model_copy, tmp_path, arch_dir):
     a, b, ab = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "ab.safetensors"
     for path, seed in ((a, 1), (b, 2)):
@@ -360,6 +364,7 @@ def test_cli_stats_bad_input(model_copy, tmp_path, args, contains, capsys):
     assert sorted(os.listdir(model_copy)) == before
 
 
+@pytest.mark.slow
 def test_cli_stats_missing_model(run_cli, tmp_path):
     code, out, err = run_cli(["stats", tmp_path / "nope"])
     assert_clean_error(code, out, err, contains="not found")
@@ -381,6 +386,7 @@ def test_cli_stats_unwritable_model_dir(run_cli, model_copy):
     assert_clean_error(code, out, err, contains="not writable", hint_contains="--out")
 
 
+@pytest.mark.slow
 def test_cli_stats_model_without_tokenizer(run_cli, arch_dir, tmp_path):
     import shutil
 

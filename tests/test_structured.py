@@ -190,6 +190,7 @@ def test_uniform_output_loads_with_transformers(run_cli, tiny_models, tmp_path):
         assert torch.equal(stock(ids).logits, ours(ids).logits)
 
 
+@pytest.mark.slow
 def test_non_uniform_loads_with_load_pruned(run_cli, tiny_models, tmp_path):
     model = copy_model(tiny_models("bfloat16", sharded=True, stats=True), tmp_path / "m")
     H.add_tokenizer(model)
@@ -272,6 +273,7 @@ def test_sidecar_of_another_model(run_cli, tiny_models, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_structured_bench_tiny(tiny_models, tmp_path):
     import subprocess
     import sys

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import reference as R
-from conftest import assert_clean_error, cli_env, copy_model, tree_hashes
+from conftest import assert_clean_error, cli_env, copy_model, slow_except, tree_hashes
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 K1 = "model.layers.1.self_attn.k_proj.weight"
@@ -183,8 +183,13 @@ COMMANDS: dict[str, list[str]] = {
     "eval": ["eval", "{m}", "--max-tokens", "16", "--seqlen", "8", "--device", "cpu"],
 }
 
-CASES = [(cmd, fault) for cmd in ("apply", "inspect") for fault in CHECKPOINT_FAULTS] + [
-    (cmd, fault) for cmd in ("stats", "eval") for fault in TORCH_FAULTS
+# inspect reads checkpoints with apply's reader, and stats and eval load torch first (seconds a case):
+# the fast lane runs every apply case and the first case of each other command
+FAST_CASE = {"inspect": next(iter(CHECKPOINT_FAULTS)), "stats": TORCH_FAULTS[0], "eval": TORCH_FAULTS[0]}
+CASES = [
+    pytest.param(cmd, fault, id=f"{cmd}-{fault}", marks=() if cmd == "apply" or FAST_CASE[cmd] == fault else pytest.mark.slow)
+    for cmd, faults in (("apply", CHECKPOINT_FAULTS), ("inspect", CHECKPOINT_FAULTS), ("stats", TORCH_FAULTS), ("eval", TORCH_FAULTS))
+    for fault in faults
 ]
 
 
@@ -210,7 +215,7 @@ def run_expecting_failure(run_cli, args: list[Any], watch: Path, code: int = 2, 
     return msg
 
 
-@pytest.mark.parametrize("command,fault", CASES, ids=[f"{c}-{f}" for c, f in CASES])
+@pytest.mark.parametrize("command,fault", CASES)
 def test_checkpoint_fault(run_cli, workdir, command, fault):
     model = workdir / "tiny"
     mutate, expected = CHECKPOINT_FAULTS[fault]
@@ -277,7 +282,7 @@ def stats_workdir(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("what", STATS_FAULTS)
-@pytest.mark.parametrize("method", ["wanda", "stade", "flap"])
+@pytest.mark.parametrize("method", slow_except(["wanda", "stade", "flap"], "wanda"))
 def test_apply_refuses_impossible_statistics(run_cli, stats_workdir, what, method):
     work, stats = stats_workdir
     model = work / "tiny"
@@ -427,6 +432,7 @@ def _wait_for_staging(proc: subprocess.Popen, parent: Path) -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_signal_stops_the_cli(big_model, signum):
     """Ctrl-C, and SIGTERM (timeout, kill, schedulers) like it: exit 130 and nothing left behind."""
     model, tmp_path = big_model, big_model.parent
@@ -441,6 +447,7 @@ def test_signal_stops_the_cli(big_model, signum):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"], "no output or staging directory left"
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_run_are_removed_by_the_next(run_cli, big_model):
     model, tmp_path = big_model, big_model.parent
     proc = _start_apply(model)
