@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmprune.cli.options import (
+    THREADS_MAX,
     DsnotItersOpt,
     DsnotSameSignOpt,
     DsnotSkipOpt,
@@ -21,7 +22,10 @@ from llmprune.cli.options import (
     PatternOpt,
     RefineOpt,
     SparsityOpt,
+    check_int,
+    check_real,
     parse_target,
+    path_parser,
     target_label,
     unstructured_extras,
 )
@@ -87,6 +91,7 @@ def check_apply_method(method: str) -> None:
 
 
 def apply_cmd(
+    ctx: typer.Context,
     model: ModelArg,
     method: Annotated[
         str,
@@ -105,12 +110,14 @@ def apply_cmd(
         typer.Option(
             "--stats",
             metavar="PATH",
+            parser=path_parser("--stats"),
             help="Stats sidecar of MODEL (not needed by magnitude and magnitude-sp).",
             show_default="MODEL/llmprune-stats.safetensors",
         ),
     ] = None,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Output directory.", show_default="MODEL-METHOD-TARGET beside MODEL")
+        Optional[Path],
+        typer.Option("--out", "-o", metavar="DIR", parser=path_parser("--out"), help="Output directory.", show_default="MODEL-METHOD-TARGET beside MODEL"),
     ] = None,
     scope: Annotated[str, typer.Option("--scope", metavar="row|layer", help="Comparison group of unstructured sparsity: each row, or each matrix.")] = "row",
     threads: Annotated[
@@ -191,6 +198,7 @@ def apply_cmd(
         typer.Option(
             "--gram",
             metavar="PATH",
+            parser=path_parser("--gram"),
             help="Gram sidecar of MODEL, for sparsegpt, --update and --reconstruct (`llmprune stats MODEL --gram`).",
             show_default="MODEL/llmprune-gram.safetensors",
         ),
@@ -229,15 +237,23 @@ def apply_cmd(
     from llmprune import _core
 
     check_apply_method(method)
-    if threads is not None and threads < 1:
-        raise UsageError("--threads must be at least 1")
+    check_int("--threads", threads, 1, THREADS_MAX)
+    for flag, n, lo in (("--blocksize", blocksize, 1), ("--skip-first", skip_first, 0), ("--skip-last", skip_last, 0)):
+        check_int(flag, n, lo)
+    for flag, n in (("--experts-keep", experts_keep), ("--remove-blocks", remove_blocks)):
+        check_int(flag, n)
+    check_real("--damp", damp, lo=0, lo_open=True)
+    check_real("--fusion-temperature", fusion_temperature, lo=0, lo_open=True)
+    if allocation == "":
+        raise UsageError('--allocation "" is empty', "give uniform, owl or a schedule file (unstructured), global or uniform (structured)")
+    for flag, path in (("--stats", stats), ("--gram", gram)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{flag} {path} is a directory, not a sidecar file", f"give the sidecar's path to {flag}")
+    given = _given(ctx, ("damp", "blocksize"))
     hywia = {"fusion": fusion, "taylor": taylor, "fusion_temperature": fusion_temperature, "skip_first": skip_first, "skip_last": skip_last}
-    given = [f"--{k.replace('_', '-')}" for k, v in hywia.items() if v is not None]
-    if given and method != "hywia":
-        raise UsageError(f"{', '.join(given)} apply to --method hywia, not to {method}")
-    for flag, n in (("--skip-first", skip_first), ("--skip-last", skip_last)):
-        if n is not None and n < 0:
-            raise UsageError(f"{flag} must be 0 or more, got {n}")
+    given_h = [f"--{k.replace('_', '-')}" for k, v in hywia.items() if v is not None]
+    if given_h and method != "hywia":
+        raise UsageError(f"{', '.join(given_h)} apply to --method hywia, not to {method}")
     if experts_keep is not None and method not in methods("experts"):
         raise UsageError(f"--experts-keep applies to {', '.join(methods('experts'))}, not to {method}")
     if remove_blocks is not None and method not in methods("depth"):
@@ -255,6 +271,8 @@ def apply_cmd(
             "--refine": refine is not None,
             "--reconstruct": reconstruct,
             "--gram": gram is not None,
+            "--damp": "--damp" in given,
+            "--blocksize": "--blocksize" in given,
         }
         bad = [k for k, v in others.items() if v]
         if bad:
@@ -262,8 +280,6 @@ def apply_cmd(
         if method in methods("experts"):
             if (sparsity is None) == (experts_keep is None):
                 raise UsageError(f"{method} needs exactly one of --sparsity S (the fraction of routed experts removed per layer) or --experts-keep K")
-            if experts_keep is not None and experts_keep < 1:
-                raise UsageError(f"--experts-keep must be at least 1, got {experts_keep}")
             apply_whole(
                 model,
                 method,
@@ -278,8 +294,6 @@ def apply_cmd(
             return
         if (sparsity is None) == (remove_blocks is None):
             raise UsageError(f"{method} needs exactly one of --sparsity S (the fraction of blocks) or --remove-blocks N")
-        if remove_blocks is not None and remove_blocks < 1:
-            raise UsageError(f"--remove-blocks must be at least 1, got {remove_blocks}")
         apply_whole(
             model,
             method,
@@ -315,11 +329,22 @@ def apply_cmd(
             raise UsageError(f"{', '.join(given_u)} apply to unstructured methods, not to {method}")
         if gram is not None and not reconstruct:
             raise UsageError("--gram with a structured method goes with --reconstruct")
+        if "--blocksize" in given:
+            raise UsageError(f"--blocksize applies to sparsegpt and --update, not to structured method {method}", "drop --blocksize")
+        if "--damp" in given and not reconstruct:
+            raise UsageError(f"--damp with structured method {method} goes with --reconstruct", "add --reconstruct, or drop --damp")
         recon = {"reconstruct": reconstruct, "gram": str(gram) if gram is not None else None, "damp": damp}
         apply_structured(model, method, sparsity, allocation, compensate, stats, out, threads, force, json_out, {**hywia, **recon})
         return
     if reconstruct:
         raise UsageError(f"--reconstruct applies to the structured methods; unstructured {method} updates weights with --update")
+    if method != "sparsegpt" and not update:
+        unused = [flag for flag in ("--gram", "--damp", "--blocksize") if flag in given or (flag == "--gram" and gram is not None)]
+        if unused:
+            raise UsageError(
+                f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to sparsegpt and --update (the weight update), not to {method} alone",
+                f"add --update, or drop {'it' if len(unused) == 1 else 'them'}",
+            )
     sparsity_v, pattern_v = parse_target(sparsity, pattern)
     extras = unstructured_extras(allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip, pattern_v, dsnot_same_sign)
     out_dir = out if out is not None else default_out(model, method, sparsity_v, pattern_v, scope)
@@ -373,6 +398,16 @@ def apply_cmd(
         extra.append(f"bias compensation: {summary['biases_compensated']} weights, {summary['bias_params_added']:,} bias parameters added")
     if extra:
         typer.echo("; ".join(extra))
+
+
+def _given(ctx: typer.Context, names: tuple[str, ...]) -> set[str]:
+    """The options among `names` (parameter names) given on the command line, as flags."""
+    out = set()
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out.add(f"--{name.replace('_', '-')}")
+    return out
 
 
 def apply_structured(

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg
+from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg, check_int
 from llmprune.console import print_json
 from llmprune.errors import UsageError
 
@@ -66,10 +66,8 @@ def eval_cmd(
         raise UsageError("--tasks names no task", hint="e.g. --tasks boolq,piqa")
     if task_list:
         require_lm_eval()
-    if seqlen is not None and seqlen < 2:
-        raise UsageError(f"--seqlen must be at least 2, not {seqlen}")
-    if max_tokens is not None and max_tokens < 1:
-        raise UsageError(f"--max-tokens must be a positive integer, not {max_tokens}")
+    check_int("--seqlen", seqlen, 2)
+    check_int("--max-tokens", max_tokens)
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
     source = describe_source(data_src, EVAL)
     ids = eval_token_ids(data_src, load_tokenizer(model), max_tokens)

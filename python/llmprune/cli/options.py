@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from llmprune.errors import UsageError
 from llmprune.methods import methods
 
+
+def path_parser(flag: str):
+    """The parser of a path option or argument: the path, and an empty value refused by name (a
+    plain Path option would take `--out ""` for `.`, the current directory)."""
+
+    def parse(value: Any) -> Path:
+        if isinstance(value, Path):  # a default
+            return value
+        if str(value) == "":
+            raise UsageError(f'{flag} "" is an empty path', f"give {flag} a file or directory name")
+        return Path(value)
+
+    return parse
+
+
 ModelArg = Annotated[
     Path,
-    typer.Argument(metavar="MODEL", help="Model directory (config.json + model.safetensors or shards + index).", show_default=False),
+    typer.Argument(
+        metavar="MODEL", help="Model directory (config.json + model.safetensors or shards + index).", show_default=False, parser=path_parser("MODEL")
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 SparsityOpt = Annotated[
@@ -32,6 +50,66 @@ PatternOpt = Annotated[
     typer.Option("--pattern", "-p", metavar="N:M", help="Semi-structured pattern: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (cuda when available), cuda or cpu.")]
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers: every count and real option is checked here, before anything reaches the core (whose
+# arguments are Rust integers: a negative or huge value would otherwise fail as an overflow)
+# --------------------------------------------------------------------------------------------
+
+COUNT_MAX = 2**31 - 1  # an upper bound of every count (windows, tokens, steps, blocks, ...)
+THREADS_MAX = 1024  # the core's pool::MAX_THREADS
+DSNOT_ITERS_MAX = 1_000_000  # the core's DsnotOptions::validate
+SEED_MAX = 2**64 - 1  # torch's generators take 64-bit seeds
+
+
+def shown(value: Any) -> str:
+    """A value as an error message shows it: `""` for an empty string, a very long number by its
+    number of digits."""
+    text = str(value)
+    if text == "":
+        return '""'
+    if isinstance(value, int) and len(text) > 24:
+        return f"a {len(text.lstrip('-'))}-digit {'negative ' if value < 0 else ''}number"
+    return text
+
+
+def check_int(flag: str, value: int | None, lo: int = 1, hi: int = COUNT_MAX) -> int | None:
+    """`value` of option `flag` is an integer from lo to hi (None: not given)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{flag} must be an integer from {lo} to {hi}, not {shown(value)}")
+    if value < lo:
+        raise UsageError(f"{flag} must be at least {lo} (an integer from {lo} to {hi}), not {shown(value)}")
+    if value > hi:
+        raise UsageError(f"{flag} must be an integer from {lo} to {hi}, not {shown(value)}")
+    return value
+
+
+def check_real(
+    flag: str, value: float | None, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> float | None:
+    """`value` of option `flag` is a finite number in the interval given (None: not given); the
+    interval is named in the message: [lo, hi), (lo, hi), > lo, >= lo, ..."""
+    if value is None:
+        return None
+    ok = math.isfinite(value)
+    if lo is not None:
+        ok = ok and (value > lo if lo_open else value >= lo)
+    if hi is not None:
+        ok = ok and (value < hi if hi_open else value <= hi)
+    if ok:
+        return value
+    if lo is not None and hi is not None:
+        what = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        what = "a positive number" if (lo == 0 and lo_open) else f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+        what = f"a finite number {'<' if hi_open else '<='} {hi:g}"
+    else:
+        what = "a finite number"
+    raise UsageError(f"{flag} must be {what}, not {value}")
 
 
 def parse_target(sparsity: float | None, pattern: str | None) -> tuple[float | None, tuple[int, int] | None]:
@@ -110,18 +188,47 @@ DsnotSkipOpt = Annotated[
 def read_schedule(path: Path) -> list[float]:
     """Per-block sparsities from a JSON file: a list of numbers, or an object whose
     `block_sparsity` is one (an `apply --json` summary works)."""
+    if path.is_dir():
+        raise UsageError(f"--allocation {path} is a directory", "give uniform, owl, or a JSON file of per-block sparsities")
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is fine
     except FileNotFoundError:
         raise UsageError(f"--allocation {path}: no such file", "give uniform, owl, or a JSON file of per-block sparsities") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--allocation {path}: cannot read it: {exc}") from None
-    except json.JSONDecodeError as exc:
+    try:
+        # numbers stay text until checked: a 401-digit integer is neither refused by the JSON parser
+        # nor representable as a float; NaN and Infinity, which Python's parser accepts, are not JSON
+        data = json.loads(text, parse_int=_Number, parse_float=_Number, parse_constant=_Number)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UsageError(f"--allocation {path} is not valid JSON: {exc}") from None
     values = data.get("block_sparsity") if isinstance(data, dict) else data
-    if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    if not isinstance(values, list) or not values or not all(isinstance(v, _Number) for v in values):
         raise UsageError(f"--allocation {path} must hold a list of per-block sparsities", 'e.g. [0.45, 0.5, 0.55] or {"block_sparsity": [...]}')
-    return [float(v) for v in values]
+    out = []
+    for i, v in enumerate(values):
+        x = v.value()
+        if x is None or not 0 <= x < 1:
+            raise UsageError(f"--allocation {path}: block {i}'s sparsity {v.short()} is outside [0, 1)", "each block's sparsity is a fraction in [0, 1)")
+        out.append(x)
+    return out
+
+
+class _Number(str):
+    """A number of a schedule file, as written."""
+
+    def value(self) -> float | None:
+        """Its value, or None when it is not a finite number of sensible length."""
+        if len(self) > 64:
+            return None
+        try:
+            x = float(self)
+        except ValueError:
+            return None
+        return x if math.isfinite(x) else None
+
+    def short(self) -> str:
+        return str(self) if len(self) <= 24 else f"{self[:12]}... ({len(self)} characters)"
 
 
 def unstructured_extras(
@@ -148,10 +255,28 @@ def unstructured_extras(
             f"--allocation {allocation} gives blocks different unstructured sparsities; an N:M pattern is the same in every block",
             "use --sparsity S with it, or drop --allocation",
         )
+    owl_given = [flag for flag, v in (("--owl-m", owl_m), ("--owl-lambda", owl_lambda)) if v is not None]
+    if owl_given and kw["allocation"] != "owl":
+        raise UsageError(f"{' and '.join(owl_given)} {_goes(owl_given)} with --allocation owl", f"add --allocation owl, or drop {_them(owl_given)}")
+    check_real("--owl-m", owl_m, lo=0, lo_open=True)
+    check_real("--owl-lambda", owl_lambda, lo=0, hi=0.5, lo_open=True, hi_open=True)
     kw.update(owl_m=owl_m, owl_lambda=owl_lambda)
     if refine is not None and refine != "dsnot":
         raise UsageError(f"unknown --refine {refine!r}", "the one refinement is dsnot")
+    knobs = {"--dsnot-iters": dsnot_iters is not None, "--dsnot-threshold": dsnot_threshold is not None, "--dsnot-skip": dsnot_skip is not None}
+    knobs["--dsnot-same-sign"] = dsnot_same_sign
+    dsnot_given = [flag for flag, on in knobs.items() if on]
+    if dsnot_given and refine is None:
+        raise UsageError(f"{', '.join(dsnot_given)} {_goes(dsnot_given)} with --refine dsnot", f"add --refine dsnot, or drop {_them(dsnot_given)}")
+    check_int("--dsnot-iters", dsnot_iters, 1, DSNOT_ITERS_MAX)
+    check_real("--dsnot-threshold", dsnot_threshold, lo=0)
     kw.update(refine=refine, dsnot_iters=dsnot_iters, dsnot_threshold=dsnot_threshold, dsnot_skip=dsnot_skip, dsnot_same_sign=dsnot_same_sign or None)
-    if dsnot_iters is not None and dsnot_iters < 1:
-        raise UsageError(f"--dsnot-iters must be at least 1, got {dsnot_iters}")
     return kw
+
+
+def _goes(flags: list[str]) -> str:
+    return "goes" if len(flags) == 1 else "go"
+
+
+def _them(flags: list[str]) -> str:
+    return "it" if len(flags) == 1 else "them"

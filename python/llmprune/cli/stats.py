@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from llmprune.cli.options import (
+    SEED_MAX,
     DeviceOpt,
     DsnotItersOpt,
     DsnotSameSignOpt,
@@ -26,8 +27,10 @@ from llmprune.cli.options import (
     OwlLambdaOpt,
     OwlMOpt,
     RefineOpt,
+    check_int,
     check_method,
     parse_target,
+    path_parser,
     unstructured_extras,
 )
 from llmprune.console import print_json, warn
@@ -153,7 +156,10 @@ def stats_cmd(
     dtype: Annotated[
         str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")
     ] = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Sidecar path.", show_default="MODEL/llmprune-stats.safetensors")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", metavar="PATH", parser=path_parser("--out"), help="Sidecar path.", show_default="MODEL/llmprune-stats.safetensors"),
+    ] = None,
     json_out: JsonOpt = False,
     sequential: Annotated[
         bool,
@@ -200,7 +206,14 @@ def stats_cmd(
         ),
     ] = False,
     gram_out: Annotated[
-        Optional[Path], typer.Option("--gram-out", metavar="PATH", help="--gram: the Gram sidecar's path.", show_default="MODEL/llmprune-gram.safetensors")
+        Optional[Path],
+        typer.Option(
+            "--gram-out",
+            metavar="PATH",
+            parser=path_parser("--gram-out"),
+            help="--gram: the Gram sidecar's path.",
+            show_default="MODEL/llmprune-gram.safetensors",
+        ),
     ] = None,
     allocation: Annotated[
         Optional[str],
@@ -242,10 +255,11 @@ def stats_cmd(
     from llmprune.data.windows import calibration_samples
     from llmprune.model.devices import check_pass_inputs
 
-    if nsamples < 1:
-        raise UsageError(f"--nsamples must be at least 1, not {nsamples}")
-    if seqlen is not None and seqlen < 1:
-        raise UsageError(f"--seqlen must be at least 1, not {seqlen}")
+    check_int("--nsamples", nsamples)
+    check_int("--seqlen", seqlen)
+    check_int("--seed", seed, 0, SEED_MAX)
+    if allocation == "":
+        raise UsageError('--allocation "" is empty', "give uniform, owl or a schedule file")
     seq: Sequential | None = None
     if sequential:
         if method is None:
@@ -400,9 +414,12 @@ def _size(n: int) -> str:
 
 def merge_cmd(
     inputs: Annotated[
-        list[Path], typer.Argument(metavar="SIDECAR...", help="Sidecars of one model computed on disjoint calibration sets.", show_default=False)
+        list[Path],
+        typer.Argument(
+            metavar="SIDECAR...", parser=path_parser("SIDECAR"), help="Sidecars of one model computed on disjoint calibration sets.", show_default=False
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="The merged sidecar.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", parser=path_parser("--out"), help="The merged sidecar.", show_default=False)],
     json_out: JsonOpt = False,
 ) -> None:
     """Add up sidecars of one model computed on disjoint calibration sets."""
