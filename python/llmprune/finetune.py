@@ -29,6 +29,14 @@ from llmprune.model.skeleton import find_blocks, linear_input_axis
 
 PEFT_HINT = "pip install 'llmprune[finetune]'"
 LOSS_WINDOW = 10  # steps averaged for the first and last loss of the summary
+# Training diverged when the loss of the first batch, after the last step, is above
+# max(DIVERGED_FACTOR x its loss before the first step, that loss + DIVERGED_MARGIN) (or not finite)
+DIVERGED_FACTOR = 2.0
+DIVERGED_MARGIN = 1.0
+# ... or when an adapted weight's merged update is larger than this many times the weight itself
+# (recovery changes a weight by a small fraction of its size; a large learning rate can leave the
+# loss of a small model unmoved, a normalized layer hiding the damage, while destroying the weights)
+MAX_RELATIVE_UPDATE = 10.0
 
 
 @dataclass
@@ -56,6 +64,7 @@ class TrainResult:
     precision: str
     modules: list[str] = field(default_factory=list)
     trainable_params: int = 0
+    loss_after: float = math.nan  # the first batch's loss after the last step (dropout off)
 
     def loss_first(self) -> float:
         return _mean(self.losses[:LOSS_WINDOW])
@@ -169,23 +178,81 @@ def train_lora(
     precision, autocast = _precision(device)
     losses: list[float] = []
     tokens = 0
+    first: torch.Tensor | None = None
     t0 = time.perf_counter()
     for step, batch in enumerate(batches(samples, train.batch_size, train.steps, train.seed), 1):
         ids = batch.to(device)
+        first = ids if first is None else first
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+        value = float(loss.detach())
+        if not math.isfinite(value):  # checked before this step's update
+            raise UsageError(f"training diverged: the loss became {value} at step {step}; nothing was written", hint=_lr_hint(train.lr))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(value)
         tokens += ids.numel()
-        if not math.isfinite(losses[-1]):
-            raise UsageError(f"the training loss became {losses[-1]} at step {step}", hint="use a smaller --lr")
         if on_step is not None:
-            on_step(step, losses[-1])
+            on_step(step, value)
     seconds = time.perf_counter() - t0
+    assert first is not None  # at least one step
+    # the last update is checked too: the first batch again, dropout off (the adapters start at zero,
+    # so the first step's loss is the model's own on that batch, whatever the dropout)
+    peft_model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        after = float(peft_model(input_ids=first, labels=first, use_cache=False).loss)
+    check_converged(losses[0], after, len(losses), train.lr)
+    check_updates(peft_model, train.lr)
     merged = peft_model.merge_and_unload().to("cpu").eval()
-    return merged, TrainResult(losses, tokens, seconds, precision, modules, sum(p.numel() for p in params))
+    result = TrainResult(losses, tokens, seconds, precision, modules, sum(p.numel() for p in params), after)
+    return merged, result
+
+
+def _lr_hint(lr: float) -> str:
+    return f"use a smaller --lr than {lr:g}"
+
+
+def check_converged(before: float, after: float, steps: int, lr: float) -> None:
+    """The first batch's loss after the last step against its loss before the first: not finite, or
+    far above it, is divergence (an error: the merged model would be destroyed)."""
+    if not math.isfinite(after) or after > max(DIVERGED_FACTOR * before, before + DIVERGED_MARGIN):
+        raise UsageError(
+            f"training diverged: the loss of the first batch went from {before:.4f} to {after:.4g} in {steps} step{'s' if steps != 1 else ''}; "
+            "nothing was written",
+            hint=_lr_hint(lr),
+        )
+
+
+def check_updates(peft_model: nn.Module, lr: float) -> None:
+    """Every LoRA update (scale x B A, what merging adds) finite and at most MAX_RELATIVE_UPDATE
+    times the size (Frobenius norm) of the weight it is added to."""
+    with torch.no_grad():
+        for name, mod in peft_model.named_modules():
+            base = getattr(mod, "base_layer", None)
+            get_delta = getattr(mod, "get_delta_weight", None)
+            if base is None or get_delta is None or not hasattr(base, "weight"):
+                continue
+            for adapter in getattr(mod, "active_adapters", ["default"]):
+                delta = float(get_delta(adapter).float().norm())
+                size = float(base.weight.float().norm())
+                if not math.isfinite(delta) or (size > 0 and delta > MAX_RELATIVE_UPDATE * size):
+                    what = "is not finite" if not math.isfinite(delta) else f"is {delta / size:.3g} times the size of the weight"
+                    weight = name.removeprefix("base_model.model.") + ".weight"
+                    raise UsageError(f"training diverged: the update of {weight} {what}; nothing was written", hint=_lr_hint(lr))
+
+
+def check_weights(changed: dict[str, torch.Tensor], ckpt: Checkpoint, lr: float) -> None:
+    """Every merged weight finite, also once cast to its tensor's dtype in the checkpoint."""
+    for name, t in changed.items():
+        dtype = _DTYPES.get(ckpt.entries[name][1]) if name in ckpt.entries else None
+        cast = t.detach().to(dtype) if dtype is not None else t.detach()
+        if not bool(torch.isfinite(cast).all()):
+            what = "not finite" if not bool(torch.isfinite(t).all()) else f"beyond the range of {ckpt.entries[name][1]}"
+            raise UsageError(f"training diverged: merged weights of {name} are {what}; nothing was written", hint=_lr_hint(lr))
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg
+from llmprune.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, path_parser
 from llmprune.console import count_progress, print_json
 from llmprune.errors import UsageError
 
@@ -62,7 +62,10 @@ def finetune_cmd(
     ] = None,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the text windows, the LoRA initialization and the batch order.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Output directory.", show_default="MODEL-lora beside MODEL")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", metavar="DIR", parser=path_parser("--out"), help="Output directory.", show_default="MODEL-lora beside MODEL"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty output directory.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -74,12 +77,10 @@ def finetune_cmd(
 
     lora = _lora_settings(rank, alpha, dropout, targets)
     for flag, value in (("--nsamples", nsamples), ("--batch-size", batch_size), ("--steps", steps), ("--epochs", epochs)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be a positive integer, not {value}")
-    if seqlen is not None and seqlen < 2:
-        raise UsageError(f"--seqlen must be at least 2, not {seqlen}")
-    if not lr > 0:
-        raise UsageError(f"--lr must be positive, not {lr}")
+        check_int(flag, value)
+    check_int("--seqlen", seqlen, 2)
+    check_int("--seed", seed, 0, SEED_MAX)
+    check_real("--lr", lr, lo=0, lo_open=True)
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
     ft.require_peft()
@@ -129,7 +130,9 @@ def finetune_cmd(
             "final_loss": result.loss_last(),
             "source_fingerprint": ckpt.fingerprint,
         }
-        ft.write_checkpoint(ckpt, ft.changed_weights(merged, result.modules, ckpt), Path(staging.path), provenance)
+        changed = ft.changed_weights(merged, result.modules, ckpt)
+        ft.check_weights(changed, ckpt, lr)
+        ft.write_checkpoint(ckpt, changed, Path(staging.path), provenance)
         ft.check_same_layout(ckpt, Path(staging.path))
         out_dir = staging.commit()
     summary = {
@@ -172,12 +175,9 @@ def finetune_cmd(
 def _lora_settings(rank: int, alpha: float, dropout: float, targets: str | None):
     from llmprune.finetune import LoraSettings
 
-    if rank < 1:
-        raise UsageError(f"--rank must be a positive integer, not {rank}")
-    if not alpha > 0:
-        raise UsageError(f"--alpha must be positive, not {alpha}")
-    if not 0 <= dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), not {dropout}")
+    check_int("--rank", rank)
+    check_real("--alpha", alpha, lo=0, lo_open=True)
+    check_real("--dropout", dropout, lo=0, hi=1, hi_open=True)
     if targets is None:
         return LoraSettings(rank, alpha, dropout, DEFAULT_TARGETS, targets_given=False)
     names = tuple(dict.fromkeys(t.strip() for t in targets.split(",") if t.strip()))
