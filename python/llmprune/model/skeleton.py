@@ -90,6 +90,14 @@ def _resized(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     return new
 
 
+def _layer_size(size: Any, i: int, key: str) -> int:
+    """One size of layer i's record in config.json: an integer of at least 0."""
+    value = size.get(key) if isinstance(size, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"config.json records no valid {key} for layer {i} (got {value!r})", "the checkpoint's config.json was altered or damaged")
+    return value
+
+
 def resize_modules(model: nn.Module, config: Any) -> None:
     """Give every decoder layer the projection sizes recorded in `config` (no-op without a record).
 
@@ -105,8 +113,8 @@ def resize_modules(model: nn.Module, config: Any) -> None:
     if not isinstance(layers, list) or len(layers) != len(blocks) or not isinstance(head_dim, int):
         raise UsageError(f"config.json records {len(layers) if isinstance(layers, list) else 'no'} layer sizes for a model with {len(blocks)} layers")
     block: Any  # a transformers decoder layer: its submodules are reached by name
-    for block, size in zip(blocks, layers):
-        heads, kv, inter = size["num_attention_heads"], size["num_key_value_heads"], size["intermediate_size"]
+    for i, (block, size) in enumerate(zip(blocks, layers)):
+        heads, kv, inter = (_layer_size(size, i, key) for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"))
         attn: Any = block.self_attn
         q_out, kv_out = heads * head_dim, kv * head_dim
         if family == "llama" and hasattr(attn, "qkv_proj"):  # Phi-3: fused qkv_proj and gate_up_proj

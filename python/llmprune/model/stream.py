@@ -232,6 +232,8 @@ class LayerStreamer:
         for qual, mod, attr, t, is_param in slots:
             if qual in wanted:
                 new = loaded[wanted[qual]]
+                if is_param:
+                    self._check_shape(wanted[qual], t, new)
                 new = nn.Parameter(new, requires_grad=False) if is_param else new
                 by_old[id(t)] = new
                 _set(mod, attr, new, is_param)
@@ -258,6 +260,15 @@ class LayerStreamer:
         out.update(self.ckpt.load({n for q, n in names.items() if q not in params}, self.device, None))
         return out
 
+    def _check_shape(self, name: str, expected: torch.Tensor, loaded: torch.Tensor) -> None:
+        """A loaded parameter has the shape of the model built from config.json (the layer sizes a
+        structurally pruned checkpoint records there included), as load_pruned requires."""
+        if tuple(expected.shape) != tuple(loaded.shape):
+            raise UsageError(
+                f"tensor {name} in {self.ckpt.dir} has shape {tuple(loaded.shape)}, the model its config.json describes expects {tuple(expected.shape)}",
+                "the checkpoint's config.json does not describe its tensors (altered or damaged)",
+            )
+
     def load_block(self, i: int) -> None:
         """Materialize block i's weights on the compute device."""
         blk = self.blocks[i]
@@ -271,6 +282,9 @@ class LayerStreamer:
                 names[qual] = name
         loaded = self._load(names, {q for q, _, _, _, p in slots if p})
         saved: list[tuple[nn.Module, str, torch.Tensor | None, bool]] = []
+        for qual, _, _, t, is_param in slots:  # every tensor checked before the block changes
+            if qual in names and is_param:
+                self._check_shape(names[qual], t, loaded[names[qual]])
         for qual, mod, attr, t, is_param in slots:
             saved.append((mod, attr, t, is_param))
             if qual in names:
