@@ -257,6 +257,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     let shard_prov = run.provenance(prov.clone(), &opts.provenance);
 
     let mut weight_map: BTreeMap<String, String> = BTreeMap::new();
+    let mut written: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let (mut block_after, mut model_after, mut tensor_bytes) = (0u64, 0u64, 0u64);
     let bytes_total = ckpt.total_bytes();
     let bytes_written = run.write_shards(&staging, progress, |shard, out| {
@@ -269,6 +270,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
             }
             tensor_bytes += e.nbytes as u64;
             weight_map.insert(e.name.clone(), shard.file_name.clone());
+            written.insert(e.name.clone(), e.shape.clone());
         }
         out.header(shard_header(shard, &shard_prov, &plan)?)?;
         for e in &plan {
@@ -295,6 +297,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         }
         Ok(())
     })?;
+    check_shapes(&rules, &shapes, &written)?;
     let new_config =
         config::rewrite(&rules, &config::Rewrite { shapes: &shapes, added_attn_bias: add_attn, added_mlp_bias: add_mlp, provenance: prov });
     crate::io::output::write_config(&staging.path, new_config)?;
@@ -339,6 +342,36 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         skip_last: hywia.as_ref().map(|h| h.2),
         fusion,
     })
+}
+
+/// The postcondition on the shapes written: every layer's projections have the rows and columns of
+/// the groups its recorded sizes (`shapes`, what config.json states) keep: the attention's key/value
+/// groups, the MLP's channels. Fused weights (Phi-3's qkv_proj) add up their projections' rows.
+fn check_shapes(rules: &Rules, shapes: &[LayerShape], written: &BTreeMap<String, Vec<usize>>) -> Result<()> {
+    for (l, s) in rules.layers.iter().zip(shapes) {
+        for (m, kept, what) in [(&l.attn, s.num_key_value_heads, "key/value heads"), (&l.mlp, s.intermediate_size, "intermediate channels")] {
+            let mut rows: BTreeMap<&str, usize> = BTreeMap::new();
+            for r in &m.inputs {
+                *rows.entry(r.weight.as_str()).or_default() += kept * r.rows_per_group;
+            }
+            let mut expect: Vec<(&str, usize, usize)> = rows.into_iter().map(|(w, n)| (w, 0, n)).collect();
+            expect.push((m.output.weight.as_str(), 1, kept * m.output.cols_per_group));
+            for (name, axis, want) in expect {
+                let got = written.get(name).and_then(|sh| sh.get(axis).copied());
+                if got != Some(want) {
+                    return Err(Error::postcondition(
+                        name,
+                        format!(
+                            "written with shape {:?}, but the output's config gives this layer {kept} {what}, i.e. {want} along axis {axis}; nothing was written",
+                            written.get(name).cloned().unwrap_or_default()
+                        ),
+                        Some("this is a bug in llmprune; please report it with the command line".into()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The postcondition on a tensor the structured pass computed: finite, and, for a refitted weight,
@@ -407,4 +440,61 @@ fn shard_plan<'a>(shard: &'a Shard, edits: &'a Edits) -> Result<Vec<OutTensor<Or
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::structured::arch::{ColTensor, Layer, Module, RowTensor};
+
+    fn row(w: &str, per: usize, offset: usize) -> RowTensor {
+        RowTensor { weight: w.into(), bias: None, rows_per_group: per, row_offset: offset }
+    }
+
+    /// One layer: 2 key/value groups of 2 query heads of size 4 in a fused qkv weight, 6 channels.
+    fn rules() -> Rules {
+        let attn = Module {
+            inputs: vec![row("l.qkv.weight", 8, 0), row("l.qkv.weight", 4, 16), row("l.qkv.weight", 4, 24)],
+            output: ColTensor { weight: "l.o.weight".into(), bias: None, cols_per_group: 8, out_features: 16 },
+            groups: 2,
+        };
+        let mlp = Module {
+            inputs: vec![row("l.up.weight", 1, 0)],
+            output: ColTensor { weight: "l.down.weight".into(), bias: None, cols_per_group: 1, out_features: 16 },
+            groups: 6,
+        };
+        Rules {
+            family: Family::Llama,
+            model_type: "phi3".into(),
+            bias_flags: (false, false),
+            head_dim: 4,
+            q_per_kv: 2,
+            layers: vec![Layer { prefix: "l.".into(), attn, mlp, hidden: 16 }],
+            config: Default::default(),
+        }
+    }
+
+    #[test]
+    fn written_shapes_must_be_those_the_config_gives() {
+        let shape = LayerShape { num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 4 };
+        let mut written: BTreeMap<String, Vec<usize>> = [
+            ("l.qkv.weight", vec![16, 16]), // 1 group: 8 + 4 + 4 rows
+            ("l.o.weight", vec![16, 8]),
+            ("l.up.weight", vec![4, 16]),
+            ("l.down.weight", vec![16, 4]),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert!(check_shapes(&rules(), &[shape], &written).is_ok());
+        written.insert("l.down.weight".into(), vec![16, 5]);
+        let e = check_shapes(&rules(), &[shape], &written).unwrap_err().to_string();
+        assert!(e.contains("l.down.weight") && e.contains("4 intermediate channels"), "{e}");
+        written.insert("l.down.weight".into(), vec![16, 4]);
+        written.insert("l.qkv.weight".into(), vec![32, 16]);
+        let e = check_shapes(&rules(), &[shape], &written).unwrap_err().to_string();
+        assert!(e.contains("l.qkv.weight") && e.contains("1 key/value heads"), "{e}");
+        written.remove("l.qkv.weight");
+        assert!(check_shapes(&rules(), &[shape], &written).is_err());
+    }
 }
