@@ -6,11 +6,14 @@ from pathlib import Path
 
 import typer
 
+from llmprune.cli.options import path_parser
 from llmprune.console import err, print_json
+
+_DIR = path_parser("DIR")  # an empty DIR is refused, not taken for the current directory
 
 
 def demo_model(
-    out_dir: Path = typer.Argument(..., metavar="DIR", help="Folder to write the checkpoint into (reused if it already holds one)."),
+    out_dir: Path = typer.Argument(..., metavar="DIR", parser=_DIR, help="Folder to write the checkpoint into (reused if it already holds one)."),
     force: bool = typer.Option(False, "--force", help="Convert again and replace DIR."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON document."),
 ) -> None:
