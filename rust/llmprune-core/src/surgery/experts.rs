@@ -246,7 +246,9 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
     let mut config = read_config(&run.ckpt.dir)?;
     let key = EXPERT_COUNT_KEYS.iter().find(|k| config.get(**k).and_then(Value::as_u64).is_some_and(|n| n > 0)).copied();
     let modules = moe_modules(run.ckpt.tensors().map(|(_, t)| t.name.as_str()));
-    let Some(key) = key.filter(|_| !modules.is_empty()) else {
+    // no MoE module in the checkpoint and no expert statistics: a dense model (expert statistics of
+    // modules the checkpoint does not name are a layout llmprune does not know, reported below)
+    let Some(key) = key.filter(|_| !modules.is_empty() || !sc.experts.is_empty()) else {
         return Err(Error::arg_hint(
             format!("method {} removes experts of Mixture-of-Experts layers, and {} has none", opts.method.name(), run.ckpt.dir.display()),
             "for a dense model use --method block-influence (whole blocks) or a structured method",
@@ -264,12 +266,6 @@ pub fn apply_experts(opts: &ExpertOptions, progress: &mut dyn FnMut(Progress) ->
             format!("stats sidecar {}: {what}", sc.path.display()),
             "re-run `llmprune stats MODEL` on this model (this version records the routing of every MoE layer), then apply again",
         ));
-    }
-    if let Some(moe) = sc.experts.keys().find(|m| !modules.contains(*m)) {
-        return Err(Error::StatsMismatch {
-            path: sc.path.clone(),
-            msg: format!("expert statistics for {moe}, which is no MoE layer of the checkpoint"),
-        });
     }
     let e_cfg = config[key].as_u64().unwrap_or(0) as usize;
     let groups = RouterGroups::of(&config, e_cfg)?;
