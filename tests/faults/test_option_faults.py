@@ -315,3 +315,32 @@ def test_structured_config_disagreeing_with_tensors(run_cli, workdir, structured
     if command == "stats":
         args = ["stats", "{w}/sp", "--nsamples", "1", "--seqlen", "16", "--device", "cpu", "--out", "{w}/out"]
     fails(run_cli, workdir, args, contains=expected)
+
+
+# --------------------------------------------------------------------------------------------
+# The same options where they apply are accepted, and their outputs load and run
+# --------------------------------------------------------------------------------------------
+
+APPLICABLE: dict[str, list[str]] = {
+    "sparsegpt-damp-blocksize": ["--method", "sparsegpt", "--sparsity", "0.5", "--damp", "0.05", "--blocksize", "16"],
+    "wanda-update-gram-damp": ["--method", "wanda", "--sparsity", "0.5", "--update", "--gram", "{gram}", "--damp", "0.05", "--blocksize", "16"],
+    "flap-reconstruct-damp": ["--method", "flap", "--sparsity", "0.2", "--reconstruct", "--gram", "{gram}", "--damp", "0.05"],
+}
+
+
+@pytest.mark.parametrize("case", [slow_unless(c == "wanda-update-gram-damp", c, id=c) for c in APPLICABLE])
+def test_applicable_options_are_accepted(run_cli, gram_model, tmp_path, case):
+    import llmprune
+
+    args = APPLICABLE[case]
+    gram = str(gram_model / "llmprune-gram.safetensors")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["apply", gram_model, *[a.format(gram=gram) for a in args], "--out", out, "--json"])
+    assert code == 0, err
+    summary = json.loads(stdout)
+    if summary.get("loader", "transformers") == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        forward_is_finite(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
+    else:
+        forward_is_finite(llmprune.load_pruned(out))
