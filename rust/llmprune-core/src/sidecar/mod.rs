@@ -38,26 +38,18 @@ pub fn locate(model_dir: &Path, explicit: Option<&Path>) -> Option<PathBuf> {
 }
 
 /// Refuses a sidecar path that names no file: missing, or a directory (`what` names the kind of
-/// file, `option` the option that takes it).
+/// file, `option` how a command producing it is run: `--gram` for Gram sidecars).
 pub fn check_is_file(path: &Path, what: &str, option: &str) -> Result<()> {
+    let (default, make) =
+        if option == "--gram" { (gram::DEFAULT_GRAM, "llmprune stats MODEL --gram") } else { (DEFAULT_SIDECAR, "llmprune stats MODEL") };
     if path.is_dir() {
         return Err(Error::arg_hint(
             format!("{} is a directory, not a {what} file", path.display()),
-            format!(
-                "give {option} the file itself, e.g. {}",
-                path.join(if option == "--gram" { gram::DEFAULT_GRAM } else { DEFAULT_SIDECAR }).display()
-            ),
+            format!("give the file itself, e.g. {}", path.join(default).display()),
         ));
     }
     if !path.exists() {
-        return Err(Error::arg_hint(
-            format!("{what} {} does not exist", path.display()),
-            if option == "--gram" {
-                "run `llmprune stats MODEL --gram` first, or pass --gram PATH"
-            } else {
-                "run `llmprune stats MODEL` first, or pass --stats PATH"
-            },
-        ));
+        return Err(Error::arg_hint(format!("{what} {} not found", path.display()), format!("check the path, or compute one with `{make}`")));
     }
     if !path.is_file() {
         return Err(Error::arg(format!("{what} {} is not a regular file", path.display())));
