@@ -130,7 +130,7 @@ FLOATS: dict[str, tuple[str, list[str]]] = {
 FLOAT_CASES = [(flag, v) for flag in FLOATS for v in ("nan", "inf", "-1")]
 
 
-@pytest.mark.parametrize("flag,value", [slow_unless(FLOATS[f][0] == "apply" or v == "inf", f, v, id=f"{f}={v}") for f, v in FLOAT_CASES])
+@pytest.mark.parametrize("flag,value", [slow_unless(FLOATS[f][0] == "apply" or (f, v) == ("--lr", "inf"), f, v, id=f"{f}={v}") for f, v in FLOAT_CASES])
 def test_real_out_of_range(run_cli, workdir, flag, value):
     command, args = FLOATS[flag]
     fails(run_cli, workdir, [command, "{m}", *args, flag, value, "--out", "{w}/out"], contains=flag)
@@ -213,8 +213,8 @@ def test_inapplicable_option_is_refused(run_cli, workdir, case):
     "args,expected",
     [
         (["--dsnot-iters", "5"], "--refine dsnot"),
-        (["--dsnot-skip", "attn"], "--refine dsnot"),
-        (["--owl-m", "3"], "--allocation owl"),
+        pytest.param(["--dsnot-skip", "attn"], "--refine dsnot", marks=pytest.mark.slow),
+        pytest.param(["--owl-m", "3"], "--allocation owl", marks=pytest.mark.slow),
     ],
     ids=["dsnot-iters", "dsnot-skip", "owl-m"],
 )
@@ -264,7 +264,7 @@ def training_text(workdir: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("lr", [slow_unless(lr != "10", lr, id=lr) for lr in ("inf", "1e30", "10")])
+@pytest.mark.parametrize("lr", [slow_unless(lr == "inf", lr, id=lr) for lr in ("inf", "1e30", "10")])
 def test_finetune_divergence_writes_nothing(run_cli, workdir, lr):
     text = training_text(workdir)
     args = ["finetune", "{m}", "--data", text, "--steps", "1", "--lr", lr, "--seqlen", "32", "--nsamples", "8", "--device", "cpu", "--out", "{w}/out"]
@@ -303,7 +303,7 @@ ALTERATIONS = {
 
 @pytest.mark.parametrize(
     "command,what",
-    [slow_unless(c == "eval" and w in ("intermediate-size", "missing-size"), c, w, id=f"{c}-{w}") for c in ("eval", "stats") for w in ALTERATIONS],
+    [slow_unless(c == "eval" and w == "intermediate-size", c, w, id=f"{c}-{w}") for c in ("eval", "stats") for w in ALTERATIONS],
 )
 def test_structured_config_disagreeing_with_tensors(run_cli, workdir, structured_out, command, what):
     import llmprune

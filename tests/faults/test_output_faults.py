@@ -262,7 +262,7 @@ def test_merge_writes_a_new_file_or_over_a_sidecar(run_cli, two_sidecars, tmp_pa
     assert not [n for n in listing(tmp_path) if ".llmprune-tmp-" in n]
 
 
-@pytest.mark.parametrize("target", ["model-00001-of-00003.safetensors", "config.json"])
+@pytest.mark.parametrize("target", [pytest.param("model-00001-of-00003.safetensors", marks=pytest.mark.slow), "config.json"])
 def test_stats_out_never_replaces_a_model_file(run_cli, gram_copy, tmp_path, target):
     before = tree_hashes(tmp_path)
     code, stdout, stderr = run_cli(["stats", gram_copy, "--nsamples", "2", "--seqlen", "8", "--device", "cpu", "--out", gram_copy / target])
