@@ -116,7 +116,9 @@ def main() -> None:
         for name in names:
             out = a.workdir / f"{name}-{s:g}"
             print(f"{name} at {s:g}", file=sys.stderr)
-            summary = cli("apply", a.model, *VARIANTS[name], "--sparsity", s, "--stats", stats, "--out", out, "--force")
+            # magnitude-sp reads no statistics (it does not compensate here)
+            stats_args = [] if name == "magnitude-sp" else ["--stats", stats]
+            summary = cli("apply", a.model, *VARIANTS[name], "--sparsity", s, *stats_args, "--out", out, "--force")
             row: dict[str, Any] = {
                 "variant": name,
                 "sparsity": s,

@@ -161,7 +161,10 @@ def main() -> None:
         for method, alloc, *comp in variants:
             flags = {"comp": ["--compensate"], "nocomp": ["--no-compensate"]}[comp[0]] if comp else []
             out = a.workdir / f"{a.model.name}-{method}-{s:g}-{alloc}{'-' + comp[0] if comp else ''}"
-            summary = cli("apply", a.model, "--method", method, "--sparsity", s, "--allocation", alloc, *flags, "--stats", stats, "--out", out, "--force")
+            # magnitude-sp reads statistics only to compensate
+            reads_stats = method != "magnitude-sp" or flags == ["--compensate"]
+            stats_args = ["--stats", stats] if reads_stats else []
+            summary = cli("apply", a.model, "--method", method, "--sparsity", s, "--allocation", alloc, *flags, *stats_args, "--out", out, "--force")
             label = f"{method} {alloc}" + {"comp": ", compensated", "nocomp": ", no compensation"}.get(comp[0] if comp else "", "")
             measure(label, method, alloc, s, out, summary)
 

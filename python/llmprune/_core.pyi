@@ -20,6 +20,7 @@ __version__: str
 DEFAULT_SIDECAR: str
 DEFAULT_GRAM: str
 MAX_THREADS: int
+MAX_DSNOT_ITERS: int
 
 class LlmpruneError(Exception):
     hint: str | None  # the suggested next step, set by the core on every error it raises

@@ -200,6 +200,8 @@ INAPPLICABLE: dict[str, tuple[list[str], str]] = {
     "dsnot-threshold-without-refine": ([*MAG, "--dsnot-threshold", "0.01"], "--refine dsnot"),
     "dsnot-same-sign-without-refine": ([*MAG, "--dsnot-same-sign"], "--refine dsnot"),
     "owl-lambda-without-owl": ([*MAG, "--owl-lambda", "0.1"], "--allocation owl"),
+    # magnitude-sp reads statistics only to compensate
+    "magnitude-sp-stats-without-compensate": (["--method", "magnitude-sp", "--sparsity", "0.2", "--stats", "{m}/llmprune-stats.safetensors"], "--stats"),
 }
 
 
@@ -237,6 +239,8 @@ EMPTY = [
     ("finetune-out", ["finetune", "{m}", "--steps", "1", "--device", "cpu", "--out", ""], '--out ""'),
     ("merge-out", ["stats", "merge", "{m}/llmprune-stats.safetensors", "{m}/llmprune-stats.safetensors", "--out", ""], '--out ""'),
     ("eval-model", ["eval", "", "--device", "cpu"], 'MODEL ""'),
+    ("reconstruct-dense", ["reconstruct", "{m}", "--dense", "", "--device", "cpu", "--out", "{w}/out"], '--dense ""'),
+    ("finetune-distill", ["finetune", "{m}", "--distill", "", "--steps", "1", "--device", "cpu", "--out", "{w}/out"], '--distill ""'),
     ("demo-model-dir", ["demo-model", "", "--force"], 'DIR ""'),
 ]
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from llmprune import _core
 from llmprune.errors import UsageError
 from llmprune.methods import methods
 
@@ -58,8 +59,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto
 # --------------------------------------------------------------------------------------------
 
 COUNT_MAX = 2**31 - 1  # an upper bound of every count (windows, tokens, steps, blocks, ...)
-THREADS_MAX = 1024  # the core's pool::MAX_THREADS
-DSNOT_ITERS_MAX = 1_000_000  # the core's DsnotOptions::validate
+THREADS_MAX: int = _core.MAX_THREADS  # the core's bounds, asked of it
+DSNOT_ITERS_MAX: int = _core.MAX_DSNOT_ITERS
 SEED_MAX = 2**64 - 1  # torch's generators take 64-bit seeds
 
 

@@ -88,6 +88,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InternalError", py.get_type::<InternalError>())?;
     m.add("DEFAULT_SIDECAR", llmprune_core::sidecar::DEFAULT_SIDECAR)?;
     m.add("MAX_THREADS", llmprune_core::pool::MAX_THREADS)?;
+    m.add("MAX_DSNOT_ITERS", llmprune_core::unstructured::dsnot::MAX_ITERS)?;
     prune::register(m)?;
     files::register(m)?;
     Ok(())

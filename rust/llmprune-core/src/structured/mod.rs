@@ -150,7 +150,14 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     let mut run = Run::open_checkpoint(&opts.model_dir)?;
     // an architecture without group rules is reported before any missing statistics
     let rules = Rules::from_checkpoint(&run.ckpt)?;
-    run.attach_sidecar(opts.stats.as_deref(), stats_need(opts.method, compensate))?;
+    let need = stats_need(opts.method, compensate);
+    if opts.stats.is_some() && need.is_none() {
+        return Err(Error::arg_hint(
+            format!("--stats does not apply: method {} without --compensate reads no statistics", opts.method.name()),
+            "drop --stats, or add --compensate to also compensate the removed channels' mean output",
+        ));
+    }
+    run.attach_sidecar(opts.stats.as_deref(), need)?;
     let gram = match &opts.reconstruct {
         Some((path, damp)) => {
             crate::unstructured::sparsegpt::check_damp(*damp)?;
@@ -298,6 +305,8 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         Ok(())
     })?;
     check_shapes(&rules, &shapes, &written)?;
+    // the summary's count is the one written (checked equal to the plan's)
+    let params_removed = check_removed(params_removed, block_before, edits.bias_params_added, block_after)?;
     let new_config =
         config::rewrite(&rules, &config::Rewrite { shapes: &shapes, added_attn_bias: add_attn, added_mlp_bias: add_mlp, provenance: prov });
     crate::io::output::write_config(&staging.path, new_config)?;
@@ -346,32 +355,60 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
 
 /// The postcondition on the shapes written: every layer's projections have the rows and columns of
 /// the groups its recorded sizes (`shapes`, what config.json states) keep: the attention's key/value
-/// groups, the MLP's channels. Fused weights (Phi-3's qkv_proj) add up their projections' rows.
+/// groups, the MLP's channels, along the input projections' rows (their biases too, kept or added)
+/// and the output projection's columns; the output projection keeps its rows (and its bias, kept
+/// or added, their number). Fused weights (Phi-3's qkv_proj) add up their projections' rows.
 fn check_shapes(rules: &Rules, shapes: &[LayerShape], written: &BTreeMap<String, Vec<usize>>) -> Result<()> {
     for (l, s) in rules.layers.iter().zip(shapes) {
         for (m, kept, what) in [(&l.attn, s.num_key_value_heads, "key/value heads"), (&l.mlp, s.intermediate_size, "intermediate channels")] {
-            let mut rows: BTreeMap<&str, usize> = BTreeMap::new();
+            // (tensor, axis, expected size, required): a bias is checked where one was written
+            let mut rows: BTreeMap<String, (usize, bool)> = BTreeMap::new();
             for r in &m.inputs {
-                *rows.entry(r.weight.as_str()).or_default() += kept * r.rows_per_group;
+                rows.entry(r.weight.clone()).or_insert((0, true)).0 += kept * r.rows_per_group;
+                let bias = r.bias.clone().unwrap_or_else(|| slice::bias_name(&r.weight));
+                rows.entry(bias).or_insert((0, false)).0 += kept * r.rows_per_group;
             }
-            let mut expect: Vec<(&str, usize, usize)> = rows.into_iter().map(|(w, n)| (w, 0, n)).collect();
-            expect.push((m.output.weight.as_str(), 1, kept * m.output.cols_per_group));
-            for (name, axis, want) in expect {
-                let got = written.get(name).and_then(|sh| sh.get(axis).copied());
+            let mut expect: Vec<(String, usize, usize, bool)> = rows.into_iter().map(|(w, (n, req))| (w, 0, n, req)).collect();
+            let out_bias = m.output.bias.clone().unwrap_or_else(|| slice::bias_name(&m.output.weight));
+            expect.push((m.output.weight.clone(), 1, kept * m.output.cols_per_group, true));
+            expect.push((m.output.weight.clone(), 0, m.output.out_features, true));
+            expect.push((out_bias, 0, m.output.out_features, false));
+            for (name, axis, want, required) in expect {
+                let shape = written.get(&name);
+                if shape.is_none() && !required {
+                    continue;
+                }
+                let got = shape.and_then(|sh| sh.get(axis).copied());
                 if got != Some(want) {
                     return Err(Error::postcondition(
-                        name,
+                        &name,
                         format!(
                             "written with shape {:?}, but the output's config gives this layer {kept} {what}, i.e. {want} along axis {axis}; nothing was written",
-                            written.get(name).cloned().unwrap_or_default()
+                            shape.cloned().unwrap_or_default()
                         ),
-                        Some("this is a bug in llmprune; please report it with the command line".into()),
+                        Some(BUG_HINT.into()),
                     ));
                 }
             }
         }
     }
     Ok(())
+}
+
+const BUG_HINT: &str = "this is a bug in llmprune; please report it with the command line";
+
+/// The postcondition on the summary's count: the parameters removed from the decoder blocks,
+/// counted from the tensors written (before + added biases − after), are what the plan removed.
+fn check_removed(planned: u64, before: u64, added: u64, after: u64) -> Result<u64> {
+    let counted = (before + added).checked_sub(after);
+    if counted != Some(planned) {
+        return Err(Error::postcondition(
+            "decoder blocks",
+            format!("{after} parameters written of {before} (+{added} added biases), but the plan removes {planned}; nothing was written"),
+            Some(BUG_HINT.into()),
+        ));
+    }
+    Ok(planned)
 }
 
 /// The postcondition on a tensor the structured pass computed: finite, and, for a refitted weight,
@@ -494,7 +531,28 @@ mod tests {
         written.insert("l.qkv.weight".into(), vec![32, 16]);
         let e = check_shapes(&rules(), &[shape], &written).unwrap_err().to_string();
         assert!(e.contains("l.qkv.weight") && e.contains("1 key/value heads"), "{e}");
-        written.remove("l.qkv.weight");
+        written.insert("l.qkv.weight".into(), vec![16, 16]);
+        // a bias is checked where one was written: the input's along its rows, the output's whole
+        written.insert("l.qkv.bias".into(), vec![32]);
+        let e = check_shapes(&rules(), &[shape], &written).unwrap_err().to_string();
+        assert!(e.contains("l.qkv.bias"), "{e}");
+        written.insert("l.qkv.bias".into(), vec![16]);
+        written.insert("l.down.bias".into(), vec![4]);
+        let e = check_shapes(&rules(), &[shape], &written).unwrap_err().to_string();
+        assert!(e.contains("l.down.bias") && e.contains("16 along axis 0"), "{e}");
+        written.insert("l.down.bias".into(), vec![16]);
+        assert!(check_shapes(&rules(), &[shape], &written).is_ok());
+        written.insert("l.o.weight".into(), vec![8, 8]);
+        assert!(check_shapes(&rules(), &[shape], &written).unwrap_err().to_string().contains("l.o.weight"));
+        written.remove("l.o.weight");
         assert!(check_shapes(&rules(), &[shape], &written).is_err());
+    }
+
+    #[test]
+    fn the_summary_counts_what_was_written() {
+        assert_eq!(check_removed(30, 100, 4, 74).unwrap(), 30);
+        let e = check_removed(30, 100, 4, 80).unwrap_err().to_string();
+        assert!(e.contains("the plan removes 30"), "{e}");
+        assert!(check_removed(30, 100, 0, 120).is_err());
     }
 }

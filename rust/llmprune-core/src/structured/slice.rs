@@ -220,7 +220,7 @@ fn module_edits(
     Ok(())
 }
 
-fn bias_name(weight: &str) -> String {
+pub(crate) fn bias_name(weight: &str) -> String {
     format!("{}.bias", weight.strip_suffix(".weight").unwrap_or(weight))
 }
 

@@ -61,6 +61,9 @@ impl std::str::FromStr for DsnotSkip {
     }
 }
 
+/// The most prune-and-grow cycles a row may run (`--dsnot-iters`).
+pub const MAX_ITERS: usize = 1_000_000;
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DsnotOptions {
     pub iters: usize,
@@ -79,8 +82,8 @@ impl Default for DsnotOptions {
 
 impl DsnotOptions {
     pub fn validate(&self) -> Result<()> {
-        if self.iters == 0 || self.iters > 1_000_000 {
-            return Err(Error::arg(format!("--dsnot-iters must be in 1..=1000000, got {}", self.iters)));
+        if self.iters == 0 || self.iters > MAX_ITERS {
+            return Err(Error::arg(format!("--dsnot-iters must be in 1..={MAX_ITERS}, got {}", self.iters)));
         }
         if !(self.threshold.is_finite() && self.threshold >= 0.0) {
             return Err(Error::arg(format!("--dsnot-threshold must be a finite number >= 0, got {}", self.threshold)));
