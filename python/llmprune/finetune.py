@@ -16,9 +16,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -136,43 +137,86 @@ def _precision(device: torch.device) -> tuple[str, torch.dtype | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def batches(samples: torch.Tensor, batch_size: int, steps: int, seed: int):
-    """`steps` batches of rows of `samples`, each epoch in a fresh random order (per `seed`)."""
+def batch_indices(n: int, batch_size: int, steps: int, seed: int):
+    """`steps` batches of row indices of n rows, each epoch in a fresh random order (per `seed`)."""
     gen = torch.Generator().manual_seed(seed)
-    n = samples.shape[0]
     done = 0
     while done < steps:
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             if done == steps:
                 return
-            yield samples[order[start : start + batch_size]]
+            yield order[start : start + batch_size]
             done += 1
+
+
+def batches(samples: torch.Tensor, batch_size: int, steps: int, seed: int):
+    """`steps` batches of rows of `samples`, each epoch in a fresh random order (per `seed`)."""
+    for idx in batch_indices(samples.shape[0], batch_size, steps, seed):
+        yield samples[idx]
+
+
+@dataclass
+class Distill:
+    """Distillation from a teacher-logit sidecar (calibration/teacher.py): the loss is
+    alpha x KL(teacher || student) + (1 - alpha) x the next-token loss."""
+
+    teacher: Any  # TeacherLogits
+    alpha: float = 1.0
+
+
+def _loss(model: nn.Module, samples: torch.Tensor, idx: torch.Tensor, device: torch.device, distill: Distill | None) -> torch.Tensor:
+    ids = samples[idx].to(device)
+    if distill is None:
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    from llmprune.calibration.teacher import kd_loss
+
+    t = distill.teacher
+    out = model(input_ids=ids, labels=ids if distill.alpha < 1 else None, use_cache=False)
+    kd = kd_loss(out.logits, t.topk_ids[idx].to(device), t.topk_logprobs[idx].to(device), t.rest_logprob[idx].to(device))
+    return kd if distill.alpha >= 1 else distill.alpha * kd + (1 - distill.alpha) * out.loss
 
 
 def train_lora(
     model: nn.Module,
     samples: torch.Tensor,
-    lora: LoraSettings,
+    lora: LoraSettings | None,
     train: TrainSettings,
     device: torch.device,
     on_step: Callable[[int, float], None] | None = None,
+    distill: Distill | None = None,
+    full_targets: tuple[str, ...] = (),
 ) -> tuple[nn.Module, TrainResult]:
-    """Fine-tunes LoRA adapters on `samples` [N, L] and returns the merged model (on the CPU)."""
-    from peft import LoraConfig, get_peft_model
-
-    modules = target_modules(model, lora)
+    """Fine-tunes LoRA adapters on `samples` [N, L] and returns the merged model (on the CPU). With
+    `lora` None, trains the weights of the block linears named `full_targets` themselves instead,
+    every zero weight staying zero. With `distill`, the loss is the teacher's (Distill)."""
     torch.manual_seed(train.seed)
-    config = LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates an int; a float scales alike (alpha / r)
-        lora_dropout=lora.dropout,
-        target_modules=modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        modules = target_modules(model, lora)
+        config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates an int; a float scales alike (alpha / r)
+            lora_dropout=lora.dropout,
+            target_modules=modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        peft_model: nn.Module = get_peft_model(model, config)
+        masks: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+    else:
+        modules = target_modules(model, LoraSettings(0, 0.0, 0.0, full_targets, targets_given=False))
+        peft_model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        masks = []
+        for m in modules:
+            w = cast(nn.Parameter, model.get_submodule(m).weight)
+            w.requires_grad_(True)
+            masks.append((w, w.detach() != 0, w.detach().clone()))
     peft_model.to(device).train()
+    masks = [(w, keep.to(device), orig) for w, keep, orig in masks]
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
     precision, autocast = _precision(device)
@@ -180,19 +224,24 @@ def train_lora(
     tokens = 0
     first: torch.Tensor | None = None
     t0 = time.perf_counter()
-    for step, batch in enumerate(batches(samples, train.batch_size, train.steps, train.seed), 1):
-        ids = batch.to(device)
-        first = ids if first is None else first
+    for step, idx in enumerate(batch_indices(samples.shape[0], train.batch_size, train.steps, train.seed), 1):
+        first = idx if first is None else first
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = _loss(peft_model, samples, idx, device, distill)
         value = float(loss.detach())
         if not math.isfinite(value):  # checked before this step's update
             raise UsageError(f"training diverged: the loss became {value} at step {step}; nothing was written", hint=_lr_hint(train.lr))
         loss.backward()
+        with torch.no_grad():
+            for w, keep, _ in masks:
+                w.grad.mul_(keep)  # type: ignore[union-attr]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for w, keep, _ in masks:
+                w.mul_(keep)
         losses.append(value)
-        tokens += ids.numel()
+        tokens += int(samples[idx].numel())
         if on_step is not None:
             on_step(step, value)
     seconds = time.perf_counter() - t0
@@ -201,10 +250,16 @@ def train_lora(
     # so the first step's loss is the model's own on that batch, whatever the dropout)
     peft_model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        after = float(peft_model(input_ids=first, labels=first, use_cache=False).loss)
+        after = float(_loss(peft_model, samples, first, device, distill))
     check_converged(losses[0], after, len(losses), train.lr)
-    check_updates(peft_model, train.lr)
-    merged = peft_model.merge_and_unload().to("cpu").eval()
+    if lora is not None:
+        check_updates(peft_model, train.lr)
+        merged = cast(Any, peft_model).merge_and_unload().to("cpu").eval()
+    else:
+        for (w, _, orig), name in zip(masks, modules):
+            _check_update(name + ".weight", (w.detach().cpu() - orig.cpu()).norm(), orig.norm(), train.lr)
+            w.requires_grad_(False)
+        merged = peft_model.to("cpu").eval()
     result = TrainResult(losses, tokens, seconds, precision, modules, sum(p.numel() for p in params), after)
     return merged, result
 
@@ -234,15 +289,18 @@ def check_updates(peft_model: nn.Module, lr: float) -> None:
             if base is None or get_delta is None or not hasattr(base, "weight"):
                 continue
             for adapter in getattr(mod, "active_adapters", ["default"]):
-                delta = float(get_delta(adapter).float().norm())
-                size = float(base.weight.float().norm())
-                if not math.isfinite(delta) or (size > 0 and delta > MAX_RELATIVE_UPDATE * size):
-                    what = "is not finite" if not math.isfinite(delta) else f"is {delta / size:.3g} times the size of the weight"
-                    weight = name.removeprefix("base_model.model.") + ".weight"
-                    raise UsageError(f"training diverged: the update of {weight} {what}; nothing was written", hint=_lr_hint(lr))
+                _check_update(name.removeprefix("base_model.model.") + ".weight", get_delta(adapter).float().norm(), base.weight.float().norm(), lr)
 
 
-def check_weights(changed: dict[str, torch.Tensor], ckpt: Checkpoint, lr: float) -> None:
+def _check_update(weight: str, delta_norm: torch.Tensor, size_norm: torch.Tensor, lr: float) -> None:
+    """An update finite and at most MAX_RELATIVE_UPDATE times the weight's size."""
+    delta, size = float(delta_norm), float(size_norm)
+    if not math.isfinite(delta) or (size > 0 and delta > MAX_RELATIVE_UPDATE * size):
+        what = "is not finite" if not math.isfinite(delta) else f"is {delta / size:.3g} times the size of the weight"
+        raise UsageError(f"training diverged: the update of {weight} {what}; nothing was written", hint=_lr_hint(lr))
+
+
+def check_weights(changed: Mapping[str, torch.Tensor], ckpt: Checkpoint, lr: float) -> None:
     """Every merged weight finite, also once cast to its tensor's dtype in the checkpoint."""
     for name, t in changed.items():
         dtype = _DTYPES.get(ckpt.entries[name][1]) if name in ckpt.entries else None
@@ -273,7 +331,7 @@ def changed_weights(model: nn.Module, modules: list[str], ckpt: Checkpoint) -> d
     return {mapping[k]: state[k] for k in sorted(keys)}
 
 
-def write_checkpoint(ckpt: Checkpoint, changed: dict[str, torch.Tensor], out_dir: Path, provenance: dict[str, Any]) -> None:
+def write_checkpoint(ckpt: Checkpoint, changed: Mapping[str, torch.Tensor], out_dir: Path, provenance: dict[str, Any]) -> None:
     """The input's shards with the `changed` tensors replaced (each cast to the input tensor's dtype),
     and every other file of the input (index, config, tokenizer) copied."""
     from safetensors import safe_open

@@ -33,6 +33,7 @@ def default_out(model: Path) -> Path:
 
 
 def finetune_cmd(
+    ctx: typer.Context,
     model: ModelArg,
     data_src: Annotated[
         Optional[str],
@@ -67,6 +68,24 @@ def finetune_cmd(
         typer.Option("--out", "-o", metavar="DIR", parser=path_parser("--out"), help="Output directory.", show_default="MODEL-lora beside MODEL"),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty output directory.")] = False,
+    distill: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--distill",
+            metavar="TEACHER",
+            parser=path_parser("--distill"),
+            help="Distil from a teacher-logit sidecar (llmprune stats DENSE --teacher-logits K): train on its windows, minimizing the KL divergence to the teacher's top-K distribution.",
+            show_default=False,
+        ),
+    ] = None,
+    distill_alpha: Annotated[
+        float,
+        typer.Option("--distill-alpha", metavar="A", help="--distill: the loss is A x KL + (1 - A) x next-token loss."),
+    ] = 1.0,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Train the --targets weights themselves instead of LoRA adapters (every zero weight stays zero)."),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Recover the quality of a pruned model: train LoRA adapters on calibration text (as LLM-Pruner's
@@ -75,6 +94,14 @@ def finetune_cmd(
     Trains in float32 on the CPU; on CUDA under bfloat16 autocast with float32 weights."""
     from llmprune import finetune as ft
 
+    given = {name for name in ("rank", "alpha", "dropout", "data_src", "nsamples", "seqlen", "distill_alpha") if _given(ctx, name)}
+    if full and given & {"rank", "alpha", "dropout"}:
+        raise UsageError("--rank, --alpha and --dropout set LoRA adapters, which --full does not use", hint="drop them, or drop --full")
+    if distill is None and "distill_alpha" in given:
+        raise UsageError("--distill-alpha applies with --distill only", hint="add --distill TEACHER")
+    if distill is not None and given & {"data_src", "nsamples", "seqlen"}:
+        raise UsageError("with --distill the windows are the teacher sidecar's: --data, --nsamples and --seqlen do not apply", hint="drop them")
+    check_real("--distill-alpha", distill_alpha, lo=0, hi=1)
     lora = _lora_settings(rank, alpha, dropout, targets)
     for flag, value in (("--nsamples", nsamples), ("--batch-size", batch_size), ("--steps", steps), ("--epochs", epochs)):
         check_int(flag, value)
@@ -83,7 +110,8 @@ def finetune_cmd(
     check_real("--lr", lr, lo=0, lo_open=True)
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
-    ft.require_peft()
+    if not full:
+        ft.require_peft()
 
     from llmprune import _core
     from llmprune.data.sources import CALIB, describe_source
@@ -99,25 +127,44 @@ def finetune_cmd(
     seqlen = window_length(load_config(ckpt.dir), seqlen, default=DEFAULT_SEQLEN)
     # the output location is checked (and its staging directory made) before the training starts
     with _core.StagingDir(str(model), str(out if out is not None else default_out(model)), force) as staging:
-        tokenizer = load_tokenizer(model)
+        teacher = _teacher(distill, ckpt, model) if distill is not None else None
         net, loader = ft.load_model(model)
         ft.target_modules(net, lora)  # a bad --targets is reported before the text is read
-        source = describe_source(data_src, CALIB)
-        samples = calibration_samples(data_src, tokenizer, nsamples, seqlen, seed)
+        if teacher is not None:
+            samples = teacher.input_ids
+            nsamples, seqlen = int(samples.shape[0]), int(samples.shape[1])
+            source = f"teacher {distill} ({teacher.meta.get('calibration', {}).get('source', '?')})"
+            if teacher.meta.get("vocab_size") != getattr(net.config, "vocab_size", None):
+                raise UsageError(f"the teacher's vocabulary ({teacher.meta.get('vocab_size')}) is not the model's ({getattr(net.config, 'vocab_size', None)})")
+        else:
+            source = describe_source(data_src, CALIB)
+            samples = calibration_samples(data_src, load_tokenizer(model), nsamples, seqlen, seed)
         total = steps if steps is not None else (epochs or 1) * -(-nsamples // batch_size)
         train = ft.TrainSettings(steps=total, batch_size=batch_size, lr=lr, seed=seed)
 
         with count_progress() as bar:
             task = bar.add_task("fine-tuning", total=total, detail="")
             merged, result = ft.train_lora(
-                net, samples, lora, train, dev, on_step=lambda step, loss: bar.update(task, completed=step, detail=f"loss {loss:.4f}")
+                net,
+                samples,
+                None if full else lora,
+                train,
+                dev,
+                on_step=lambda step, loss: bar.update(task, completed=step, detail=f"loss {loss:.4f}"),
+                distill=ft.Distill(teacher, distill_alpha) if teacher is not None else None,
+                full_targets=lora.targets,
             )
+        method = "full" if full else "lora"
         provenance = {
             "llmprune_version": _core.__version__,
-            "method": "lora",
-            "rank": rank,
-            "alpha": alpha,
-            "dropout": dropout,
+            "method": method,
+            **({} if full else {"rank": rank, "alpha": alpha, "dropout": dropout}),
+            "loss": "distill" if teacher is not None else "next-token",
+            **(
+                {"distill_alpha": distill_alpha, "teacher_k": teacher.k, "teacher_fingerprint": teacher.meta["model_fingerprint"]}
+                if teacher is not None
+                else {}
+            ),
             "targets": list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in result.modules)),
             "steps": total,
             "batch_size": batch_size,
@@ -136,7 +183,8 @@ def finetune_cmd(
         ft.check_same_layout(ckpt, Path(staging.path))
         out_dir = staging.commit()
     summary = {
-        "method": "lora",
+        "method": method,
+        "loss": provenance["loss"],
         "out": str(out_dir),
         "steps": total,
         "epochs": round(total * batch_size / nsamples, 4),
@@ -166,10 +214,36 @@ def finetune_cmd(
         return
     window = min(ft.LOSS_WINDOW, total)
     typer.echo(
-        f"lora r={rank} on {len(result.modules)} linears: {total} steps, {result.tokens:,} tokens of {source} on {dev}; "
+        f"{'full' if full else f'lora r={rank}'}{' distillation' if teacher is not None else ''} on {len(result.modules)} linears: {total} steps, {result.tokens:,} tokens of {source} on {dev}; "
         f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} (mean of the first / last {window} steps); "
         f"wrote {out_dir} in {summary['seconds']:.1f} s"
     )
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _teacher(path: Path, ckpt, model: Path):
+    """The teacher sidecar, checked to be of the model this checkpoint was pruned from (its
+    fingerprint, or one its provenance records as a source)."""
+    from llmprune.calibration import teacher as T
+    from llmprune.reconstruct import provenance_chain
+
+    t = T.read(path)
+    fp = t.meta["model_fingerprint"]
+    sources = (
+        {ckpt.fingerprint}
+        | {p.get("source_fingerprint") for p in provenance_chain(ckpt.dir, ckpt.files)}
+        | {p.get("dense_fingerprint") for p in provenance_chain(ckpt.dir, ckpt.files)}
+    )
+    if fp not in sources:
+        raise UsageError(
+            f"the teacher logits in {path} are of another model than {model} was pruned from (fingerprint {fp[:16]}…)",
+            hint="take them from the dense model: llmprune stats DENSE --teacher-logits K",
+        )
+    return t
 
 
 def _lora_settings(rank: int, alpha: float, dropout: float, targets: str | None):

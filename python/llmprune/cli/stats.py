@@ -238,6 +238,25 @@ def stats_cmd(
             help="--sequential: add each pruned linear's lost mean contribution to its bias, (W - W')·mean(x), before the next block, as apply --compensate does.",
         ),
     ] = False,
+    teacher_logits: Annotated[
+        Optional[int],
+        typer.Option(
+            "--teacher-logits",
+            metavar="K",
+            help="Also write the model's top-K next-token log-probabilities at every position of the windows, with their token ids (for finetune --distill).",
+            show_default=False,
+        ),
+    ] = None,
+    teacher_out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--teacher-out",
+            metavar="PATH",
+            parser=path_parser("--teacher-out"),
+            help="--teacher-logits: the teacher sidecar's path.",
+            show_default="MODEL/llmprune-teacher.safetensors",
+        ),
+    ] = None,
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
 
@@ -314,11 +333,29 @@ def stats_cmd(
         raise UsageError("--gram and --grad cannot be combined", hint="run `llmprune stats` once with --grad and once with --gram")
     if gram_out is not None and not gram:
         raise UsageError("--gram-out applies with --gram only", hint="add --gram")
+    check_int("--teacher-logits", teacher_logits)
+    if teacher_out is not None and teacher_logits is None:
+        raise UsageError("--teacher-out applies with --teacher-logits only", hint="add --teacher-logits K")
+    if teacher_logits is not None:
+        if seq is not None or grad:
+            raise UsageError("--teacher-logits are the dense model's: they cannot be combined with --sequential or --grad", hint="take them in a dense pass")
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise UsageError("--teacher-logits runs in one process", hint="launch it without torchrun")
     seqlen_given = seqlen is not None
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
     gram_target = _gram_target(model, gram_out, out_path) if gram else None
+    teacher_path = None
+    if teacher_logits is not None:
+        from llmprune.calibration.teacher import TEACHER_NAME
+
+        teacher_path = Path(teacher_out) if teacher_out is not None else _default_out(model, TEACHER_NAME, "--teacher-out")
+        if teacher_path.resolve() in {out_path.resolve(), *([gram_target.path.resolve()] if gram_target is not None else [])}:
+            raise UsageError(
+                f"--teacher-out names {teacher_path}, which another output of this pass also names", hint="the teacher logits go into a file of their own"
+            )
+        _check_out(teacher_path)
     source = describe_source(calib, CALIB)
     if gram_target is not None:
         gram_target.calibration = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
@@ -340,6 +377,15 @@ def stats_cmd(
 
             grad_result = collect_grad_stats(model, samples, device=device, dtype=dtype, mode=grad_mode, progress=True)
             result = grad_result.stats
+        elif teacher_logits is not None:
+            from llmprune.calibration.teacher import TeacherCollector
+            from llmprune.model.stream import LayerStreamer
+
+            streamer = LayerStreamer(model, device=device, dtype=dtype, with_head=True)
+            collector = TeacherCollector(streamer, samples, teacher_logits)
+            result = collect_stats(
+                model, samples, device=device, dtype=dtype, dist=info, progress=True, gram=gram_target, streamer=streamer, on_hidden=collector
+            )
         else:
             result = collect_stats(model, samples, device=device, dtype=dtype, sequential=seq, dist=info, progress=True, gram=gram_target)
         if info.rank == 0:
@@ -355,6 +401,20 @@ def stats_cmd(
                 blocks=result.block_cos,
                 experts=result.experts,
             )
+        teacher_bytes = None
+        if teacher_logits is not None and teacher_path is not None:
+            from llmprune import _core
+            from llmprune.calibration import teacher as T
+            from llmprune.model.checkpoint import Checkpoint
+
+            meta = {
+                "llmprune_version": _core.__version__,
+                "model_fingerprint": Checkpoint(model).fingerprint,
+                "vocab_size": int(collector.streamer.config.vocab_size),
+                "k": teacher_logits,
+                "calibration": {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+            }
+            teacher_bytes = T.write(teacher_path, collector.result(meta))
         info.barrier()
     finally:
         shutdown_distributed(info)
@@ -381,6 +441,8 @@ def stats_cmd(
         summary["grad"] = {"mode": grad_result.mode, "loss": round(grad_result.loss, 6), "nsamples": grad_result.nsamples}
     if result.gram is not None:
         summary["gram"] = {"out": str(result.gram.path), "inputs": result.gram.inputs, "bytes": result.gram.bytes}
+    if teacher_bytes is not None:
+        summary["teacher"] = {"out": str(teacher_path), "k": teacher_logits, "bytes": teacher_bytes}
     if json_out:
         summary.update({"layers": len(result.layers), "dtype": result.dtype, "world_size": result.world_size, "mode": result.mode})
         print_json(summary)
@@ -391,6 +453,7 @@ def stats_cmd(
         f"({result.blocks} blocks, {seconds:.1f} s, {tps:,.0f} tokens/s on {result.device}{procs})"
         + (f"; gradient statistics ({grad_result.mode} backward, mean loss {grad_result.loss:.4f})" if grad_result is not None else "")
         + (f"; Gram matrices of {result.gram.inputs} inputs ({_size(result.gram.bytes)}) in {result.gram.path}" if result.gram is not None else "")
+        + (f"; teacher top-{teacher_logits} log-probabilities ({_size(teacher_bytes)}) in {teacher_path}" if teacher_bytes is not None else "")
     )
 
 
