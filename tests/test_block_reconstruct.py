@@ -6,6 +6,10 @@ checkpoints are reconstructed too, and bad input is refused before anything is w
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +273,55 @@ def test_bad_input_is_refused(run_cli, dense, tmp_path):
     H.add_tokenizer(small)
     _fails(run_cli, roots, ["reconstruct", pruned, "--dense", small, *COMMON, "--out", out], contains="pruned from another checkpoint", hint_contains="--dense")
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_it_and_leaves_nothing(run_cli, dense, tmp_path, signum):
+    from conftest import cli_env
+
+    (tmp_path / "w").mkdir()
+    pruned = prune(run_cli, dense, tmp_path / "w" / "p", "--method", "wanda", "--sparsity", "0.5")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmprune", "reconstruct", str(pruned), "--dense", str(dense), *COMMON, "--steps", "100000", "--out", str(tmp_path / "w" / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 300
+    while not any(".llmprune-tmp-" in p.name for p in (tmp_path / "w").iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.0)  # into the fitting
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["p"], "no output or staging directory left"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(run_cli, dense, tmp_path):
+    """Each rank holds half of the windows; the gradients are all-reduced, so both ranks take the
+    steps one process takes (up to the order of the float32 sums)."""
+    from conftest import cli_env
+
+    pruned = prune(run_cli, dense, tmp_path / "p", "--method", "wanda", "--pattern", "2:4")
+    one = reconstruct(run_cli, pruned, dense, tmp_path / "one", "--steps", "4", "--lr", "1e-4")
+    args = ["reconstruct", str(pruned), "--dense", str(dense), *COMMON, "--steps", "4", "--lr", "1e-4", "--out", str(tmp_path / "two"), "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "llmprune", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(OMP_NUM_THREADS="1"),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    two = json.loads(proc.stdout)  # rank 0 alone prints
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for a, b in zip(one["stages"], two["stages"]):
+        assert a["kept"] == b["kept"] and a["loss_before"] == pytest.approx(b["loss_before"], rel=1e-5), (a, b)
+    wa, wb = block_weights(tmp_path / "one"), block_weights(tmp_path / "two")
+    for name in wa:
+        assert np.abs(wa[name] - wb[name]).max() <= 2e-4, name
+        assert np.array_equal(wa[name] == 0, wb[name] == 0), name
