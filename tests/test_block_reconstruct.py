@@ -85,6 +85,25 @@ def test_masks_and_nm_patterns_are_kept_and_every_loss_goes_down(run_cli, dense,
     forward_is_finite(tmp_path / "r")
 
 
+def test_activations_spilled_to_files_give_the_same_result(run_cli, dense, tmp_path):
+    from conftest import cli_env
+
+    pruned = prune(run_cli, dense, tmp_path / "p", "--method", "wanda", "--pattern", "2:4")
+    a = reconstruct(run_cli, pruned, dense, tmp_path / "a", "--steps", "3", "--lr", "1e-4")
+    env = cli_env(LLMPRUNE_RECON_SPILL="1", TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    from conftest import run_cli_subprocess
+
+    code, out, err = run_cli_subprocess(["reconstruct", pruned, "--dense", dense, *COMMON, "--steps", "3", "--lr", "1e-4", "--out", tmp_path / "b", "--json"], env=env)
+    assert code == 0, err
+    b = json.loads(out)
+    assert a["activations"] == "device" and b["activations"] == "file"
+    assert [st["loss_after"] for st in a["stages"]] == [st["loss_after"] for st in b["stages"]]
+    wa, wb = block_weights(tmp_path / "a"), block_weights(tmp_path / "b")
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert list((tmp_path / "tmp").iterdir()) == [], "the spill files are removed"
+
+
 def test_zero_steps_copy_the_tensors_bit_for_bit(run_cli, dense, tmp_path):
     pruned = prune(run_cli, dense, tmp_path / "p", "--method", "wanda", "--sparsity", "0.5")
     s = reconstruct(run_cli, pruned, dense, tmp_path / "r", "--steps", "0")
@@ -201,7 +220,7 @@ def test_one_block_equals_a_plain_pytorch_loop(run_cli, dense, tmp_path):
     pair = rc.open_pair(pruned, dense, device="cpu")
     with torch.no_grad():
         x = pair.dense.capture(ids).float()
-        out, mid = rc.dense_targets(pair.dense, (0, 0), x.clone(), want_mid=True)
+        out, mid = rc.dense_targets(pair.dense, (0, 0), x.clone(), torch.empty_like(x))
         inputs = pair.pruned.capture(ids).float()
     pair.pruned.load_block(0)
     stages = rc.reconstruct_block(pair.pruned, 0, rc.BlockData(inputs, out, mid), settings, offset=0, n_global=4, dist=DistInfo())

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +80,7 @@ class Result:
     seconds: float = 0.0
     device: str = "cpu"
     world_size: int = 1
+    activations: str = "device"  # where the windows' activations were kept (Activations)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +281,8 @@ def fit_stage(
                     p.grad = torch.zeros_like(p)
             for j in mine.tolist():  # one window at a time: the blocks' recorded arguments are for one
                 idx = torch.tensor([j])
-                loss = (run(target, idx).float() - target[idx].float()).pow(2).sum() / (batch.numel() * per_window)
+                pred = run(target, idx).float()
+                loss = (pred - target[idx].to(pred.device)).pow(2).sum() / (batch.numel() * per_window)
                 loss.backward()
             for p in trainable.params:
                 dist.all_reduce_(p.grad)  # type: ignore[arg-type]
@@ -306,12 +311,21 @@ def fit_stage(
 @torch.no_grad()
 def _full_loss(run: Callable[[torch.Tensor, slice | torch.Tensor], torch.Tensor], target: torch.Tensor, dist: DistInfo, n_global: int) -> float:
     """Mean squared error over every window (all ranks)."""
-    total = torch.zeros(1, dtype=torch.float64, device=target.device)
+    total: torch.Tensor | None = None
     for j in range(target.shape[0]):
         idx = torch.tensor([j])
-        total += (run(target, idx).float() - target[idx].float()).pow(2).sum().double()
+        pred = run(target, idx).float()
+        term = (pred - target[idx].to(pred.device)).pow(2).sum().double()
+        total = term if total is None else total + term
+    if total is None:
+        total = torch.zeros((), dtype=torch.float64, device=_reduce_device(dist, target))
     dist.all_reduce_(total)
     return float(total) / (n_global * target[0].numel())
+
+
+def _reduce_device(dist: DistInfo, t: torch.Tensor) -> torch.device:
+    """Where a rank's all-reduced scalars live: its GPU under nccl, else the CPU."""
+    return torch.device("cuda", dist.local_rank) if dist.local_rank is not None else t.device
 
 
 def reconstruct_block(
@@ -348,7 +362,7 @@ def reconstruct_block(
 
 def _block_runner(streamer: LayerStreamer, i: int, inputs: torch.Tensor):
     def run(_target: torch.Tensor, idx) -> torch.Tensor:
-        return streamer.run_block(i, inputs[idx])
+        return streamer.run_block(i, inputs[idx].to(streamer.device))
 
     return run
 
@@ -358,7 +372,7 @@ def _attention_runner(streamer: LayerStreamer, i: int, attn: nn.Module, inputs: 
     of the block is not run)."""
 
     def run(_target: torch.Tensor, idx) -> torch.Tensor:
-        x = inputs[idx]
+        x = inputs[idx].to(streamer.device)
         return x + attention_output(streamer, i, attn, x)
 
     return run
@@ -386,33 +400,71 @@ def attention_output(streamer: LayerStreamer, i: int, attn: nn.Module, x: torch.
 
 @torch.no_grad()
 def dense_targets(
-    dense: LayerStreamer, span: tuple[int, int], hidden: torch.Tensor, want_mid: bool, on_window=None
+    dense: LayerStreamer, span: tuple[int, int], hidden: torch.Tensor, mid: torch.Tensor | None, on_window=None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Runs dense blocks span[0]..span[1] over `hidden` [n, L, H] (updated in place to their output);
-    returns a copy of the output and, when `want_mid` (a span of one block with an attention module),
-    the residual stream after the attention."""
-    mid = None
+    """Runs dense blocks span[0]..span[1] over `hidden` [n, L, H] (float32, updated in place to their
+    output, window by window on the dense model's device and dtype) and, given a `mid` buffer (a span of
+    one block with an attention module), fills it with the residual stream after the attention.
+    Returns (hidden, mid or None)."""
     first, last = span
     got: list[torch.Tensor] = []  # the attention's output of the window being run
+    filled = None
     for d in range(first, last + 1):
         dense.load_block(d)
-        attn = attention_module(dense.blocks[d]) if want_mid and first == last else None
+        attn = attention_module(dense.blocks[d]) if mid is not None and first == last else None
         handle = attn.register_forward_hook(lambda _m, _a, out: got.append(_first(out).detach())) if attn is not None else None
-        if attn is not None:
-            mid = torch.empty_like(hidden)
+        filled = mid if attn is not None else None
         try:
             for j in range(hidden.shape[0]):
-                out = dense.run_block(d, hidden[j : j + 1])
-                if mid is not None:
-                    mid[j] = hidden[j] + got.pop()[0]
-                hidden[j] = out[0]
+                x = hidden[j : j + 1].to(dense.device, dense.dtype)
+                out = dense.run_block(d, x)
+                if filled is not None:
+                    filled[j] = (x[0] + got.pop()[0]).float().to(filled.device)
+                hidden[j] = out[0].float().to(hidden.device)
                 if on_window is not None:
                     on_window()
         finally:
             if handle is not None:
                 handle.remove()
         dense.free_block(d)
-    return hidden, mid
+    return hidden, filled
+
+
+class Activations:
+    """The windows' float32 activation buffers [n, L, H]: on the compute device when they fit in half
+    of its free memory, else in CPU memory when they fit in half of what is available, else in
+    file-backed maps in a temporary directory ($TMPDIR; LLMPRUNE_RECON_SPILL=1 forces this)."""
+
+    def __init__(self, shape: tuple[int, ...], count: int, device: torch.device):
+        from llmprune.calibration.gradients import _available_memory
+
+        self.shape = shape
+        self.tmp: str | None = None
+        total = count * math.prod(shape) * 4
+        if os.environ.get("LLMPRUNE_RECON_SPILL") == "1":
+            self.where = "file"
+        elif device.type == "cuda" and total < torch.cuda.mem_get_info(device)[0] // 2:
+            self.where = "device"
+        elif total < _available_memory() // 2:
+            self.where = "cpu" if device.type == "cuda" else "device"
+        else:
+            self.where = "file"
+        self.device = device if self.where == "device" else torch.device("cpu")
+        self._n = 0
+
+    def new(self) -> torch.Tensor:
+        if self.where != "file":
+            return torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        if self.tmp is None:
+            self.tmp = tempfile.mkdtemp(prefix="llmprune-reconstruct-")
+        self._n += 1
+        path = os.path.join(self.tmp, f"buffer{self._n}.bin")
+        return torch.from_file(path, shared=True, size=math.prod(self.shape), dtype=torch.float32).view(self.shape)
+
+    def close(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,37 +518,47 @@ def reconstruct(
     n, n_global, offset = mine.shape[0], samples.shape[0], int(part.start)
     result = Result(device=str(pruned.device), world_size=info.world_size)
     stages_per_block = 1 if settings.granularity == "block" else 2
-    with BlockProgress(progress and info.rank == 0, pruned.num_blocks, "windows", n) as bar:
-        bar.phase("embeddings")
-        with torch.no_grad():
-            x_dense = dense.capture(mine).float()
-            x_pruned = pruned.capture(mine).float() if settings.inputs == "pruned" else None
-        for k, span in enumerate(spans):
-            whole = span[0] != span[1]  # several dense blocks: no attention output to match
-            inputs = x_pruned if x_pruned is not None else x_dense.clone()
-            bar.phase(f"block {k}: dense" + (f" {span[0]}-{span[1]}" if span[0] != span[1] else ""), total=n * (span[1] - span[0] + 1))
-            hidden = x_dense.to(dense.dtype)
-            out, mid = dense_targets(dense, span, hidden, want_mid=not whole and settings.granularity == "sublayer", on_window=bar.step)
-            x_dense = out.float()
-            pruned.load_block(k)
-            try:
-                bar.phase(f"block {k}: fitting", total=settings.steps * stages_per_block)
-                data = BlockData(inputs, x_dense, mid.float() if mid is not None else None)
-                stages = reconstruct_block(pruned, k, data, settings, offset=offset, n_global=n_global, dist=info, whole=whole, on_step=bar.step)
-                result.stages.extend(st for st, _ in stages)
-                tensors = {name: p.detach().to("cpu", copy=True) for st, tr in stages if st.kept for name, p, _ in tr.items}
-                if tensors:
-                    spill(k, tensors)
-                    result.changed.extend(tensors)
-                if x_pruned is not None:
-                    bar.phase(f"block {k}: outputs")
-                    with torch.no_grad():
-                        for j in range(n):
-                            x_pruned[j] = pruned.run_block(k, x_pruned[j : j + 1])[0]
-                            bar.step()
-            finally:
-                pruned.free_block(k)
-            bar.block_done(k)
+    hidden_size = int(getattr(dense.config, "hidden_size", 0) or 0)
+    acts = Activations((n, int(mine.shape[1]), hidden_size), 3, pruned.device)
+    result.activations = acts.where
+    try:
+        with BlockProgress(progress and info.rank == 0, pruned.num_blocks, "windows", n) as bar:
+            bar.phase("embeddings")
+            # x_dense: the dense model's hidden state (block inputs, then outputs); inputs: the pruned
+            # model's (pruned) or a copy of the dense ones (dense); mid: the targets after the attention
+            x_dense, inputs, mid_buf = acts.new(), acts.new(), acts.new()
+            with torch.no_grad():
+                x_dense.copy_(dense.capture(mine))
+                if settings.inputs == "pruned":
+                    inputs.copy_(pruned.capture(mine))
+            for k, span in enumerate(spans):
+                whole = span[0] != span[1]  # several dense blocks: no attention output to match
+                if settings.inputs == "dense":
+                    inputs.copy_(x_dense)
+                bar.phase(f"block {k}: dense" + (f" {span[0]}-{span[1]}" if whole else ""), total=n * (span[1] - span[0] + 1))
+                want_mid = not whole and settings.granularity == "sublayer"
+                _, mid = dense_targets(dense, span, x_dense, mid_buf if want_mid else None, on_window=bar.step)
+                pruned.load_block(k)
+                try:
+                    bar.phase(f"block {k}: fitting", total=settings.steps * stages_per_block)
+                    data = BlockData(inputs, x_dense, mid)
+                    stages = reconstruct_block(pruned, k, data, settings, offset=offset, n_global=n_global, dist=info, whole=whole, on_step=bar.step)
+                    result.stages.extend(st for st, _ in stages)
+                    tensors = {name: p.detach().to("cpu", copy=True) for st, tr in stages if st.kept for name, p, _ in tr.items}
+                    if tensors:
+                        spill(k, tensors)
+                        result.changed.extend(tensors)
+                    if settings.inputs == "pruned":  # this block's outputs are the next one's inputs
+                        bar.phase(f"block {k}: outputs")
+                        with torch.no_grad():
+                            for j in range(n):
+                                inputs[j] = pruned.run_block(k, inputs[j : j + 1].to(pruned.device))[0].to(inputs.device)
+                                bar.step()
+                finally:
+                    pruned.free_block(k)
+                bar.block_done(k)
+    finally:
+        acts.close()
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -216,6 +216,7 @@ def reconstruct_cmd(
         "seconds": round(time.perf_counter() - t0, 3),
         "device": result.device,
         "world_size": result.world_size,
+        "activations": result.activations,
     }
     if json_out:
         print_json(summary)
