@@ -104,6 +104,22 @@ def test_activations_spilled_to_files_give_the_same_result(run_cli, dense, tmp_p
     assert list((tmp_path / "tmp").iterdir()) == [], "the spill files are removed"
 
 
+@pytest.mark.parametrize("variant", [["--inputs", "dense"], ["--granularity", "block"]], ids=["dense-inputs", "whole-block"])
+def test_dense_inputs_and_whole_blocks(run_cli, dense, tmp_path, variant):
+    pruned = prune(run_cli, dense, tmp_path / "p", "--method", "wanda", "--pattern", "2:4")
+    s = reconstruct(run_cli, pruned, dense, tmp_path / "r", "--steps", "6", "--lr", "1e-3", *variant)
+    stages = ["block"] if variant[0] == "--granularity" else ["attention", "mlp"]
+    assert [(st["block"], st["stage"]) for st in s["stages"]] == [(b, st) for b in range(4) for st in stages]
+    assert all(st["kept"] and st["loss_after"] < st["loss_before"] for st in s["stages"]), s["stages"]
+    before, after = block_weights(pruned), block_weights(tmp_path / "r")
+    for name, w in before.items():
+        assert np.array_equal(after[name][w == 0], w[w == 0]) and R.nm_compliant(after[name], 2, 4), name
+    if variant[0] == "--inputs":  # block 0's inputs are the same either way; later blocks' differ
+        pruned_inputs = reconstruct(run_cli, pruned, dense, tmp_path / "q", "--steps", "6", "--lr", "1e-3")
+        assert s["stages"][0] == pruned_inputs["stages"][0]
+        assert s["stages"][-1]["loss_before"] != pruned_inputs["stages"][-1]["loss_before"]
+
+
 def test_zero_steps_copy_the_tensors_bit_for_bit(run_cli, dense, tmp_path):
     pruned = prune(run_cli, dense, tmp_path / "p", "--method", "wanda", "--sparsity", "0.5")
     s = reconstruct(run_cli, pruned, dense, tmp_path / "r", "--steps", "0")

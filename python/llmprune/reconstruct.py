@@ -529,8 +529,10 @@ def reconstruct(
             x_dense, inputs, mid_buf = acts.new(), acts.new(), acts.new()
             with torch.no_grad():
                 x_dense.copy_(dense.capture(mine))
+                captured = pruned.capture(mine)  # also records what the blocks are called with
                 if settings.inputs == "pruned":
-                    inputs.copy_(pruned.capture(mine))
+                    inputs.copy_(captured)
+                del captured
             for k, span in enumerate(spans):
                 whole = span[0] != span[1]  # several dense blocks: no attention output to match
                 if settings.inputs == "dense":
