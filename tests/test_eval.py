@@ -141,3 +141,83 @@ def test_cli_eval_model_without_tokenizer(run_cli, eval_dir, tmp_path):
     shutil.copytree(eval_dir("opt"), tmp_path / "o")
     code, out, err = run_cli(["eval", tmp_path / "o", "--seqlen", "16"])
     assert_clean_error(code, out, err, contains="tokenizer")
+
+
+# --------------------------------------------------------------------------------------------
+# The default protocol on a CPU: a warning with an estimate (the decision, not the timing)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def held_out(tmp_path) -> Path:
+    """A local evaluation text of some thousands of tokens: read whole, as the default protocol reads
+    its text, in a fraction of the time the built-in text takes to tokenize."""
+    path = tmp_path / "held-out.txt"
+    path.write_text("\n\n".join([H.TEXT] * 20))
+    return path
+
+
+@pytest.fixture
+def stop_before_pass(monkeypatch):
+    """The estimate (seconds of a pass) set by the test, and the pass itself stopped: the warning
+    comes before it. Returns the windows x seqlen the command would have run."""
+    from llmprune import evaluation
+    from llmprune.calibration import estimate
+
+    seen: dict[str, Any] = {}
+
+    def stop(model, ids, seqlen, **kwargs):
+        seen.update(tokens=ids.numel(), seqlen=seqlen)
+        raise UsageError("stopped before the pass")
+
+    def fake_seconds(model, nsamples, seqlen):
+        return seen["per_window"] * nsamples
+
+    monkeypatch.setattr(evaluation, "perplexity", stop)
+    monkeypatch.setattr(estimate, "pass_seconds", fake_seconds)
+    return seen
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning:")]
+
+
+def test_cli_eval_default_protocol_on_cpu_warns(cli_model, held_out, stop_before_pass, capsys):
+    from llmprune.calibration.estimate import duration
+    from llmprune.data.sources import EVAL, describe_source
+
+    stop_before_pass["per_window"] = 60.0  # a minute a window: the whole text is hours
+    assert cli.main(["eval", str(cli_model), "--data", str(held_out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    tokens, seqlen = stop_before_pass["tokens"], stop_before_pass["seqlen"]
+    windows = tokens // seqlen
+    assert seqlen == H.read_config(cli_model)["max_position_embeddings"] and windows > 2 * 4096 // seqlen
+    [warning] = _warnings(err)
+    assert warning == (
+        f"warning: {windows} x {seqlen} evaluation tokens (the default: all of {describe_source(str(held_out), EVAL)}) take about {duration(60.0 * windows)} on this CPU; "
+        f"for a first try pass fewer, e.g. --max-tokens 4096 (about {duration(60.0 * (4096 // seqlen))})"
+    )
+    assert "stopped before the pass" in err  # the protocol was kept: the pass was reached as asked
+
+
+@pytest.mark.parametrize(
+    "args,per_window,rank",
+    [
+        (["--max-tokens", "100000"], 60.0, "0"),  # a protocol asked for, even the whole text
+        (["--seqlen", "128"], 60.0, "0"),
+        ([], 1e-3, "0"),  # a quick pass on this CPU
+        ([], 60.0, "1"),  # another rank of torchrun: rank 0 alone warns
+    ],
+)
+def test_cli_eval_no_warning(cli_model, held_out, stop_before_pass, capsys, monkeypatch, args, per_window, rank):
+    stop_before_pass["per_window"] = per_window
+    monkeypatch.setenv("RANK", rank)
+    assert cli.main(["eval", str(cli_model), "--data", str(held_out), "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert not _warnings(err) and "stopped before the pass" in err
+
+
+def test_duration():
+    from llmprune.calibration.estimate import duration
+
+    assert [duration(s) for s in (0.4, 89, 90, 5399, 5400, 2.5 * 3600)] == ["0 s", "89 s", "2 min", "90 min", "1.5 h", "2.5 h"]

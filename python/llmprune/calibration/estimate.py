@@ -55,3 +55,12 @@ def matmul_flops_per_second(seconds: float = 0.2) -> float:
 def pass_seconds(model: Path, nsamples: int, seqlen: int) -> float:
     """Estimated seconds of a stats or eval pass of nsamples windows of seqlen tokens on the CPU."""
     return pass_flops(model, nsamples * seqlen, seqlen) / (matmul_flops_per_second() * PASS_EFFICIENCY)
+
+
+def duration(seconds: float) -> str:
+    """An estimate for a warning: seconds below 90, minutes below 90, hours beyond."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

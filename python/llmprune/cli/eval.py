@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg, check_int
-from llmprune.console import print_json
+from llmprune.console import print_json, warn
 from llmprune.errors import UsageError
+
+QUICK_MAX_TOKENS = 4096  # the smaller protocol the CPU warning suggests
 
 EVAL_EPILOG = """Examples:
 
 \b
 # the built-in held-out text: State of the Union addresses, 1950 onward
+# (all 720 k tokens: hours on a CPU, see --max-tokens)
 llmprune eval ./model-wanda-0.5
 llmprune eval ./model --max-tokens 16384 --seqlen 512 --device cpu
 
@@ -25,6 +30,27 @@ llmprune eval ./model --data notes.txt --max-tokens 100000
 # zero-shot tasks (needs lm-eval installed)
 llmprune eval ./model --tasks boolq,piqa
 """
+
+
+def _warn_if_slow_on_cpu(model: Path, device: str, tokens: int, seqlen: int, source: str) -> None:
+    """The default protocol (every token of the evaluation text) can take hours on a CPU: say about
+    how long, as `stats` does (this CPU's matrix-multiply speed and the model's size), and how to ask
+    for less. The protocol itself is left as it is."""
+    from llmprune.calibration.estimate import duration, pass_seconds
+    from llmprune.cli.stats import SLOW_CPU_SECONDS
+    from llmprune.model.devices import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return
+    windows = tokens // seqlen
+    seconds = pass_seconds(model, windows, seqlen)
+    if seconds < SLOW_CPU_SECONDS:
+        return
+    quick = pass_seconds(model, min(tokens, QUICK_MAX_TOKENS) // seqlen, seqlen)
+    warn(
+        f"{windows} x {seqlen} evaluation tokens (the default: all of {source}) take about {duration(seconds)} on this CPU; "
+        f"for a first try pass fewer, e.g. --max-tokens {QUICK_MAX_TOKENS} (about {duration(quick)})"
+    )
 
 
 def eval_cmd(
@@ -68,9 +94,12 @@ def eval_cmd(
         require_lm_eval()
     check_int("--seqlen", seqlen, 2)
     check_int("--max-tokens", max_tokens)
+    defaults = max_tokens is None and seqlen is None
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
     source = describe_source(data_src, EVAL)
     ids = eval_token_ids(data_src, load_tokenizer(model), max_tokens)
+    if defaults and int(os.environ.get("RANK", "0") or 0) == 0:
+        _warn_if_slow_on_cpu(model, device, ids.numel(), seqlen, source)
     result = perplexity(model, ids, seqlen, device=device, dtype=dtype, progress=True)
     summary: dict = {
         "perplexity": result.perplexity,

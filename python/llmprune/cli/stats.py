@@ -116,7 +116,7 @@ def _check_out(out: Path) -> None:
 def _warn_if_slow_on_cpu(model: Path, device: str, nsamples: int, seqlen: int) -> None:
     """The default protocol (128 x 2048 tokens) can take hours on a CPU: say about how long, measured
     from this CPU's matrix-multiply speed and the model's size, and how to ask for less."""
-    from llmprune.calibration.estimate import pass_seconds
+    from llmprune.calibration.estimate import duration, pass_seconds
     from llmprune.model.devices import resolve_device
 
     if resolve_device(device).type != "cpu":
@@ -127,17 +127,9 @@ def _warn_if_slow_on_cpu(model: Path, device: str, nsamples: int, seqlen: int) -
         return
     quick = pass_seconds(model, 32, min(seqlen, 512)) / world
     warn(
-        f"{nsamples} x {seqlen} calibration tokens (the default) take about {_duration(seconds)} on this CPU; "
-        f"for a first try pass fewer, e.g. --nsamples 32 --seqlen {min(seqlen, 512)} (about {_duration(quick)})"
+        f"{nsamples} x {seqlen} calibration tokens (the default) take about {duration(seconds)} on this CPU; "
+        f"for a first try pass fewer, e.g. --nsamples 32 --seqlen {min(seqlen, 512)} (about {duration(quick)})"
     )
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def stats_cmd(
