@@ -51,7 +51,7 @@ INPUTS = ("pruned", "dense")
 @dataclass
 class Settings:
     steps: int = 20
-    lr: float = 1e-4
+    lr: float = 2e-3
     batch_size: int = 4
     granularity: str = "sublayer"
     inputs: str = "pruned"

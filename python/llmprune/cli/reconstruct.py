@@ -22,7 +22,7 @@ RECONSTRUCT_EPILOG = """Examples:
 \b
 llmprune apply ./model --method wanda --pattern 2:4 --out ./model-2of4
 llmprune reconstruct ./model-2of4 --dense ./model
-llmprune reconstruct ./model-flap-0.2 --dense ./model --steps 40 --lr 5e-5 --out ./model-flap-rec
+llmprune reconstruct ./model-flap-0.2 --dense ./model --steps 40 --lr 1e-3 --out ./model-flap-rec
 
 \b
 # data-parallel over 4 GPUs (each rank holds a share of the windows)
@@ -58,7 +58,7 @@ def reconstruct_cmd(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the window sampling and of the batch order.")] = 0,
     steps: Annotated[int, typer.Option("--steps", metavar="K", help="Adam steps per stage of each block (0: copy PRUNED unchanged).")] = 20,
-    lr: Annotated[float, typer.Option("--lr", metavar="LR", help="Adam learning rate.")] = 1e-4,
+    lr: Annotated[float, typer.Option("--lr", metavar="LR", help="Adam learning rate.")] = 2e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", metavar="N", help="Windows per step.")] = 4,
     granularity: Annotated[
         str,
