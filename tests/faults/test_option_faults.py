@@ -348,3 +348,11 @@ def test_applicable_options_are_accepted(run_cli, gram_model, tmp_path, case):
         forward_is_finite(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
     else:
         forward_is_finite(llmprune.load_pruned(out))
+
+
+@pytest.mark.parametrize("command", ["apply", "stats"])
+def test_sparsity_given_as_a_percentage_is_named_so(run_cli, workdir, command):
+    args = ["apply", "{m}", "--method", "wanda", "--sparsity", "50", "--out", "{w}/out"] if command == "apply" else [
+        "stats", "{m}", "--sequential", "--method", "wanda", "--sparsity", "50", "--device", "cpu", "--out", "{w}/out"]
+    msg = fails(run_cli, workdir, args, contains=("--sparsity 50", "percentage"), hint_contains="--sparsity 0.5")
+    assert "internal error" not in msg

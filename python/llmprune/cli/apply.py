@@ -24,6 +24,7 @@ from llmprune.cli.options import (
     SparsityOpt,
     check_int,
     check_real,
+    check_sparsity,
     parse_target,
     path_parser,
     target_label,
@@ -237,6 +238,7 @@ def apply_cmd(
     from llmprune import _core
 
     check_apply_method(method)
+    check_sparsity(sparsity)
     check_int("--threads", threads, 1, THREADS_MAX)
     for flag, n, lo in (("--blocksize", blocksize, 1), ("--skip-first", skip_first, 0), ("--skip-last", skip_last, 0)):
         check_int(flag, n, lo)

@@ -113,6 +113,12 @@ def check_real(
     raise UsageError(f"{flag} must be {what}, not {value}")
 
 
+def check_sparsity(sparsity: float | None) -> None:
+    """A --sparsity written as a percentage (1 to 100) is named as such, with the fraction meant."""
+    if sparsity is not None and math.isfinite(sparsity) and 1 <= sparsity <= 100:
+        raise UsageError(f"--sparsity {sparsity:g} is out of range: it is a fraction in [0, 1), not a percentage", f"pass --sparsity {sparsity / 100:g}")
+
+
 def parse_target(sparsity: float | None, pattern: str | None) -> tuple[float | None, tuple[int, int] | None]:
     """Exactly one of --sparsity / --pattern; returns (sparsity, (n, m))."""
     if (sparsity is None) == (pattern is None):

@@ -29,6 +29,7 @@ from llmprune.cli.options import (
     RefineOpt,
     check_int,
     check_method,
+    check_sparsity,
     parse_target,
     path_parser,
     unstructured_extras,
@@ -266,6 +267,7 @@ def stats_cmd(
     from llmprune.data.windows import calibration_samples
     from llmprune.model.devices import check_pass_inputs
 
+    check_sparsity(sparsity)
     check_int("--nsamples", nsamples)
     check_int("--seqlen", seqlen)
     check_int("--seed", seed, 0, SEED_MAX)
