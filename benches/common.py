@@ -2,7 +2,8 @@
 
 - docs/quality.md's protocol: its options (calibration and evaluation sizes, the device), the dense
   statistics pass every row reads, and `Session`, which times a bench and evaluates its checkpoints;
-- `llmprune`: one CLI call, printed first so that it can be repeated, its JSON summary returned;
+- `llmprune`: one CLI call, printed first so that it can be repeated, its JSON summary returned
+  (`llmprune_timed`: with its wall time, printed as the caller shows it);
 - `parse_runs`: the --runs syntax METHOD[/VARIANT][+FLAG...][~seq]@TARGET[/TAIL], each script saying
   which parts its rows take;
 - the Markdown a bench prints and writes: the command, a list of facts (protocol, provenance, wall
@@ -112,16 +113,25 @@ def eval_args(args: argparse.Namespace) -> list[str]:
 def llmprune(*args: str) -> dict:
     """Run `llmprune ARGS --json` with this interpreter, printing the command first (to be repeated by
     copy and paste) and its duration after; its progress passes through on stderr."""
+    return llmprune_timed(args)[0]
+
+
+def llmprune_timed(args: Sequence[str], shown: Sequence[str] | None = None) -> tuple[dict, float]:
+    """`llmprune ARGS --json` as `llmprune` runs it, printed first as `llmprune SHOWN` (ARGS --json
+    unless given); returns its JSON summary and its wall time in seconds, the duration printed after it
+    (process start, loading and writing included)."""
     cmd = [sys.executable, "-m", "llmprune", *args, "--json"]
-    err.print(f"$ {shlex.join(['llmprune', *args, '--json'])}", style="dim", markup=False, soft_wrap=True)
+    shown = [*args, "--json"] if shown is None else shown
+    err.print(f"$ {shlex.join(['llmprune', *shown])}", style="dim", markup=False, soft_wrap=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    err.print(f"  ({args[0]}: {time.perf_counter() - t0:.1f} s)", style="dim", markup=False)
+    seconds = time.perf_counter() - t0
+    err.print(f"  ({args[0]}: {seconds:.1f} s)", style="dim", markup=False)
     if proc.returncode != 0:
         err.print(f"[red]`llmprune {args[0]}` failed with exit code {proc.returncode}[/red]")
         raise SystemExit(proc.returncode)
     try:
-        return json.loads(proc.stdout)
+        return json.loads(proc.stdout), seconds
     except ValueError:
         err.print(f"[red]`llmprune {args[0]}` printed no JSON:[/red]")
         err.print(proc.stdout, markup=False)

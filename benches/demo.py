@@ -10,6 +10,15 @@ Steps, each through the `llmprune` command line (as a user would run it):
 3. `llmprune apply` for each method (magnitude, wanda, stade, stade-w at 50%, wanda 2:4);
 4. `llmprune eval`: perplexity on held-out text (built-in: State of the Union addresses 1950 onward).
 
+Each command is printed before it runs the way you would type it to repeat that step: without the
+--json the script adds to read its summary, and with --force only on an `apply` whose output stays on
+disk (the script always replaces its own earlier outputs). The duration printed after it is the
+command's wall time, the figure in the table's `apply s` and `eval s` columns.
+
+The pruned checkpoints stay in the work directory (beside the model: demo-out/, about 270 MB each;
+--no-keep deletes each one after its evaluation). The run ends with where they are and a few
+`llmprune` commands to try next on them.
+
 --methods takes METHOD[-layer][~seq][@SPARSITY|@N:M],...:
   dense              the unpruned model (once)
   magnitude-layer    `--scope layer`: one threshold per matrix (Wanda's magnitude baseline)
@@ -23,13 +32,15 @@ The defaults finish in a few minutes on two CPU cores; the options make the bigg
     python benches/demo.py --full --device cuda --json demo-out/quality.json
     python benches/demo.py --methods dense,wanda@0.6,stade@0.6,wanda@4:8 --max-tokens 16384
     python benches/demo.py --methods dense,magnitude,magnitude-layer,wanda,wanda~seq,stade,stade~seq,stade-w \\
-        --targets 0.5,0.6,4:8,2:4 --markdown docs/quality.md        # docs/quality.md's table
+        --targets 0.5,0.6,4:8,2:4 --markdown docs/quality.md --no-keep   # docs/quality.md's table (26 checkpoints)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -39,12 +50,21 @@ from rich.console import Console
 from rich.table import Table
 
 import common as C
-from common import SEQ_SUFFIX, err, fmt_ppl, llmprune, parse_target
+from common import SEQ_SUFFIX, err, fmt_ppl, parse_target
 
 DEFAULT_METHODS = "dense,magnitude,wanda,stade,stade-w,wanda@2:4"
 LAYER_SUFFIX = "-layer"
 MD_BEGIN = "<!-- demo.py table: begin -->"
 MD_END = "<!-- demo.py table: end -->"
+SECONDS_NOTE = "apply s, eval s: wall time of each `llmprune` command, as printed after it (process start, loading and writing included)"
+NEXT_STRUCTURED = ("flap", "0.2")  # the method and sparsity of the structured `apply` suggested at the end
+
+
+def llmprune(*args: str, force: bool = False, show_force: bool = False) -> tuple[dict, float]:
+    """`llmprune ARGS --json` (with --force when FORCE), printed as one would type it to repeat the step:
+    no --json, --force only when SHOW_FORCE (its output is still there after the demo). Returns the JSON
+    summary and the wall time printed after the command."""
+    return C.llmprune_timed([*args, *(["--force"] if force else [])], shown=[*args, *(["--force"] if show_force else [])])
 
 
 def needs_stats(method: str) -> bool:
@@ -59,10 +79,10 @@ class Run:
     scope: str = "row"  # `--scope`
     sequential: bool = False  # statistics from `llmprune stats --sequential` with this method and target
     out: str | None = None
-    apply_seconds: float | None = None
+    apply_seconds: float | None = None  # wall time of `llmprune apply`, as printed after it
     perplexity: float | None = None
     eval_tokens: int | None = None
-    eval_seconds: float | None = None
+    eval_seconds: float | None = None  # wall time of `llmprune eval`, as printed after it
 
     @property
     def target(self) -> str:
@@ -221,7 +241,7 @@ class Statistics:
                 stats_args += ["--calib", a.calib]
             if run.sequential:
                 stats_args += ["--sequential", "--method", run.method, *run.apply_target_args()]
-            info = llmprune(*stats_args)
+            info, _ = llmprune(*stats_args)
         self.paths[key], self.info[key] = path, info
         return path
 
@@ -236,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true",
                     help="the Wanda-sized run: 128 x 2048 calibration tokens, all evaluation text in 2048-token windows")
     ap.add_argument("--threads", type=int, default=None, help="threads of `llmprune apply`")
-    ap.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (deleted after evaluation otherwise)")
+    ap.add_argument("--keep", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the pruned checkpoints in the work directory (the default); --no-keep deletes each one after its evaluation")
     ap.add_argument("--reuse-stats", action="store_true",
                     help="reuse sidecars left in the work directory by an earlier run with the same calibration settings")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
@@ -270,24 +291,27 @@ def main(argv: list[str] | None = None) -> int:
         target = model
         if run.method != "dense":
             out = work / f"{model.name}-{run.label}"
-            apply_args = [str(model), "--method", run.method, "--out", str(out), "--force", *run.apply_target_args()]
+            apply_args = [str(model), "--method", run.method, *run.apply_target_args(), "--out", str(out)]
             if run.scope != "row":
                 apply_args += ["--scope", run.scope]
             if needs_stats(run.method):
                 sidecar = stats.get(run)
                 if run.sequential:
                     apply_args += ["--stats", str(sidecar)]
-            res = session.apply(*apply_args)
-            run.out, run.apply_seconds = res.get("out", str(out)), res.get("seconds")
+            if args.threads:
+                apply_args += ["--threads", str(args.threads)]
+            res, run.apply_seconds = llmprune("apply", *apply_args, force=True, show_force=args.keep)
+            run.out = res.get("out", str(out))
             target = Path(run.out)
-        res = session.eval(target)
-        run.perplexity, run.eval_tokens, run.eval_seconds = res["perplexity"], res.get("tokens"), res.get("seconds")
+        res, run.eval_seconds = llmprune("eval", str(target), *C.eval_args(args))
+        run.perplexity, run.eval_tokens = res["perplexity"], res.get("tokens")
         eval_info = eval_info or C.eval_summary(res, ("tokens", "windows", "seqlen", "data", "device", "dtype"))
         if run.method != "dense" and not args.keep:
             shutil.rmtree(target, ignore_errors=True)
 
     total = session.elapsed()
     print_table(runs, args, stats.info, total)
+    print_outputs(runs, args, model, work, sorted({p for p in stats.paths.values() if p.is_file()}))
     if args.json:
         doc = {
             "command": session.command,
@@ -326,9 +350,15 @@ def markdown_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[s
     table = []
     for r in runs:
         ratio = f"{r.perplexity / dense:.2f}" if dense and r.perplexity is not None else "-"
-        apply_s = f"{r.apply_seconds:.2f}" if r.apply_seconds is not None else "-"
-        table.append([r.method if r.scope == "row" else f"{r.method} (`--scope {r.scope}`)", r.statistics, r.target, fmt_ppl(r.perplexity), ratio, apply_s])
-    return C.markdown(command, facts, ["method", "statistics", "target", "perplexity", "ratio to dense", "apply s"], "llrrrr", table)
+        table.append([r.method if r.scope == "row" else f"{r.method} (`--scope {r.scope}`)", r.statistics, r.target, fmt_ppl(r.perplexity),
+                      ratio, fmt_seconds(r.apply_seconds)])
+    return C.markdown(command, facts, ["method", "statistics", "target", "perplexity", "ratio to dense", "apply s"], "llrrrr", table,
+                      notes=["", SECONDS_NOTE.replace("apply s, eval s", "apply s") + "."])
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    """A wall time as printed after its command: one decimal."""
+    return f"{seconds:.1f}" if seconds is not None else "-"
 
 
 def write_markdown(path: Path, table: str) -> None:
@@ -342,7 +372,7 @@ def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str,
     calib = f"{args.nsamples} x {args.seqlen} tokens of {args.calib or 'State of the Union 1900-1949'}"
     evaluation = f"{tokens or '?'} tokens of {args.data or 'State of the Union 1950-'} in {args.eval_seqlen}-token windows"
     table = Table(title="SmolLM2-135M-Instruct, pruned with llmprune", caption=f"calibration: {calib}\n"
-                  f"evaluation: {evaluation}\ntotal {total:.0f} s")
+                  f"evaluation: {evaluation}\n{SECONDS_NOTE}\ntotal {total:.0f} s")
     table.add_column("method")
     if any(r.sequential for r in runs):
         table.add_column("statistics")
@@ -359,13 +389,67 @@ def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str,
         row += [r.target, fmt_ppl(r.perplexity)]
         if dense:
             row.append(f"{r.perplexity / dense:.2f}" if r.perplexity is not None else "-")
-        row.append(f"{r.apply_seconds:.2f}" if r.apply_seconds is not None else "-")
-        row.append(f"{r.eval_seconds:.1f}" if r.eval_seconds is not None else "-")
+        row += [fmt_seconds(r.apply_seconds), fmt_seconds(r.eval_seconds)]
         table.add_row(*row)
     for key, info in stats_info.items():
         how = "reused from an earlier run" if info.get("reused") else f"{info.get('seconds')} s on {info.get('device', '-')}"
         err.print(f"stats ({key}): {info.get('tokens')} tokens, {how}", markup=False)
     Console(highlight=False, width=max(100, shutil.get_terminal_size().columns)).print(table)
+
+
+def kept_outputs(runs: list[Run]) -> list[Run]:
+    """The pruned runs whose checkpoint is still on disk."""
+    return [r for r in runs if r.method != "dense" and r.out and Path(r.out).is_dir()]
+
+
+def next_commands(runs: list[Run], args: argparse.Namespace, model: Path, work: Path) -> list[tuple[str, list[str]]]:
+    """Two to four `llmprune` commands to try after the demo: (what it shows, its arguments after
+    `llmprune`), in an order where each works as printed on what the demo left on disk once the ones
+    before it have run."""
+    cmds: list[tuple[str, list[str]]] = []
+    kept = kept_outputs(runs)
+    if kept:
+        shown = next((r for r in kept if r.pattern), kept[0])
+        compliance = f" and {shown.pattern} compliance" if shown.pattern else ""
+        cmds.append((f"per-tensor sparsity{compliance} of {shown.spec}", ["inspect", str(shown.out)]))
+        best = min(kept, key=lambda r: r.perplexity if r.perplexity is not None else math.inf)
+        more = argparse.Namespace(**{**vars(args), "max_tokens": 2 * args.max_tokens})
+        text = f"on twice the evaluation text ({more.max_tokens:,} tokens)" if args.max_tokens else "again"
+        cmds.append((f"the perplexity of {best.spec}, the best pruned checkpoint, {text}", ["eval", str(best.out), *C.eval_args(more)]))
+    if not (model / C.sidecar_names()[0]).is_file():
+        cmds.append(("the activation statistics that FLAP (like Wanda and STADE) reads",
+                     ["stats", str(model), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device,
+                      *(["--calib", args.calib] if args.calib else [])]))
+    method, sparsity = NEXT_STRUCTURED
+    out = work / f"{model.name}-{method}-{sparsity}-uniform"
+    cmds.append((f"structured pruning: {method} takes about {float(sparsity):.0%} of every block's parameters out (attention groups, "
+                 "MLP channels), a smaller checkpoint",
+                 ["apply", str(model), "--method", method, "--sparsity", sparsity, "--allocation", "uniform", "--out", str(out),
+                  *(["--force"] if out.exists() else [])]))
+    if len(cmds) < 4:
+        cmds.append(("its perplexity, as the table measured the others", ["eval", str(out), *C.eval_args(args)]))
+    return cmds
+
+
+def print_outputs(runs: list[Run], args: argparse.Namespace, model: Path, work: Path, sidecars: list[Path]) -> None:
+    """Where the demo left the model, its statistics and the pruned checkpoints, then the commands to try
+    next: on stdout, one to a line and unwrapped, to be pasted."""
+    print(f"\ndemo model: {shlex.quote(str(model))}")
+    for path in sidecars:
+        print(f"statistics: {shlex.quote(str(path))}")
+    kept = [Path(r.out) for r in kept_outputs(runs) if r.out]
+    if kept:
+        size = sum(f.stat().st_size for d in kept for f in d.rglob("*") if f.is_file())
+        mb = f"{size / 1e6:,.0f}" if size >= 1e7 else f"{size / 1e6:.1f}"
+        print(f"kept {len(kept)} pruned checkpoint{'s' if len(kept) != 1 else ''} ({mb} MB) in {shlex.quote(str(work))}"
+              " (--no-keep deletes each one after its evaluation):")
+        for path in kept:
+            print(f"  {shlex.quote(str(path))}")
+    elif any(r.method != "dense" for r in runs) and not args.keep:
+        print("pruned checkpoints: deleted after their evaluation (--no-keep)")
+    print("\nnext, try:")
+    for what, argv in next_commands(runs, args, model, work):
+        print(f"  {what}:\n    {shlex.join(['llmprune', *argv])}")
 
 
 if __name__ == "__main__":
