@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +204,9 @@ def train_lora(
             bias="none",
             task_type="CAUSAL_LM",
         )
-        peft_model: nn.Module = get_peft_model(model, config)
+        with warnings.catch_warnings():  # transformers 5 deprecates a name peft still reads
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model: nn.Module = get_peft_model(model, config)
         masks: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
     else:
         modules = target_modules(model, LoraSettings(0, 0.0, 0.0, full_targets, targets_given=False))
