@@ -56,6 +56,7 @@ class Row:
     apply_seconds: float | None = None
     recovery_seconds: float | None = None
     recovery_tokens: int | None = None
+    recovery_peak_mib: float | None = None  # the recovery command's peak resident memory
     stages_kept: str | None = None
 
     @property
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.recovery_tokens = res["steps"] * min(res["batch_size"], res["nsamples"]) * res["seqlen"]
                 row.stages_kept = f"{res['stages_kept']}/{len(res['stages'])}"
                 row.recovery_seconds = res["seconds"]
+                row.recovery_peak_mib = res.get("peak_rss_mib")
             else:
                 ft = ["--steps", str(args.ft_steps), "--batch-size", str(args.ft_batch), "--lr", str(args.ft_lr)]
                 if row.recovery == "distill":
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                     ft += ["--nsamples", str(args.rec_nsamples), "--seqlen", str(args.rec_seqlen)]
                 res = llmprune("finetune", str(pruned), *ft, *window)
                 row.recovery_tokens, row.recovery_seconds = res["tokens"], res["seconds"]
+                row.recovery_peak_mib = res.get("peak_rss_mib")
             shutil.rmtree(pruned, ignore_errors=True)
         res = session.eval(target)
         row.perplexity = res["perplexity"]
@@ -193,10 +196,11 @@ def markdown_table(rows: list[Row], dense: float | None, args: argparse.Namespac
         vs_plain = f"{r.perplexity / plain:.2f}" if r.recovery and r.perplexity and plain else "-"
         table.append([r.method, r.target, r.recovery or "none", fmt_ppl(r.perplexity), C.ratio(r.perplexity, dense), vs_plain,
                       f"{r.recovery_tokens:,}" if r.recovery_tokens else "-",
-                      f"{r.recovery_seconds:.0f}" if r.recovery_seconds is not None else "-", r.stages_kept or "-"])
+                      f"{r.recovery_seconds:.0f}" if r.recovery_seconds is not None else "-",
+                      f"{r.recovery_peak_mib / 1024:.2f}" if r.recovery_peak_mib is not None else "-", r.stages_kept or "-"])
     columns = ["method", "target", "recovery", "perplexity", f"ratio to dense ({fmt_ppl(dense)})", "ratio to no recovery",
-               "training tokens", "recovery s", "stages improved"]
-    return C.markdown(session.command, facts, columns, "lllrrrrrr", table, C.not_measured([r.spec for r in rows if r.perplexity is None]))
+               "training tokens", "recovery s", "recovery peak GiB", "stages improved"]
+    return C.markdown(session.command, facts, columns, "lllrrrrrrr", table, C.not_measured([r.spec for r in rows if r.perplexity is None]))
 
 
 if __name__ == "__main__":

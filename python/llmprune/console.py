@@ -147,3 +147,10 @@ class BlockProgress:
     def block_done(self, i: int) -> None:
         if self._p is not None:
             self._p.update(self._blocks, completed=i + 1)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, path_parser
-from llmprune.console import count_progress, print_json
+from llmprune.console import count_progress, peak_rss_mib, print_json
 from llmprune.errors import UsageError
 
 DEFAULT_SEQLEN = 256  # LLM-Pruner's cutoff length
@@ -208,6 +208,7 @@ def finetune_cmd(
         "modules": len(result.modules),
         "trainable_params": result.trainable_params,
         "seed": seed,
+        "peak_rss_mib": peak_rss_mib(),
     }
     if json_out:
         print_json(summary)

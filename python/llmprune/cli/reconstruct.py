@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, path_parser
-from llmprune.console import print_json, warn
+from llmprune.console import peak_rss_mib, print_json, warn
 from llmprune.errors import UsageError
 
 DEFAULT_NSAMPLES = 16
@@ -217,6 +217,7 @@ def reconstruct_cmd(
         "device": result.device,
         "world_size": result.world_size,
         "activations": result.activations,
+        "peak_rss_mib": peak_rss_mib(),
     }
     if json_out:
         print_json(summary)
