@@ -25,6 +25,7 @@ from llmprune.cli.options import (
     check_int,
     check_real,
     check_sparsity,
+    given_options,
     parse_target,
     path_parser,
     target_label,
@@ -251,7 +252,7 @@ def apply_cmd(
     for flag, path in (("--stats", stats), ("--gram", gram)):
         if path is not None and path.is_dir():
             raise UsageError(f"{flag} {path} is a directory, not a sidecar file", f"give the sidecar's path to {flag}")
-    given = _given(ctx, ("damp", "blocksize"))
+    given = given_options(ctx, ("damp", "blocksize"))
     hywia = {"fusion": fusion, "taylor": taylor, "fusion_temperature": fusion_temperature, "skip_first": skip_first, "skip_last": skip_last}
     given_h = [f"--{k.replace('_', '-')}" for k, v in hywia.items() if v is not None]
     if given_h and method != "hywia":
@@ -400,16 +401,6 @@ def apply_cmd(
         extra.append(f"bias compensation: {summary['biases_compensated']} weights, {summary['bias_params_added']:,} bias parameters added")
     if extra:
         typer.echo("; ".join(extra))
-
-
-def _given(ctx: typer.Context, names: tuple[str, ...]) -> set[str]:
-    """The options among `names` (parameter names) given on the command line, as flags."""
-    out = set()
-    for name in names:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
-            out.add(f"--{name.replace('_', '-')}")
-    return out
 
 
 def apply_structured(

