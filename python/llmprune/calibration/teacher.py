@@ -101,6 +101,7 @@ def write(path: Path, teacher: TeacherLogits) -> int:
             str(tmp),
             metadata=meta,
         )
+        read(tmp)  # what is published is checked first: the same validation a reader applies
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
