@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +38,7 @@ from torch import nn
 from llmprune.calibration.distributed import DistInfo, shard_samples
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
+from llmprune.model.buffers import Activations
 from llmprune.model.stream import LayerStreamer
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -430,43 +428,6 @@ def dense_targets(
     return hidden, filled
 
 
-class Activations:
-    """The windows' float32 activation buffers [n, L, H]: on the compute device when they fit in half
-    of its free memory, else in CPU memory when they fit in half of what is available, else in
-    file-backed maps in a temporary directory ($TMPDIR; LLMPRUNE_RECON_SPILL=1 forces this)."""
-
-    def __init__(self, shape: tuple[int, ...], count: int, device: torch.device):
-        from llmprune.calibration.gradients import _available_memory
-
-        self.shape = shape
-        self.tmp: str | None = None
-        total = count * math.prod(shape) * 4
-        if os.environ.get("LLMPRUNE_RECON_SPILL") == "1":
-            self.where = "file"
-        elif device.type == "cuda" and total < torch.cuda.mem_get_info(device)[0] // 2:
-            self.where = "device"
-        elif total < _available_memory() // 2:
-            self.where = "cpu" if device.type == "cuda" else "device"
-        else:
-            self.where = "file"
-        self.device = device if self.where == "device" else torch.device("cpu")
-        self._n = 0
-
-    def new(self) -> torch.Tensor:
-        if self.where != "file":
-            return torch.empty(self.shape, dtype=torch.float32, device=self.device)
-        if self.tmp is None:
-            self.tmp = tempfile.mkdtemp(prefix="llmprune-reconstruct-")
-        self._n += 1
-        path = os.path.join(self.tmp, f"buffer{self._n}.bin")
-        return torch.from_file(path, shared=True, size=math.prod(self.shape), dtype=torch.float32).view(self.shape)
-
-    def close(self) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-
-
 # --------------------------------------------------------------------------------------------
 # The whole model
 # --------------------------------------------------------------------------------------------
@@ -519,7 +480,7 @@ def reconstruct(
     result = Result(device=str(pruned.device), world_size=info.world_size)
     stages_per_block = 1 if settings.granularity == "block" else 2
     hidden_size = int(getattr(dense.config, "hidden_size", 0) or 0)
-    acts = Activations((n, int(mine.shape[1]), hidden_size), 3, pruned.device)
+    acts = Activations((n, int(mine.shape[1]), hidden_size), 3, pruned.device, spill_env="LLMPRUNE_RECON_SPILL", prefix="llmprune-reconstruct-")
     result.activations = acts.where
     try:
         with BlockProgress(progress and info.rank == 0, pruned.num_blocks, "windows", n) as bar:

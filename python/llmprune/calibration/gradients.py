@@ -37,6 +37,7 @@ from llmprune.calibration.activations import StatsResult, collect_stats
 from llmprune.calibration.sidecar import GradStats
 from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
+from llmprune.model.buffers import available_memory
 from llmprune.model.stream import LayerStreamer
 
 QUANTITIES = ("taylor_abs", "taylor_sum", "fisher", "mix_abs")
@@ -148,17 +149,6 @@ def collect_grad_stats(
     return GradResult(layers=layers, stats=stats, loss=loss, mode=mode, nsamples=n, seconds=time.perf_counter() - t0, spilled=kept.spilled)
 
 
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
 class _InputStore:
     """The kept block inputs, in CPU memory, or in a file-backed map in a temporary directory
     ($TMPDIR) when they would take more than half the available memory (or LLMPRUNE_GRAD_SPILL=1)."""
@@ -180,7 +170,7 @@ class _InputStore:
     def put(self, i: int, h: torch.Tensor) -> None:
         if i == 0:
             total = h.numel() * h.element_size() * self.slots
-            self.spilled = os.environ.get("LLMPRUNE_GRAD_SPILL") == "1" or total > _available_memory() // 2
+            self.spilled = os.environ.get("LLMPRUNE_GRAD_SPILL") == "1" or total > available_memory() // 2
             if self.spilled:
                 self.tmp = tempfile.mkdtemp(prefix="llmprune-grad-")
         if self.spilled:
