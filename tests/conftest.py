@@ -176,6 +176,8 @@ def listing(d: Path) -> list[str]:
 
 # a line of console.LogProgress, the progress log of a run whose stderr is not a terminal
 PROGRESS_LOG_LINE = re.compile(r"^(?!error:|hint:)\S.*; [\d,]+ s$")
+# what `stats` and `eval` say they load before their slow start (cli.options.announce)
+LOADING_LINE = re.compile(r"^reading .*: loading .* …$")
 
 
 def assert_clean_error(
@@ -190,9 +192,10 @@ def assert_clean_error(
 
     A run that has worked for a few seconds before failing (finetune's first step, a pass on a loaded
     machine) may have logged progress lines first (console.LogProgress: `TASK n/N ...; T s`, printed
-    only once a run has lasted 5 s): they are not part of the error report and are left out, so the
-    contract does not depend on the machine's load."""
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and not PROGRESS_LOG_LINE.match(ln)]
+    only once a run has lasted 5 s), and `stats` and `eval` say what they load before the seconds it
+    takes (`reading MODEL (N blocks): loading ... …`): they are not part of the error report and are
+    left out, so the contract does not depend on the machine's load."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not PROGRESS_LOG_LINE.match(ln) and not LOADING_LINE.match(ln)]
     assert code == 2, f"exit code {code}, stderr:\n{stderr}\nstdout:\n{stdout}"
     assert stdout.strip() == "", f"stdout should be empty on error, got:\n{stdout}"
     errors = [ln for ln in lines if ln.startswith("error:")]

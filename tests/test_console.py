@@ -34,3 +34,38 @@ def test_log_progress_is_quiet_when_quick_and_talks_when_long(monkeypatch, capsy
     assert 5 <= len(lines) <= 96 / console.LogProgress.LOG_GAP + 1, lines
     assert lines[0].startswith("blocks 1/30, block 1 ") and lines[0].endswith("; 5 s"), lines[0]
     assert all(line.strip() for line in lines)
+
+
+def test_stats_and_eval_say_what_they_load_first_on_stderr(model_copy, capsys):
+    """Importing torch and reading the model take seconds in which nothing else would print: the first
+    line on stderr says what is loading; stdout keeps the JSON alone."""
+    import json
+
+    import stats_helpers as H
+
+    config = H.read_config(model_copy)
+    H.add_tokenizer(model_copy, vocab_size=int(config["vocab_size"]))
+    blocks = config["num_hidden_layers"]
+    for args, text in (
+        (["stats", str(model_copy), "--nsamples", "2", "--seqlen", "16", "--out", str(model_copy.parent / "s.safetensors")], "the calibration text"),
+        (["eval", str(model_copy), "--max-tokens", "64", "--seqlen", "16"], "the evaluation text"),
+    ):
+        assert cli.main([*args, "--device", "cpu", "--json"]) == 0
+        out, err = capsys.readouterr()
+        json.loads(out)
+        assert err.splitlines()[0] == f"reading {model_copy} ({blocks} blocks): loading torch and transformers, the tokenizer and {text} …", err
+
+
+def test_no_loading_line_before_a_missing_model_or_an_argument_error(tmp_path, capsys):
+    for args in (["stats", str(tmp_path / "missing")], ["eval", str(tmp_path / "missing")], ["stats", str(tmp_path), "--nsamples", "0"]):
+        assert cli.main(args) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error: ") and "reading " not in err, (args, err)
+
+
+def test_loading_line_on_rank_0_only(model_copy, monkeypatch, capsys):
+    from llmprune.cli.options import announce
+
+    monkeypatch.setenv("RANK", "1")
+    announce(model_copy, "x")
+    assert capsys.readouterr() == ("", "")

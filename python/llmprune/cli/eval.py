@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg, check_int
+from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg, announce, check_int
 from llmprune.console import print_json, warn
 from llmprune.errors import UsageError
 
@@ -81,6 +81,7 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity of a checkpoint on held-out text, one decoder block in memory at a time."""
+    announce(model, "torch and transformers, the tokenizer and the evaluation text")
     from llmprune.data.sources import EVAL, describe_source
     from llmprune.data.tokenizer import load_tokenizer
     from llmprune.data.windows import eval_token_ids

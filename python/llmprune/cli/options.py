@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from llmprune import _core
+from llmprune.console import err
 from llmprune.errors import UsageError
 from llmprune.methods import methods
 
@@ -66,6 +68,25 @@ COUNT_MAX = 2**31 - 1  # an upper bound of every count (windows, tokens, steps, 
 THREADS_MAX: int = _core.MAX_THREADS  # the core's bounds, asked of it
 DSNOT_ITERS_MAX: int = _core.MAX_DSNOT_ITERS
 SEED_MAX = 2**64 - 1  # torch's generators take 64-bit seeds
+
+
+def announce(model: Path, what: str) -> None:
+    """One line on stderr saying what a torch pass loads before it can show progress: importing torch
+    and transformers, building the model on the meta device, reading the tokenizer and the text take
+    5-7 s on two idle cores and 17-30 s on loaded ones, in which nothing else would print. The
+    checkpoint is validated first (the core's header checks, milliseconds), so a missing or broken
+    MODEL is reported on its own; errors found while loading follow this line. Rank 0 only."""
+    _core.open_checkpoint(str(model))
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return
+    blocks: int | None = None
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+        for doc in (config, config.get("text_config") or {}):
+            blocks = blocks or next((doc[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(doc.get(k), int)), None)
+    except (OSError, ValueError, AttributeError):
+        pass
+    err.print(f"reading {model}{f' ({blocks} blocks)' if blocks else ''}: loading {what} …", markup=False, soft_wrap=True)
 
 
 def shown(value: Any) -> str:

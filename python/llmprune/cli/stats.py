@@ -28,6 +28,7 @@ from llmprune.cli.options import (
     OwlLambdaOpt,
     OwlMOpt,
     RefineOpt,
+    announce,
     check_int,
     check_method,
     check_sparsity,
@@ -256,6 +257,13 @@ def stats_cmd(
 
     Merge sidecars of disjoint calibration sets with `llmprune stats merge A B ... --out C`.
     """
+    check_sparsity(sparsity)
+    check_int("--nsamples", nsamples)
+    check_int("--seqlen", seqlen)
+    check_int("--seed", seed, 0, SEED_MAX)
+    if allocation == "":
+        raise UsageError('--allocation "" is empty', "give uniform, owl or a schedule file")
+    announce(model, "torch and transformers, the tokenizer and the calibration text")
     from llmprune.calibration import sidecar
     from llmprune.calibration.activations import collect_stats
     from llmprune.calibration.distributed import init_distributed, shutdown_distributed
@@ -265,12 +273,6 @@ def stats_cmd(
     from llmprune.data.windows import calibration_samples
     from llmprune.model.devices import check_pass_inputs
 
-    check_sparsity(sparsity)
-    check_int("--nsamples", nsamples)
-    check_int("--seqlen", seqlen)
-    check_int("--seed", seed, 0, SEED_MAX)
-    if allocation == "":
-        raise UsageError('--allocation "" is empty', "give uniform, owl or a schedule file")
     seq: Sequential | None = None
     if sequential:
         if method is None:
