@@ -26,13 +26,7 @@ COMMON = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory) -> Path:
     """A tiny float32 LLaMA (4 blocks) with a tokenizer and its stats sidecar. Read-only."""
-    from conftest import run_cli_subprocess
-
-    model = R.tiny_llama_dir(tmp_path_factory.mktemp("dense") / "tiny", dtype="float32", num_hidden_layers=4)
-    H.add_tokenizer(model)
-    code, _, err = run_cli_subprocess(["stats", model, *COMMON])
-    assert code == 0, err
-    return model
+    return H.dense_with_stats(tmp_path_factory.mktemp("dense") / "tiny", COMMON)
 
 
 def prune(run_cli, dense: Path, out: Path, *args: str) -> Path:

@@ -10,7 +10,7 @@ import typer
 
 from llmprune import cli
 
-COMMANDS = [[], ["apply"], ["inspect"], ["stats"], ["stats", "merge"], ["eval"], ["finetune"], ["demo-model"]]
+COMMANDS = [[], ["apply"], ["inspect"], ["stats"], ["stats", "merge"], ["eval"], ["finetune"], ["reconstruct"], ["search"], ["demo-model"]]
 WIDTH = 80
 
 

@@ -109,6 +109,7 @@ def apply_depth(
     *,
     sparsity: float | None = None,
     remove_blocks: int | None = None,
+    blocks: Sequence[int] | None = None,
     stats: StrPath | None = None,
     threads: int | None = None,
     force: bool = False,
@@ -116,7 +117,8 @@ def apply_depth(
     progress: Progress | None = None,
 ) -> str:
     """Depth pruning (method block-influence): remove whole decoder blocks by the sidecar's Block
-    Influence, `sparsity` of them or `remove_blocks`; returns a JSON summary."""
+    Influence, `sparsity` of them or `remove_blocks`, or exactly the listed `blocks` (original
+    indices; no sidecar needed); returns a JSON summary."""
 
 def apply_experts(
     model_dir: StrPath,

@@ -263,3 +263,15 @@ def reference_perplexity(model_dir: Path, ids, seqlen: int) -> tuple[float, int]
             total += float(nll)
             count += seqlen - 1
     return math.exp(total / count), windows
+
+
+def dense_with_stats(path: Path, windows: list[str]) -> Path:
+    """A tiny float32 LLaMA (4 blocks) with a tokenizer and its stats sidecar taken by the CLI on
+    `windows` (e.g. --nsamples 4 --seqlen 32 --device cpu)."""
+    from conftest import run_cli_subprocess
+
+    model = R.tiny_llama_dir(path, dtype="float32", num_hidden_layers=4)
+    add_tokenizer(model)
+    code, _, err = run_cli_subprocess(["stats", model, *windows])
+    assert code == 0, err
+    return model

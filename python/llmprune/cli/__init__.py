@@ -48,7 +48,7 @@ def _register_commands() -> None:
     from llmprune.cli import apply
 
     apply.register(app)
-    for module in ("stats", "eval", "finetune", "reconstruct", "demo"):
+    for module in ("stats", "eval", "finetune", "reconstruct", "search", "demo"):
         try:
             mod = __import__(f"llmprune.cli.{module}", fromlist=["register"])
         except ModuleNotFoundError as exc:  # a command module not present in this build

@@ -25,9 +25,11 @@ from llmprune.cli.options import (
     check_int,
     check_real,
     check_sparsity,
+    depth_schedule,
     given_options,
     parse_target,
     path_parser,
+    searched_schedule,
     target_label,
     unstructured_extras,
 )
@@ -137,7 +139,7 @@ def apply_cmd(
         typer.Option(
             "--allocation",
             metavar="MODE",
-            help="Unstructured (--sparsity): uniform, owl (each block's sparsity from its share of outlier Wanda scores, mean S), or a JSON file of per-block sparsities. Structured: global (one threshold across layers and modules) or uniform (the same share removed in every layer).",
+            help="Unstructured (--sparsity): uniform, owl (each block's sparsity from its share of outlier Wanda scores, mean S), or a JSON file of per-block sparsities (`llmprune search` writes one). Structured: global (one threshold across layers and modules) or uniform (the same share removed in every layer). Depth: the schedule file of `llmprune search` naming the blocks to remove.",
             show_default="uniform; global for structured, uniform for hywia",
         ),
     ] = None,
@@ -269,7 +271,7 @@ def apply_cmd(
             "--include": bool(include),
             "--exclude": bool(exclude),
             "--update": update,
-            "--allocation": allocation is not None,
+            "--allocation": allocation is not None and method not in methods("depth"),
             "--compensate": compensate is not None,
             "--refine": refine is not None,
             "--reconstruct": reconstruct,
@@ -295,16 +297,31 @@ def apply_cmd(
                 lambda s: f"kept {s['experts_after']} of {s['experts_before']} routed experts in each of {len(s['layers'])} MoE layers",
             )
             return
-        if (sparsity is None) == (remove_blocks is None):
-            raise UsageError(f"{method} needs exactly one of --sparsity S (the fraction of blocks) or --remove-blocks N")
+        blocks, provenance, label = None, None, f"{sparsity:g}" if sparsity is not None else f"{remove_blocks}blocks"
+        if allocation is not None:
+            if sparsity is not None or remove_blocks is not None:
+                raise UsageError("--allocation FILE names the blocks to remove; drop --sparsity / --remove-blocks")
+            blocks, doc = depth_schedule(Path(allocation), model)
+            provenance, label = searched_provenance(allocation, doc), f"{len(blocks)}blocks-schedule"
+        elif (sparsity is None) == (remove_blocks is None):
+            raise UsageError(f"{method} needs exactly one of --sparsity S (the fraction of blocks), --remove-blocks N or --allocation FILE")
         apply_whole(
             model,
             method,
-            f"{sparsity:g}" if sparsity is not None else f"{remove_blocks}blocks",
+            label,
             out,
             json_out,
             lambda out_dir, on_tensor: _core.apply_depth(
-                str(model), out_dir, sparsity=sparsity, remove_blocks=remove_blocks, stats=stats_arg, threads=threads, force=force, progress=on_tensor
+                str(model),
+                out_dir,
+                sparsity=sparsity,
+                remove_blocks=remove_blocks,
+                blocks=blocks,
+                stats=stats_arg,
+                threads=threads,
+                force=force,
+                provenance=provenance,
+                progress=on_tensor,
             ),
             lambda s: f"removed {len(s['removed_blocks'])} of {s['blocks_before']} decoder blocks ({', '.join(map(str, s['removed_blocks']))})",
         )
@@ -350,6 +367,7 @@ def apply_cmd(
             )
     sparsity_v, pattern_v = parse_target(sparsity, pattern)
     extras = unstructured_extras(allocation, owl_m, owl_lambda, refine, dsnot_iters, dsnot_threshold, dsnot_skip, pattern_v, dsnot_same_sign)
+    searched = searched_schedule(Path(allocation), model, "unstructured") if extras["allocation"] == "schedule" and allocation is not None else None
     out_dir = out if out is not None else default_out(model, method, sparsity_v, pattern_v, scope)
     if out is None:
         suffixes = [
@@ -378,6 +396,7 @@ def apply_cmd(
             damp=damp,
             blocksize=blocksize,
             compensate=bool(compensate),
+            provenance=searched_provenance(str(allocation), searched) if searched is not None else None,
             **extras,
         )
     )
@@ -401,6 +420,11 @@ def apply_cmd(
         extra.append(f"bias compensation: {summary['biases_compensated']} weights, {summary['bias_params_added']:,} bias parameters added")
     if extra:
         typer.echo("; ".join(extra))
+
+
+def searched_provenance(path: str, doc: dict[str, Any]) -> dict[str, str]:
+    """What the output's provenance records of a schedule `llmprune search` found."""
+    return {"schedule": str(path), "search": json.dumps(doc.get("search", {}), sort_keys=True)}
 
 
 def apply_structured(

@@ -246,6 +246,41 @@ def read_schedule(path: Path) -> list[float]:
     return out
 
 
+def searched_schedule(path: Path, model: Path, kind: str) -> dict[str, Any] | None:
+    """The document of a schedule file `llmprune search` wrote (None for a plain list or object),
+    refused when it was searched on another model or is of another kind (unstructured / depth)."""
+    from llmprune.model.checkpoint import Checkpoint
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None  # read_schedule reports a missing, unreadable or invalid file
+    if not isinstance(doc, dict) or doc.get("format") != "llmprune-schedule":
+        return None
+    if doc.get("kind") != kind:
+        what = "which blocks to remove (depth)" if doc.get("kind") == "depth" else "per-block sparsities (unstructured)"
+        raise UsageError(f"--allocation {path} is a schedule of {what}", hint=f"use it with --method {doc.get('method')}")
+    ckpt = Checkpoint(model)
+    if doc.get("model_fingerprint") != ckpt.fingerprint or doc.get("model_content_sha256") != ckpt.content_digest():
+        raise UsageError(
+            f"--allocation {path} was searched on another model (its tensors differ from {model}'s)", hint=f"run llmprune search {model} for this model"
+        )
+    return doc
+
+
+def depth_schedule(path: Path, model: Path) -> tuple[list[int], dict[str, Any]]:
+    """The blocks to remove from a depth schedule file of `llmprune search`, and its document."""
+    if path.is_dir() or not path.is_file():
+        raise UsageError(f"--allocation {path}: no such file", "give the schedule file `llmprune search MODEL --method block-influence` wrote")
+    doc = searched_schedule(path, model, "depth")
+    if doc is None:
+        raise UsageError(f"--allocation {path} is not a depth schedule", "give the schedule file `llmprune search MODEL --method block-influence` wrote")
+    blocks = doc.get("removed_blocks")
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+        raise UsageError(f"--allocation {path}: removed_blocks must be a non-empty list of block indices")
+    return blocks, doc
+
+
 class _Number(str):
     """A number of a schedule file, as written."""
 

@@ -22,11 +22,13 @@ RECONSTRUCT_EPILOG = """Examples:
 \b
 llmprune apply ./model --method wanda --pattern 2:4 --out ./model-2of4
 llmprune reconstruct ./model-2of4 --dense ./model
-llmprune reconstruct ./model-flap-0.2 --dense ./model --steps 40 --lr 1e-3 --out ./model-flap-rec
+llmprune reconstruct ./model-flap-0.2 --dense ./model --steps 40 --lr 1e-3 \\
+    --out ./model-flap-rec
 
 \b
 # data-parallel over 4 GPUs (each rank holds a share of the windows)
-torchrun --nproc-per-node 4 -m llmprune reconstruct ./model-2of4 --dense ./model --nsamples 128
+torchrun --nproc-per-node 4 -m llmprune reconstruct ./model-2of4 \\
+    --dense ./model --nsamples 128
 """
 
 

@@ -61,6 +61,19 @@ class Checkpoint:
             return torch.float32
         return _ST_TO_TORCH[counts.most_common(1)[0][0]]
 
+    def content_digest(self) -> str:
+        """SHA-256 of the bytes of the first two matrices in name order (e.g. the LM head and the
+        token embeddings): tells apart two checkpoints of one architecture (same fingerprint) that
+        hold different weights, without reading the whole model."""
+        import hashlib
+
+        names = [n for n in sorted(self.entries) if len(self.entries[n][2]) >= 2][:2]
+        h = hashlib.sha256()
+        for name, t in sorted(self.load(names, torch.device("cpu"), None).items()):
+            h.update(name.encode() + b"\0")
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def load(self, names: Iterable[str], device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """The named tensors on `device`, floating ones cast to `dtype` (when given).
 

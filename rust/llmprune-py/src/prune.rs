@@ -487,7 +487,7 @@ fn sequential_settings(
 /// Depth pruning (`apply --method block-influence`): removes whole decoder blocks by ShortGPT's
 /// Block Influence from the stats sidecar; returns the JSON summary.
 #[pyfunction]
-#[pyo3(signature = (model_dir, out_dir, *, sparsity=None, remove_blocks=None, stats=None, threads=None, force=false,
+#[pyo3(signature = (model_dir, out_dir, *, sparsity=None, remove_blocks=None, blocks=None, stats=None, threads=None, force=false,
     provenance=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn apply_depth(
@@ -496,6 +496,7 @@ fn apply_depth(
     out_dir: PathBuf,
     sparsity: Option<f64>,
     remove_blocks: Option<usize>,
+    blocks: Option<Vec<usize>>,
     stats: Option<PathBuf>,
     threads: Option<usize>,
     force: bool,
@@ -503,10 +504,11 @@ fn apply_depth(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
     use llmprune_core::surgery::depth::{DepthOptions, Removal};
-    let removal = match (sparsity, remove_blocks) {
-        (Some(s), None) => Removal::Sparsity(s),
-        (None, Some(n)) => Removal::Count(n),
-        _ => return Err(InvalidArgumentError::new_err("give exactly one of sparsity or remove_blocks")),
+    let removal = match (sparsity, remove_blocks, blocks) {
+        (Some(s), None, None) => Removal::Sparsity(s),
+        (None, Some(n), None) => Removal::Count(n),
+        (None, None, Some(list)) => Removal::Blocks(list),
+        _ => return Err(InvalidArgumentError::new_err("give exactly one of sparsity, remove_blocks or blocks")),
     };
     let opts = DepthOptions { model_dir, out_dir, removal, stats, threads, force, provenance: provenance.unwrap_or_default() };
     run_reporting(py, progress, |report| llmprune_core::surgery::depth::apply_depth(&opts, report).and_then(|s| to_json(&s)))

@@ -22,11 +22,13 @@ use crate::run::{Progress, Run, StatsNeed};
 use crate::surgery::remap::{self, llmprune_record, lowest, renumbering, Fate, Written};
 
 /// How many blocks go.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Removal {
     /// ⌊S · blocks⌋ of the blocks.
     Sparsity(f64),
     Count(usize),
+    /// These blocks (original indices), e.g. a schedule found by `llmprune search`; no sidecar needed.
+    Blocks(Vec<usize>),
 }
 
 #[derive(Clone, Debug)]
@@ -74,27 +76,37 @@ pub fn renumber(name: &str, map: &[Option<usize>]) -> Option<String> {
 }
 
 pub fn apply_depth(opts: &DepthOptions, progress: &mut dyn FnMut(Progress) -> Result<()>) -> Result<DepthSummary> {
-    let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), Some(StatsNeed::activations("method block-influence")))?;
+    let given = matches!(opts.removal, Removal::Blocks(_));
+    let need = (!given).then(|| StatsNeed::activations("method block-influence"));
+    let mut run = Run::open(&opts.model_dir, opts.stats.as_deref(), need)?;
     crate::pool::pool(opts.threads)?; // validates --threads; copying needs no workers
-    let sc = run.sidecar.as_ref().ok_or_else(|| Error::Internal("the sidecar is required".into()))?;
-    let blocks = sc.blocks.as_ref().ok_or_else(|| {
-        Error::arg_hint(
-            format!("{} has no Block Influence sums (block_influence.*), which depth pruning needs", sc.path.display()),
-            "rerun `llmprune stats MODEL`: this version records them in every pass",
-        )
-    })?;
     let total = num_blocks(&run.ckpt);
-    if blocks.cos_sum.len() != total {
-        return Err(Error::StatsMismatch {
-            path: sc.path.clone(),
-            msg: format!("Block Influence sums of {} blocks, but the model has {total}", blocks.cos_sum.len()),
-        });
-    }
-    let n = match opts.removal {
-        Removal::Count(n) => n,
-        Removal::Sparsity(s) if (0.0..1.0).contains(&s) => (s * total as f64).floor() as usize,
+    let influence = match run.sidecar.as_ref() {
+        None => Vec::new(),
+        Some(sc) => match sc.blocks.as_ref() {
+            None if given => Vec::new(),
+            None => {
+                return Err(Error::arg_hint(
+                    format!("{} has no Block Influence sums (block_influence.*), which depth pruning needs", sc.path.display()),
+                    "rerun `llmprune stats MODEL`: this version records them in every pass",
+                ))
+            }
+            Some(blocks) if blocks.cos_sum.len() != total => {
+                return Err(Error::StatsMismatch {
+                    path: sc.path.clone(),
+                    msg: format!("Block Influence sums of {} blocks, but the model has {total}", blocks.cos_sum.len()),
+                })
+            }
+            Some(blocks) => blocks.influence(),
+        },
+    };
+    let removed = match &opts.removal {
+        Removal::Blocks(list) => given_blocks(list, total)?,
+        Removal::Count(n) => lowest(&influence, *n),
+        Removal::Sparsity(s) if (0.0..1.0).contains(s) => lowest(&influence, (s * total as f64).floor() as usize),
         Removal::Sparsity(s) => return Err(Error::arg(format!("sparsity must be in [0, 1), got {s}"))),
     };
+    let n = removed.len();
     if n == 0 {
         return Err(Error::arg_hint(format!("this removes no block of {total}"), "raise --sparsity, or give --remove-blocks N"));
     }
@@ -109,11 +121,9 @@ pub fn apply_depth(opts: &DepthOptions, progress: &mut dyn FnMut(Progress) -> Re
     if config.get(*key).and_then(Value::as_u64) != Some(total as u64) {
         return Err(Error::checkpoint(&run.ckpt.dir, format!("config.json's {key} differs from the {total} blocks of the checkpoint")));
     }
-    if sc.sequential().is_some() {
+    if !given && run.sidecar.as_ref().is_some_and(|sc| sc.sequential().is_some()) {
         run.warnings.push("the Block Influence sums were taken in sequential mode, on a pruned model".into());
     }
-    let influence = blocks.influence();
-    let removed = lowest(&influence, n);
     let map = renumbering(total, &removed);
     let keep_listed = |items: &mut Vec<Value>| {
         if total > 1 && items.len() == total {
@@ -129,6 +139,7 @@ pub fn apply_depth(opts: &DepthOptions, progress: &mut dyn FnMut(Progress) -> Re
     let mut prov = serde_json::Map::new();
     prov.insert("method".into(), "block-influence".into());
     prov.insert("removed_blocks".into(), removed.clone().into());
+    prov.insert("blocks_chosen_by".into(), if given { "list" } else { "block-influence" }.into());
     prov.insert("blocks_before".into(), total.into());
     // a structured run's per-layer sizes lose the removed blocks' entries too
     let record = llmprune_record(&mut config);
@@ -159,6 +170,22 @@ pub fn apply_depth(opts: &DepthOptions, progress: &mut dyn FnMut(Progress) -> Re
         stats: run.stats_path(),
         warnings: run.warnings.clone(),
     })
+}
+
+/// A given list of blocks to remove: indices below `total`, no repeats; returned ascending.
+fn given_blocks(list: &[usize], total: usize) -> Result<Vec<usize>> {
+    let mut out = list.to_vec();
+    out.sort_unstable();
+    if let Some(b) = out.iter().find(|&&b| b >= total) {
+        return Err(Error::arg_hint(
+            format!("block {b} does not exist: the model has {total} blocks (0 to {})", total - 1),
+            "list blocks of this model",
+        ));
+    }
+    if let Some(w) = out.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::arg(format!("block {} is listed twice", w[0])));
+    }
+    Ok(out)
 }
 
 /// The postcondition of depth pruning: the blocks written are numbered 0..`says` (config.json's
@@ -194,5 +221,12 @@ mod tests {
         assert_eq!(renumber("model.layers.1.mlp.up_proj.weight", &map), None);
         assert_eq!(renumber("model.norm.weight", &map).as_deref(), Some("model.norm.weight"));
         assert_eq!(renumber("transformer.h.2.attn.c_attn.weight", &map).as_deref(), Some("transformer.h.1.attn.c_attn.weight"));
+    }
+
+    #[test]
+    fn given_blocks_are_checked_and_sorted() {
+        assert_eq!(given_blocks(&[7, 2, 5], 8).unwrap(), vec![2, 5, 7]);
+        assert!(given_blocks(&[8], 8).unwrap_err().to_string().contains("block 8 does not exist"));
+        assert!(given_blocks(&[3, 1, 3], 8).unwrap_err().to_string().contains("block 3 is listed twice"));
     }
 }

@@ -1,0 +1,254 @@
+"""`llmprune search` (EvoPress): level switches keep the target exactly, the search finds the best
+allocation a brute force finds on a tiny model, a block built on the fly equals `apply`'s output bit
+for bit, the top-K KL fitness equals the full KL computed here from the formula on the fully loaded
+models, schedules round-trip through `apply --allocation FILE` (unstructured and depth), Ctrl-C keeps
+the best schedule so far, and bad input is refused before anything is written."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_error, tree_hashes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as R
+import stats_helpers as H
+
+WINDOWS = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
+QUICK = ["--generations", "2", "--offspring", "4", "--survivors", "2,1", "--tokens", "32,64"]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    """A tiny float32 LLaMA (4 blocks) with a tokenizer and its stats sidecar. Read-only."""
+    return H.dense_with_stats(tmp_path_factory.mktemp("dense") / "tiny", WINDOWS)
+
+
+def _open(dense: Path, *, sparsity: float = 0.5, step: float = 0.2, topk: int = 256):
+    from llmprune import search as sr
+    from llmprune.calibration.sidecar import SIDECAR_NAME, read
+    from llmprune.data.tokenizer import load_tokenizer
+    from llmprune.data.windows import calibration_samples
+    from llmprune.model.stream import LayerStreamer
+
+    streamer = LayerStreamer(dense, device="cpu", with_head=True)
+    samples = calibration_samples(None, load_tokenizer(dense), 4, 32, 0)
+    builder = sr.MaskLevels(streamer, "wanda", read(dense / SIDECAR_NAME).layers, lambda lv: sr.level_sparsity(sparsity, step, lv), 1 << 30)
+    return streamer, samples, builder, sr.Evaluator(streamer, samples, builder, topk=topk)
+
+
+def _apply_schedule(run_cli, dense: Path, values: list[float], tmp_path: Path, name: str) -> Path:
+    schedule = tmp_path / f"{name}.json"
+    schedule.write_text(json.dumps(values))
+    out = tmp_path / name
+    code, _, err = run_cli(["apply", dense, "--method", "wanda", "--sparsity", "0.5", "--allocation", schedule, "--out", out, "--json"])
+    assert code == 0, err
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 12), st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**32 - 1), st.integers(1, 5))
+def test_level_switches_keep_the_target_and_the_bounds(blocks, below, above, seed, mutations):
+    from llmprune.search import Space
+
+    space = Space([-below] * blocks, [above] * blocks)
+    rng = random.Random(seed)
+    c = tuple([0] * blocks)
+    for _ in range(50):
+        c = space.mutate(c, rng, mutations)
+        assert sum(c) == 0
+        assert all(-below <= x <= above for x in c)
+    depth = Space([0] * blocks, [1] * blocks)
+    d = depth.random(1, rng)
+    for _ in range(20):
+        d = depth.mutate(d, rng, mutations)
+        assert sum(d) == 1 and set(d) <= {0, 1}
+
+
+def test_a_block_built_on_the_fly_equals_apply_bit_for_bit(run_cli, dense, tmp_path):
+    from llmprune import search as sr
+
+    candidate = (1, -1, 2, -2)
+    out = _apply_schedule(run_cli, dense, [sr.level_sparsity(0.5, 0.2, lv) for lv in candidate], tmp_path, "applied")
+    written, _ = R.read_checkpoint(out)
+    streamer, _, builder, _ = _open(dense)
+    compared = 0
+    for i, level in enumerate(candidate):
+        streamer.load_block(i)
+        builder.begin(i)
+        builder.set(i, level)
+        for name, mod, _axis in streamer.prunable(i):
+            expected = torch.from_numpy(R.to_f32(written[name]))
+            assert torch.equal(mod.weight.detach(), expected), name
+            compared += 1
+        builder.end(i)
+        streamer.free_block(i)
+    assert compared == 4 * 7
+    assert builder.built == 4
+
+
+def test_the_fitness_is_the_full_kl_divergence_when_k_is_the_vocabulary(run_cli, dense, tmp_path):
+    """The evaluator's layer-streamed top-K KL (K = vocabulary) equals KL(dense || pruned) computed
+    here on the two fully loaded models, position by position, for the candidate `apply` writes."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune import search as sr
+
+    candidate = (2, 0, -1, -1)
+    out = _apply_schedule(run_cli, dense, [sr.level_sparsity(0.5, 0.2, lv) for lv in candidate], tmp_path, "applied")
+    _, samples, _, evaluator = _open(dense, topk=256)
+    got = evaluator.fitness([candidate, (0, 0, 0, 0)], [0, 1, 2, 3])
+    with torch.no_grad():
+        p = torch.log_softmax(AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)(input_ids=samples).logits.double(), -1)
+        q = torch.log_softmax(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=samples).logits.double(), -1)
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    assert got[0] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert got[1] > 0 and got[0] != got[1]
+    # with a smaller K the remaining mass is one bucket: a lower bound of the full KL (log-sum inequality)
+    _, _, _, top8 = _open(dense, topk=8)
+    assert top8.fitness([candidate], [0, 1, 2, 3])[0] <= got[0] + 1e-6
+
+
+def test_the_search_finds_the_allocation_a_brute_force_finds(dense):
+    """Four blocks, levels -1..1 at 0.8 +- 0.15: all 19 allocations of mean 0.8 scored on every
+    window; the search, whose last selection step scores on every window, ends at the best one."""
+    from llmprune import search as sr
+
+    _, _, _, evaluator = _open(dense, sparsity=0.8, step=0.15)
+    every = [c for c in itertools.product((-1, 0, 1), repeat=4) if sum(c) == 0]
+    assert len(every) == 19
+    scores = evaluator.fitness(every, [0, 1, 2, 3])
+    best = every[min(range(len(every)), key=lambda j: scores[j])]
+    assert best != (0, 0, 0, 0), "a test where uniform is best would not show the search doing anything"
+    space = sr.unstructured_levels(4, 0.8, 1, 0.15)
+    settings_ = sr.Settings(generations=12, offspring=8, survivors=(3, 1), tokens=(32, 128), seed=1)
+    result = sr.evolve(evaluator.fitness, space, settings_, nwindows=4, seqlen=32)
+    assert result.best == best
+    assert result.fitness == pytest.approx(min(scores), rel=1e-6)
+    assert result.history == sorted(result.history, reverse=True), "elitism: the parent's fitness never rises"
+    again = sr.evolve(evaluator.fitness, space, settings_, nwindows=4, seqlen=32)
+    assert again.best == result.best and again.history == result.history, "deterministic for a seed"
+
+
+def _provenance(model_dir: Path) -> dict:
+    from safetensors import safe_open
+
+    shard = sorted(model_dir.glob("*.safetensors"))[0]
+    with safe_open(str(shard), framework="pt") as f:
+        return json.loads(f.metadata()["llmprune"])
+
+
+def test_an_unstructured_schedule_round_trips_through_apply(run_cli, dense, tmp_path):
+    schedule = tmp_path / "s.json"
+    code, stdout, err = run_cli(["search", dense, "--method", "wanda", "--sparsity", "0.6", *WINDOWS, *QUICK, "--levels", "2", "--out", schedule, "--json"])
+    assert code == 0, err
+    summary = json.loads(stdout)
+    doc = json.loads(schedule.read_text())
+    assert doc["kind"] == "unstructured" and doc["format"] == "llmprune-schedule"
+    values = doc["block_sparsity"]
+    assert len(values) == 4 and sum(values) / 4 == pytest.approx(0.6, abs=1e-12)
+    assert summary["search"]["generations_done"] == 2 and len(doc["search"]["fitness_history"]) == 2
+    assert summary["search"]["best_fitness_all_windows"] <= summary["search"]["start_fitness_all_windows"] + 1e-9
+    out = tmp_path / "pruned"
+    code, stdout, err = run_cli(["apply", dense, "--method", "wanda", "--sparsity", "0.6", "--allocation", schedule, "--out", out, "--json"])
+    assert code == 0, err
+    assert json.loads(stdout)["block_sparsity"] == pytest.approx(values, abs=1e-12)
+    prov = _provenance(out)
+    assert json.loads(prov["search"])["seed"] == 0 and prov["schedule"] == str(schedule)
+
+
+def test_a_depth_schedule_round_trips_through_apply(run_cli, dense, tmp_path):
+    schedule = tmp_path / "d.json"
+    code, stdout, err = run_cli(["search", dense, "--method", "block-influence", "--remove-blocks", "2", *WINDOWS, *QUICK, "--out", schedule, "--json"])
+    assert code == 0, err
+    doc = json.loads(schedule.read_text())
+    assert doc["kind"] == "depth" and len(doc["removed_blocks"]) == 2
+    out = tmp_path / "short"
+    code, stdout, err = run_cli(["apply", dense, "--method", "block-influence", "--allocation", schedule, "--out", out, "--json"])
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["removed_blocks"] == doc["removed_blocks"] and s["blocks_after"] == 2
+    prov = _provenance(out)
+    assert prov["removed_blocks"] == doc["removed_blocks"] and "search" in prov
+
+
+def test_bad_input_is_refused_and_nothing_is_written(run_cli, dense, tmp_path):
+    before = tree_hashes(dense)
+    out = tmp_path / "s.json"
+    cases = [
+        (["--method", "wanda", "--sparsity", "0.5", "--generations", "0"], "--generations"),
+        (["--method", "wanda", "--sparsity", "0.5", "--step", "0.6"], "no level besides 0.5"),
+        (["--method", "wanda", "--sparsity", "0.5", "--survivors", "2,2"], "last selection step"),
+        (["--method", "wanda", "--sparsity", "0.5", "--survivors", "2,1", "--tokens", "32"], "one value per selection step"),
+        (["--method", "flap", "--sparsity", "0.2"], "does not cover flap"),
+        (["--method", "nope", "--sparsity", "0.2"], "unknown --method"),
+        (["--method", "block-influence", "--remove-blocks", "4"], "leaves none"),
+        (["--method", "wanda", "--remove-blocks", "1"], "--remove-blocks applies"),
+        (["--method", "wanda", "--sparsity", "0.5", "--stats", tmp_path / "none.safetensors"], "needs activation statistics"),
+    ]
+    for args, message in cases:
+        code, stdout, err = run_cli(["search", dense, *args, *WINDOWS, "--out", out])
+        assert_clean_error(code, stdout, err, contains=message)
+        assert not out.exists()
+    out.write_text("keep me")
+    code, stdout, err = run_cli(["search", dense, "--method", "wanda", "--sparsity", "0.5", *WINDOWS, "--out", out])
+    assert_clean_error(code, stdout, err, contains="exists", hint_contains="--force")
+    assert out.read_text() == "keep me"
+    # a schedule searched on another model
+    other = R.tiny_llama_dir(tmp_path / "other", dtype="float32", num_hidden_layers=4, seed=5)
+    H.add_tokenizer(other)
+    foreign = tmp_path / "foreign.json"
+    code, _, err = run_cli(["search", dense, "--method", "magnitude", "--sparsity", "0.5", *WINDOWS, *QUICK, "--out", foreign])
+    assert code == 0, err
+    for method, extra in (("magnitude", ["--sparsity", "0.5"]), ("block-influence", [])):
+        code, stdout, err = run_cli(["apply", other, "--method", method, *extra, "--allocation", foreign, "--out", tmp_path / "x"])
+        assert_clean_error(code, stdout, err, contains="searched on another model" if method == "magnitude" else "per-block sparsities")
+        assert not (tmp_path / "x").exists()
+    assert tree_hashes(dense) == before
+
+
+def test_ctrl_c_writes_the_best_schedule_so_far(dense, tmp_path):
+    from conftest import cli_env
+
+    out = tmp_path / "s.json"
+    seen: list[str] = []
+    started = threading.Event()
+    args = ["search", str(dense), "--method", "wanda", "--sparsity", "0.5", *WINDOWS, "--generations", "100000", "--out", str(out)]
+    with subprocess.Popen(
+        [sys.executable, "-m", "llmprune", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    ) as proc:
+
+        def read() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                seen.append(line)
+                if "best KL" in line:  # a progress line: the search loop has begun
+                    started.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert started.wait(300) or proc.poll() is not None, "".join(seen)
+        assert proc.poll() is None, "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+        reader.join(timeout=10)
+    assert proc.returncode == 130, "".join(seen)
+    doc = json.loads(out.read_text())
+    assert doc["search"]["interrupted"] is True and doc["search"]["generations_done"] >= 1
+    assert sum(doc["block_sparsity"]) / 4 == pytest.approx(0.5, abs=1e-12)
+    assert any("wrote the best schedule so far" in line for line in seen)
