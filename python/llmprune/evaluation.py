@@ -1,4 +1,4 @@
-"""Perplexity with Wanda's protocol, layer-streamed; zero-shot tasks through lm-evaluation-harness.
+"""Perplexity with Wanda's protocol, layer-streamed (lm-evaluation-harness tasks: harness.py).
 
 Perplexity: the evaluation text tokenized once, cut into non-overlapping windows of `seqlen` tokens
 (the incomplete tail window dropped), every window run through the model from its first token;
@@ -14,7 +14,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 import torch
 
@@ -117,36 +116,7 @@ def _chunk_nll(streamer: LayerStreamer, part: torch.Tensor, bar: BlockProgress, 
 
 
 def require_lm_eval() -> None:
+    """lm-evaluation-harness is an optional dependency (the `eval` extra); the tasks themselves run in
+    harness.py, layer-streamed."""
     if importlib.util.find_spec("lm_eval") is None:
-        raise UsageError("lm_eval is not installed", hint="pip install lm-eval")
-
-
-def zero_shot(model_dir: str | Path, tasks: list[str], *, device: str = "auto", dtype: str = "auto", batch_size: int | str = 1) -> dict[str, dict[str, Any]]:
-    """lm-evaluation-harness zero-shot tasks on the fully loaded model: {task: {metric: value}}."""
-    require_lm_eval()
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmprune.model.checkpoint import Checkpoint
-    from llmprune.model.devices import resolve_device, resolve_dtype
-
-    ckpt = Checkpoint(model_dir)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, ckpt.float_dtype(), dev)
-    from llmprune.model.pruned import load_pruned, needs_load_pruned
-
-    if needs_load_pruned(model_dir):  # structurally pruned, layers of different sizes
-        model = load_pruned(model_dir, dtype=dt, device=dev)
-    else:
-        model = cast(Any, AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt)).to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(dev))
-    try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0)
-    except KeyError as exc:
-        raise UsageError(f"unknown lm-eval task {exc}", hint="list tasks with `lm-eval --tasks list`") from None
-    out: dict[str, dict[str, Any]] = {}
-    for task, metrics in (results or {}).get("results", {}).items():
-        out[task] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return out
+        raise UsageError("lm_eval is not installed", hint="pip install 'llmprune[eval]' (or lm_eval==0.4.13)")

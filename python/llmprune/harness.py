@@ -12,7 +12,8 @@ every batch and dropped; the final norm and LM head run last. Peak memory is one
 activations of all the sequences (float32; on the device, in CPU memory, or spilled to a file-backed
 map when neither has room: model/buffers.py) and the logits of one batch.
 
-`generate_until` needs the whole model: it is loaded with `load_pruned` (any llmprune output) and
+`generate_until` needs the whole model: it is loaded (`load_pruned` for structured outputs whose
+layers differ in size, transformers' loader otherwise) and
 lm-eval's `hf` backend generates with its KV cache, greedily unless the task says otherwise. A model
 that does not fit in memory is refused with its size.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -179,10 +181,8 @@ class StreamedLM(TemplateLM):
         if self._generator is None:
             from lm_eval.models.huggingface import HFLM
 
-            from llmprune.model.pruned import load_pruned
-
             check_fits_in_memory(self.model_dir, self.streamer, task)
-            model = load_pruned(self.model_dir, dtype=self.streamer.dtype, device=self.streamer.device)
+            model = load_whole_model(self.model_dir, self.streamer.dtype, self.streamer.device)
             self._generator = HFLM(
                 pretrained=model,
                 tokenizer=self.tokenizer,
@@ -339,6 +339,19 @@ def _batch_size(value: int | str | None) -> int:
     return n
 
 
+def load_whole_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """The whole model in memory: `load_pruned` for structured outputs whose layers differ in size,
+    transformers' own loader for every other checkpoint (its MoE layouts and renamings included)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.model.pruned import load_pruned, needs_load_pruned
+
+    if needs_load_pruned(model_dir):
+        return load_pruned(model_dir, dtype=dtype, device=device)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    return model.to(device).eval()
+
+
 def model_bytes(streamer: LayerStreamer) -> int:
     """Bytes of the whole model's parameters: floating tensors (MXFP4 pairs dequantized) in the
     compute dtype, the others as stored."""
@@ -419,23 +432,46 @@ class TaskRun:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """lm-eval's and datasets' info logs and progress bars off (LLMPRUNE_DEBUG=1 keeps them)."""
+    """lm-eval's and datasets' logs, prints and progress bars off (LLMPRUNE_DEBUG=1 keeps them): its
+    bootstrap of standard errors runs serially without a bar (the same draws as its parallel path),
+    and its `git describe` of the working directory is skipped."""
     if os.environ.get("LLMPRUNE_DEBUG") == "1":
         yield
         return
     import datasets
+    from lm_eval import evaluator
+    from lm_eval.api import metrics
 
     logger = logging.getLogger("lm_eval")
     level = logger.level
     bars = datasets.utils.logging.is_progress_bar_enabled()
     logger.setLevel(logging.ERROR)
     datasets.disable_progress_bars()
+    patches = [(metrics, "bootstrap_stderr", _bootstrap_quietly), (evaluator, "get_git_commit_hash", lambda: None)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    for mod, name, value in patches:
+        setattr(mod, name, value)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
         logger.setLevel(level)
         if bars:
             datasets.enable_progress_bars()
+
+
+def _bootstrap_quietly(f: Any, xs: Sequence[Any], iters: int) -> float:
+    """lm-eval's bootstrap standard error (chunks of up to 1000 draws, chunk i seeded with i),
+    serially and silently."""
+    from lm_eval.api import metrics
+
+    chunk = min(1000, iters)
+    draws: list[float] = []
+    for i in range(iters // chunk):
+        draws.extend(metrics._bootstrap_internal(f, chunk)((i, xs)))
+    return float(metrics.sample_stddev(draws))
 
 
 def task_manager(names: list[str], include_paths: Sequence[str | Path] = ()) -> Any:
@@ -643,6 +679,9 @@ def run_tasks(
         if todo:
             if lm is None:
                 lm = StreamedLM(model_dir, device=device, dtype=dtype, batch_size=batch_size, progress=progress)
+                generating = [t.task_name for _, _, leaves in todo for t in leaves if t.get_config("output_type") == "generate_until"]
+                if generating:  # refused before any other task runs
+                    check_fits_in_memory(model_dir, lm.streamer, generating[0])
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[obj for _, objs, _ in todo for obj in objs],
@@ -690,7 +729,7 @@ def _rows(results: dict[str, Any], name: str) -> list[TaskRow]:
     n = results.get("n-samples", {}).get(name, {}).get("effective")
     out = []
     for key, value in metrics.items():
-        if key == "alias" or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+        if key in ("alias", "sample_len") or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         metric, _, filt = key.partition(",")
         stderr = metrics.get(f"{metric}_stderr,{filt}")

@@ -279,30 +279,9 @@ def test_stats_out_never_replaces_a_model_file(run_cli, gram_copy, tmp_path, tar
 def mixtral(tmp_path_factory) -> Path:
     """A tiny Mixtral (2 MoE layers of 8 experts, top-2) with a tokenizer and the statistics of
     `llmprune stats`. Read-only."""
-    import transformers
     from conftest import run_cli_subprocess
 
-    config = transformers.MixtralConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-        intermediate_size=32,
-        num_local_experts=8,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight") and p.shape[0] == 8:
-                p.normal_(0, 0.5)
-    path = tmp_path_factory.mktemp("mixtral") / "tiny"
-    model.save_pretrained(path, safe_serialization=True)
-    H.add_tokenizer(path)
+    path = H.tiny_mixtral_dir(tmp_path_factory.mktemp("mixtral") / "tiny")
     code, _, err = run_cli_subprocess(["stats", path, "--nsamples", "4", "--seqlen", "24", "--device", "cpu"])
     assert code == 0, err
     return path

@@ -131,6 +131,34 @@ def tiny_mistral_dir(path, dtype: str = "bfloat16", sharded: bool = False, seed:
     return _save(model, path, dtype, sharded)
 
 
+def tiny_mixtral_dir(path, seed: int = 0) -> Path:
+    """A tiny float32 Mixtral (2 MoE layers of 8 experts, top-2) with routers far from uniform (so
+    the experts' statistics differ) and a tokenizer."""
+    import torch
+    import transformers
+
+    config = transformers.MixtralConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+        intermediate_size=32,
+        num_local_experts=8,
+    )
+    _seeded(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.shape[0] == 8:
+                p.normal_(0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return add_tokenizer(Path(path))
+
+
 def _perturb_norms(model, seed: int) -> None:
     """Random norm weights and biases, so that every statistic differs from channel to channel."""
     import torch
