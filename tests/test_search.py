@@ -97,6 +97,47 @@ def test_a_block_built_on_the_fly_equals_apply_bit_for_bit(run_cli, dense, tmp_p
     assert builder.built == 4
 
 
+@pytest.mark.parametrize("method,update", [("sparsegpt", False), ("wanda", True)])
+def test_a_swept_block_equals_apply_bit_for_bit(run_cli, dense, tmp_path, method, update):
+    """sparsegpt and --update levels come from the core's sweep on the Gram sidecar, as apply runs it."""
+    import shutil
+
+    from llmprune import search as sr
+    from llmprune.calibration.sidecar import SIDECAR_NAME, read
+
+    model = tmp_path / "m"
+    shutil.copytree(dense, model)
+    code, _, err = run_cli(["stats", model, *WINDOWS, "--gram"])
+    assert code == 0, err
+    candidate = (1, -1, 0, 0)
+    schedule = tmp_path / "s.json"
+    schedule.write_text(json.dumps([sr.level_sparsity(0.5, 0.2, lv) for lv in candidate]))
+    out = tmp_path / "applied"
+    extra = ["--update"] if update else []
+    code, _, err = run_cli(["apply", model, "--method", method, "--sparsity", "0.5", *extra, "--allocation", schedule, "--out", out, "--json"])
+    assert code == 0, err
+    written, _ = R.read_checkpoint(out)
+    from llmprune.model.stream import LayerStreamer
+
+    streamer = LayerStreamer(model, device="cpu", with_head=True)
+    layers = read(model / SIDECAR_NAME).layers if method != "sparsegpt" else None
+    builder = sr.SweepLevels(
+        streamer, method, layers, lambda lv: sr.level_sparsity(0.5, 0.2, lv), model / "llmprune-gram.safetensors", update=update, damp=0.01, blocksize=128
+    )
+    for i, level in enumerate(candidate):
+        streamer.load_block(i)
+        builder.begin(i)
+        builder.set(i, level)
+        for name, mod, _axis in streamer.prunable(i):
+            assert torch.equal(mod.weight.detach(), torch.from_numpy(R.to_f32(written[name]))), name
+        builder.end(i)
+        streamer.free_block(i)
+    assert builder.built == 4 and builder.bytes_on_disk > 0
+    tmp = builder.tmp
+    builder.close()
+    assert not tmp.exists()
+
+
 def test_the_fitness_is_the_full_kl_divergence_when_k_is_the_vocabulary(run_cli, dense, tmp_path):
     """The evaluator's layer-streamed top-K KL (K = vocabulary) equals KL(dense || pruned) computed
     here on the two fully loaded models, position by position, for the candidate `apply` writes."""
@@ -191,6 +232,10 @@ def test_bad_input_is_refused_and_nothing_is_written(run_cli, dense, tmp_path):
         (["--method", "wanda", "--sparsity", "0.5", "--survivors", "2,2"], "last selection step"),
         (["--method", "wanda", "--sparsity", "0.5", "--survivors", "2,1", "--tokens", "32"], "one value per selection step"),
         (["--method", "flap", "--sparsity", "0.2"], "does not cover flap"),
+        (["--method", "sparsegpt", "--sparsity", "0.5"], "needs input Gram statistics"),
+        (["--method", "wanda", "--sparsity", "0.5", "--update"], "needs input Gram statistics"),
+        (["--method", "wanda", "--sparsity", "0.5", "--damp", "0.02"], "apply to sparsegpt and --update"),
+        (["--method", "wanda", "--sparsity", "0.5", "--topk", "257"], "exceeds the model's vocabulary"),
         (["--method", "nope", "--sparsity", "0.2"], "unknown --method"),
         (["--method", "block-influence", "--remove-blocks", "4"], "leaves none"),
         (["--method", "wanda", "--remove-blocks", "1"], "--remove-blocks applies"),

@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,19 +186,24 @@ class MaskLevels:
         return self._dense_np
 
     def _compute(self, i: int, sparsity: float) -> dict[str, np.ndarray]:
-        from llmprune.calibration.sequential import core_compute_mask
-
         self.built += 1
         out = {}
         for name, w in self._originals(i).items():
-            s = self.stats.get(name) if self.stats is not None else None
-            if self.stats is not None and s is None:  # an expert no calibration token reached: apply keeps it
-                continue
-            kw: dict[str, Any] = {}
-            if s is not None:
-                kw = {"act_sum": s.act_sum, "act_sqsum": s.act_sqsum, "act_count": s.act_count}
-            out[name] = np.asarray(core_compute_mask(w, self.method, sparsity=sparsity, name=name, **kw), dtype=bool)
+            m = self._mask_of(name, w, sparsity)
+            if m is not None:
+                out[name] = m
         return out
+
+    def _mask_of(self, name: str, w: np.ndarray, sparsity: float) -> np.ndarray | None:
+        """The core's mask of one weight [out, in]; None for a weight apply keeps (an expert no
+        calibration token reached has no statistics)."""
+        from llmprune.calibration.sequential import core_compute_mask
+
+        s = self.stats.get(name) if self.stats is not None else None
+        if self.stats is not None and s is None:
+            return None
+        kw: dict[str, Any] = {"act_sum": s.act_sum, "act_sqsum": s.act_sqsum, "act_count": s.act_count} if s is not None else {}
+        return np.asarray(core_compute_mask(w, self.method, sparsity=sparsity, name=name, **kw), dtype=bool)
 
     def skips(self, level: int) -> bool:
         return False
@@ -214,6 +220,89 @@ class MaskLevels:
                     continue
                 mt = torch.from_numpy(m)
                 mod.weight.copy_(dense.masked_fill((mt.t() if axis == 0 else mt).to(dense.device), 0))
+
+
+def unpack_lower(packed: np.ndarray) -> np.ndarray:
+    """The symmetric matrix whose lower triangle is `packed` (row-major, as the Gram sidecar stores it)."""
+    n = int((math.isqrt(8 * packed.shape[0] + 1) - 1) // 2)
+    full = np.zeros((n, n), dtype=np.float64)
+    rows, cols = np.tril_indices(n)
+    full[rows, cols] = packed
+    full[cols, rows] = packed
+    return full
+
+
+class SweepLevels(MaskLevels):
+    """Block i at level l for methods that update the kept weights (sparsegpt, or --update on a mask
+    method): the core's SparseGPT sweep on the Gram sidecar's matrices (`_core.sparsegpt`, as apply
+    runs it), computed once per (block, level) and kept on disk in the checkpoint's dtype, one file
+    per block and level, in a temporary directory removed with the builder (or `close()`)."""
+
+    def __init__(
+        self,
+        streamer: LayerStreamer,
+        method: str,
+        stats: dict[str, LayerStats] | None,
+        sparsity_of: Callable[[int], float],
+        gram_path: Any,
+        *,
+        update: bool,
+        damp: float,
+        blocksize: int,
+    ):
+        super().__init__(streamer, method, stats, sparsity_of, 0)
+        import shutil
+        import tempfile
+        import weakref
+
+        from llmprune import _core
+
+        _, self._gram = _core.read_gram(str(gram_path))
+        self._by_weight = {w: key for key, (weights, _, _) in self._gram.items() for w in weights}
+        self.update, self.damp, self.blocksize = update, damp, blocksize
+        self.dtype = streamer.ckpt.float_dtype()
+        self.tmp = Path(tempfile.mkdtemp(prefix="llmprune-search-"))
+        self.bytes_on_disk = 0
+        # removed when the builder goes, or at exit (an error or Ctrl-C included)
+        self.close = weakref.finalize(self, shutil.rmtree, str(self.tmp), True)
+
+    def _weights(self, i: int, level: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file, save_file
+
+        from llmprune.calibration.sequential import core_sparsegpt
+
+        path = self.tmp / f"block{i}-level{level}.safetensors"
+        if path.is_file():
+            return load_file(str(path))
+        sparsity = self.sparsity_of(level)
+        out = {}
+        for name, w in self._originals(i).items():
+            key = self._by_weight.get(name)
+            if key is None:  # no Gram matrix (an expert no token reached): apply keeps it
+                continue
+            target: dict[str, Any] = {"sparsity": sparsity}
+            if self.method != "sparsegpt":
+                mask = self._mask_of(name, w, sparsity)
+                if mask is None:
+                    continue
+                target = {"mask": np.ascontiguousarray(mask, dtype=np.bool_)}
+            h = unpack_lower(self._gram[key][1])
+            new_w, _, _ = core_sparsegpt(w, h, damp=self.damp, blocksize=self.blocksize, **target)
+            out[name] = torch.from_numpy(np.ascontiguousarray(new_w)).to(self.dtype)
+        save_file(out, str(path))
+        self.bytes_on_disk += path.stat().st_size
+        self.built += 1
+        return out
+
+    def set(self, i: int, level: int) -> None:
+        new = self._weights(i, level)
+        for name, mod, axis in self.streamer.prunable(i):
+            w = new.get(name)
+            with torch.no_grad():
+                if w is None:
+                    mod.weight.copy_(self._dense[name])
+                else:
+                    mod.weight.copy_((w.t() if axis == 0 else w).to(mod.weight.device, mod.weight.dtype))
 
 
 class DepthLevels:

@@ -25,7 +25,7 @@ DEFAULT_LEVELS = 8
 # that a 135M model finishes in about half an hour on a 2-core CPU; see docs/search.md for EvoPress's
 # own 7B settings
 UNSTRUCTURED_DEFAULTS: dict[str, Any] = {"generations": 50, "offspring": 16, "survivors": "4,1", "tokens": "256,1024"}
-DEPTH_DEFAULTS: dict[str, Any] = {"offspring": 16, "survivors": "2,1", "tokens": "256,2048", "initial": 32, "initial_tokens": 256}
+DEPTH_DEFAULTS: dict[str, Any] = {"offspring": 16, "survivors": "2,1", "tokens": "256,1024", "initial": 32, "initial_tokens": 256}
 
 SEARCH_EPILOG = """Examples:
 
@@ -106,7 +106,7 @@ def search_cmd(
     ] = None,
     tokens: Annotated[
         Optional[str],
-        typer.Option("--tokens", metavar="T,..", help="Calibration tokens of each selection step (whole windows).", show_default="256,1024; depth 256,2048"),
+        typer.Option("--tokens", metavar="T,..", help="Calibration tokens of each selection step (whole windows).", show_default="256,1024"),
     ] = None,
     levels: Annotated[int, typer.Option("--levels", metavar="N", help="Unstructured: levels on each side of the target sparsity.")] = DEFAULT_LEVELS,
     step: Annotated[
@@ -125,6 +125,21 @@ def search_cmd(
         Optional[Path],
         typer.Option("--stats", metavar="PATH", parser=path_parser("--stats"), help="Stats sidecar.", show_default="MODEL/llmprune-stats.safetensors"),
     ] = None,
+    update: Annotated[
+        bool, typer.Option("--update", help="Score each level with the kept weights updated by the SparseGPT sweep, as apply --update (needs --gram).")
+    ] = False,
+    gram: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--gram",
+            metavar="PATH",
+            parser=path_parser("--gram"),
+            help="sparsegpt and --update: the Gram sidecar.",
+            show_default="MODEL/llmprune-gram.safetensors",
+        ),
+    ] = None,
+    damp: Annotated[float, typer.Option("--damp", metavar="F", help="sparsegpt and --update: dampening, a multiple of the Gram diagonal's mean.")] = 0.01,
+    blocksize: Annotated[int, typer.Option("--blocksize", metavar="N", help="sparsegpt and --update: columns per block of the sweep.")] = 128,
     device: DeviceOpt = "auto",
     dtype: Annotated[
         str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")
@@ -154,13 +169,18 @@ def search_cmd(
 
     unstructured, depth = methods("unstructured"), methods("depth")
     if method not in unstructured + depth:
-        if method in methods("structured") + methods("experts") or method == "sparsegpt":
-            raise UsageError(
-                f"search does not cover {method} yet", hint=f"search with {', '.join(m for m in unstructured if m != 'sparsegpt')} or {', '.join(depth)}"
-            )
+        if method in methods("structured") + methods("experts"):
+            raise UsageError(f"search does not cover {method} yet", hint=f"search with {', '.join(unstructured)} or {', '.join(depth)}")
         raise UsageError(f"unknown --method {method!r}", hint=f"choose one of {', '.join(unstructured + depth)}")
-    if method == "sparsegpt":
-        raise UsageError("search does not cover sparsegpt yet", hint="search with wanda or stade, then apply that schedule with --method sparsegpt")
+    sweep = method == "sparsegpt" or update
+    if update and method not in unstructured:
+        raise UsageError(f"--update applies to unstructured methods, not to {method}")
+    if not sweep:
+        unused = [f for f, on in (("--gram", gram is not None), ("--damp", damp != 0.01), ("--blocksize", blocksize != 128)) if on]
+        if unused:
+            raise UsageError(f"{', '.join(unused)} apply to sparsegpt and --update, not to {method} alone", hint="add --update, or drop them")
+    check_real("--damp", damp, lo=0, hi=10, lo_open=True)
+    check_int("--blocksize", blocksize)
     check_sparsity(sparsity)
     check_int("--remove-blocks", remove_blocks)
     check_int("--nsamples", nsamples)
@@ -250,18 +270,28 @@ def search_cmd(
         raise UsageError(f"{target_path} exists", hint="pass --force to replace it, or another --out")
     _core.check_file_destination(str(target_path))
 
+    gram_path = gram if gram is not None else model / _core.DEFAULT_GRAM
+    if sweep and not gram_path.is_file():
+        raise UsageError(
+            f"{method}{' --update' if method != 'sparsegpt' else ''} needs input Gram statistics, and there is no {gram_path}",
+            hint=f"run llmprune stats {model} --gram (or pass --gram PATH)",
+        )
     samples = calibration_samples(calib, load_tokenizer(model), nsamples, seqlen, seed)
     source = describe_source(calib, CALIB)
-    if is_depth:
-        builder: Any = sr.DepthLevels()
-    else:
+    builder: Any = sr.DepthLevels()
+    if not is_depth:
         from llmprune.model.buffers import available_memory
 
         assert sparsity is not None
-        sp = sparsity
-        builder = sr.MaskLevels(
-            streamer, method, sidecar.layers if sidecar is not None and needs else None, lambda lv: sr.level_sparsity(sp, step_v, lv), available_memory() // 4
-        )
+        sp, layer_stats = sparsity, (sidecar.layers if sidecar is not None and needs else None)
+
+        def sparsity_of(lv: int) -> float:
+            return sr.level_sparsity(sp, step_v, lv)
+
+        if sweep:
+            builder = sr.SweepLevels(streamer, method, layer_stats, sparsity_of, gram_path, update=update, damp=damp, blocksize=blocksize)
+        else:
+            builder = sr.MaskLevels(streamer, method, layer_stats, sparsity_of, available_memory() // 4)
     err.print(
         f"scoring the dense model on {nsamples} x {seqlen} calibration tokens of {source} (top {topk} log-probabilities) ...", markup=False, highlight=False
     )
@@ -296,6 +326,8 @@ def search_cmd(
             final = evaluator.fitness([start, result.best], everything)
         except KeyboardInterrupt:
             result.interrupted = True
+    if isinstance(builder, sr.SweepLevels):
+        builder.close()
     search_doc = {
         "algorithm": "evopress",
         "fitness": f"KL(dense || pruned), top-{topk} log-probabilities",
@@ -328,7 +360,9 @@ def search_cmd(
     else:
         assert sparsity is not None
         doc.update(kind="unstructured", sparsity=sparsity, block_sparsity=[sr.level_sparsity(sparsity, step_v, lv) for lv in result.best])
-        search_doc.update(levels=levels, step=step_v, block_levels=list(result.best), start="uniform")
+        search_doc.update(levels=levels, step=step_v, block_levels=list(result.best), start="uniform", update=update)
+        if sweep:
+            search_doc.update(damp=damp, blocksize=blocksize, level_files_bytes=builder.bytes_on_disk, levels_built=builder.built)
     doc["search"] = search_doc
     write_schedule(target_path, doc)
     summary = {"out": str(target_path), **{k: v for k, v in doc.items() if k != "search"}, "search": search_doc, "peak_rss_mib": peak_rss_mib()}
