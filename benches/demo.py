@@ -8,7 +8,9 @@ Steps, each through the `llmprune` command line (as a user would run it):
    1900-1949), once for all methods; `llmprune stats --sequential` once per (method, target) that asks
    for sequential statistics;
 3. `llmprune apply` for each method (magnitude, wanda, stade, stade-w at 50%, wanda 2:4);
-4. `llmprune eval`: perplexity on held-out text (built-in: State of the Union addresses 1950 onward).
+4. `llmprune eval --tasks offline`: perplexity on held-out text (built-in: State of the Union addresses
+   1950 onward) and accuracy on the offline smoke tasks sotu_cloze and sotu_next (the first 40
+   documents of each by default, --task-limit; --tasks "" leaves them out).
 
 Each command is printed before it runs the way you would type it to repeat that step: without the
 --json the script adds to read its summary, and with --force only on an `apply` whose output stays on
@@ -43,7 +45,7 @@ import os
 import shlex
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -83,6 +85,7 @@ class Run:
     perplexity: float | None = None
     eval_tokens: int | None = None
     eval_seconds: float | None = None  # wall time of `llmprune eval`, as printed after it
+    tasks: dict[str, float] = field(default_factory=dict)  # "task metric" -> value, from `eval --tasks`
 
     @property
     def target(self) -> str:
@@ -256,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true",
                     help="the Wanda-sized run: 128 x 2048 calibration tokens, all evaluation text in 2048-token windows")
     ap.add_argument("--threads", type=int, default=None, help="threads of `llmprune apply`")
+    ap.add_argument("--tasks", default="offline", help='`llmprune eval --tasks` of every checkpoint ("" for none) [offline]')
+    ap.add_argument("--task-limit", type=int, default=40, help="documents per task (0 for all) [40]")
     ap.add_argument("--keep", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the pruned checkpoints in the work directory (the default); --no-keep deletes each one after its evaluation")
     ap.add_argument("--reuse-stats", action="store_true",
@@ -303,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             res, run.apply_seconds = llmprune("apply", *apply_args, force=True, show_force=args.keep)
             run.out = res.get("out", str(out))
             target = Path(run.out)
-        res, run.eval_seconds = llmprune("eval", str(target), *C.eval_args(args))
+        res, run.eval_seconds = llmprune("eval", str(target), *C.eval_args(args), *task_args(args))
         run.perplexity, run.eval_tokens = res["perplexity"], res.get("tokens")
+        run.tasks = {f"{r['task']} {r['metric']}": r["value"] for r in (res.get("tasks") or {}).get("results", [])}
         eval_info = eval_info or C.eval_summary(res, ("tokens", "windows", "seqlen", "data", "device", "dtype"))
         if run.method != "dense" and not args.keep:
             shutil.rmtree(target, ignore_errors=True)
@@ -361,6 +367,16 @@ def fmt_seconds(seconds: float | None) -> str:
     return f"{seconds:.1f}" if seconds is not None else "-"
 
 
+def task_args(args: argparse.Namespace) -> list[str]:
+    """`llmprune eval`'s task options of the demo (none without --tasks)."""
+    if not getattr(args, "tasks", ""):
+        return []
+    return ["--tasks", args.tasks] + (["--limit", str(args.task_limit)] if getattr(args, "task_limit", 0) else [])
+
+
+TASK_COLUMNS = (("sotu_cloze acc", "cloze acc"), ("sotu_next acc", "next-sentence acc"))
+
+
 def write_markdown(path: Path, table: str) -> None:
     """The table between the markers of an existing file, keeping the rest; a new file holds it alone."""
     C.write_markdown(path, table, MD_BEGIN, MD_END, blank_line_after=False)
@@ -371,8 +387,12 @@ def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str,
     tokens = next((r.eval_tokens for r in runs if r.eval_tokens), None)
     calib = f"{args.nsamples} x {args.seqlen} tokens of {args.calib or 'State of the Union 1900-1949'}"
     evaluation = f"{tokens or '?'} tokens of {args.data or 'State of the Union 1950-'} in {args.eval_seqlen}-token windows"
+    tasks = ""
+    if task_args(args):
+        docs = f"the first {args.task_limit} documents of each" if args.task_limit else "all documents"
+        tasks = f"tasks: --tasks {args.tasks} ({docs}; an offline smoke test, not a benchmark)\n"
     table = Table(title="SmolLM2-135M-Instruct, pruned with llmprune", caption=f"calibration: {calib}\n"
-                  f"evaluation: {evaluation}\n{SECONDS_NOTE}\ntotal {total:.0f} s")
+                  f"evaluation: {evaluation}\n{tasks}{SECONDS_NOTE}\ntotal {total:.0f} s")
     table.add_column("method")
     if any(r.sequential for r in runs):
         table.add_column("statistics")
@@ -380,6 +400,9 @@ def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str,
     table.add_column("perplexity", justify="right")
     if dense:
         table.add_column("x dense", justify="right")
+    task_cols = [(key, title) for key, title in TASK_COLUMNS if any(key in r.tasks for r in runs)]
+    for _, title in task_cols:
+        table.add_column(title, justify="right")
     table.add_column("apply s", justify="right")
     table.add_column("eval s", justify="right")
     for r in runs:
@@ -389,6 +412,7 @@ def print_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[str,
         row += [r.target, fmt_ppl(r.perplexity)]
         if dense:
             row.append(f"{r.perplexity / dense:.2f}" if r.perplexity is not None else "-")
+        row += [f"{r.tasks[key]:.2f}" if key in r.tasks else "-" for key, _ in task_cols]
         row += [fmt_seconds(r.apply_seconds), fmt_seconds(r.eval_seconds)]
         table.add_row(*row)
     for key, info in stats_info.items():

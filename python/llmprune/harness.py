@@ -78,7 +78,7 @@ class StreamedLM(TemplateLM):
 
     `pretrained`: the checkpoint directory; `device`, `dtype` as for `llmprune eval`; `batch_size`:
     sequences per batch; `max_length`: the context (default: as lm-eval's `hf` backend finds it);
-    `add_bos_token`: as lm-eval's `hf` backend."""
+    `add_bos_token`: as lm-eval's `hf` backend; `tokenizer`: instead of the checkpoint's own."""
 
     def __init__(
         self,
@@ -89,6 +89,7 @@ class StreamedLM(TemplateLM):
         max_length: int | None = None,
         add_bos_token: bool | None = None,
         progress: bool = False,
+        tokenizer: Any = None,
         **_ignored: Any,
     ):
         from llmprune.data.tokenizer import load_tokenizer
@@ -96,7 +97,7 @@ class StreamedLM(TemplateLM):
         super().__init__()
         self.model_dir = Path(pretrained)
         self.streamer = LayerStreamer(self.model_dir, device=device, dtype=dtype, with_head=True)
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.batch_size_per_gpu = _batch_size(batch_size)
         self.add_bos_token = add_bos_token
         self.progress = progress
