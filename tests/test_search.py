@@ -75,6 +75,18 @@ def test_level_switches_keep_the_target_and_the_bounds(blocks, below, above, see
         assert sum(d) == 1 and set(d) <= {0, 1}
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
+def test_a_packed_gram_unpacks_to_the_symmetric_matrix(n):
+    import numpy as np
+
+    from llmprune.calibration.gram import pack_lower
+    from llmprune.search import unpack_lower
+
+    a = np.random.default_rng(n).standard_normal((n, n))
+    sym = a + a.T
+    assert np.array_equal(unpack_lower(pack_lower(sym)), sym)
+
+
 def test_a_block_built_on_the_fly_equals_apply_bit_for_bit(run_cli, dense, tmp_path):
     from llmprune import search as sr
 
