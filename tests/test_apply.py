@@ -387,3 +387,38 @@ def test_inspect_text(run_cli, tiny_model, tmp_path):
     assert code == 0, err
     assert "model.layers.0.self_attn.q_proj.weight" in stdout
     assert "2:4" in stdout
+
+
+def test_inspect_summary_comes_first_and_says_what_was_done(run_cli, tiny_model, tmp_path):
+    """The summary precedes the per-tensor table (--summary prints it alone), and the share of zeros
+    is reported only where zeros measure what was done: unstructured pruning, not depth pruning."""
+    pruned, short = tmp_path / "pruned", tmp_path / "short"
+    apply_ok(run_cli, [tiny_model.path, "--method", "wanda", "--sparsity", "0.5", "--out", pruned])
+    from llmprune.model.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(tiny_model.path)  # a depth schedule as `llmprune search` writes it
+    schedule = tmp_path / "drop.json"
+    schedule.write_text(
+        json.dumps(
+            {
+                "format": "llmprune-schedule",
+                "format_version": 1,
+                "model_fingerprint": ckpt.fingerprint,
+                "model_content_sha256": ckpt.content_digest(),
+                "method": "block-influence",
+                "kind": "depth",
+                "removed_blocks": [1],
+            }
+        )
+    )
+    apply_ok(run_cli, [tiny_model.path, "--method", "block-influence", "--allocation", schedule, "--out", short])
+    code, stdout, err = run_cli(["inspect", pruned])
+    assert code == 0, err
+    lines = stdout.splitlines()
+    table = next(i for i, line in enumerate(lines) if line.startswith("tensor"))
+    summary = "\n".join(lines[:table])
+    assert "unstructured pruning: wanda 0.5" in summary and "prunable weights: 5" in summary
+    code, stdout, err = run_cli(["inspect", short, "--summary"])
+    assert code == 0, err
+    assert "depth pruning: removed 1 of 2 blocks" in stdout
+    assert "prunable weights" not in stdout and "model.layers.0" not in stdout

@@ -512,8 +512,13 @@ def fusion_line(s: dict[str, Any]) -> str:
     )
 
 
-def inspect_cmd(model: ModelArg, json_out: JsonOpt = False) -> None:
-    """Per-tensor sparsity, N:M compliance and provenance of a checkpoint."""
+def inspect_cmd(
+    model: ModelArg,
+    summary_only: Annotated[bool, typer.Option("--summary", help="Print the summary only, not the per-tensor table.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """What a checkpoint is: a summary first (what llmprune did to it, and the share of zeros where
+    zeros are the measure), then per-tensor sparsity and N:M compliance."""
     from rich.console import Console
     from rich.table import Table
 
@@ -526,6 +531,18 @@ def inspect_cmd(model: ModelArg, json_out: JsonOpt = False) -> None:
     dtypes = sorted({t["dtype"] for t in report["tensors"]})
     one_dtype = len(dtypes) == 1
     title = f"{model} ({report['shards']} shard(s){', ' + dtypes[0] if one_dtype else ''})"
+    out = Console(highlight=False)
+    prov = report.get("provenance")
+    out.print(f"{title}: {report['total']['numel']:,} parameters", markup=False)
+    lines, zeros_matter = describe_provenance(prov)
+    for line in lines:
+        out.print(line, markup=False)
+    if zeros_matter:
+        out.print(f"prunable weights: {report['prunable']['sparsity']:.2%} zeros of {report['prunable']['numel']:,}")
+    out.print(f"all tensors:      {report['total']['sparsity']:.2%} zeros of {report['total']['numel']:,}")
+    out.print(f"provenance: {json.dumps(prov) if prov else 'none (not written by llmprune)'}", markup=False)
+    if summary_only:
+        return
     # borderless, and the dtype in the title when all tensors share one: names fit 80 columns; a
     # longer name folds onto a second line rather than being cut
     table = Table(title=title, box=None, pad_edge=False)
@@ -543,12 +560,46 @@ def inspect_cmd(model: ModelArg, json_out: JsonOpt = False) -> None:
         nm = t["nm"]
         dtype = [] if one_dtype else [t["dtype"]]
         table.add_row(t["name"], *dtype, "x".join(map(str, t["shape"])), f"{t['sparsity']:.2%}", mark(nm, "2:4"), mark(nm, "4:8"))
-    out = Console(highlight=False)
+    out.print()
     out.print(table)
-    out.print(f"prunable weights: {report['prunable']['sparsity']:.2%} zeros of {report['prunable']['numel']:,}")
-    out.print(f"all tensors:      {report['total']['sparsity']:.2%} zeros of {report['total']['numel']:,}")
-    prov = report.get("provenance")
-    out.print(f"provenance: {json.dumps(prov) if prov else 'none (not written by llmprune)'}", markup=False)
+
+
+def describe_provenance(prov: dict[str, Any] | None) -> tuple[list[str], bool]:
+    """One line per llmprune step recorded in a shard's provenance (the latest first, then what it
+    was made from), and whether zeros measure what was done (unstructured pruning, or no record)."""
+    lines: list[str] = []
+    zeros_matter = prov is None
+    rec: Any = prov
+    while isinstance(rec, dict):
+        method = str(rec.get("method", "?"))
+        if method in methods("unstructured"):
+            target = rec.get("pattern") or rec.get("sparsity")
+            extra = f", {rec['allocation']} allocation" if rec.get("allocation") not in (None, "uniform") else ""
+            lines.append(f"unstructured pruning: {method} {target}{extra}; zeros are what it removed")
+            zeros_matter = True
+        elif method in methods("structured"):
+            achieved = rec.get("achieved_sparsity")
+            share = f"{achieved:.1%}" if isinstance(achieved, (int, float)) else str(rec.get("sparsity"))
+            lines.append(
+                f"structured pruning: {method}, {rec.get('allocation')} allocation: {share} of the decoder blocks' parameters removed "
+                "(a smaller checkpoint; zeros do not measure it)"
+            )
+        elif method in methods("depth"):
+            removed = rec.get("removed_blocks") or []
+            lines.append(f"depth pruning: removed {len(removed)} of {rec.get('blocks_before')} blocks ({', '.join(map(str, removed))}; zeros do not measure it)")
+        elif method in methods("experts"):
+            lines.append(f"expert pruning: {method}, {rec.get('experts_before')} routed experts per MoE layer before (zeros do not measure it)")
+        else:
+            lines.append(f"{method}" + (f" ({rec['steps']} steps, lr {rec['lr']})" if "steps" in rec and "lr" in rec else ""))
+        rec = rec.get("input")
+        if isinstance(rec, str):
+            try:
+                rec = json.loads(rec)
+            except ValueError:
+                break
+        if isinstance(rec, dict):
+            lines[-1] += ", from:"
+    return lines, zeros_matter
 
 
 def register(app: typer.Typer) -> None:
