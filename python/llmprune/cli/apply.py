@@ -586,7 +586,9 @@ def describe_provenance(prov: dict[str, Any] | None) -> tuple[list[str], bool]:
             )
         elif method in methods("depth"):
             removed = rec.get("removed_blocks") or []
-            lines.append(f"depth pruning: removed {len(removed)} of {rec.get('blocks_before')} blocks ({', '.join(map(str, removed))}; zeros do not measure it)")
+            lines.append(
+                f"depth pruning: removed {len(removed)} of {rec.get('blocks_before')} blocks ({', '.join(map(str, removed))}; zeros do not measure it)"
+            )
         elif method in methods("experts"):
             lines.append(f"expert pruning: {method}, {rec.get('experts_before')} routed experts per MoE layer before (zeros do not measure it)")
         else:
