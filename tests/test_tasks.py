@@ -171,23 +171,47 @@ def test_structured_non_uniform_output(run_cli, tiny_models, tmp_path):
     assert_same(lm.loglikelihood(reqs), torch_scores(load_pruned(pruned, dtype=torch.float32), lm, reqs))
 
 
+def pruned_by_cli(run_cli, model: Path, tmp_path: Path, nsamples: int, seqlen: int, *apply_args: str) -> Path:
+    """`llmprune stats` on a copy of MODEL, then `llmprune apply` with APPLY_ARGS into tmp_path/pruned."""
+    copy = tmp_path / "m" / "tiny"
+    shutil.copytree(model, copy)
+    code, _, err = run_cli(["stats", copy, "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", "cpu"])
+    assert code == 0, err
+    out = tmp_path / "pruned"
+    code, _, err = run_cli(["apply", copy, *apply_args, "--out", out])
+    assert code == 0, err
+    return out
+
+
+def assert_streamed_equals_torch(model: Path, limit: int, batch_size: int) -> StreamedLM:
+    reqs = offline_requests(limit=limit)
+    lm = StreamedLM(model, device="cpu", dtype="float32", batch_size=batch_size)
+    assert_same(lm.loglikelihood(reqs), torch_scores(whole_model(model), lm, reqs))
+    return lm
+
+
+def test_depth_pruned_output(run_cli, task_model, tmp_path):
+    out = pruned_by_cli(run_cli, task_model, tmp_path, 2, 16, "--method", "block-influence", "--remove-blocks", "1")
+    assert assert_streamed_equals_torch(out, limit=4, batch_size=3).streamer.num_blocks == 1
+
+
+def test_registered_as_an_lm_eval_model(task_model):
+    import lm_eval
+
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    res = lm_eval.simple_evaluate(model="llmprune", model_args=f"pretrained={task_model},dtype=float32", tasks=["sotu_next"], limit=3, task_manager=tm)
+    assert res is not None and res["results"]["sotu_next"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
 @pytest.fixture(scope="session")
 def moe_model(tmp_path_factory) -> Path:
     return H.tiny_mixtral_dir(tmp_path_factory.mktemp("moe") / "tiny")
 
 
 def test_expert_pruned_moe(run_cli, moe_model, tmp_path):
-    model = tmp_path / "m" / "tiny"
-    shutil.copytree(moe_model, model)
-    code, _, err = run_cli(["stats", model, "--nsamples", "4", "--seqlen", "24", "--device", "cpu"])
-    assert code == 0, err
-    out = tmp_path / "pruned"
-    code, _, err = run_cli(["apply", model, "--method", "frequency", "--experts-keep", "5", "--out", out])
-    assert code == 0, err
+    out = pruned_by_cli(run_cli, moe_model, tmp_path, 4, 24, "--method", "frequency", "--experts-keep", "5")
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 5
-    reqs = offline_requests(limit=6)
-    lm = StreamedLM(out, device="cpu", dtype="float32", batch_size=4)
-    assert_same(lm.loglikelihood(reqs), torch_scores(whole_model(out), lm, reqs))
+    assert_streamed_equals_torch(out, limit=6, batch_size=4)
 
 
 # --------------------------------------------------------------------------------------------

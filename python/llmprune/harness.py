@@ -83,8 +83,8 @@ class StreamedLM(TemplateLM):
     def __init__(
         self,
         pretrained: str | Path,
-        device: str = "auto",
-        dtype: str = "auto",
+        device: str | None = "auto",
+        dtype: str | None = "auto",
         batch_size: int | str | None = DEFAULT_BATCH_SIZE,
         max_length: int | None = None,
         add_bos_token: bool | None = None,
@@ -96,7 +96,7 @@ class StreamedLM(TemplateLM):
 
         super().__init__()
         self.model_dir = Path(pretrained)
-        self.streamer = LayerStreamer(self.model_dir, device=device, dtype=dtype, with_head=True)
+        self.streamer = LayerStreamer(self.model_dir, device=device or "auto", dtype=dtype or "auto", with_head=True)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.batch_size_per_gpu = _batch_size(batch_size)
         self.add_bos_token = add_bos_token

@@ -28,11 +28,11 @@ llmprune eval ./model --data wikitext2 --seqlen 2048 --json
 llmprune eval ./model --data notes.txt --max-tokens 100000
 
 \b
-# lm-evaluation-harness tasks beside the perplexity (needs lm-eval: pip install 'llmprune[eval]');
+# lm-evaluation-harness tasks (pip install 'llmprune[eval]');
 # offline: the packaged smoke tasks sotu_cloze and sotu_next
 llmprune eval ./model --tasks offline --max-tokens 4096 --seqlen 512
 llmprune eval ./model --tasks paper --tasks-only --batch-size 16
-llmprune eval ./model --tasks my_task --include-path ./my-tasks --num-fewshot 5 --limit 100
+llmprune eval ./model --tasks my_task --include-path ./my-tasks --limit 100
 """
 
 
