@@ -444,3 +444,34 @@ def test_smollm2_requests_and_metrics_equal_hf_backend(smollm2):
     assert [(r.task, r.metric) for r in mine.rows] == [(r.task, r.metric) for r in ref.rows]
     for a, b in zip(mine.rows, ref.rows):
         assert math.isclose(a.value, b.value, rel_tol=1e-4, abs_tol=1e-6), (a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# The benches' tables (the benches themselves run for minutes on SmolLM2)
+# --------------------------------------------------------------------------------------------
+
+
+def test_bench_tables(tmp_path):
+    import argparse
+
+    import common as C
+    import task_quality as Q
+    import task_speed as S
+
+    args = argparse.Namespace(model_dir=Path("smollm2-135m"), nsamples=8, seqlen=256, max_tokens=4096, eval_seqlen=512, device="cpu", limit=None, batch_size=8)
+    session = argparse.Namespace(command="python benches/task_quality.py", provenance="git abc", elapsed=lambda: 60.0, load_start=(1.0, 1.0, 1.0))
+    rows = [Q.Row("dense", ""), *C.parse_runs("wanda@0.5,sparsegpt@2:4", Q.parse_row)]
+    rows[0].perplexity, rows[0].tasks = 18.5, {"sotu_cloze acc": {"value": 0.16, "stderr": 0.037}, "sotu_next acc": {"value": 0.37, "stderr": 0.048}}
+    text = Q.markdown_table(rows, args, {"reused": True}, session)
+    assert "| dense | - | " in text and "| 0.160 ± 0.037 | - | 0.370 ± 0.048 | - |" in text
+    assert "| wanda | 50% |" in text and "| sparsegpt | 2:4 |" in text and "Not measured: wanda@0.5, sparsegpt@2:4." in text
+    vs = {"requests": 10, "times": {"streamed": [2.0, 3.0], "hf": [4.0, 5.0]}, "max_abs_diff": 0.0, "greedy_equal": True}
+    run = {"base": 0, "peak": 300 << 20, "seconds": 2.0, "tokens": 100, "model_bytes": 4 << 30, "blocks": 12}
+    syn = {"checkpoint_bytes": 2 << 30, "runs": {"fixed mmap threshold": run, "glibc default": run}}
+    text = S.markdown(
+        vs,
+        syn,
+        argparse.Namespace(**{**vars(args), "repeats": 2, "shape": "1b", "layers": 12, "synthetic_requests": 100, "context": 24, "continuation": 4}),
+        session,
+    )
+    assert "| llmprune (layer-streamed) | 2.5 | 2.0 / 3.0 | 4.0 |" in text and "| fixed mmap threshold | 300 | 2.0 | 20 |" in text
