@@ -487,8 +487,11 @@ def task_manager(names: list[str], include_paths: Sequence[str | Path] = ()) -> 
     names_only = [n for n in names if not n.endswith(".yaml")]
     tm = TaskManager(include_path=paths, include_defaults=False)
     if all(tm.match_tasks([n]) for n in names_only):
+        tm.llmprune_local = True
         return tm
-    return TaskManager(include_path=paths)
+    tm = TaskManager(include_path=paths)
+    tm.llmprune_local = False
+    return tm
 
 
 def resolve_specs(names: list[str], tm: Any) -> list[Any]:
@@ -522,16 +525,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_spec(tm: Any, spec: Any) -> tuple[str, list[Any], list[Any]]:
+def load_spec(tm: Any, spec: Any, offline: bool = False) -> tuple[str, list[Any], list[Any]]:
     """(display name, the objects to evaluate, their leaf tasks) of one resolved spec; a task whose
-    data cannot be loaded is a UsageError naming it."""
+    data cannot be loaded is a UsageError naming it. `offline`: the hub is out of reach, so datasets
+    come from the local cache only (instead of retrying the network)."""
+    from llmprune.data.sources import _offline_mode
+
     name = spec if isinstance(spec, str) else str(spec.get("task") or spec.get("group") or spec)
     try:
-        loaded = tm.load([spec])
+        with _offline_mode(offline):
+            loaded = tm.load([spec])
     except Exception as exc:  # noqa: BLE001 - datasets and lm-eval raise many kinds here
+        where = " (the Hugging Face hub is out of reach and its data is not in the local cache)" if offline else ""
         raise UsageError(
-            f"task {name} cannot be loaded: {_first_line(exc)}",
-            hint="check the task's data files (a task of the hub needs the network or the datasets cache)",
+            f"task {name} cannot be loaded{where}: {_first_line(exc)}",
+            hint="check the task's data files (a task of the hub needs the network or the datasets cache); offline: --tasks offline",
         ) from None
     groups, tasks = loaded["groups"], loaded["tasks"]
     top = [groups[name]] if name in groups else list(tasks.values())
@@ -648,7 +656,13 @@ def run_tasks(
         raise UsageError("--tasks names no task", hint="e.g. --tasks offline, --tasks paper or --tasks boolq,piqa")
     with _quiet():
         tm = task_manager(names, include_paths)
-        specs = [load_spec(tm, s) for s in resolve_specs(names, tm)]
+        resolved = resolve_specs(names, tm)
+        offline = False
+        if not tm.llmprune_local:  # tasks of lm-eval's own index: their data may come from the hub
+            from llmprune.data.sources import _env_offline, hub_reachable
+
+            offline = _env_offline() or not hub_reachable()
+        specs = [load_spec(tm, s, offline) for s in resolved]
         use_cache = use_cache and lm is None
         cache = cache_path(model_dir) if use_cache else None
         entries = read_cache(cache) if cache is not None else {}
