@@ -592,8 +592,12 @@ def task_hash(tasks: list[Any], with_fewshot: bool) -> str:
         h.update(json.dumps(task.dump_config(), sort_keys=True, default=_stable).encode())
         for doc in task.eval_docs:
             h.update(json.dumps(doc, sort_keys=True, default=_stable).encode())
-        if with_fewshot and task.has_training_docs():
-            for doc in task.training_docs():
+        if with_fewshot:
+            try:
+                shots = list(task.fewshot_docs() or [])
+            except Exception:  # noqa: BLE001 - a task without a few-shot source fails when it runs
+                shots = []
+            for doc in shots:
                 h.update(json.dumps(doc, sort_keys=True, default=_stable).encode())
     return h.hexdigest()
 
