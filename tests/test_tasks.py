@@ -353,7 +353,7 @@ def test_cli_bad_input(run_cli, task_model, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["eval", task_model, "--tasks", "no_such_task_xyz", "--tasks-only"])
     assert_clean_error(code, out, err, contains="unknown task 'no_such_task_xyz'", hint_contains="--include-path")
     cases = [
-        (["--tasks", "sotu_next", "--num-fewshot", "-1"], "--num-fewshot", None),
+        (["--tasks", "sotu_next", "--num-fewshot", "-1"], "--num-fewshot must be 0 or more", "zero-shot"),
         (["--tasks", "sotu_next", "--limit", "0"], "--limit", None),
         (["--tasks", "sotu_next", "--batch-size", "0"], "--batch-size", None),
         (["--tasks", ",", "--tasks-only"], "names no task", "--tasks offline"),

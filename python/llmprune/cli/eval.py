@@ -113,6 +113,8 @@ def eval_cmd(
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
     if tasks is not None and not task_list:
         raise UsageError("--tasks names no task", hint="e.g. --tasks offline, --tasks paper or --tasks boolq,piqa")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UsageError(f"--num-fewshot must be 0 or more, not {num_fewshot}", hint="--num-fewshot 0 is zero-shot; leave it out for each task's own setting")
     check_int("--num-fewshot", num_fewshot, 0)
     check_int("--limit", limit)
     check_int("--batch-size", batch_size)
