@@ -474,4 +474,4 @@ def test_bench_tables(tmp_path):
         argparse.Namespace(**{**vars(args), "repeats": 2, "shape": "1b", "layers": 12, "synthetic_requests": 100, "context": 24, "continuation": 4}),
         session,
     )
-    assert "| llmprune (layer-streamed) | 2.5 | 2.0 / 3.0 | 4.0 |" in text and "| fixed mmap threshold | 300 | 2.0 | 20 |" in text
+    assert "| llmprune (layer-streamed) | 2.5 | 2.0 / 3.0 | 4.0 |" in text and "| fixed mmap threshold | 0 | 300 | 300 | 2.0 | 20 |" in text
