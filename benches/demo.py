@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_info = eval_info or C.eval_summary(res, ("tokens", "windows", "seqlen", "data", "device", "dtype"))
         if run.method != "dense" and not args.keep:
             shutil.rmtree(target, ignore_errors=True)
+            task_cache(target).unlink(missing_ok=True)
 
     total = session.elapsed()
     print_table(runs, args, stats.info, total)
@@ -365,6 +366,13 @@ def markdown_table(runs: list[Run], args: argparse.Namespace, stats_info: dict[s
 def fmt_seconds(seconds: float | None) -> str:
     """A wall time as printed after its command: one decimal."""
     return f"{seconds:.1f}" if seconds is not None else "-"
+
+
+def task_cache(model: Path) -> Path:
+    """The task results `llmprune eval --tasks` keeps beside a checkpoint."""
+    from llmprune.tasks import cache_path
+
+    return cache_path(model)
 
 
 def task_args(args: argparse.Namespace) -> list[str]:

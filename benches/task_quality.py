@@ -29,6 +29,7 @@ from typing import Any
 
 import common as C
 from common import err, fmt_ppl, llmprune
+from llmprune.tasks import cache_path
 
 DEFAULT_RUNS = "wanda@0.5,stade@0.5,sparsegpt@0.5,wanda@2:4,stade@2:4,sparsegpt@2:4,wanda@0.7,stade@0.7,sparsegpt@0.7"
 METHODS = ("magnitude", "wanda", "stade", "stade-w", "sparsegpt")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         session.apply(str(model), "--method", row.method, *row.target_args(), "--out", str(out), "--force")
         evaluate(row, out, args)
         shutil.rmtree(out, ignore_errors=True)
-        (out.parent / f"{out.name}.llmprune-tasks.json").unlink(missing_ok=True)
+        cache_path(out).unlink(missing_ok=True)
         save(partial=k < len(rows))
     table = markdown_table([dense, *rows], args, stats_info, session)
     print(table)

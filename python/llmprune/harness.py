@@ -54,14 +54,13 @@ from llmprune.console import BlockProgress
 from llmprune.errors import UsageError
 from llmprune.model.buffers import Activations, available_memory
 from llmprune.model.stream import LayerStreamer
-from llmprune.tasks import TASKS_DIR, expand
+from llmprune.tasks import TASKS_DIR, cache_path, expand
 
 BACKEND = "llmprune"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a config and tokenizer that state none
 ARGS_BUDGET = 256 << 20  # bytes of recorded block arguments (masks, rotary tables) kept per pass
 LOGITS_BUDGET = 1 << 30  # bytes of float32 logits computed at once
-CACHE_SUFFIX = ".llmprune-tasks.json"
 CACHE_FORMAT = "llmprune-task-cache"
 # bytes read from each shard, at evenly spaced offsets, for the checkpoint's identity
 IDENTITY_SAMPLES, IDENTITY_SAMPLE_BYTES = 64, 16 << 10
@@ -600,11 +599,6 @@ def task_hash(tasks: list[Any], with_fewshot: bool) -> str:
             for doc in shots:
                 h.update(json.dumps(doc, sort_keys=True, default=_stable).encode())
     return h.hexdigest()
-
-
-def cache_path(model_dir: Path) -> Path:
-    d = model_dir.resolve()
-    return d.parent / f"{d.name}{CACHE_SUFFIX}"
 
 
 def read_cache(path: Path) -> dict[str, Any]:

@@ -11,6 +11,14 @@ OFFLINE_TASKS = ("sotu_cloze", "sotu_next")
 # `--tasks paper`: the zero-shot tasks pruning papers report
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 ALIASES = {"paper": PAPER_TASKS, "offline": OFFLINE_TASKS}
+CACHE_SUFFIX = ".llmprune-tasks.json"
+
+
+def cache_path(model_dir: Path) -> Path:
+    """Where `llmprune eval --tasks` keeps a checkpoint's task results: beside its directory (never
+    inside, where `apply` would copy it into pruned outputs)."""
+    d = Path(model_dir).resolve()
+    return d.parent / f"{d.name}{CACHE_SUFFIX}"
 
 
 def expand(names: list[str]) -> list[str]:
