@@ -202,8 +202,13 @@ class StreamedLM(TemplateLM):
             return []
         inputs: list[tuple[int, ...]] = []
         for ctx, cont in pairs:
-            if not ctx or not cont or len(cont) > self.max_length:
-                raise ValueError("every request needs a context and a continuation no longer than the context window")
+            if not ctx or not cont:
+                raise ValueError("every request needs a context and a continuation of at least one token")
+            if len(cont) > self.max_length:
+                raise UsageError(
+                    f"a request's continuation has {len(cont)} tokens, more than the model's context of {self.max_length}",
+                    hint="the task's targets must fit in the context window",
+                )
             inputs.append(tuple((list(ctx) + list(cont))[-(self.max_length + 1) :][:-1]))
         rows = sorted(set(inputs), key=lambda t: (-len(t), t))
         row_of = {t: k for k, t in enumerate(rows)}
@@ -224,7 +229,9 @@ class StreamedLM(TemplateLM):
 
         self._stream([rows[b[0] : b[-1] + 1] for b in batches], [max(len(pairs[r][1]) for r in users[k]) for k in range(len(rows))], batches, finish)
         self.passes += 1
-        return [a for a in answers if a is not None]
+        done = [a for a in answers if a is not None]
+        assert len(done) == len(pairs), "a request was left unanswered"
+        return done
 
     def _stream(self, batch_rows: list[list[tuple[int, ...]]], tail: list[int], batches: list[list[int]], finish: Any) -> None:
         """Run every batch through the model block by block; finish(batch, log-probs of each row's
