@@ -103,7 +103,9 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity of a checkpoint on held-out text, one decoder block in memory at a time."""
-    announce(model, "torch and transformers, the tokenizer and the evaluation text")
+    announce(
+        model, "torch, transformers and lm-eval, the tokenizer and the tasks" if tasks_only else "torch and transformers, the tokenizer and the evaluation text"
+    )
     from llmprune.data.sources import EVAL, describe_source
     from llmprune.data.tokenizer import load_tokenizer
     from llmprune.data.windows import eval_token_ids
