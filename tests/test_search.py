@@ -309,3 +309,4 @@ def test_ctrl_c_writes_the_best_schedule_so_far(dense, tmp_path):
     assert doc["search"]["interrupted"] is True and doc["search"]["generations_done"] >= 1
     assert sum(doc["block_sparsity"]) / 4 == pytest.approx(0.5, abs=1e-12)
     assert any("wrote the best schedule so far" in line for line in seen)
+    assert not any(line.startswith("error:") for line in seen), "".join(seen)

@@ -13,3 +13,8 @@ class UsageError(Exception):
 
 class CheckFailed(Exception):
     """A check the user asked for did not pass (exit code 1)."""
+
+
+class InterruptedWithResult(Exception):
+    """Ctrl-C stopped a command that still wrote a partial result (say `search`'s best schedule so
+    far): the message says what was written; exit code 130 like any interruption."""

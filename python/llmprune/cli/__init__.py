@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from llmprune.console import err
-from llmprune.errors import CheckFailed, UsageError
+from llmprune.errors import CheckFailed, InterruptedWithResult, UsageError
 
 app = typer.Typer(
     name="llmprune",
@@ -106,6 +106,9 @@ def _run(argv: list[str] | None) -> int:
         return rv if isinstance(rv, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
+    except InterruptedWithResult as exc:
+        err.print(str(exc), markup=False, soft_wrap=True)
+        return INTERRUPTED
     except (typer.Abort, KeyboardInterrupt):
         _error("interrupted; no output was written")
         return INTERRUPTED

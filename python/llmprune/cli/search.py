@@ -13,7 +13,7 @@ import typer
 
 from llmprune.cli.options import SEED_MAX, CalibOpt, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, check_sparsity, path_parser
 from llmprune.console import count_progress, err, peak_rss_mib, print_json
-from llmprune.errors import UsageError
+from llmprune.errors import InterruptedWithResult, UsageError
 
 SCHEDULE_FORMAT = "llmprune-schedule"
 SCHEDULE_VERSION = 1
@@ -367,8 +367,7 @@ def search_cmd(
     write_schedule(target_path, doc)
     summary = {"out": str(target_path), **{k: v for k, v in doc.items() if k != "search"}, "search": search_doc, "peak_rss_mib": peak_rss_mib()}
     if result.interrupted:
-        err.print(f"interrupted after {result.generations_done} generations; wrote the best schedule so far to {target_path}", markup=False, highlight=False)
-        raise typer.Exit(130)
+        raise InterruptedWithResult(f"interrupted after {result.generations_done} generations; wrote the best schedule so far to {target_path}")
     if json_out:
         print_json(summary)
         return
