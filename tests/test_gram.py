@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,21 @@ def test_failed_pass_leaves_no_file(arch_dir, tmp_path, monkeypatch):
     assert listing(tmp_path) == []
 
 
+def test_a_folder_without_room_is_refused_before_writing(arch_dir, tmp_path, monkeypatch):
+    """The Gram sidecar's size is known once block 0's inputs are grouped: a folder with less free
+    space is refused then, with the sizes, rather than when the disk fills."""
+    import shutil
+    from collections import namedtuple
+
+    from llmprune.errors import UsageError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(UsageError, match="the Gram sidecar needs .* MB free"):
+        gram_run(arch_dir("llama"), R.random_samples(2, 16, seed=4), tmp_path / "g.safetensors")
+    assert listing(tmp_path) == []
+
+
 # --------------------------------------------------------------------------------------------
 # Sums are additive: merge and data parallelism
 # --------------------------------------------------------------------------------------------
@@ -249,6 +265,8 @@ def test_cli_stats_gram_writes_default_file(run_cli, model_copy):  # noqa: F811 
     code, out, err = run_cli(["stats", model_copy, "--nsamples", "1", "--seqlen", "8", "--gram", "--gram-out", model_copy / "g2.safetensors", "--out", model_copy / "s2.safetensors"])
     assert code == 0, err
     assert "Gram matrices of 8 inputs" in out and "g2.safetensors" in out
+    # the size is said before the pass writes it, against the model's size
+    assert re.search(r"Gram matrices of 8 inputs: [\d,]+ MB \(float64, packed; [\d.]+x the model's [\d,]+ MB\)", err), err
 
 
 @pytest.mark.parametrize(

@@ -280,8 +280,33 @@ class GramPass:
         self.inputs = len(layout)
         self.bytes = sum(n * (n + 1) // 2 * 8 + 8 for _, _, n in layout)
         if self.dist.rank == 0:
+            self._announce()
             writer = _core.GramWriter(str(self.target.path), str(self.streamer.ckpt.dir), layout, json.dumps(self.info))
             self.writer = writer.__enter__()
+
+    def _announce(self) -> None:
+        """Say how large the Gram sidecar will be (float64, packed: often larger than the model) before
+        writing it, and refuse at once when its folder lacks the room, rather than hours later."""
+        import shutil
+
+        from llmprune.console import err
+
+        ckpt = self.streamer.ckpt
+        model_bytes = sum((ckpt.dir / f).stat().st_size for f in ckpt.files)
+        folder = self.target.path.resolve().parent
+        free = shutil.disk_usage(folder).free
+        if free < self.bytes:
+            raise UsageError(
+                f"the Gram sidecar needs {self.bytes / 1e6:,.0f} MB and {folder} has {free / 1e6:,.0f} MB free",
+                hint="free space there, or write it elsewhere with --gram-out PATH",
+            )
+        err.print(
+            f"Gram matrices of {self.inputs} inputs: {self.bytes / 1e6:,.0f} MB (float64, packed; {self.bytes / max(model_bytes, 1):.1f}x "
+            f"the model's {model_bytes / 1e6:,.0f} MB) into {self.target.path}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def block(self, i: int, hidden: torch.Tensor) -> BlockGram:
         """Hooks for block i (loaded). Call before any other hook is registered on block 0: its
