@@ -218,6 +218,10 @@ def test_an_unstructured_schedule_round_trips_through_apply(run_cli, dense, tmp_
     assert json.loads(stdout)["block_sparsity"] == pytest.approx(values, abs=1e-12)
     prov = _provenance(out)
     assert json.loads(prov["search"])["seed"] == 0 and prov["schedule"] == str(schedule)
+    # a schedule it wrote is replaced with --force
+    code, _, err = run_cli(["search", dense, "--method", "wanda", "--sparsity", "0.6", *WINDOWS, *QUICK, "--seed", "1", "--out", schedule, "--force"])
+    assert code == 0, err
+    assert json.loads(schedule.read_text())["search"]["seed"] == 1
 
 
 def test_a_depth_schedule_round_trips_through_apply(run_cli, dense, tmp_path):
@@ -260,6 +264,8 @@ def test_bad_input_is_refused_and_nothing_is_written(run_cli, dense, tmp_path):
     out.write_text("keep me")
     code, stdout, err = run_cli(["search", dense, "--method", "wanda", "--sparsity", "0.5", *WINDOWS, "--out", out])
     assert_clean_error(code, stdout, err, contains="exists", hint_contains="--force")
+    code, stdout, err = run_cli(["search", dense, "--method", "wanda", "--sparsity", "0.5", *WINDOWS, "--out", out, "--force"])
+    assert_clean_error(code, stdout, err, contains="not a schedule file")
     assert out.read_text() == "keep me"
     # a schedule searched on another model
     other = R.tiny_llama_dir(tmp_path / "other", dtype="float32", num_hidden_layers=4, seed=5)

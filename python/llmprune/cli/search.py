@@ -62,6 +62,14 @@ def default_out(model: Path, method: str, target: str) -> Path:
     return model.resolve().parent / f"{model.resolve().name}-{method}-{target}-schedule.json"
 
 
+def _is_schedule(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == SCHEDULE_FORMAT
+
+
 def write_schedule(path: Path, doc: dict[str, Any]) -> None:
     """Atomically: a temporary file beside it, then a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -266,9 +274,13 @@ def search_cmd(
     target_path = out if out is not None else default_out(model, method, target)
     if target_path.is_dir():
         raise UsageError(f"--out {target_path} is a directory", hint="give a file name, e.g. --out schedule.json")
-    if target_path.exists() and not force:
-        raise UsageError(f"{target_path} exists", hint="pass --force to replace it, or another --out")
-    _core.check_file_destination(str(target_path))
+    if target_path.exists():
+        if not force:
+            raise UsageError(f"{target_path} exists", hint="pass --force to replace it, or another --out")
+        if not _is_schedule(target_path):
+            raise UsageError(f"{target_path} is not a schedule file; search replaces only one it wrote", hint="choose another --out")
+    else:
+        _core.check_file_destination(str(target_path))
 
     gram_path = gram if gram is not None else model / _core.DEFAULT_GRAM
     if sweep and not gram_path.is_file():
