@@ -134,7 +134,7 @@ def test_a_swept_block_equals_apply_bit_for_bit(run_cli, dense, tmp_path, method
     streamer = LayerStreamer(model, device="cpu", with_head=True)
     layers = read(model / SIDECAR_NAME).layers if method != "sparsegpt" else None
     builder = sr.SweepLevels(
-        streamer, method, layers, lambda lv: sr.level_sparsity(0.5, 0.2, lv), model / "llmprune-gram.safetensors", update=update, damp=0.01, blocksize=128
+        streamer, method, layers, lambda lv: sr.level_sparsity(0.5, 0.2, lv), model / "llmprune-gram.safetensors", damp=0.01, blocksize=128
     )
     for i, level in enumerate(candidate):
         streamer.load_block(i)

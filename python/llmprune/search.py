@@ -246,7 +246,6 @@ class SweepLevels(MaskLevels):
         sparsity_of: Callable[[int], float],
         gram_path: Any,
         *,
-        update: bool,
         damp: float,
         blocksize: int,
     ):
@@ -259,7 +258,7 @@ class SweepLevels(MaskLevels):
 
         _, self._gram = _core.read_gram(str(gram_path))
         self._by_weight = {w: key for key, (weights, _, _) in self._gram.items() for w in weights}
-        self.update, self.damp, self.blocksize = update, damp, blocksize
+        self.damp, self.blocksize = damp, blocksize
         self.dtype = streamer.ckpt.float_dtype()
         self.tmp = Path(tempfile.mkdtemp(prefix="llmprune-search-"))
         self.bytes_on_disk = 0

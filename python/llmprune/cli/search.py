@@ -11,11 +11,24 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from llmprune.cli.options import SEED_MAX, CalibOpt, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, check_sparsity, path_parser
+from llmprune.cli.options import (
+    SEED_MAX,
+    CalibOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    check_int,
+    check_real,
+    check_sparsity,
+    given_options,
+    path_parser,
+    schedule_document,
+)
 from llmprune.console import count_progress, err, peak_rss_mib, print_json
 from llmprune.errors import InterruptedWithResult, UsageError
 
-SCHEDULE_FORMAT = "llmprune-schedule"
+SCHEDULE_FORMAT = "llmprune-schedule"  # options.schedule_document reads it
 SCHEDULE_VERSION = 1
 DEFAULT_NSAMPLES = 16
 DEFAULT_SEQLEN = 256
@@ -62,14 +75,6 @@ def default_out(model: Path, method: str, target: str) -> Path:
     return model.resolve().parent / f"{model.resolve().name}-{method}-{target}-schedule.json"
 
 
-def _is_schedule(path: Path) -> bool:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return False
-    return isinstance(doc, dict) and doc.get("format") == SCHEDULE_FORMAT
-
-
 def write_schedule(path: Path, doc: dict[str, Any]) -> None:
     """Atomically: a temporary file beside it, then a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -81,6 +86,7 @@ def write_schedule(path: Path, doc: dict[str, Any]) -> None:
 
 
 def search_cmd(
+    ctx: typer.Context,
     model: ModelArg,
     method: Annotated[
         str,
@@ -149,9 +155,7 @@ def search_cmd(
     damp: Annotated[float, typer.Option("--damp", metavar="F", help="sparsegpt and --update: dampening, a multiple of the Gram diagonal's mean.")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", metavar="N", help="sparsegpt and --update: columns per block of the sweep.")] = 128,
     device: DeviceOpt = "auto",
-    dtype: Annotated[
-        str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")
-    ] = "auto",
+    dtype: DtypeOpt = "auto",
     out: Annotated[
         Optional[Path],
         typer.Option(
@@ -184,7 +188,7 @@ def search_cmd(
     if update and method not in unstructured:
         raise UsageError(f"--update applies to unstructured methods, not to {method}")
     if not sweep:
-        unused = [f for f, on in (("--gram", gram is not None), ("--damp", damp != 0.01), ("--blocksize", blocksize != 128)) if on]
+        unused = [f for f in ("--gram", "--damp", "--blocksize") if f in given_options(ctx, ("gram", "damp", "blocksize"))]
         if unused:
             raise UsageError(f"{', '.join(unused)} apply to sparsegpt and --update, not to {method} alone", hint="add --update, or drop them")
     check_real("--damp", damp, lo=0, hi=10, lo_open=True)
@@ -277,7 +281,7 @@ def search_cmd(
     if target_path.exists():
         if not force:
             raise UsageError(f"{target_path} exists", hint="pass --force to replace it, or another --out")
-        if not _is_schedule(target_path):
+        if schedule_document(target_path) is None:
             raise UsageError(f"{target_path} is not a schedule file; search replaces only one it wrote", hint="choose another --out")
     else:
         _core.check_file_destination(str(target_path))
@@ -301,7 +305,7 @@ def search_cmd(
             return sr.level_sparsity(sp, step_v, lv)
 
         if sweep:
-            builder = sr.SweepLevels(streamer, method, layer_stats, sparsity_of, gram_path, update=update, damp=damp, blocksize=blocksize)
+            builder = sr.SweepLevels(streamer, method, layer_stats, sparsity_of, gram_path, damp=damp, blocksize=blocksize)
         else:
             builder = sr.MaskLevels(streamer, method, layer_stats, sparsity_of, available_memory() // 4)
     err.print(

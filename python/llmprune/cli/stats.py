@@ -23,6 +23,7 @@ from llmprune.cli.options import (
     DsnotSameSignOpt,
     DsnotSkipOpt,
     DsnotThresholdOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     OwlLambdaOpt,
@@ -145,9 +146,7 @@ def stats_cmd(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the window sampling.")] = 0,
     device: DeviceOpt = "auto",
-    dtype: Annotated[
-        str, typer.Option("--dtype", metavar="DTYPE", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16 or float16.")
-    ] = "auto",
+    dtype: DtypeOpt = "auto",
     out: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", metavar="PATH", parser=path_parser("--out"), help="Sidecar path.", show_default="MODEL/llmprune-stats.safetensors"),
