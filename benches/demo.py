@@ -453,10 +453,10 @@ def next_commands(runs: list[Run], args: argparse.Namespace, model: Path, work: 
                      ["stats", str(model), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device,
                       *(["--calib", args.calib] if args.calib else [])]))
     method, sparsity = NEXT_STRUCTURED
-    out = work / f"{model.name}-{method}-{sparsity}-uniform"
+    out = work / f"{model.name}-{method}-{sparsity}"
     cmds.append((f"structured pruning: {method} takes about {float(sparsity):.0%} of every block's parameters out (attention groups, "
                  "MLP channels), a smaller checkpoint",
-                 ["apply", str(model), "--method", method, "--sparsity", sparsity, "--allocation", "uniform", "--out", str(out),
+                 ["apply", str(model), "--method", method, "--sparsity", sparsity, "--out", str(out),
                   *(["--force"] if out.exists() else [])]))
     if len(cmds) < 4:
         cmds.append(("its perplexity, as the table measured the others", ["eval", str(out), *C.eval_args(args)]))

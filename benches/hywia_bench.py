@@ -27,7 +27,9 @@ from structured_bench import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
-HYWIA = ["--method", "hywia"]
+# The protocol of docs/hywia.md's tables: hywia's default skipped layers (the published recipe's,
+# spelled out by `published_skips`), widths not rounded; "-noskip" prunes every layer.
+HYWIA = ["--method", "hywia", "--width-multiple", "1", "SKIPS"]
 VARIANTS: dict[str, list[str]] = {
     "hywia-fine": HYWIA + ["--fusion", "fine"],
     "hywia-coarse": HYWIA + ["--fusion", "coarse"],
@@ -38,13 +40,23 @@ VARIANTS: dict[str, list[str]] = {
     "hywia-adaptive-T0.02": HYWIA + ["--fusion", "adaptive", "--fusion-temperature", "0.02"],
     "hywia-adaptive-T0.5": HYWIA + ["--fusion", "adaptive", "--fusion-temperature", "0.5"],
     "hywia-adaptive-T10": HYWIA + ["--fusion", "adaptive", "--fusion-temperature", "10"],
-    "hywia-adaptive-noskip": HYWIA + ["--fusion", "adaptive", "--skip-first", "0", "--skip-last", "0"],
-    "hywia-adaptive-global": HYWIA + ["--fusion", "adaptive", "--allocation", "global"],
-    "flap": ["--method", "flap"],
-    "flap-uniform": ["--method", "flap", "--allocation", "uniform"],
-    "magnitude-sp": ["--method", "magnitude-sp", "--allocation", "uniform"],
-    "wanda-sp": ["--method", "wanda-sp", "--allocation", "uniform"],
+    "hywia-adaptive-noskip": ["--method", "hywia", "--width-multiple", "1", "--fusion", "adaptive"],
+    "hywia-adaptive-global": ["--method", "hywia", "SKIPS", "--fusion", "adaptive", "--allocation", "global"],
+    "flap": ["--method", "flap", "--allocation", "global"],
+    "flap-uniform": ["--method", "flap", "--width-multiple", "1"],
+    "magnitude-sp": ["--method", "magnitude-sp", "--width-multiple", "1"],
+    "wanda-sp": ["--method", "wanda-sp", "--width-multiple", "1"],
 }
+
+
+def published_skips(model: Path) -> list[str]:
+    """LLM-Pruner's layers kept whole, ⌊L/8 + ½⌋ first and ⌊L/16 + ½⌋ last (4 and 2 for 30 or 32 layers)."""
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    return ["--skip-first", str((layers + 4) // 8), "--skip-last", str((layers + 8) // 16)]
+
+
+def variant_args(name: str, model: Path) -> list[str]:
+    return [x for a in VARIANTS[name] for x in (published_skips(model) if a == "SKIPS" else [a])]
 MAIN = "hywia-fine,hywia-coarse,hywia-adaptive,flap,magnitude-sp"
 ABLATIONS = "hywia-fine-mix,hywia-coarse-mix,hywia-adaptive-mix,hywia-adaptive-T0.02,hywia-adaptive-T0.5,hywia-adaptive-T10,hywia-adaptive-noskip,hywia-adaptive-global"
 
@@ -118,7 +130,7 @@ def main() -> None:
             print(f"{name} at {s:g}", file=sys.stderr)
             # magnitude-sp reads no statistics (it does not compensate here)
             stats_args = [] if name == "magnitude-sp" else ["--stats", stats]
-            summary = cli("apply", a.model, *VARIANTS[name], "--sparsity", s, *stats_args, "--out", out, "--force")
+            summary = cli("apply", a.model, *variant_args(name, a.model), "--sparsity", s, *stats_args, "--out", out, "--force")
             row: dict[str, Any] = {
                 "variant": name,
                 "sparsity": s,

@@ -83,7 +83,8 @@ def apply_args(row: Row) -> list[str]:
         return ["--method", row.method, "--remove-blocks", row.target]
     if ":" in row.target:
         return ["--method", row.method, "--pattern", row.target]
-    extra = ["--allocation", "uniform"] if row.method in STRUCTURED else []
+    # uniform widths, not rounded: the protocol of docs/quality.md's tables
+    extra = ["--allocation", "uniform", "--width-multiple", "1"] if row.method in STRUCTURED else []
     return ["--method", row.method, "--sparsity", row.target, *extra]
 
 

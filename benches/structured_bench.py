@@ -9,7 +9,8 @@ Every step goes through the `llmprune` command line as a user would run it: `sta
 statistics on the built-in calibration text, State of the Union 1900-1949) unless the model already
 has a sidecar or --stats names one, `apply` per variant, `eval` (built-in held-out text, 1950 onward)
 per model. A variant is METHOD:ALLOCATION[:comp|:nocomp] (bias compensation forced on or off;
-default: on for flap only).
+default: on for flap only); ALLOCATION is global, uniform (kept MLP widths rounded to the default
+multiple, 128) or uniformN (rounded to multiples of N; uniform1: not rounded).
 
 Latency: one forward of [batch, --latency-tokens] tokens through the model loaded with
 `llmprune.load_pruned`, float32 on the CPU (and bfloat16 on the GPU when one is available), in this
@@ -164,7 +165,9 @@ def main() -> None:
             # magnitude-sp reads statistics only to compensate
             reads_stats = method != "magnitude-sp" or flags == ["--compensate"]
             stats_args = ["--stats", stats] if reads_stats else []
-            summary = cli("apply", a.model, "--method", method, "--sparsity", s, "--allocation", alloc, *flags, *stats_args, "--out", out, "--force")
+            width = ["--width-multiple", alloc.removeprefix("uniform")] if alloc.startswith("uniform") and alloc != "uniform" else []
+            alloc_args = ["--allocation", "uniform" if width else alloc, *width]
+            summary = cli("apply", a.model, "--method", method, "--sparsity", s, *alloc_args, *flags, *stats_args, "--out", out, "--force")
             label = f"{method} {alloc}" + {"comp": ", compensated", "nocomp": ", no compensation"}.get(comp[0] if comp else "", "")
             measure(label, method, alloc, s, out, summary)
 

@@ -21,6 +21,7 @@ from conftest import assert_clean_error, listing, slow_except, tree_hashes
 from llmprune import load_pruned
 from llmprune.calibration import sidecar
 from llmprune.calibration.activations import collect_stats
+from llmprune.calibration.gradients import collect_grad_stats
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
               vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
@@ -33,6 +34,11 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "phi3": ("Phi3Config", dict(pad_token_id=0)),
 }
 
+OTHER_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", COMMON),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=8, vocab_size=256, max_position_embeddings=128, word_embed_proj_dim=64)),
+}
+
 
 @pytest.fixture(scope="module")
 def arch_model(tmp_path_factory):
@@ -42,9 +48,13 @@ def arch_model(tmp_path_factory):
         if arch not in cache:
             import transformers
 
-            cls, overrides = ARCHS[arch]
+            if arch in ARCHS:
+                cls, overrides = ARCHS[arch]
+                config = getattr(transformers, cls)(**COMMON, **overrides)
+            else:  # the other architectures with structured pruning, for the default-output test
+                config = getattr(transformers, OTHER_ARCHS[arch][0])(**OTHER_ARCHS[arch][1])
             torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**COMMON, **overrides))
+            model = transformers.AutoModelForCausalLM.from_config(config)
             with torch.no_grad():  # non-trivial norms and biases, so that slicing mistakes show
                 for name, p in model.named_parameters():
                     if p.dim() == 1:
@@ -52,8 +62,13 @@ def arch_model(tmp_path_factory):
             path = tmp_path_factory.mktemp(arch) / "tiny"
             model.save_pretrained(path, safe_serialization=True)
             ids = R.random_samples(3, 20, vocab=256, seed=3)
-            res = collect_stats(path, ids, device="cpu")
-            sidecar.write(path / sidecar.SIDECAR_NAME, path, res.layers, calibration={"source": "ids", "nsamples": 3, "seqlen": 20, "seed": 3, "tokens": 60})
+            calibration = {"source": "ids", "nsamples": 3, "seqlen": 20, "seed": 3, "tokens": 60}
+            if arch == "phi3":  # hywia refuses fused projections: activation statistics only
+                res = collect_stats(path, ids, device="cpu")
+                sidecar.write(path / sidecar.SIDECAR_NAME, path, res.layers, calibration=calibration)
+            else:  # gradient statistics too, from the same pass, for hywia
+                g = collect_grad_stats(path, ids, device="cpu")
+                sidecar.write(path / sidecar.SIDECAR_NAME, path, g.stats.layers, calibration=calibration, grad=g.layers, grad_meta=g.meta(20))
             cache[arch] = path
         return cache[arch]
 
@@ -142,7 +157,8 @@ def test_compensation_refused_without_a_bias_flag(run_cli, arch_model, tmp_path,
     model = tmp_path / "m" / "tiny"
     shutil.copytree(arch_model(arch), model)
     before = tree_hashes(tmp_path)
-    code, stdout, stderr = run_cli(["apply", model, "--method", "flap", "--sparsity", "0.2", "--out", tmp_path / "out"])
+    # asked for: refused (the default gives way with a warning, test_default_output_loads_in_stock_transformers)
+    code, stdout, stderr = run_cli(["apply", model, "--method", "flap", "--sparsity", "0.2", "--compensate", "--out", tmp_path / "out"])
     assert_clean_error(code, stdout, stderr, contains=(json.loads((model / "config.json").read_text())["model_type"], flag), hint_contains="--no-compensate")
     assert tree_hashes(tmp_path) == before and "out" not in listing(tmp_path)
 
@@ -158,3 +174,46 @@ def test_phi3_refuses_hywia(run_cli, arch_model, tmp_path):
     code, stdout, stderr = run_cli(["apply", model, "--method", "hywia", "--sparsity", "0.3", "--out", tmp_path / "out"])
     assert_clean_error(code, stdout, stderr, contains="fused projections")
     assert tree_hashes(tmp_path) == before and "out" not in listing(tmp_path)
+
+
+STRUCTURED = ("flap", "wanda-sp", "magnitude-sp", "hywia")
+
+
+@pytest.mark.parametrize("arch", slow_except(sorted({*ARCHS, *OTHER_ARCHS}), "llama", "opt", "gemma2"))
+def test_default_output_loads_in_stock_transformers(run_cli, arch_model, tmp_path, arch):
+    """Every structured method's default output (uniform widths, head counts a stock config can
+    describe; hywia without its skipped layers) loads with AutoModelForCausalLM.from_pretrained on
+    every architecture with structured pruning, and computes what the original computes with the
+    removed groups' columns zeroed."""
+    from transformers import AutoModelForCausalLM
+
+    model = arch_model(arch)
+    ids = R.random_samples(2, 16, vocab=256, seed=5)
+    for method in STRUCTURED:
+        if arch == "phi3" and method == "hywia":
+            continue  # refused: test_phi3_refuses_hywia
+        out = tmp_path / method
+        # hywia keeps its published recipe's first and last layers whole by default (layers of
+        # different sizes; apply says so): with no layer skipped it is uniform like the others
+        skips = ["--skip-first", "0", "--skip-last", "0"] if method == "hywia" else []
+        code, stdout, err = run_cli(["apply", model, "--method", method, "--sparsity", "0.3", *skips, "--out", out, "--json"])
+        assert code == 0, (method, err)
+        s = json.loads(stdout)
+        assert (s["allocation"], s["loader"]) == ("uniform", "transformers"), (method, s)
+        assert s["heads_after"] < s["heads_before"] or arch == "opt", (method, s)  # OPT keeps its heads
+        assert s["mlp_channels_after"] < s["mlp_channels_before"], (method, s)
+        config = json.loads((out / "config.json").read_text())
+        assert config["llmprune"]["loader"] == "transformers"
+        stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert sum(p.numel() for p in stock.parameters()) == s["model_params_after"], method
+        with torch.no_grad():
+            got = stock(ids).logits
+        assert torch.isfinite(got).all(), method
+        if arch in ARCHS and not s["compensate"]:
+            head_dim = ARCHS[arch][1].get("head_dim", COMMON["hidden_size"] // COMMON["num_attention_heads"])
+            with torch.no_grad():
+                want = masked_reference(model, out, head_dim)(ids).logits
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        if method == "flap" and arch not in ("llama", "opt"):
+            # flap compensates by default only where the config can load the added biases
+            assert not s["compensate"] and any("bias compensation is off" in w for w in s["warnings"]), s["warnings"]

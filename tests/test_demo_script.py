@@ -216,9 +216,9 @@ def test_run_keeps_outputs_and_echoes_commands_as_typed(demo, fake_llmprune, tmp
         shlex.join(["llmprune", "inspect", str(kept[1])]),
         # the lowest perplexity (the fake's grow call by call), on twice the text
         shlex.join(["llmprune", "eval", str(kept[0]), "--seqlen", "32", "--device", "cpu", "--max-tokens", "256"]),
-        shlex.join(["llmprune", "apply", str(model), "--method", "flap", "--sparsity", "0.2", "--allocation", "uniform",
-                    "--out", str(model.parent / "smol-flap-0.2-uniform")]),
-        shlex.join(["llmprune", "eval", str(model.parent / "smol-flap-0.2-uniform"), "--seqlen", "32", "--device", "cpu", "--max-tokens", "128"]),
+        shlex.join(["llmprune", "apply", str(model), "--method", "flap", "--sparsity", "0.2",
+                    "--out", str(model.parent / "smol-flap-0.2")]),
+        shlex.join(["llmprune", "eval", str(model.parent / "smol-flap-0.2"), "--seqlen", "32", "--device", "cpu", "--max-tokens", "128"]),
     ]
 
 
@@ -245,8 +245,8 @@ def test_next_commands_replace_only_what_is_there(demo, tmp_path):
     args = argparse.Namespace(max_tokens=0, eval_seqlen=512, device="auto", data="notes.txt", nsamples=8, seqlen=256, calib=None)
     cmds = [argv for _, argv in demo.next_commands(runs, args, model, tmp_path)]
     assert [c[0] for c in cmds] == ["apply", "eval"]  # nothing kept, the statistics there: FLAP and its evaluation
-    assert cmds[1] == ["eval", str(tmp_path / "smol-flap-0.2-uniform"), "--seqlen", "512", "--device", "auto", "--data", "notes.txt"]
-    (tmp_path / "smol-flap-0.2-uniform").mkdir()  # from an earlier paste: replaced
+    assert cmds[1] == ["eval", str(tmp_path / "smol-flap-0.2"), "--seqlen", "512", "--device", "auto", "--data", "notes.txt"]
+    (tmp_path / "smol-flap-0.2").mkdir()  # from an earlier paste: replaced
     assert demo.next_commands(runs, args, model, tmp_path)[0][1][-1] == "--force"
 
 
@@ -302,7 +302,7 @@ def test_tiny_demo_keeps_outputs_and_its_next_commands_work(tiny_demo_model, tmp
         res = run_as_printed(command)
         assert res.returncode == 0, f"{command}\n{res.stderr}"
     assert "2:4" in run_as_printed(cmds[0]).stdout
-    assert (model.parent / "tiny-flap-0.2-uniform" / "config.json").is_file()
+    assert (model.parent / "tiny-flap-0.2" / "config.json").is_file()
 
 
 @pytest.mark.slow

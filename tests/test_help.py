@@ -74,7 +74,10 @@ def test_help_states_the_defaults_a_user_needs(monkeypatch, capsys):
         "[default: (MODEL-METHOD-TARGET beside MODEL)]",
         "[default: (LLMPRUNE_NUM_THREADS, else all cores)]",
         "[default: row]",
-        "[default: (uniform; global for structured, uniform for hywia)]",
+        "--allocation MODE",
+        "[default: (uniform)]",
+        "--width-multiple N",
+        "[default: (128)]",
         "--fusion-temperature T",
         "of the decoder blocks' parameters for structured methods",
     ):

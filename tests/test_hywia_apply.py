@@ -23,7 +23,7 @@ import torch
 import reference as R
 import stats_helpers as H
 from conftest import copy_model
-from structured_reference import apply_json, check_output, expect_failure, expected_tensors, layer_modules, load_and_compare_perplexity, plan_groups
+from structured_reference import apply_json, check_output, expect_failure, expected_tensors, layer_modules, load_and_compare_perplexity, plan_groups, stock_heads
 
 LAYERS = 10  # default skips: round(10/8) = 1 first, round(10/16) = 1 last
 MODEL = dict(num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=4)  # 2 query heads per group
@@ -197,7 +197,7 @@ def test_matches_reference(run_cli, base_model, tmp_path, fusion, taylor, alloca
     tensors, _ = R.read_checkpoint(model)
     layers = layer_modules(H.read_config(model), tensors)
     scores, entries = hywia_reference(layers, grads, fusion, taylor, temperature, frozen)
-    keep, removed, block_params = plan_groups(layers, scores, tensors, sparsity, allocation or "uniform", frozen)
+    keep, removed, block_params = plan_groups(layers, scores, tensors, sparsity, allocation or "uniform", frozen, kv_allowed=stock_heads(H.read_config(model)))
 
     assert (s["method"], s["allocation"], s["compensate"]) == ("hywia", allocation or "uniform", False)
     assert (s["fusion_mode"], s["taylor"], s["fusion_temperature"]) == (fusion, taylor, temperature)
@@ -238,7 +238,7 @@ def test_statistics_from_stats_grad(run_cli, tmp_path):
     layers = layer_modules(H.read_config(model), tensors)
     frozen = [i < 1 or i >= LAYERS - 1 for i in range(LAYERS)]
     scores, entries = hywia_reference(layers, read_grads(model / R.SIDECAR_NAME), "adaptive", "mix", 0.1, frozen)
-    keep, removed, _ = plan_groups(layers, scores, tensors, 0.3, "uniform", frozen)
+    keep, removed, _ = plan_groups(layers, scores, tensors, 0.3, "uniform", frozen, kv_allowed=stock_heads(H.read_config(model)))
     assert s["params_removed"] == removed
     check_output(tmp_path / "out", model, expected_tensors(layers, keep, tensors, None, False))
     for got, want in zip(s["fusion"], entries):
@@ -267,21 +267,24 @@ def test_outputs_load_and_run(run_cli, base_model, tmp_path):
     model, _ = model_with_grads(base_model, tmp_path / "m")
     code, stdout, err = run_cli(["apply", model, "--method", "hywia", "--sparsity", "0.25"])
     assert code == 0, err
-    assert stdout.startswith("hywia 0.25 (uniform): kept "), stdout
+    assert stdout.startswith("hywia 0.25 (uniform, width multiple 128): kept "), stdout
     line = stdout.splitlines()[1]
     assert line.startswith("fusion fine (taylor first, temperature 0.1): mean alpha_fine 1.000 ") and "over 8 pruned layers" in line, line
     assert line.endswith("first 1 and last 1 layers kept whole"), line
     # the skipped layers keep every head and channel, so layers differ in size
     out = model.parent / "tiny-hywia-0.25"
     assert json.loads((out / "config.json").read_text())["llmprune"]["loader"] == "llmprune.load_pruned"
+    # apply says so, and how to get an output stock transformers loads
+    assert "layers differ in size" in err and "--skip-first 0 --skip-last 0" in err, err
     pruned = load_and_compare_perplexity(out)
     sizes = [(layer.self_attn.k_proj.out_features, layer.mlp.down_proj.in_features) for layer in pruned.model.layers]
     assert sizes[0] == sizes[-1] == (32, 128) and sizes[1][0] == 24
 
     # no layer skipped: every layer the same size; stock transformers loads it when the head count
     # divides hidden_size (transformers 5's LlamaConfig refuses anything else, head_dim or not)
+    # (6 of 8 heads would not: uniform allocation removes 2 of the 4 groups instead of 1)
     flat = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.25", "--skip-first", "0", "--skip-last", "0", "--out", tmp_path / "six")
-    assert {layer["num_attention_heads"] for layer in flat["per_layer"]} == {6} and flat["loader"] == "llmprune.load_pruned"
+    assert {layer["num_attention_heads"] for layer in flat["per_layer"]} == {4} and flat["loader"] == "transformers"
     s = apply_json(run_cli, model, "--method", "hywia", "--sparsity", "0.5", "--skip-first", "0", "--skip-last", "0", "--out", tmp_path / "flat")
     assert {layer["num_attention_heads"] for layer in s["per_layer"]} == {4}
     assert s["loader"] == "transformers" and len(s["fusion"]) == LAYERS
@@ -305,15 +308,16 @@ def test_global_output_runs_with_load_pruned(run_cli, base_model, tmp_path):
 # Bad input: exit 2, one error line, nothing written
 # --------------------------------------------------------------------------------------------
 
-HINT = "run: llmprune stats MODEL --grad"
+# the core's hint, sized by the command line for this model (cli/hints.py; tests/test_hints.py)
+HINT = "run: `llmprune stats {} --grad --nsamples"
 
 
 def test_sidecar_without_gradient_statistics(run_cli, base_model, tmp_path):
     model = copy_model(base_model, tmp_path / "m")  # activation statistics only
-    msg = expect_failure(run_cli, model, ["--method", "hywia", "--sparsity", "0.2"], contains="method hywia needs gradient statistics;", hint_contains=HINT)
+    msg = expect_failure(run_cli, model, ["--method", "hywia", "--sparsity", "0.2"], contains="method hywia needs gradient statistics;", hint_contains=HINT.format(model))
     assert str(model / R.SIDECAR_NAME) in msg and msg.endswith("has none")
     (model / R.SIDECAR_NAME).unlink()
-    expect_failure(run_cli, model, ["--method", "hywia", "--sparsity", "0.2"], contains="needs gradient statistics", hint_contains=HINT)
+    expect_failure(run_cli, model, ["--method", "hywia", "--sparsity", "0.2"], contains="needs gradient statistics", hint_contains=HINT.format(model))
 
 
 def test_adaptive_needs_both_halves(run_cli, base_model, tmp_path):

@@ -40,17 +40,20 @@ STRUCTURED = ["flap", "magnitude-sp", "wanda-sp"]
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("allocation,width", [("global", None), ("uniform", None), ("uniform", 16)])
 @pytest.mark.parametrize("method", STRUCTURED)
-def test_matches_reference(run_cli, tiny_model, tmp_path, method, allocation):
+def test_matches_reference(run_cli, tiny_model, tmp_path, method, allocation, width):
     model = copy_model(tiny_model, tmp_path / "m")
     sparsity = 0.3
     out = tmp_path / "out"
-    s = apply_json(run_cli, model, "--method", method, "--sparsity", sparsity, "--allocation", allocation, "--out", out)
+    extra = ["--width-multiple", str(width)] if width else []
+    s = apply_json(run_cli, model, "--method", method, "--sparsity", sparsity, "--allocation", allocation, *extra, "--out", out)
     cfg = H.read_config(model)
     tensors, _ = R.read_checkpoint(model)
     stats = tiny_model.stats
-    layers, keep, removed, block_params = reference_plan(method, sparsity, allocation, cfg, tensors, stats)
+    layers, keep, removed, block_params = reference_plan(method, sparsity, allocation, cfg, tensors, stats, width_multiple=width or 128)
+    if width:  # the kept widths are multiples of the width (a 128-wide MLP: not rounded by default)
+        assert s["width_multiple"] == width and all(len(k["mlp"]) % width == 0 for k in keep)
     compensate = method == "flap"
     assert s["compensate"] is compensate
     assert s["params_removed"] == removed and s["block_params_before"] == block_params
@@ -71,18 +74,23 @@ def test_matches_reference(run_cli, tiny_model, tmp_path, method, allocation):
         assert new["intermediate_size"] == len(keep[0]["mlp"])
 
 
-def test_opt_matches_reference(run_cli, tmp_path):
+@pytest.mark.parametrize("allocation", ["global", None])
+def test_opt_matches_reference(run_cli, tmp_path, allocation):
+    """Global allocation removes OPT heads (load_pruned); the default, uniform, keeps every head (a
+    stock OPT config derives the head size from hidden_size) and takes the target from the MLP."""
     model = H.tiny_opt_dir(tmp_path / "m" / "tiny", dtype="float32")
     stats = R.reference_stats(R.load_f32_model(model), R.random_samples(4, 32))
     R.write_sidecar(model, stats)
     out = tmp_path / "out"
-    s = apply_json(run_cli, model, "--method", "flap", "--sparsity", "0.25", "--out", out)
+    s = apply_json(run_cli, model, "--method", "flap", "--sparsity", "0.25", "--out", out, *(["--allocation", allocation] if allocation else []))
     tensors, _ = R.read_checkpoint(model)
-    layers, keep, removed, _ = reference_plan("flap", 0.25, "global", H.read_config(model), tensors, stats)
+    layers, keep, removed, _ = reference_plan("flap", 0.25, allocation or "uniform", H.read_config(model), tensors, stats)
     assert s["params_removed"] == removed and s["family"] == "opt"
     check_output(out, model, expected_tensors(layers, keep, tensors, stats, True))
     pruned = load_and_compare_perplexity(out)
     assert pruned.model.decoder.layers[0].self_attn.num_heads == s["per_layer"][0]["num_attention_heads"]
+    if allocation is None:
+        assert s["loader"] == "transformers" and s["heads_after"] == s["heads_before"] and s["mlp_channels_after"] < s["mlp_channels_before"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,10 +202,13 @@ def test_uniform_output_loads_with_transformers(run_cli, tiny_models, tmp_path):
 def test_non_uniform_loads_with_load_pruned(run_cli, tiny_models, tmp_path):
     model = copy_model(tiny_models("bfloat16", sharded=True, stats=True), tmp_path / "m")
     H.add_tokenizer(model)
-    s = apply_json(run_cli, model, "--method", "flap", "--sparsity", "0.3")
+    code, stdout, err = run_cli(["apply", model, "--method", "flap", "--sparsity", "0.3", "--allocation", "global", "--json"])
+    assert code == 0, err
+    s = json.loads(stdout)
     out = Path(s["out"])
-    assert out == model.parent / "tiny-flap-0.3"
-    assert s["loader"] == "llmprune.load_pruned"
+    assert out == model.parent / "tiny-flap-0.3-global"
+    assert s["loader"] == "llmprune.load_pruned" and s["width_multiple"] is None
+    assert "layers differ in size" in err and "load_pruned" in err
     sizes = {(x["num_key_value_heads"], x["intermediate_size"]) for x in s["per_layer"]}
     assert len(sizes) > 1, "global allocation should differ between layers here"
     pruned = load_and_compare_perplexity(out)
@@ -212,10 +223,14 @@ def test_non_uniform_loads_with_load_pruned(run_cli, tiny_models, tmp_path):
 
 def test_text_summary_and_default_names(run_cli, tiny_model, tmp_path):
     model = copy_model(tiny_model, tmp_path / "m")
-    code, out, err = run_cli(["apply", model, "--method", "magnitude-sp", "--sparsity", "0.2", "--allocation", "uniform"])
+    code, out, err = run_cli(["apply", model, "--method", "magnitude-sp", "--sparsity", "0.2"])
     assert code == 0, err
-    assert (model.parent / "tiny-magnitude-sp-0.2-uniform" / "config.json").is_file()
-    assert out.startswith("magnitude-sp 0.2 (uniform): kept ") and "decoder-block parameters" in out
+    assert (model.parent / "tiny-magnitude-sp-0.2" / "config.json").is_file()
+    assert out.startswith("magnitude-sp 0.2 (uniform, width multiple 128): kept ") and "decoder-block parameters" in out
+    code, out, err = run_cli(["apply", model, "--method", "magnitude-sp", "--sparsity", "0.2", "--allocation", "global"])
+    assert code == 0, err
+    assert (model.parent / "tiny-magnitude-sp-0.2-global" / "config.json").is_file()
+    assert out.startswith("magnitude-sp 0.2 (global): kept ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +262,10 @@ def test_architecture_without_group_rule(run_cli, tmp_path):
         # unstructured methods take --allocation uniform|owl|FILE and --compensate (docs/refinements.md)
         (["--method", "wanda", "--sparsity", "0.2", "--allocation", "global"], "structured"),
         (["--method", "flap", "--sparsity", "0.2", "--allocation", "owl"], "allocation"),
+        (["--method", "flap", "--sparsity", "0.2", "--allocation", "global", "--width-multiple", "64"], "uniform allocation"),
+        (["--method", "flap", "--sparsity", "0.2", "--width-multiple", "0"], "--width-multiple"),
+        (["--method", "wanda", "--sparsity", "0.2", "--width-multiple", "64"], "structured"),
+        (["--method", "block-influence", "--remove-blocks", "1", "--width-multiple", "64"], "--width-multiple"),
     ],
 )
 def test_bad_arguments(run_cli, tiny_model, tmp_path, args, contains):

@@ -91,19 +91,42 @@ def group_cost(mod: dict[str, Any], tensors) -> int:
     return rows + cpg * tensors[f"{name}.weight"].shape[0]
 
 
-def reference_plan(method, sparsity, allocation, cfg, tensors, stats):
+def stock_heads(cfg: dict[str, Any]):
+    """Which kept key/value group counts a stock transformers config describes (docs/cli.md): OPT
+    keeps every head; LLaMA, Gemma 2 and Gemma 3 need the head count to divide hidden_size."""
+    heads = cfg["num_attention_heads"]
+    qpk = heads // (cfg.get("num_key_value_heads") or heads)
+    if cfg["model_type"] == "opt":
+        return lambda k: k * qpk == heads
+    if cfg["model_type"] in ("llama", "gemma2", "gemma3", "gemma3_text"):
+        return lambda k: k * qpk > 0 and cfg["hidden_size"] % (k * qpk) == 0
+    return lambda k: True
+
+
+def round_width(kept: int, width: int, m: int) -> int:
+    """Kept width rounded to the nearest multiple of m (halves up) within [m, width]; unchanged when
+    width <= m."""
+    if m <= 1 or width <= m:
+        return kept
+    return min(max(math.floor(kept / m + 0.5) * m, m), width)
+
+
+def reference_plan(method, sparsity, allocation, cfg, tensors, stats, width_multiple=128):
     """(layers, kept attention groups per layer, kept MLP channels per layer, removed params)."""
     layers = layer_modules(cfg, tensors)
     scores = [{k: group_scores(method, L[k], tensors, stats) for k in ("attn", "mlp")} for L in layers]
-    keep, total_removed, block_params = plan_groups(layers, scores, tensors, sparsity, allocation)
+    keep, total_removed, block_params = plan_groups(layers, scores, tensors, sparsity, allocation, kv_allowed=stock_heads(cfg), width_multiple=width_multiple)
     return layers, keep, total_removed, block_params
 
 
-def plan_groups(layers, scores, tensors, sparsity, allocation, frozen=None):
+def plan_groups(layers, scores, tensors, sparsity, allocation, frozen=None, kv_allowed=lambda k: True, width_multiple=128):
     """(kept groups per layer and module, removed params, decoder-layer params) from group scores.
     Layers where `frozen` is true keep everything; the others carry the whole target: uniform
     allocation uses S' = S · (all layers' params) / (params of the others), global allocation ranks
-    only the others' groups against S · (all layers' params)."""
+    only the others' groups against S · (all layers' params). Uniform allocation removes the count of
+    attention groups nearest S'·G (ties: more) that leaves a count `kv_allowed` (or none; any count
+    when some layer is frozen: no stock config describes such an output), then the MLP
+    channels that bring the layer nearest S', the kept width rounded by `round_width`."""
     frozen = frozen or [False] * len(layers)
     cost = [{k: group_cost(L[k], tensors) for k in ("attn", "mlp")} for L in layers]
     params = [sum(t.numel for n, t in tensors.items() if n.startswith(L["prefix"])) for L in layers]
@@ -123,9 +146,11 @@ def plan_groups(layers, scores, tensors, sparsity, allocation, frozen=None):
             sparsity = sparsity * sum(params) / sum(params[li] for li in free)
         for li in free:
             G, I = len(scores[li]["attn"]), len(scores[li]["mlp"])
-            h = min(math.floor(sparsity * G + 0.5), G)
+            allowed = [h for h in range(G + 1) if h == G or any(frozen) or kv_allowed(G - h)]
+            h = min(allowed, key=lambda h: (abs(h - sparsity * G), -h))
             c = math.floor((sparsity * params[li] - h * cost[li]["attn"]) / cost[li]["mlp"] + 0.5)
             c = min(max(c, 0), I)
+            c = I - round_width(I - c, I, width_multiple)
             removed[li]["attn"] = list(np.argsort(scores[li]["attn"], kind="stable")[:h])
             removed[li]["mlp"] = list(np.argsort(scores[li]["mlp"], kind="stable")[:c])
     keep = [{k: sorted(set(range(layers[li][k]["groups"])) - set(map(int, removed[li][k]))) for k in ("attn", "mlp")} for li in range(len(layers))]

@@ -139,8 +139,17 @@ def apply_cmd(
         typer.Option(
             "--allocation",
             metavar="MODE",
-            help="Unstructured (--sparsity): uniform, owl (each block's sparsity from its share of outlier Wanda scores, mean S), or a JSON file of per-block sparsities (`llmprune search` writes one). Structured: global (one threshold across layers and modules) or uniform (the same share removed in every layer). Depth: the schedule file of `llmprune search` naming the blocks to remove.",
-            show_default="uniform; global for structured, uniform for hywia",
+            help="Unstructured (--sparsity): uniform, owl (each block's sparsity from its share of outlier Wanda scores, mean S), or a JSON file of per-block sparsities (`llmprune search` writes one). Structured: uniform (the same widths in every layer; loads in stock transformers) or global (one threshold across layers and modules; layers differ in size, loads with llmprune.load_pruned). Depth: the schedule file of `llmprune search` naming the blocks to remove.",
+            show_default="uniform",
+        ),
+    ] = None,
+    width_multiple: Annotated[
+        Optional[int],
+        typer.Option(
+            "--width-multiple",
+            metavar="N",
+            help="Structured, uniform allocation: round each layer's kept MLP width to a multiple of N (1: no rounding; layers N wide or narrower are not rounded).",
+            show_default="128",
         ),
     ] = None,
     owl_m: OwlMOpt = None,
@@ -150,7 +159,7 @@ def apply_cmd(
         typer.Option(
             "--compensate/--no-compensate",
             help="Fold the mean contribution of what was pruned into output biases (adding biases where the architecture allows). Unstructured: b += (W - W') mu; structured: of the removed channels.",
-            show_default="on for flap, off for the others",
+            show_default="on for flap where the architecture can load the biases, off for the others",
         ),
     ] = None,
     refine: RefineOpt = None,
@@ -178,7 +187,13 @@ def apply_cmd(
         typer.Option("--fusion-temperature", metavar="T", help="hywia: softmax temperature of the adaptive fusion weights.", show_default="0.1"),
     ] = None,
     skip_first: Annotated[
-        Optional[int], typer.Option("--skip-first", metavar="N", help="hywia: keep the first N decoder layers whole.", show_default="round(layers / 8)")
+        Optional[int],
+        typer.Option(
+            "--skip-first",
+            metavar="N",
+            help="hywia: keep the first N decoder layers whole (0 with --skip-last 0: loads in stock transformers).",
+            show_default="round(layers / 8)",
+        ),
     ] = None,
     skip_last: Annotated[
         Optional[int], typer.Option("--skip-last", metavar="N", help="hywia: keep the last N decoder layers whole.", show_default="round(layers / 16)")
@@ -243,7 +258,7 @@ def apply_cmd(
     check_apply_method(method)
     check_sparsity(sparsity)
     check_int("--threads", threads, 1, THREADS_MAX)
-    for flag, n, lo in (("--blocksize", blocksize, 1), ("--skip-first", skip_first, 0), ("--skip-last", skip_last, 0)):
+    for flag, n, lo in (("--blocksize", blocksize, 1), ("--skip-first", skip_first, 0), ("--skip-last", skip_last, 0), ("--width-multiple", width_multiple, 1)):
         check_int(flag, n, lo)
     for flag, n in (("--experts-keep", experts_keep), ("--remove-blocks", remove_blocks)):
         check_int(flag, n)
@@ -273,6 +288,7 @@ def apply_cmd(
             "--update": update,
             "--allocation": allocation is not None and method not in methods("depth"),
             "--compensate": compensate is not None,
+            "--width-multiple": width_multiple is not None,
             "--refine": refine is not None,
             "--reconstruct": reconstruct,
             "--gram": gram is not None,
@@ -354,8 +370,12 @@ def apply_cmd(
         if "--damp" in given and not reconstruct:
             raise UsageError(f"--damp with structured method {method} goes with --reconstruct", "add --reconstruct, or drop --damp")
         recon = {"reconstruct": reconstruct, "gram": str(gram) if gram is not None else None, "damp": damp}
-        apply_structured(model, method, sparsity, allocation, compensate, stats, out, threads, force, json_out, {**hywia, **recon})
+        apply_structured(
+            model, method, sparsity, allocation, compensate, stats, out, threads, force, json_out, {**hywia, **recon, "width_multiple": width_multiple}
+        )
         return
+    if width_multiple is not None:
+        raise UsageError(f"--width-multiple applies to the structured methods' uniform allocation, not to {method}")
     if reconstruct:
         raise UsageError(f"--reconstruct applies to the structured methods; unstructured {method} updates weights with --update")
     if method != "sparsegpt" and not update:
@@ -445,7 +465,12 @@ def apply_structured(
     default_allocation = next(m["allocation"] for m in method_registry()["structured"] if m["name"] == method)
     allocation = allocation or default_allocation
     if allocation not in ("global", "uniform"):
-        raise UsageError(f"unknown --allocation {allocation!r}", "choose global or uniform")
+        raise UsageError(f"unknown --allocation {allocation!r}", "choose uniform or global")
+    if allocation == "global" and hywia.get("width_multiple") is not None:
+        raise UsageError(
+            "--width-multiple goes with uniform allocation; global allocation gives every layer its own widths",
+            "drop --width-multiple, or drop --allocation global",
+        )
     out_dir = out if out is not None else default_out(model, method, sparsity, None, allocation if allocation != default_allocation else "row")
     if out is None and hywia.get("reconstruct"):
         out_dir = out_dir.with_name(out_dir.name + "-reconstruct")
@@ -465,8 +490,16 @@ def apply_structured(
         )
     )
     if summary["loader"] != "transformers":
+        why = "layers differ in size" if len({tuple(sorted(x.items())) for x in summary["per_layer"]}) > 1 else "a stock config cannot describe its head count"
+        if summary["allocation"] == "global":
+            instead = "; drop --allocation global for an output they load"
+        elif summary.get("skip_first") or summary.get("skip_last"):
+            instead = "; --skip-first 0 --skip-last 0 gives one they load, at a cost in quality (docs/hywia.md)"
+        else:
+            instead = ""
         err.print(
-            f"note: layers differ in size; load {summary['out']} with llmprune.load_pruned(path) (llmprune eval reads it directly)",
+            f"note: {why}; load {summary['out']} with llmprune.load_pruned(path) (llmprune eval reads it directly); "
+            f"stock transformers, vLLM and llama.cpp cannot load it{instead}",
             markup=False,
             soft_wrap=True,
         )
@@ -475,7 +508,8 @@ def apply_structured(
         return
     s = summary
     typer.echo(
-        f"{s['method']} {s['sparsity']:g} ({s['allocation']}{', bias compensation' if s['compensate'] else ''}): "
+        f"{s['method']} {s['sparsity']:g} ({s['allocation']}{f', width multiple {wm}' if (wm := s.get('width_multiple')) else ''}"
+        f"{', bias compensation' if s['compensate'] else ''}): "
         f"kept {s['heads_after']} of {s['heads_before']} attention heads and {s['mlp_channels_after']:,} of "
         f"{s['mlp_channels_before']:,} MLP channels; removed {s['params_removed']:,} of {s['block_params_before']:,} "
         f"decoder-block parameters ({s['achieved_sparsity']:.4%}); wrote {s['out']} "
@@ -505,10 +539,11 @@ def fusion_line(s: dict[str, Any]) -> str:
     """One line on hywia's fusion: mean weight of the fine estimate per module, layers kept whole."""
     layers = s["fusion"]
     mean = {k: sum(f[k]["alpha_fine"] for f in layers) / len(layers) for k in ("attn", "mlp")}
+    kept = f"first {s['skip_first']} and last {s['skip_last']} layers kept whole" if s["skip_first"] or s["skip_last"] else "no layer kept whole"
     return (
         f"fusion {s['fusion_mode']} (taylor {s['taylor']}, temperature {s['fusion_temperature']:g}): mean alpha_fine "
         f"{(mean['attn'] + mean['mlp']) / 2:.3f} (attention {mean['attn']:.3f}, MLP {mean['mlp']:.3f}) over {len(layers)} "
-        f"pruned layers; first {s['skip_first']} and last {s['skip_last']} layers kept whole"
+        f"pruned layers; {kept}"
     )
 
 

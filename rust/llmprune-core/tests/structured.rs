@@ -215,7 +215,7 @@ fn magnitude_sp_slices_the_lowest_norm_groups() {
     let out = root.path().join("out");
     // per layer: attention group cost (2 q heads + k + v rows, 2 o columns of 2) = 8*(4+2+2) + 8*4 = 96,
     // MLP channel cost 24, layer params 8*8*2 + 4*8*2 + 6*8*3 + 16 = 352: S = (96 + 2*24) / 352 -> h = 1, c = 2
-    let s = run(&opts(&m, &out, StructMethod::MagnitudeSp, 144.0 / 352.0, GroupAllocation::Uniform)).unwrap();
+    let s = run(&opts(&m, &out, StructMethod::MagnitudeSp, 144.0 / 352.0, GroupAllocation::Uniform { width_multiple: 1 })).unwrap();
     assert_eq!(s.params_removed, 2 * 144);
     assert_eq!(s.block_params_before, 2 * 352);
     assert_eq!(s.block_params_after, 2 * (352 - 144));
@@ -336,7 +336,7 @@ fn existing_bias_is_compensated_in_place() {
     write_model(&m, &ts, &llama_config(KV), false);
     write_sidecar(&m, &ts);
     let out = root.path().join("out");
-    let mut o = opts(&m, &out, StructMethod::WandaSp, 0.3, GroupAllocation::Uniform);
+    let mut o = opts(&m, &out, StructMethod::WandaSp, 0.3, GroupAllocation::Uniform { width_multiple: 1 });
     o.compensate = Some(true);
     let s = run(&o).unwrap();
     assert_eq!(s.per_layer[0].num_key_value_heads, 1);
@@ -374,17 +374,27 @@ fn opt_heads_and_channels() {
     write_model(&m, &ts, &cfg, false);
     write_sidecar(&m, &ts);
     let out = root.path().join("out");
-    let s = run(&opts(&m, &out, StructMethod::Flap, 0.3, GroupAllocation::Uniform)).unwrap();
-    // HEADS = 4 groups of 2 rows: h = floor(0.3 * 4 + 0.5) = 1 head per layer
-    assert_eq!(s.per_layer[0].num_attention_heads, 3);
+    // global allocation removes heads: each layer's projections sliced to its own head count
+    let s = run(&opts(&m, &out, StructMethod::Flap, 0.3, GroupAllocation::Global)).unwrap();
+    assert!(s.heads_after < s.heads_before, "{s:?}");
     assert_eq!(s.loader, "llmprune.load_pruned");
     let b = read(&out);
-    assert_eq!(b["model.decoder.layers.0.self_attn.q_proj.bias"].0, vec![3 * HD]);
-    assert_eq!(b["model.decoder.layers.0.self_attn.out_proj.weight"].0, vec![HIDDEN, 3 * HD]);
-    assert_eq!(b["model.decoder.layers.0.fc2.weight"].0[1], s.per_layer[0].intermediate_size);
+    for (l, shape) in s.per_layer.iter().enumerate() {
+        let heads = shape.num_attention_heads;
+        assert_eq!(b[&format!("model.decoder.layers.{l}.self_attn.q_proj.bias")].0, vec![heads * HD]);
+        assert_eq!(b[&format!("model.decoder.layers.{l}.self_attn.out_proj.weight")].0, vec![HIDDEN, heads * HD]);
+        assert_eq!(b[&format!("model.decoder.layers.{l}.fc2.weight")].0[1], shape.intermediate_size);
+    }
     let c = config(&out);
     assert_eq!(c["num_attention_heads"], HEADS, "a stock OPT config cannot describe fewer heads");
-    assert_eq!(c["llmprune"]["structured"]["layers"][0]["num_attention_heads"], 3);
+    assert_eq!(c["llmprune"]["structured"]["layers"][0]["num_attention_heads"], s.per_layer[0].num_attention_heads);
+
+    // uniform allocation keeps every OPT head (a stock config derives the head size from hidden_size):
+    // layer params 4·72 + 54 + 56 = 398, channels cost 17: S = 0.1 -> ⌊39.8 / 17 + ½⌋ = 2 channels
+    let out = root.path().join("out-uniform");
+    let s = run(&opts(&m, &out, StructMethod::Flap, 0.1, GroupAllocation::Uniform { width_multiple: 1 })).unwrap();
+    assert_eq!((s.heads_after, s.per_layer[0].intermediate_size, s.loader.as_str()), (s.heads_before, INTER - 2, "transformers"));
+    assert_eq!(config(&out)["ffn_dim"], INTER - 2);
 }
 
 #[test]
@@ -401,7 +411,7 @@ fn bad_input_is_refused_before_writing() {
         .collect();
     write_model(&m, &ts1, &cfg, false);
     let out = root.path().join("out");
-    let e = run(&opts(&m, &out, StructMethod::MagnitudeSp, 0.6, GroupAllocation::Uniform)).unwrap_err().to_string();
+    let e = run(&opts(&m, &out, StructMethod::MagnitudeSp, 0.6, GroupAllocation::Uniform { width_multiple: 1 })).unwrap_err().to_string();
     assert!(e.contains("all 1 of its attention groups") && e.contains("layer 0"), "{e}");
     assert!(!out.exists());
     let e = run(&opts(&m, &out, StructMethod::Flap, 0.2, GroupAllocation::Global)).unwrap_err().to_string();
@@ -462,7 +472,7 @@ fn grad_arrays(t: &T, counts: [i64; 3]) -> Vec<Array> {
 }
 
 fn hywia_opts(m: &Path, out: &Path, sparsity: f64, h: HywiaOptions) -> StructuredOptions {
-    StructuredOptions { hywia: Some(h), ..opts(m, out, StructMethod::Hywia, sparsity, GroupAllocation::Uniform) }
+    StructuredOptions { hywia: Some(h), ..opts(m, out, StructMethod::Hywia, sparsity, GroupAllocation::Uniform { width_multiple: 1 }) }
 }
 
 fn kept(dir: &Path, layer: usize) -> (Vec<f32>, Vec<f32>) {
@@ -560,7 +570,10 @@ fn hywia_refuses_missing_or_malformed_gradient_statistics() {
     assert!(e.contains("grad_count") && e.contains("together"), "{e}");
 
     // options of hywia with another method
-    let o = StructuredOptions { hywia: Some(HywiaOptions::default()), ..opts(&m, &out, StructMethod::WandaSp, 0.2, GroupAllocation::Uniform) };
+    let o = StructuredOptions {
+        hywia: Some(HywiaOptions::default()),
+        ..opts(&m, &out, StructMethod::WandaSp, 0.2, GroupAllocation::Uniform { width_multiple: 1 })
+    };
     assert!(run(&o).unwrap_err().to_string().contains("apply to method hywia"));
     let e = hy(&m, HywiaOptions { temperature: -1.0, ..HywiaOptions::default() });
     assert!(e.contains("--fusion-temperature"), "{e}");

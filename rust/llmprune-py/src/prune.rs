@@ -180,7 +180,7 @@ fn apply_checkpoint(
 }
 
 #[pyfunction]
-#[pyo3(signature = (model_dir, out_dir, method, *, sparsity, allocation=None, compensate=None, stats=None,
+#[pyo3(signature = (model_dir, out_dir, method, *, sparsity, allocation=None, width_multiple=None, compensate=None, stats=None,
     threads=None, force=false, provenance=None, progress=None, fusion=None, taylor=None, fusion_temperature=None,
     skip_first=None, skip_last=None, reconstruct=false, gram=None, damp=0.01))]
 #[allow(clippy::too_many_arguments)]
@@ -191,6 +191,7 @@ fn apply_structured(
     method: &str,
     sparsity: f64,
     allocation: Option<&str>,
+    width_multiple: Option<usize>,
     compensate: Option<bool>,
     stats: Option<PathBuf>,
     threads: Option<usize>,
@@ -220,11 +221,7 @@ fn apply_structured(
         None
     };
     let method: StructMethod = method.parse().map_err(CoreError)?;
-    let allocation = match allocation {
-        Some(a) => a.parse().map_err(CoreError)?,
-        None if method == StructMethod::Hywia => structured::GroupAllocation::Uniform,
-        None => structured::GroupAllocation::Global,
-    };
+    let allocation = structured::GroupAllocation::parse(allocation.unwrap_or("uniform"), width_multiple).map_err(CoreError)?;
     let opts = structured::StructuredOptions {
         model_dir,
         out_dir,
@@ -321,7 +318,7 @@ fn default_input_axis(model_dir: PathBuf) -> usize {
 }
 
 /// Every method the core implements, with what it needs: JSON
-/// {"unstructured": [{"name", "needs_stats"}], "structured": [{"name", "needs_stats", "compensates", "allocation"}],
+/// {"unstructured": [{"name", "needs_stats"}], "structured": [{"name", "needs_stats", "compensates", "allocation", "width_multiple"}],
 /// "depth": [{"name", "needs_stats"}], "experts": [{"name", "needs_stats"}], "defaults": {"owl": {"m", "lambda"}, "dsnot": {"iters", "threshold", "skip"}}}.
 #[pyfunction]
 fn methods() -> String {
@@ -333,7 +330,8 @@ fn methods() -> String {
                 "name": m.name(),
                 "needs_stats": m.needs_stats(),
                 "compensates": m.compensates_by_default(),
-                "allocation": if *m == StructMethod::Hywia { "uniform" } else { "global" },
+                "width_multiple": structured::WIDTH_MULTIPLE,
+                "allocation": structured::GroupAllocation::UNIFORM.name(),
             })
         })
         .collect();

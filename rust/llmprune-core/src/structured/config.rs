@@ -41,17 +41,24 @@ pub fn layer_shapes(rules: &Rules, plans: &[LayerPlan]) -> Vec<LayerShape> {
 /// even with an explicit head_dim.
 const HEADS_DIVIDE_HIDDEN: [&str; 4] = ["llama", "gemma2", "gemma3", "gemma3_text"];
 
-/// True when a stock transformers config (4.x and 5.x) can describe every layer.
-pub fn stock_loadable(rules: &Rules, shapes: &[LayerShape]) -> bool {
-    let uniform = shapes.windows(2).all(|w| w[0] == w[1]);
+/// True when a stock transformers config (4.x and 5.x) can describe a layer that keeps `kv` of its
+/// key/value groups (each with its query heads): LLaMA-style configs whose head count must divide
+/// hidden_size, OPT configs that derive the head size from it and so keep every head.
+pub fn heads_describable(rules: &Rules, kv: usize) -> bool {
     let field = |k: &str| rules.config.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
+    let heads = kv * rules.q_per_kv;
     match rules.family {
         Family::Llama => {
             let strict = rules.config.get("model_type").and_then(Value::as_str).is_some_and(|t| HEADS_DIVIDE_HIDDEN.contains(&t));
-            uniform && !(strict && shapes.iter().any(|s| s.num_attention_heads == 0 || field("hidden_size") % s.num_attention_heads != 0))
+            !(strict && (heads == 0 || field("hidden_size") % heads != 0))
         }
-        Family::Opt => uniform && shapes.iter().all(|s| s.num_attention_heads == field("num_attention_heads")),
+        Family::Opt => heads == field("num_attention_heads"),
     }
+}
+
+/// True when a stock transformers config (4.x and 5.x) can describe every layer.
+pub fn stock_loadable(rules: &Rules, shapes: &[LayerShape]) -> bool {
+    shapes.windows(2).all(|w| w[0] == w[1]) && shapes.iter().all(|s| heads_describable(rules, s.num_key_value_heads))
 }
 
 pub struct Rewrite<'a> {

@@ -89,7 +89,9 @@ impl Default for HywiaOptions {
 
 impl HywiaOptions {
     /// (first, last) layers kept whole: given, or ⌊L/8 + ½⌋ and ⌊L/16 + ½⌋ of L layers (4 and 2 for
-    /// LLaMA-7B's 32, as LLM-Pruner's recipe, and for SmolLM2's 30).
+    /// LLaMA-7B's 32, as LLM-Pruner's recipe, and for SmolLM2's 30). Unlike the other structured
+    /// methods' defaults, whose output loads in stock transformers, layers then differ in size: on
+    /// SmolLM2 at 20% pruning every layer instead costs 8× the perplexity (docs/hywia.md).
     pub fn skipped(&self, layers: usize) -> Result<(usize, usize)> {
         let first = self.skip_first.unwrap_or((layers + 4) / 8);
         let last = self.skip_last.unwrap_or((layers + 8) / 16);

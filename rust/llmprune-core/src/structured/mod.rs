@@ -34,7 +34,7 @@ pub use arch::{Family, Rules};
 pub use config::LayerShape;
 pub use hywia::{Fusion, HywiaOptions, LayerFusion, Taylor};
 pub use metric::{LayerScores, StructMethod};
-pub use plan::{GroupAllocation, LayerBudget, LayerPlan};
+pub use plan::{GroupAllocation, LayerBudget, LayerPlan, WIDTH_MULTIPLE};
 
 use slice::{new_shape, slice_into, Edits, Op};
 
@@ -66,6 +66,8 @@ pub struct StructuredSummary {
     pub method: String,
     pub sparsity: f64,
     pub allocation: String,
+    /// Uniform allocation's width multiple (None: global allocation).
+    pub width_multiple: Option<usize>,
     pub compensate: bool,
     pub family: String,
     pub layers: usize,
@@ -114,6 +116,23 @@ fn stats_need(method: StructMethod, compensate: bool) -> Option<StatsNeed> {
         _ if compensate => Some(StatsNeed::activations("bias compensation (--compensate)")),
         _ => None,
     }
+}
+
+/// Why the biases that compensation would add could not be loaded with this architecture's config
+/// (None: they can, or none would be added).
+fn compensation_unloadable(rules: &Rules, plans: &[LayerPlan], compensate: bool) -> Option<String> {
+    let add_attn = slice::needs_added_bias(rules, plans, compensate, true);
+    let add_mlp = slice::needs_added_bias(rules, plans, compensate, false);
+    if rules.family == Family::Opt && (add_attn || add_mlp) {
+        return Some("bias compensation needs the model's biases, and this OPT model has none (enable_bias is false)".into());
+    }
+    let lacking: Vec<&str> = [(add_attn && !rules.bias_flags.0, "attention_bias"), (add_mlp && !rules.bias_flags.1, "mlp_bias")]
+        .into_iter()
+        .filter_map(|(missing, flag)| missing.then_some(flag))
+        .collect();
+    (rules.family == Family::Llama && !lacking.is_empty()).then(|| {
+        format!("bias compensation adds output-projection biases, and {} models have no {} to load them", rules.model_type, lacking.join(" or "))
+    })
 }
 
 /// Numel of every tensor, split into (decoder blocks, whole model).
@@ -218,24 +237,19 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         _ => (pool.install(|| metric::score_layers(opts.method, &rules, ckpt, sidecar))?, None),
     };
     let budgets = layer_budgets(ckpt, &rules);
-    let plans = plan::plan_skipping(&scores, &budgets, opts.sparsity, opts.allocation, &frozen)?;
+    let plans = plan::plan_skipping(&scores, &budgets, opts.sparsity, opts.allocation, &frozen, &|kv| config::heads_describable(&rules, kv))?;
+    let mut compensate = compensate;
+    if let Some(why) = compensation_unloadable(&rules, &plans, compensate) {
+        if opts.compensate.is_some() {
+            return Err(Error::arg_hint(why, "pass --no-compensate"));
+        }
+        // the method's default gives way where the output could not be loaded with it
+        run.warnings.push(format!("bias compensation is off (the default for {} where it can load): {why}", opts.method.name()));
+        compensate = false;
+    }
+    let (ckpt, sidecar) = (&run.ckpt, run.sidecar.as_ref());
     let (edits, add_attn, add_mlp) =
         pool.install(|| slice::build_edits(ckpt, sidecar, gram.as_ref().map(|(g, d)| (g, *d)), &rules, &plans, compensate))?;
-    if rules.family == Family::Opt && (add_attn || add_mlp) {
-        return Err(Error::arg(
-            "bias compensation needs the model's biases, and this OPT model has none (enable_bias is false); pass --no-compensate",
-        ));
-    }
-    let lacking: Vec<&str> = [(add_attn && !rules.bias_flags.0, "attention_bias"), (add_mlp && !rules.bias_flags.1, "mlp_bias")]
-        .into_iter()
-        .filter_map(|(missing, flag)| missing.then_some(flag))
-        .collect();
-    if rules.family == Family::Llama && !lacking.is_empty() {
-        return Err(Error::arg_hint(
-            format!("bias compensation adds output-projection biases, and {} models have no {} to load them", rules.model_type, lacking.join(" or ")),
-            "pass --no-compensate",
-        ));
-    }
     let shapes = config::layer_shapes(&rules, &plans);
     let params_removed: u64 = plans.iter().zip(&scores).zip(&budgets).map(|((p, s), b)| p.removed_params(s, b)).sum();
     let (block_before, model_before) = count_params(ckpt, &rules);
@@ -247,6 +261,9 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     prov.insert("method".into(), opts.method.name().into());
     prov.insert("sparsity".into(), opts.sparsity.into());
     prov.insert("allocation".into(), opts.allocation.name().into());
+    if let GroupAllocation::Uniform { width_multiple } = opts.allocation {
+        prov.insert("width_multiple".into(), width_multiple.into());
+    }
     prov.insert("compensate".into(), compensate.into());
     prov.insert("achieved_sparsity".into(), (params_removed as f64 / block_before.max(1) as f64).into());
     if let Some((g, damp)) = &gram {
@@ -319,6 +336,10 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         method: opts.method.name().into(),
         sparsity: opts.sparsity,
         allocation: opts.allocation.name().into(),
+        width_multiple: match opts.allocation {
+            GroupAllocation::Uniform { width_multiple } => Some(width_multiple),
+            GroupAllocation::Global => None,
+        },
         compensate,
         family: rules.family.name().into(),
         layers: rules.layers.len(),

@@ -9,7 +9,14 @@
 //!
 //! Uniform allocation: every layer removes h = ⌊S·G + ½⌋ of its G attention groups and then the
 //! number of MLP channels, ⌊x + ½⌋ (at least 0), that brings the layer closest to removing S of its
-//! parameters; in each layer the lowest scores go, lower index first on ties.
+//! parameters; in each layer the lowest scores go, lower index first on ties. Its output is meant to
+//! load in stock transformers, so two rules shape the counts:
+//! - h is the count nearest S·G (ties: more removed) whose kept head count a stock config can
+//!   describe (`kv_allowed`; e.g. an OPT layer keeps all its heads, a LLaMA layer's heads must divide
+//!   hidden_size); ⌊S·G + ½⌋ whenever that count is allowed;
+//! - the kept MLP width W − c is rounded to the nearest multiple of `width_multiple` (halves up),
+//!   at least one multiple and at most W; a layer `width_multiple` wide or narrower is not rounded,
+//!   and `width_multiple` 1 rounds nothing.
 //!
 //! Skipped (frozen) layers keep everything. Uniform allocation then targets, in every other layer,
 //! S' = S · (parameters of all decoder layers) / (parameters of the layers not skipped), so the
@@ -24,14 +31,37 @@ use crate::structured::metric::LayerScores;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GroupAllocation {
     Global,
-    Uniform,
+    /// Kept MLP widths are multiples of `width_multiple` (1: any width).
+    Uniform {
+        width_multiple: usize,
+    },
 }
 
+/// Uniform allocation's default width multiple: the MLP widths GPU kernels tile without padding
+/// (and the input-dimension multiple of the common 4-bit kernels).
+pub const WIDTH_MULTIPLE: usize = 128;
+
 impl GroupAllocation {
+    /// Uniform allocation with the default width multiple.
+    pub const UNIFORM: GroupAllocation = GroupAllocation::Uniform { width_multiple: WIDTH_MULTIPLE };
+
     pub fn name(self) -> &'static str {
         match self {
             GroupAllocation::Global => "global",
-            GroupAllocation::Uniform => "uniform",
+            GroupAllocation::Uniform { .. } => "uniform",
+        }
+    }
+
+    /// `name` with a width multiple given or not: the multiple goes with uniform allocation only.
+    pub fn parse(name: &str, width_multiple: Option<usize>) -> Result<Self> {
+        match (name.parse()?, width_multiple) {
+            (a, None) => Ok(a),
+            (GroupAllocation::Uniform { .. }, Some(m)) if m >= 1 => Ok(GroupAllocation::Uniform { width_multiple: m }),
+            (GroupAllocation::Uniform { .. }, Some(m)) => Err(Error::arg(format!("the width multiple must be at least 1, got {m}"))),
+            (GroupAllocation::Global, Some(_)) => Err(Error::arg_hint(
+                "a width multiple goes with uniform allocation; global allocation gives every layer its own widths",
+                "drop --width-multiple, or pass --allocation uniform",
+            )),
         }
     }
 }
@@ -41,7 +71,7 @@ impl std::str::FromStr for GroupAllocation {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "global" => Ok(GroupAllocation::Global),
-            "uniform" => Ok(GroupAllocation::Uniform),
+            "uniform" => Ok(GroupAllocation::UNIFORM),
             other => Err(Error::arg(format!("unknown allocation {other:?}; expected global or uniform"))),
         }
     }
@@ -100,17 +130,21 @@ fn keep_all_but(n: usize, removed: impl IntoIterator<Item = usize>) -> Vec<usize
     (0..n).filter(|&i| keep[i]).collect()
 }
 
+/// `plan_skipping` with no layer frozen and every kept head count allowed.
 pub fn plan(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, allocation: GroupAllocation) -> Result<Vec<LayerPlan>> {
-    plan_skipping(scores, budgets, sparsity, allocation, &vec![false; scores.len()])
+    plan_skipping(scores, budgets, sparsity, allocation, &vec![false; scores.len()], &|_| true)
 }
 
-/// `plan` with the layers where `frozen` is true left whole.
+/// The plan, with the layers where `frozen` is true left whole; uniform allocation with no layer
+/// frozen keeps k attention groups of a layer only where `kv_allowed(k)` (keeping none is left to
+/// the error below).
 pub fn plan_skipping(
     scores: &[LayerScores],
     budgets: &[LayerBudget],
     sparsity: f64,
     allocation: GroupAllocation,
     frozen: &[bool],
+    kv_allowed: &dyn Fn(usize) -> bool,
 ) -> Result<Vec<LayerPlan>> {
     if !(0.0..1.0).contains(&sparsity) {
         return Err(Error::arg(format!("sparsity must be in [0, 1), got {sparsity}")));
@@ -136,7 +170,10 @@ pub fn plan_skipping(
     };
     let plans = match allocation {
         GroupAllocation::Global => global(scores, budgets, sparsity, frozen),
-        GroupAllocation::Uniform => uniform(scores, budgets, local, frozen),
+        // with layers kept whole no stock config describes the output: any head count will do
+        GroupAllocation::Uniform { width_multiple } => {
+            uniform(scores, budgets, local, frozen, &|k| k == 0 || skipped > 0 || kv_allowed(k), width_multiple)
+        }
     };
     for (i, (p, s)) in plans.iter().zip(scores).enumerate() {
         let what = if p.attn_keep.is_empty() {
@@ -195,7 +232,32 @@ fn global(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, frozen
         .collect()
 }
 
-fn uniform(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, frozen: &[bool]) -> Vec<LayerPlan> {
+/// The count of G to remove nearest x (ties: the larger) among those `allowed` to remain.
+fn nearest_allowed(x: f64, g: usize, allowed: &dyn Fn(usize) -> bool) -> usize {
+    let h = ((x + 0.5).floor() as usize).min(g);
+    if allowed(g - h) {
+        return h;
+    }
+    (0..=g).filter(|&h| allowed(g - h)).min_by(|&a, &b| (a as f64 - x).abs().total_cmp(&(b as f64 - x).abs()).then(b.cmp(&a))).unwrap_or(0)
+}
+
+/// Kept width `kept` of `width` rounded to the nearest multiple of `m` (halves up), within [m, width];
+/// unchanged when `width` ≤ m.
+pub fn round_width(kept: usize, width: usize, m: usize) -> usize {
+    if m <= 1 || width <= m {
+        return kept;
+    }
+    ((kept + m / 2) / m * m).clamp(m, width)
+}
+
+fn uniform(
+    scores: &[LayerScores],
+    budgets: &[LayerBudget],
+    sparsity: f64,
+    frozen: &[bool],
+    kv_allowed: &dyn Fn(usize) -> bool,
+    width_multiple: usize,
+) -> Vec<LayerPlan> {
     scores
         .iter()
         .zip(budgets)
@@ -204,10 +266,11 @@ fn uniform(scores: &[LayerScores], budgets: &[LayerBudget], sparsity: f64, froze
             if skip {
                 return LayerPlan { attn_keep: (0..s.attn.len()).collect(), mlp_keep: (0..s.mlp.len()).collect() };
             }
-            let h = ((sparsity * s.attn.len() as f64 + 0.5).floor() as usize).min(s.attn.len());
+            let h = nearest_allowed(sparsity * s.attn.len() as f64, s.attn.len(), kv_allowed);
             let rest = sparsity * b.params as f64 - (h as u64 * b.attn_cost) as f64;
             let c = if b.mlp_cost == 0 { 0.0 } else { (rest / b.mlp_cost as f64 + 0.5).floor().max(0.0) };
-            let c = (c as usize).min(s.mlp.len());
+            let width = s.mlp.len();
+            let c = width - round_width(width - (c as usize).min(width), width, width_multiple);
             LayerPlan {
                 attn_keep: keep_all_but(s.attn.len(), ascending(&s.attn).into_iter().take(h)),
                 mlp_keep: keep_all_but(s.mlp.len(), ascending(&s.mlp).into_iter().take(c)),
@@ -257,9 +320,9 @@ mod tests {
         let scores = vec![layer(&[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0]), layer(&[5.0, 1.0], &[4.0, 3.0, 2.0, 1.0])];
         let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 40 };
         // h = floor(0.5 * 2 + 0.5) = 1; rest = 20 - 10 = 10 -> c = 10, clamped to the 4 channels: error
-        assert!(plan(&scores, &[b, b], 0.5, GroupAllocation::Uniform).is_err());
+        assert!(plan(&scores, &[b, b], 0.5, GroupAllocation::Uniform { width_multiple: 1 }).is_err());
         // h = floor(0.3 * 2 + 0.5) = 1, rest = 12 - 10 = 2 channels
-        let p = plan(&scores, &[b, b], 0.3, GroupAllocation::Uniform).unwrap();
+        let p = plan(&scores, &[b, b], 0.3, GroupAllocation::Uniform { width_multiple: 1 }).unwrap();
         assert_eq!(p[0], LayerPlan { attn_keep: vec![1], mlp_keep: vec![2, 3] });
         assert_eq!(p[1], LayerPlan { attn_keep: vec![0], mlp_keep: vec![0, 1] });
     }
@@ -268,7 +331,7 @@ mod tests {
     fn removing_every_head_is_an_error() {
         let scores = vec![layer(&[1.0], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])];
         let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 16 };
-        let e = plan(&scores, &[b], 0.7, GroupAllocation::Uniform).unwrap_err().to_string();
+        let e = plan(&scores, &[b], 0.7, GroupAllocation::Uniform { width_multiple: 1 }).unwrap_err().to_string();
         assert!(e.contains("attention groups") && e.contains("layer 0"), "{e}");
         let e = plan(&scores, &[b], 0.9, GroupAllocation::Global).unwrap_err().to_string();
         assert!(e.contains("layer 0"), "{e}");
@@ -281,21 +344,67 @@ mod tests {
         let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 40 };
         let frozen = [true, false];
         // S' = 0.15 · 80 / 40 = 0.3: as uniform 0.3 on layer 1 alone (h = 1, 2 channels)
-        let p = plan_skipping(&scores, &[b, b], 0.15, GroupAllocation::Uniform, &frozen).unwrap();
+        let p = plan_skipping(&scores, &[b, b], 0.15, GroupAllocation::Uniform { width_multiple: 1 }, &frozen, &|_| true).unwrap();
         assert_eq!(p[0], LayerPlan { attn_keep: vec![0, 1], mlp_keep: vec![0, 1, 2, 3] });
         assert_eq!(p[1], LayerPlan { attn_keep: vec![0], mlp_keep: vec![0, 1] });
         // global: target 0.15 · 80 = 12 from layer 1 only: channel 3 (z −1.16), head 1 (z −0.71),
         // channel 2 (z −0.39) cost 1 + 10 + 1
-        let p = plan_skipping(&scores, &[b, b], 0.15, GroupAllocation::Global, &frozen).unwrap();
+        let p = plan_skipping(&scores, &[b, b], 0.15, GroupAllocation::Global, &frozen, &|_| true).unwrap();
         assert_eq!(p[0], LayerPlan { attn_keep: vec![0, 1], mlp_keep: vec![0, 1, 2, 3] });
         assert_eq!(p[1], LayerPlan { attn_keep: vec![0], mlp_keep: vec![0, 1] });
         // no frozen layer: exactly `plan`
-        for a in [GroupAllocation::Uniform, GroupAllocation::Global] {
-            assert_eq!(plan_skipping(&scores, &[b, b], 0.3, a, &[false, false]).unwrap(), plan(&scores, &[b, b], 0.3, a).unwrap());
+        for a in [GroupAllocation::Uniform { width_multiple: 1 }, GroupAllocation::Global] {
+            assert_eq!(plan_skipping(&scores, &[b, b], 0.3, a, &[false, false], &|_| true).unwrap(), plan(&scores, &[b, b], 0.3, a).unwrap());
         }
-        let e = plan_skipping(&scores, &[b, b], 0.5, GroupAllocation::Uniform, &frozen).unwrap_err().to_string();
+        let e = plan_skipping(&scores, &[b, b], 0.5, GroupAllocation::Uniform { width_multiple: 1 }, &frozen, &|_| true).unwrap_err().to_string();
         assert!(e.contains("must stay below 1"), "{e}");
-        let e = plan_skipping(&scores, &[b, b], 0.1, GroupAllocation::Global, &[true, true]).unwrap_err().to_string();
+        let e = plan_skipping(&scores, &[b, b], 0.1, GroupAllocation::Global, &[true, true], &|_| true).unwrap_err().to_string();
         assert!(e.contains("no layer is left"), "{e}");
+    }
+
+    #[test]
+    fn uniform_keeps_head_counts_a_config_can_describe() {
+        // 4 groups, S·G = 1.2: one group would go, but only 4 or 2 kept groups are allowed -> 2 go
+        let scores = vec![layer(&[4.0, 3.0, 2.0, 1.0], &[1.0; 64]); 2];
+        let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 200 };
+        let even = |k: usize| k.is_multiple_of(2);
+        let u = GroupAllocation::Uniform { width_multiple: 1 };
+        let p = plan_skipping(&scores, &[b, b], 0.3, u, &[false, false], &even).unwrap();
+        assert_eq!((p[0].attn_keep.clone(), p[0].mlp_keep.len()), (vec![0, 1], 24)); // 60 - 20 = 40 channels go
+                                                                                     // S·G = 1.4 with the full count only: none of the groups goes, 70 channels would: error
+        assert!(plan_skipping(&scores, &[b, b], 0.35, u, &[false, false], &|k| k == 4).is_err());
+        // only the full count allowed (OPT): attention stays whole, the MLP carries the target
+        let p = plan_skipping(&scores, &[b, b], 0.05, u, &[false, false], &|k| k == 4).unwrap();
+        assert_eq!((p[1].attn_keep.len(), p[1].mlp_keep.len()), (4, 54));
+        assert_eq!(nearest_allowed(1.5, 4, &|_| true), 2);
+        assert_eq!(nearest_allowed(1.0, 4, &|k| k == 4 || k == 2 || k == 0), 2);
+        assert_eq!(nearest_allowed(3.0, 4, &|k| k == 4 || k == 0), 4);
+    }
+
+    #[test]
+    fn uniform_rounds_kept_widths_to_the_multiple() {
+        assert_eq!(round_width(1297, 1536, 128), 1280);
+        assert_eq!(round_width(1344, 1536, 128), 1408); // 10.5 multiples: halves up
+        assert_eq!(round_width(20, 1536, 128), 128);
+        assert_eq!(round_width(1530, 1000 + 530, 128), 1530); // nearest multiple 1536 is wider: all kept
+        assert_eq!(round_width(100, 128, 128), 100); // a layer no wider than the multiple is not rounded
+        assert_eq!(round_width(77, 300, 1), 77);
+        // 1 group of cost 10 (S·G = 0.2 -> none), 300 channels of cost 1, params 310: c = ⌊0.2·310 + ½⌋ = 62
+        // -> kept 238 -> 256 with multiple 128 (44 removed), 238 with 1
+        let scores = vec![layer(&[1.0], &(0..300).map(f64::from).collect::<Vec<_>>())];
+        let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 310 };
+        let p = plan(&scores, &[b], 0.2, GroupAllocation::Uniform { width_multiple: 128 }).unwrap();
+        assert_eq!(p[0].mlp_keep, (44..300).collect::<Vec<_>>());
+        let p = plan(&scores, &[b], 0.2, GroupAllocation::Uniform { width_multiple: 1 }).unwrap();
+        assert_eq!(p[0].mlp_keep.len(), 238);
+    }
+
+    #[test]
+    fn width_multiple_goes_with_uniform_only() {
+        assert_eq!(GroupAllocation::parse("uniform", None).unwrap(), GroupAllocation::UNIFORM);
+        assert_eq!(GroupAllocation::parse("uniform", Some(64)).unwrap(), GroupAllocation::Uniform { width_multiple: 64 });
+        assert!(GroupAllocation::parse("uniform", Some(0)).is_err());
+        assert!(GroupAllocation::parse("global", Some(64)).unwrap_err().to_string().contains("uniform"));
+        assert_eq!(GroupAllocation::parse("global", None).unwrap(), GroupAllocation::Global);
     }
 }
