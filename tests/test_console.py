@@ -69,3 +69,27 @@ def test_loading_line_on_rank_0_only(model_copy, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     announce(model_copy, "x")
     assert capsys.readouterr() == ("", "")
+
+
+def test_finetune_and_reconstruct_say_what_they_load_first(model_copy, tmp_path, capsys):
+    """The same first line for the two recovery commands, which load torch and a model before their
+    first progress line."""
+    import json
+
+    import stats_helpers as H
+
+    config = H.read_config(model_copy)
+    H.add_tokenizer(model_copy, vocab_size=int(config["vocab_size"]))
+    pruned = tmp_path / "pruned"
+    assert cli.main(["apply", str(model_copy), "--method", "magnitude", "--sparsity", "0.5", "--out", str(pruned), "--json"]) == 0
+    capsys.readouterr()
+    for args, what in (
+        (["finetune", str(pruned), "--steps", "1", "--nsamples", "2", "--seqlen", "16", "--batch-size", "1", "--out", str(tmp_path / "ft")],
+         "torch and transformers, the whole model and the training text"),
+        (["reconstruct", str(pruned), "--dense", str(model_copy), "--steps", "0", "--nsamples", "2", "--seqlen", "16", "--out", str(tmp_path / "rec")],
+         "torch and transformers, the tokenizer and the calibration text, then the two models block by block"),
+    ):
+        assert cli.main([*args, "--device", "cpu", "--json"]) == 0
+        out, err = capsys.readouterr()
+        json.loads(out)
+        assert err.splitlines()[0] == f"reading {pruned} ({config['num_hidden_layers']} blocks): loading {what} …", err

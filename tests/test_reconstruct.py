@@ -91,7 +91,7 @@ def test_reconstruct_without_gram_is_a_clean_error(run_cli, tiny_models, tmp_pat
     m = copy_model(tiny_models("bfloat16", sharded=True, stats=True), tmp_path / "w")
     before = tree_hashes(tmp_path)
     code, out, err = run_cli(["apply", m, "--method", "flap", "--sparsity", "0.2", "--reconstruct"])
-    assert_clean_error(code, out, err, contains="gram", hint_contains="llmprune stats MODEL --gram")
+    assert_clean_error(code, out, err, contains="gram", hint_contains=f"llmprune stats {m} --gram --nsamples")
     assert tree_hashes(tmp_path) == before
 
 

@@ -137,7 +137,7 @@ def test_apply_missing_gram_is_a_clean_error(run_cli, tiny_models, tmp_path):
     before = tree_hashes(tmp_path)
     for args in (["--method", "sparsegpt", "--sparsity", "0.5"], ["--method", "wanda", "--sparsity", "0.5", "--update"]):
         code, out, err = run_cli(["apply", model, *args])
-        assert_clean_error(code, out, err, contains="gram", hint_contains="llmprune stats MODEL --gram")
+        assert_clean_error(code, out, err, contains="gram", hint_contains=f"llmprune stats {model} --gram --nsamples")
     assert tree_hashes(tmp_path) == before
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 
+from llmprune.cli.hints import sized
 from llmprune.console import err
 from llmprune.errors import CheckFailed, InterruptedWithResult, UsageError
 
@@ -126,7 +127,7 @@ def _run(argv: list[str] | None) -> int:
     except UsageError as exc:
         if debug:
             traceback.print_exc()
-        _error(str(exc), exc.hint)
+        _error(str(exc), sized(exc.hint, argv if argv is not None else sys.argv[1:]))
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         if debug:
@@ -137,7 +138,7 @@ def _run(argv: list[str] | None) -> int:
         if debug:
             traceback.print_exc()
         if _is_core_error(exc):
-            _error(str(exc), getattr(exc, "hint", None))
+            _error(str(exc), sized(getattr(exc, "hint", None), argv if argv is not None else sys.argv[1:]))
         else:
             _error(f"internal error: {type(exc).__name__}: {exc}", "rerun with LLMPRUNE_DEBUG=1 for a traceback")
         return 2

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, given_options, path_parser
+from llmprune.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelArg, announce, check_int, check_real, given_options, path_parser
 from llmprune.console import count_progress, peak_rss_mib, print_json
 from llmprune.errors import UsageError
 
@@ -112,6 +112,7 @@ def finetune_cmd(
         raise UsageError("give --steps or --epochs, not both")
     if not full:
         ft.require_peft()
+    announce(model, f"torch and transformers, the whole model and {'the teacher sidecar' if distill is not None else 'the training text'}")
 
     from llmprune import _core
     from llmprune.data.sources import CALIB, describe_source

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.options import SEED_MAX, CalibOpt, DeviceOpt, JsonOpt, ModelArg, check_int, check_real, path_parser
+from llmprune.cli.options import SEED_MAX, CalibOpt, DeviceOpt, JsonOpt, ModelArg, announce, check_int, check_real, path_parser
 from llmprune.console import peak_rss_mib, print_json, warn
 from llmprune.errors import UsageError
 
@@ -112,6 +112,7 @@ def reconstruct_cmd(
         raise UsageError(f"--out {target} and --dense {dense} overlap", hint="write the reconstructed checkpoint elsewhere")
     if dense.resolve() == model.resolve():
         raise UsageError("PRUNED and --dense name the same checkpoint", hint="--dense is the model PRUNED was pruned from")
+    announce(model, "torch and transformers, the tokenizer and the calibration text, then the two models block by block")
 
     from llmprune import _core
     from llmprune import finetune as ft

@@ -290,7 +290,7 @@ def search_cmd(
     if sweep and not gram_path.is_file():
         raise UsageError(
             f"{method}{' --update' if method != 'sparsegpt' else ''} needs input Gram statistics, and there is no {gram_path}",
-            hint=f"run llmprune stats {model} --gram (or pass --gram PATH)",
+            hint="run llmprune stats MODEL --gram (or pass --gram PATH)",
         )
     samples = calibration_samples(calib, load_tokenizer(model), nsamples, seqlen, seed)
     source = describe_source(calib, CALIB)

@@ -37,7 +37,7 @@ from llmprune.cli.options import (
     path_parser,
     unstructured_extras,
 )
-from llmprune.console import print_json, warn
+from llmprune.console import err, print_json, warn
 from llmprune.errors import UsageError
 
 DEFAULT_COMMAND = "compute"
@@ -339,6 +339,13 @@ def stats_cmd(
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
     gram_target = _gram_target(model, gram_out, out_path) if gram else None
+    if gram_target is not None and out_path.is_file():
+        err.print(
+            f"note: the activation statistics in {out_path} are recomputed in the same pass and replaced "
+            "(the Gram matrices need the pass anyway; it adds little to its time)",
+            markup=False,
+            soft_wrap=True,
+        )
     teacher_path = None
     if teacher_logits is not None:
         from llmprune.calibration.teacher import TEACHER_NAME
