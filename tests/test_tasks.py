@@ -475,3 +475,16 @@ def test_bench_tables(tmp_path):
         session,
     )
     assert "| llmprune (layer-streamed) | 2.5 | 2.0 / 3.0 | 4.0 |" in text and "| fixed mmap threshold | 0 | 300 | 300 | 2.0 | 20 |" in text
+
+
+def test_load_pruned_reads_an_expert_pruned_moe(run_cli, moe_model, tmp_path):
+    """`load_pruned` loads any llmprune output, including an expert-pruned Mixtral whose experts
+    transformers 5 holds fused in memory while the files keep one tensor set per expert."""
+    from transformers import AutoModelForCausalLM
+
+    out = pruned_by_cli(run_cli, moe_model, tmp_path, 4, 24, "--method", "frequency", "--experts-keep", "5")
+    ours = load_pruned(out, dtype=torch.float32)
+    stock = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.randint(0, int(stock.config.vocab_size), (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, stock(ids).logits)

@@ -59,6 +59,14 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype | str | None = None, dev
         dtype = torch.float32
     elif not isinstance(dtype, torch.dtype):
         raise UsageError(f"dtype must be None, 'auto' or a torch dtype, not {dtype!r}")
+    if not needs_load_pruned(ckpt.dir):
+        # a checkpoint stock transformers describes (dense, unstructured, uniform structured, fewer
+        # experts or blocks): its own loader, which also converts what transformers 5 holds in
+        # another layout than the files (e.g. Mixtral's per-expert tensors into fused ones)
+        from transformers import AutoModelForCausalLM
+
+        stock = AutoModelForCausalLM.from_pretrained(str(ckpt.dir), dtype=dtype)
+        return cast(Any, stock).to(device).eval()
     model = build_skeleton(config)  # resizes every layer (resize_modules)
     mapping = checkpoint_names(model, set(ckpt.entries))
     state = ckpt.load(mapping.values(), torch.device("cpu"), dtype)
