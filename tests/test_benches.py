@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,38 @@ def test_make_checkpoint_is_loadable(tmp_path):
     assert desc["model_tensors"]["model.layers.0.mlp.down_proj.weight"] == "BF16[256,688]"
     report = json.loads(_core.inspect(str(out)))
     assert report["prunable"]["zeros"] == 0
+
+
+def _cgroup_v1_writable() -> bool:
+    root = Path("/sys/fs/cgroup/memory")
+    return (root / "cgroup.procs").exists() and os.access(root, os.W_OK)
+
+
+@pytest.mark.slow
+def test_task_speed_synthetic_tiny(tmp_path):
+    """task_speed.py --only-synthetic on the tiny shape cut to 1 of its 2 blocks: both allocators' rows and the
+    time scaled to the shape's depth; with cgroup v1, inside a memory limit, and a limit too small for the
+    process is reported as a failure (exit status 1), not hidden."""
+    import json
+
+    opts = "--only-synthetic --shape tiny --layers 1 --synthetic-requests 3".split()
+    base = [sys.executable, str(ROOT / "benches" / "task_speed.py"), *opts, "--work-dir", str(tmp_path), "--json", str(tmp_path / "r.json")]
+    limited = _cgroup_v1_writable()
+    proc = subprocess.run(base + (["--memlimit-gb", "2"] if limited else []), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "| fixed mmap threshold |" in proc.stdout and "| glibc default |" in proc.stdout, proc.stdout
+    assert "seconds per 1,000 requests at 2 blocks" in proc.stdout, proc.stdout
+    runs = json.loads((tmp_path / "r.json").read_text())["synthetic"]["runs"]
+    assert all(r["completed"] and r["blocks"] == 1 and 0 < r["block_seconds"] <= r["seconds"] for r in runs.values()), runs
+    if not limited:
+        pytest.skip("no writable cgroup v1 memory controller: the memory-limited runs were not tried")
+    assert "memory limit: each run in a fresh cgroup v1 memory group" in proc.stdout, proc.stdout
+    assert all(0 < r["cgroup_peak"] <= 2 * 2**30 for r in runs.values()), runs
+    bench = subprocess.Popen(base + ["--memlimit-gb", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = bench.communicate(timeout=600)
+    assert bench.returncode == 1, err
+    assert out.count("| **no**: SIGKILL") == 2, out
+    assert not Path(f"/sys/fs/cgroup/memory/llmprune-bench-{bench.pid}").exists(), "the group is removed"
 
 
 @pytest.mark.slow
