@@ -161,7 +161,7 @@ def test_task_metrics_equal_hf_backend(task_model):
 def test_structured_non_uniform_output(run_cli, tiny_models, tmp_path):
     model = copy_model(tiny_models("bfloat16", sharded=True, stats=True), tmp_path / "m")
     H.add_tokenizer(model)
-    code, out, err = run_cli(["apply", model, "--method", "flap", "--sparsity", "0.3", "--json"])
+    code, out, err = run_cli(["apply", model, "--method", "flap", "--sparsity", "0.3", "--allocation", "global", "--json"])
     assert code == 0, err
     doc = json.loads(out)
     assert len({(x["num_key_value_heads"], x["intermediate_size"]) for x in doc["per_layer"]}) > 1
@@ -466,7 +466,7 @@ def test_bench_tables(tmp_path):
     assert "| dense | - | " in text and "| 0.160 ± 0.037 | - | 0.370 ± 0.048 | - |" in text
     assert "| wanda | 50% |" in text and "| sparsegpt | 2:4 |" in text and "Not measured: wanda@0.5, sparsegpt@2:4." in text
     vs = {"requests": 10, "times": {"streamed": [2.0, 3.0], "hf": [4.0, 5.0]}, "max_abs_diff": 0.0, "greedy_equal": True}
-    run = {"base": 0, "peak": 300 << 20, "seconds": 2.0, "tokens": 100, "model_bytes": 4 << 30, "blocks": 12}
+    run = {"base": 0, "peak": 300 << 20, "peak_before": 100 << 20, "seconds": 2.0, "block_seconds": 1.5, "completed": True, "tokens": 100, "model_bytes": 4 << 30, "blocks": 12}
     syn = {"checkpoint_bytes": 2 << 30, "runs": {"fixed mmap threshold": run, "glibc default": run}}
     text = S.markdown(
         vs,
@@ -474,7 +474,7 @@ def test_bench_tables(tmp_path):
         argparse.Namespace(**{**vars(args), "repeats": 2, "shape": "1b", "layers": 12, "synthetic_requests": 100, "context": 24, "continuation": 4}),
         session,
     )
-    assert "| llmprune (layer-streamed) | 2.5 | 2.0 / 3.0 | 4.0 |" in text and "| fixed mmap threshold | 0 | 300 | 300 | 2.0 | 20 |" in text
+    assert "| llmprune (layer-streamed) | 2.5 | 2.0 / 3.0 | 4.0 |" in text and "| fixed mmap threshold | 0 | 300 | 300 | 300 | 2.0 | 1.5 | 20 |" in text
 
 
 def test_load_pruned_reads_an_expert_pruned_moe(run_cli, moe_model, tmp_path):
