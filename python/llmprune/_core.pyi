@@ -80,6 +80,7 @@ def apply_structured(
     *,
     sparsity: float,
     allocation: str | None = None,
+    width_multiple: int | None = None,
     compensate: bool | None = None,
     stats: StrPath | None = None,
     threads: int | None = None,
