@@ -466,11 +466,6 @@ def apply_structured(
     allocation = allocation or default_allocation
     if allocation not in ("global", "uniform"):
         raise UsageError(f"unknown --allocation {allocation!r}", "choose uniform or global")
-    if allocation == "global" and hywia.get("width_multiple") is not None:
-        raise UsageError(
-            "--width-multiple goes with uniform allocation; global allocation gives every layer its own widths",
-            "drop --width-multiple, or drop --allocation global",
-        )
     out_dir = out if out is not None else default_out(model, method, sparsity, None, allocation if allocation != default_allocation else "row")
     if out is None and hywia.get("reconstruct"):
         out_dir = out_dir.with_name(out_dir.name + "-reconstruct")

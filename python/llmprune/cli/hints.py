@@ -38,13 +38,10 @@ def input_sizes(model: Path) -> list[int]:
     return list(inputs.values())
 
 
-def gram_bytes(model: Path) -> int:
-    """About the size of the Gram sidecar: one packed float64 lower triangle per distinct input."""
-    return sum(8 * n * (n + 1) // 2 for n in input_sizes(model))
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{max(n / 1e6, 0.1):,.1f} MB"
+def gram_bytes(model: Path, sizes: list[int] | None = None) -> int:
+    """About the size of the Gram sidecar: one packed float64 lower triangle per distinct input
+    (`sizes`: the model's input widths, when already read)."""
+    return sum(8 * n * (n + 1) // 2 for n in (sizes if sizes is not None else input_sizes(model)))
 
 
 # A pass with --grad runs a backward pass too: about three forward passes' work.
@@ -86,25 +83,24 @@ def model_argument(argv: list[str]) -> Path | None:
 
 def sized(hint: str | None, argv: list[str]) -> str | None:
     """`hint` with its `llmprune stats MODEL ...` made runnable as printed on this machine."""
-    if not hint or STATS_HINT.search(hint) is None:
-        return hint
-    model = model_argument(argv)
-    if model is None:
+    m = STATS_HINT.search(hint) if hint else None
+    model = model_argument(argv) if m is not None else None
+    if hint is None or m is None or model is None:
         return hint
     try:
-        m = STATS_HINT.search(hint)
-        assert m is not None
-        wants = m.group(1).split()
-        flags, when = protocol(model, grad="--grad" in wants)
         import shlex
 
-        command = shlex.join(["llmprune", "stats", str(model), *wants, *flags])
         from llmprune.calibration.gram import gram_name
         from llmprune.calibration.sidecar import SIDECAR_NAME
+        from llmprune.cli.stats import _size
 
-        writes = f"writes {model / SIDECAR_NAME} (activation statistics, {_size(sum(16 * n for n in input_sizes(model)))}; replaces one there)"
+        wants = m.group(1).split()
+        flags, when = protocol(model, grad="--grad" in wants)
+        command = shlex.join(["llmprune", "stats", str(model), *wants, *flags])
+        sizes = input_sizes(model)
+        writes = f"writes {model / SIDECAR_NAME} (activation statistics, {_size(sum(16 * n for n in sizes))}; replaces one there)"
         if "--gram" in wants:
-            writes += f" and {model / gram_name()} (Gram matrices, about {_size(gram_bytes(model))})"
+            writes += f" and {model / gram_name()} (Gram matrices, about {_size(gram_bytes(model, sizes))})"
         if "--grad" in wants:
             writes += " with gradient statistics"
         return f"{hint[: m.start()]}`{command}`{hint[m.end() :]} ({when}; {writes})"
