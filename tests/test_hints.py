@@ -80,3 +80,21 @@ def test_stats_gram_says_it_recomputes_the_activation_statistics(run_cli, bare_m
     code, _, err = run_cli(["stats", bare_model, "--gram", *flags])
     assert code == 0, err
     assert "activation statistics in" in err and "recomputed in the same pass" in err, err
+
+
+def test_gram_and_grad_refusal_names_two_passes_that_run_as_printed(run_cli, bare_model, tmp_path):
+    """--gram with --grad is refused; the hint's two sized commands, run in its order, leave both the
+    Gram matrices sparsegpt needs and the gradient statistics hywia needs."""
+    code, stdout, stderr = run_cli(["stats", bare_model, "--gram", "--grad"])
+    assert_clean_error(code, stdout, stderr, contains="cannot be combined", hint_contains=f"llmprune stats {bare_model} --gram --nsamples")
+    hint = stderr.splitlines()[-1]
+    commands = [shlex.split(c) for c in re.findall(r"`(llmprune stats [^`]*)`", hint)]
+    assert [c[3] for c in commands] == ["--gram", "--grad"], hint
+    assert len(re.findall(r"\((about [\d.]+ (s|min|h) on this CPU|seconds on this CPU|on the GPU); writes ", hint)) == 2, hint
+    for cmd in commands:
+        assert "--seqlen" in cmd and int(cmd[cmd.index("--seqlen") + 1]) <= 128
+        code, _, err = run_cli(cmd[1:])
+        assert code == 0, err
+    for method, sparsity in (("sparsegpt", "0.5"), ("hywia", "0.2")):
+        code, _, err = run_cli(["apply", bare_model, "--method", method, "--sparsity", sparsity, "--out", tmp_path / method])
+        assert code == 0, err

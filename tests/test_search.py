@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -275,7 +276,12 @@ def test_bad_input_is_refused_and_nothing_is_written(run_cli, dense, tmp_path):
     assert code == 0, err
     for method, extra in (("magnitude", ["--sparsity", "0.5"]), ("block-influence", [])):
         code, stdout, err = run_cli(["apply", other, "--method", method, *extra, "--allocation", foreign, "--out", tmp_path / "x"])
-        assert_clean_error(code, stdout, err, contains="searched on another model" if method == "magnitude" else "per-block sparsities")
+        if method == "magnitude":  # the hint is the search to run on this model, sized for this device
+            hint = f"llmprune search {other} --method magnitude --sparsity 0.5"
+            assert_clean_error(code, stdout, err, contains="searched on another model", hint_contains=hint)
+            assert re.search(r"\(about [\d.]+ (s|min|h) on this CPU; Ctrl-C keeps the best schedule so far\)", err), err
+        else:
+            assert_clean_error(code, stdout, err, contains="per-block sparsities")
         assert not (tmp_path / "x").exists()
     assert tree_hashes(dense) == before
 
@@ -316,3 +322,24 @@ def test_ctrl_c_writes_the_best_schedule_so_far(dense, tmp_path):
     assert sum(doc["block_sparsity"]) / 4 == pytest.approx(0.5, abs=1e-12)
     assert any("wrote the best schedule so far" in line for line in seen)
     assert not any(line.startswith("error:") for line in seen), "".join(seen)
+
+
+def test_search_on_a_cpu_says_how_long_when_it_is_long(dense, capsys):
+    """The decision, not the timing: a search whose estimate passes five minutes on this CPU warns
+    with the estimate and what Ctrl-C does; a short one says nothing."""
+    from llmprune import search as sr
+    from llmprune.calibration.estimate import search_seconds
+    from llmprune.cli.search import _warn_if_slow_on_cpu
+
+    def settings(generations: int) -> sr.Settings:
+        return sr.Settings(generations=generations, offspring=16, survivors=(4, 1), tokens=(256, 1024))
+
+    one = search_seconds(dense, generations=1, offspring=16, survivors=(4, 1), tokens=(256, 1024), nsamples=16, seqlen=32)
+    many = search_seconds(dense, generations=1001, offspring=16, survivors=(4, 1), tokens=(256, 1024), nsamples=16, seqlen=32)
+    assert 0 < one < many
+    long = max(2, int(300 / ((many - one) / 1000)) * 2)
+    _warn_if_slow_on_cpu(dense, "cpu", settings(long), 16, 32, 1.0)
+    err = capsys.readouterr().err
+    assert f"{long} generations take about" in err and "Ctrl-C stops the search" in err, err
+    _warn_if_slow_on_cpu(dense, "cpu", settings(1), 16, 32, 1.0)
+    assert capsys.readouterr().err == ""

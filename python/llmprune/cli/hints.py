@@ -82,27 +82,30 @@ def model_argument(argv: list[str]) -> Path | None:
 
 
 def sized(hint: str | None, argv: list[str]) -> str | None:
-    """`hint` with its `llmprune stats MODEL ...` made runnable as printed on this machine."""
-    m = STATS_HINT.search(hint) if hint else None
-    model = model_argument(argv) if m is not None else None
-    if hint is None or m is None or model is None:
+    """`hint` with every `llmprune stats MODEL ...` in it made runnable as printed on this machine."""
+    model = model_argument(argv) if hint is not None and STATS_HINT.search(hint) else None
+    if hint is None or model is None:
         return hint
     try:
-        import shlex
-
-        from llmprune.calibration.gram import gram_name
-        from llmprune.calibration.sidecar import SIDECAR_NAME
-        from llmprune.cli.stats import _size
-
-        wants = m.group(1).split()
-        flags, when = protocol(model, grad="--grad" in wants)
-        command = shlex.join(["llmprune", "stats", str(model), *wants, *flags])
         sizes = input_sizes(model)
-        writes = f"writes {model / SIDECAR_NAME} (activation statistics, {_size(sum(16 * n for n in sizes))}; replaces one there)"
-        if "--gram" in wants:
-            writes += f" and {model / gram_name()} (Gram matrices, about {_size(gram_bytes(model, sizes))})"
-        if "--grad" in wants:
-            writes += " with gradient statistics"
-        return f"{hint[: m.start()]}`{command}`{hint[m.end() :]} ({when}; {writes})"
+        return STATS_HINT.sub(lambda m: _sized_command(model, m.group(1).split(), sizes), hint)
     except Exception:  # noqa: BLE001 - a hint is never worth a second error
         return hint
+
+
+def _sized_command(model: Path, wants: list[str], sizes: list[int]) -> str:
+    """`llmprune stats MODEL` with `wants` (--gram, --grad), sized, and what it writes."""
+    import shlex
+
+    from llmprune.calibration.gram import gram_name
+    from llmprune.calibration.sidecar import SIDECAR_NAME
+    from llmprune.cli.stats import _size
+
+    flags, when = protocol(model, grad="--grad" in wants)
+    command = shlex.join(["llmprune", "stats", str(model), *wants, *flags])
+    writes = f"writes {model / SIDECAR_NAME} (activation statistics, {_size(sum(16 * n for n in sizes))}; replaces one there)"
+    if "--gram" in wants:
+        writes += f" and {model / gram_name()} (Gram matrices, about {_size(gram_bytes(model, sizes))})"
+    if "--grad" in wants:
+        writes += " with gradient statistics"
+    return f"`{command}` ({when}; {writes})"

@@ -25,7 +25,7 @@ from llmprune.cli.options import (
     path_parser,
     schedule_document,
 )
-from llmprune.console import count_progress, err, peak_rss_mib, print_json
+from llmprune.console import count_progress, err, peak_rss_mib, print_json, warn
 from llmprune.errors import InterruptedWithResult, UsageError
 
 SCHEDULE_FORMAT = "llmprune-schedule"  # options.schedule_document reads it
@@ -83,6 +83,75 @@ def write_schedule(path: Path, doc: dict[str, Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def rerun_hint(model: Path, doc: dict[str, Any]) -> str:
+    """The command that searches `model` as the schedule `doc` was searched on another model, with its
+    time on this device under search's defaults."""
+    import shlex
+
+    from llmprune.calibration.estimate import duration, search_seconds
+    from llmprune.model.devices import resolve_device
+    from llmprune.model.skeleton import load_config
+
+    method = str(doc.get("method"))
+    command = ["llmprune", "search", str(model), "--method", method]
+    if doc.get("kind") == "depth":
+        command += ["--remove-blocks", str(len(doc.get("removed_blocks") or []))]
+    else:
+        command += ["--sparsity", f"{doc.get('sparsity')}"]
+    hint = f"run `{shlex.join(command)}` for this model"
+    if resolve_device("auto").type != "cpu":
+        return hint
+    try:
+        config = load_config(model)
+        nb = int(config.num_hidden_layers)
+        seqlen = min(DEFAULT_SEQLEN, int(getattr(config, "max_position_embeddings", None) or DEFAULT_SEQLEN))
+        k = len(doc.get("removed_blocks") or [])
+        defaults = DEPTH_DEFAULTS if doc.get("kind") == "depth" else UNSTRUCTURED_DEFAULTS
+        seconds = search_seconds(
+            model,
+            generations=max(1, round(k * (nb - k) / 1.5)) if doc.get("kind") == "depth" else int(defaults["generations"]),
+            offspring=int(defaults["offspring"]),
+            survivors=_int_list("--survivors", str(defaults["survivors"])),
+            tokens=_int_list("--tokens", str(defaults["tokens"])),
+            nsamples=DEFAULT_NSAMPLES,
+            seqlen=seqlen,
+            initial=int(defaults.get("initial", 0)),
+            initial_tokens=int(defaults.get("initial_tokens", 0)),
+            kept_blocks=(nb - k) / nb,
+        )
+    except Exception:  # noqa: BLE001 - a hint is never worth a second error
+        return hint
+    return f"{hint} (about {duration(seconds)} on this CPU; Ctrl-C keeps the best schedule so far)"
+
+
+def _warn_if_slow_on_cpu(model: Path, device: str, settings: Any, nsamples: int, seqlen: int, kept_blocks: float) -> None:
+    """A search runs thousands of forward passes of a few windows each: on a CPU say about how long,
+    and that Ctrl-C keeps the best schedule so far."""
+    from llmprune.calibration.estimate import duration, search_seconds
+    from llmprune.cli.stats import SLOW_CPU_SECONDS
+    from llmprune.model.devices import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return
+    seconds = search_seconds(
+        model,
+        generations=settings.generations,
+        offspring=settings.offspring,
+        survivors=settings.survivors,
+        tokens=settings.tokens,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        initial=settings.initial,
+        initial_tokens=settings.initial_tokens,
+        kept_blocks=kept_blocks,
+    )
+    if seconds >= SLOW_CPU_SECONDS:
+        warn(
+            f"{settings.generations} generations take about {duration(seconds)} on this CPU; Ctrl-C stops the search "
+            "and writes the best schedule found so far, or pass fewer --generations"
+        )
 
 
 def search_cmd(
@@ -275,6 +344,7 @@ def search_cmd(
         )
         target = f"{sparsity:g}"
     settings.check()
+    _warn_if_slow_on_cpu(model, device, settings, nsamples, seqlen, (nb - k) / nb if is_depth else 1.0)
     target_path = out if out is not None else default_out(model, method, target)
     if target_path.is_dir():
         raise UsageError(f"--out {target_path} is a directory", hint="give a file name, e.g. --out schedule.json")

@@ -323,7 +323,11 @@ def stats_cmd(
     elif grad_mode != "streamed":
         raise UsageError("--grad-mode applies with --grad only")
     if gram and grad:
-        raise UsageError("--gram and --grad cannot be combined", hint="run `llmprune stats` once with --grad and once with --gram")
+        raise UsageError(
+            "--gram and --grad cannot be combined",
+            hint="take them in two passes: `llmprune stats MODEL --gram`, then `llmprune stats MODEL --grad` "
+            "(the second keeps the Gram file and replaces the activation statistics with ones that carry gradients)",
+        )
     if gram_out is not None and not gram:
         raise UsageError("--gram-out applies with --gram only", hint="add --gram")
     check_int("--teacher-logits", teacher_logits)
