@@ -43,9 +43,9 @@ def read_gram_file(path: Path) -> tuple[dict[str, Any], dict[str, tuple[dict[str
     for key, g in meta["groups"].items():
         n = g["features"]
         t, c = tensors[f"{key}.gram"], tensors[f"{key}.gram_count"]
-        assert t.dtype == "F64" and t.shape == (n * (n + 1) // 2,), key
+        assert t.dtype == {"float64": "F64", "float32": "F32"}[meta.get("storage", "float64")] and t.shape == (n * (n + 1) // 2,), key
         assert c.dtype == "I64" and c.shape == (1,), key
-        packed = np.frombuffer(t.data, dtype="<f8")
+        packed = np.frombuffer(t.data, dtype="<f8" if t.dtype == "F64" else "<f4").astype(np.float64)
         out[key] = (g["weights"], S.unpack_lower(packed, n), int(np.frombuffer(c.data, dtype="<i8")[0]))
     assert len(tensors) == 2 * len(out)
     return meta, out
@@ -115,6 +115,49 @@ def test_float32_products_as_on_a_gpu(arch_dir, tmp_path, monkeypatch):
     gram_run(path, ids, tmp_path / "g.safetensors")
     _, groups = read_gram_file(tmp_path / "g.safetensors")
     assert_gram_close(groups, S.gram_reference(R.load_f32_model(path), ids), rtol=2e-6)
+
+
+def test_float32_storage_is_the_float64_sums_rounded_once(run_cli, arch_dir, tmp_path):
+    """--gram-dtype float32 stores each float64 sum rounded once to float32 (bit for bit), in half
+    the bytes, every value at a multiple of its size; the core reads it back; merging float32 halves
+    sums them in float64 and stores the result as float32."""
+    from llmprune import _core
+
+    path = arch_dir("llama", sharded=True)
+    ids = R.random_samples(4, 16, seed=7)
+    calib = {"source": "random-ids", "nsamples": 4, "seqlen": 16, "seed": 0}
+    res64 = collect_stats(path, ids, device="cpu", gram=GramTarget(tmp_path / "d.safetensors", calib))
+    res32 = collect_stats(path, ids, device="cpu", gram=GramTarget(tmp_path / "f.safetensors", calib, storage="float32"))
+    meta64, g64 = read_gram_file(tmp_path / "d.safetensors")
+    meta32, g32 = read_gram_file(tmp_path / "f.safetensors")
+    assert meta64["storage"] == "float64" and meta32["storage"] == "float32" and meta32["groups"] == meta64["groups"]
+    for key, (_, m, count) in g32.items():
+        assert count == g64[key][2]
+        np.testing.assert_array_equal(m, g64[key][1].astype(np.float32).astype(np.float64))
+    assert res64.gram is not None and res32.gram is not None
+    matrices = sum(n * (n + 1) // 2 for n in (g["features"] for g in meta32["groups"].values()))
+    assert res64.gram.bytes - res32.gram.bytes == 4 * matrices
+    size = lambda p: p.stat().st_size  # noqa: E731
+    assert size(tmp_path / "d.safetensors") - size(tmp_path / "f.safetensors") == pytest.approx(4 * matrices, abs=4096)
+    header, start = R.read_header(tmp_path / "f.safetensors")
+    assert start % 8 == 0
+    for name, info in header.items():
+        if name != "__metadata__":
+            assert info["data_offsets"][0] % (8 if info["dtype"] == "I64" else 4) == 0, name
+    _, core = _core.read_gram(str(tmp_path / "f.safetensors"))
+    for key, (_, packed, count) in core.items():
+        np.testing.assert_array_equal(S.unpack_lower(packed, g32[key][1].shape[0]), g32[key][1])
+    for name, part in (("a", ids[:2]), ("b", ids[2:])):
+        collect_stats(path, part, device="cpu", gram=GramTarget(tmp_path / f"{name}.safetensors", calib, storage="float32"))
+    code, _, err = run_cli(["stats", "merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--out", tmp_path / "ab.safetensors"])
+    assert code == 0, err
+    meta, merged = read_gram_file(tmp_path / "ab.safetensors")
+    _, a = read_gram_file(tmp_path / "a.safetensors")
+    _, b = read_gram_file(tmp_path / "b.safetensors")
+    assert meta["storage"] == "float32"
+    for key, (_, m, count) in merged.items():
+        assert count == 64
+        np.testing.assert_array_equal(m, (a[key][1] + b[key][1]).astype(np.float32).astype(np.float64))
 
 
 def test_core_reader_agrees(arch_dir, tmp_path):
@@ -273,6 +316,8 @@ def test_cli_stats_gram_writes_default_file(run_cli, model_copy):  # noqa: F811 
     "args,contains",
     [
         (["--gram", "--grad"], "cannot be combined"),
+        (["--gram", "--gram-dtype", "float16"], "unknown --gram-dtype"),
+        (["--gram-dtype", "float32"], "--gram-dtype applies with --gram only"),
         pytest.param(["--gram-out", "x.safetensors"], "--gram-out applies with --gram only", marks=pytest.mark.slow),
         pytest.param(["--gram", "--out", "same.safetensors", "--gram-out", "same.safetensors"], "both name", marks=pytest.mark.slow),
     ],

@@ -132,6 +132,29 @@ def test_apply_update_matches_reference(run_cli, gram_model, tmp_path):
     _check_layers(gram_model, out, "wanda", pattern=(2, 4))
 
 
+def test_float32_gram_gives_the_same_output_bit_for_bit(run_cli, gram_model, tmp_path):
+    """The kernel computes in float32, so a Gram sidecar stored as float32 (`stats --gram-dtype
+    float32`) prunes and updates to exactly the same checkpoint as the float64 one."""
+    f32 = tmp_path / "g32.safetensors"
+    code, _, err = run_cli(["stats", gram_model, "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--gram", "--gram-dtype", "float32",
+                            "--out", tmp_path / "s.safetensors", "--gram-out", f32])
+    assert code == 0, err
+    code, _, err = run_cli(["stats", gram_model, "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--gram",
+                            "--out", tmp_path / "s64.safetensors", "--gram-out", tmp_path / "g64.safetensors"])
+    assert code == 0, err
+    assert f32.stat().st_size < 0.55 * (tmp_path / "g64.safetensors").stat().st_size
+    for args in (["--method", "sparsegpt", "--sparsity", "0.5"], ["--method", "wanda", "--pattern", "2:4", "--update"]):
+        outs = []
+        for gram in (tmp_path / "g64.safetensors", f32):
+            out = tmp_path / f"o-{args[1]}-{gram.stem}"
+            code, _, err = run_cli(["apply", gram_model, *args, "--gram", gram, "--stats", tmp_path / "s.safetensors", "--out", out])
+            assert code == 0, err
+            outs.append(R.read_checkpoint(out)[0])
+        assert sorted(outs[0]) == sorted(outs[1])
+        for name, t in outs[0].items():
+            assert t.data == outs[1][name].data, name
+
+
 def test_apply_missing_gram_is_a_clean_error(run_cli, tiny_models, tmp_path):
     model = copy_model(tiny_models("bfloat16", sharded=True, stats=True), tmp_path / "w")
     before = tree_hashes(tmp_path)

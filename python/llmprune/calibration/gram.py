@@ -50,6 +50,11 @@ class GramTarget:
 
     path: Path
     calibration: dict[str, Any] = field(default_factory=dict)
+    # the stored element type: "float64", or "float32" (half the size; the sums are float64 either way)
+    storage: str = "float64"
+
+
+STORAGE_BYTES = {"float64": 8, "float32": 4}
 
 
 @dataclass
@@ -250,7 +255,7 @@ class GramPass:
         self.target = target
         self.streamer = streamer
         self.dist = dist
-        self.info = {"calibration": {**target.calibration, "tokens": tokens}, "mode": mode, "sequential": sequential}
+        self.info = {"calibration": {**target.calibration, "tokens": tokens}, "mode": mode, "sequential": sequential, "storage": target.storage}
         self.groups: list[list[str]] | None = None
         self.writer: Any = None
         self.inputs = 0
@@ -278,15 +283,16 @@ class GramPass:
             for g in block_layout(self.streamer, i, self.groups):
                 layout.append((g.key, g.weights, g.features))
         self.inputs = len(layout)
-        self.bytes = sum(n * (n + 1) // 2 * 8 + 8 for _, _, n in layout)
+        self.bytes = sum(n * (n + 1) // 2 * STORAGE_BYTES[self.target.storage] + 8 for _, _, n in layout)
         if self.dist.rank == 0:
             self._announce()
             writer = _core.GramWriter(str(self.target.path), str(self.streamer.ckpt.dir), layout, json.dumps(self.info))
             self.writer = writer.__enter__()
 
     def _announce(self) -> None:
-        """Say how large the Gram sidecar will be (float64, packed: often larger than the model) before
-        writing it, and refuse at once when its folder lacks the room, rather than hours later."""
+        """Say how large the Gram sidecar will be (packed float64 is often larger than the model; float32
+        halves it) before writing it, and refuse at once when its folder lacks the room, rather than
+        hours later."""
         import shutil
 
         from llmprune.console import err
@@ -300,9 +306,10 @@ class GramPass:
                 f"the Gram sidecar needs {self.bytes / 1e6:,.0f} MB and {folder} has {free / 1e6:,.0f} MB free",
                 hint="free space there, or write it elsewhere with --gram-out PATH",
             )
+        smaller = " (--gram-dtype float32 halves it)" if self.target.storage == "float64" and self.bytes > model_bytes else ""
         err.print(
-            f"Gram matrices of {self.inputs} inputs: {self.bytes / 1e6:,.0f} MB (float64, packed; {self.bytes / max(model_bytes, 1):.1f}x "
-            f"the model's {model_bytes / 1e6:,.0f} MB) into {self.target.path}",
+            f"Gram matrices of {self.inputs} inputs: {self.bytes / 1e6:,.0f} MB ({self.target.storage}, packed; {self.bytes / max(model_bytes, 1):.1f}x "
+            f"the model's {model_bytes / 1e6:,.0f} MB) into {self.target.path}{smaller}",
             markup=False,
             highlight=False,
             soft_wrap=True,

@@ -206,6 +206,14 @@ def stats_cmd(
             show_default="MODEL/llmprune-gram.safetensors",
         ),
     ] = None,
+    gram_dtype: Annotated[
+        str,
+        typer.Option(
+            "--gram-dtype",
+            metavar="DTYPE",
+            help="--gram: how the matrices are stored, float64 or float32 (half the file; the sums are float64 either way, and SparseGPT computes in float32, so its masks and weights are the same bit for bit).",
+        ),
+    ] = "float64",
     allocation: Annotated[
         Optional[str],
         typer.Option(
@@ -328,6 +336,10 @@ def stats_cmd(
             hint="take them in two passes: `llmprune stats MODEL --gram`, then `llmprune stats MODEL --grad` "
             "(the second keeps the Gram file and replaces the activation statistics with ones that carry gradients)",
         )
+    if gram_dtype not in ("float64", "float32"):
+        raise UsageError(f"unknown --gram-dtype {gram_dtype!r}", hint="use float64 or float32")
+    if gram_dtype != "float64" and not gram:
+        raise UsageError("--gram-dtype applies with --gram only", hint="add --gram")
     if gram_out is not None and not gram:
         raise UsageError("--gram-out applies with --gram only", hint="add --gram")
     check_int("--teacher-logits", teacher_logits)
@@ -343,6 +355,8 @@ def stats_cmd(
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
     gram_target = _gram_target(model, gram_out, out_path) if gram else None
+    if gram_target is not None:
+        gram_target.storage = gram_dtype
     if gram_target is not None and out_path.is_file():
         err.print(
             f"note: the activation statistics in {out_path} are recomputed in the same pass and replaced "

@@ -250,6 +250,11 @@ impl PyGramWriter {
             calibration: field("calibration"),
             mode: info.get("mode").and_then(Value::as_str).unwrap_or("dense").to_string(),
             sequential: field("sequential"),
+            storage: match info.get("storage").and_then(Value::as_str) {
+                None => gram::Storage::F64,
+                Some(name) => gram::Storage::parse(name)
+                    .ok_or_else(|| CoreError(Error::arg(format!("Gram storage must be float64 or float32, not {name:?}"))))?,
+            },
         };
         let groups = layout.into_iter().map(|(key, weights, features)| gram::GramGroup { key, weights, features }).collect();
         let w = detached(py, || {

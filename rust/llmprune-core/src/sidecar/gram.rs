@@ -1,5 +1,6 @@
 //! The Gram sidecar (docs/sidecar.md): for every distinct input of the prunable linears, H = Σ x xᵀ
-//! over the calibration tokens, as a packed lower triangle of float64, with its token count.
+//! over the calibration tokens, as a packed lower triangle of float64 (or, to halve the file, of
+//! float32: what the SparseGPT kernel computes in anyway), with its token count.
 //!
 //! Files of a 7B-shaped model take tens of GB, so neither side ever holds one whole: the writer
 //! lays out the header from the model's shapes first and takes the matrices one at a time, in any
@@ -45,12 +46,62 @@ pub fn packed_len(n: usize) -> usize {
     n * (n + 1) / 2
 }
 
-/// Calibration facts recorded in the metadata, as for the stats sidecar.
+/// Calibration facts recorded in the metadata, as for the stats sidecar, and how the matrices are
+/// stored.
 #[derive(Debug, Clone)]
 pub struct GramInfo {
     pub calibration: Value,
     pub mode: String,
     pub sequential: Value,
+    pub storage: Storage,
+}
+
+/// The element type of the stored matrices. The sums are always taken in float64; float32 storage
+/// rounds each finished sum once, to exactly the value the SparseGPT kernel computes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Storage {
+    #[default]
+    F64,
+    F32,
+}
+
+impl Storage {
+    pub fn parse(name: &str) -> Option<Storage> {
+        match name {
+            "float64" => Some(Storage::F64),
+            "float32" => Some(Storage::F32),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Storage::F64 => "float64",
+            Storage::F32 => "float32",
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            Storage::F64 => 8,
+            Storage::F32 => 4,
+        }
+    }
+
+    fn dtype(self) -> Dtype {
+        match self {
+            Storage::F64 => Dtype::F64,
+            Storage::F32 => Dtype::F32,
+        }
+    }
+
+    /// The stored value at byte `at` of `bytes`, widened to f64.
+    fn read(self, bytes: &[u8], at: usize) -> f64 {
+        match self {
+            Storage::F64 => f64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes")),
+            Storage::F32 => f64::from(f32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))),
+        }
+    }
 }
 
 /// The diagonal of a Gram matrix that carries no signal: every entry zero (or not finite).
@@ -112,8 +163,10 @@ pub struct GramWriter {
     tmp: PathBuf,
     file: Option<File>,
     data_start: u64,
-    /// key -> (byte offset in the data section, group), and whether it was written
-    slots: BTreeMap<String, (u64, GramGroup, bool)>,
+    /// key -> (byte offsets of its matrix and of its count in the data section, group), and whether
+    /// it was written
+    slots: BTreeMap<String, (u64, u64, GramGroup, bool)>,
+    storage: Storage,
 }
 
 impl GramWriter {
@@ -147,14 +200,15 @@ impl GramWriter {
             "calibration": info.calibration,
             "mode": info.mode,
             "sequential": info.sequential,
+            "storage": info.storage.name(),
             "groups": meta_groups,
         });
-        GramWriter::start(path, meta.to_string(), &sorted)
+        GramWriter::start(path, meta.to_string(), &sorted, info.storage)
     }
 
     /// Writes the matrix of input `key` (packed lower triangle) and its token count.
     pub fn write(&mut self, key: &str, packed: &[f64], count: i64) -> Result<()> {
-        let Some((offset, group, done)) = self.slots.get_mut(key) else {
+        let Some((offset, count_offset, group, done)) = self.slots.get_mut(key) else {
             return Err(Error::arg(format!("{key} is not an input of this Gram sidecar's layout")));
         };
         if *done {
@@ -162,17 +216,26 @@ impl GramWriter {
         }
         validate(key, packed, group.features, count).map_err(|m| Error::arg(format!("cannot write Gram statistics: {m}")))?;
         let file = self.file.as_mut().ok_or_else(|| Error::Internal("Gram writer already finished".into()))?;
-        let mut bytes: Vec<u8> = Vec::with_capacity(packed.len() * 8 + 8);
-        bytes.extend(packed.iter().flat_map(|x| x.to_le_bytes()));
-        bytes.extend(count.to_le_bytes());
-        file.seek(SeekFrom::Start(self.data_start + *offset)).and_then(|_| file.write_all(&bytes)).map_err(|e| Error::io(&self.tmp, e))?;
+        let mut bytes: Vec<u8> = Vec::with_capacity(packed.len() * self.storage.bytes());
+        match self.storage {
+            Storage::F64 => bytes.extend(packed.iter().flat_map(|x| x.to_le_bytes())),
+            Storage::F32 => bytes.extend(packed.iter().flat_map(|&x| (x as f32).to_le_bytes())),
+        }
+        let start = self.data_start;
+        (|| {
+            file.seek(SeekFrom::Start(start + *offset))?;
+            file.write_all(&bytes)?;
+            file.seek(SeekFrom::Start(start + *count_offset))?;
+            file.write_all(&count.to_le_bytes())
+        })()
+        .map_err(|e| Error::io(&self.tmp, e))?;
         *done = true;
         Ok(())
     }
 
     /// Checks that every input was written and renames the file into place.
     pub fn finish(mut self) -> Result<PathBuf> {
-        if let Some((key, _)) = self.slots.iter().find(|(_, s)| !s.2) {
+        if let Some((key, _)) = self.slots.iter().find(|(_, s)| !s.3) {
             return Err(Error::arg(format!("the Gram matrix of {key} was never written")));
         }
         let file = self.file.take().ok_or_else(|| Error::Internal("Gram writer already finished".into()))?;
@@ -202,6 +265,8 @@ pub struct Gram {
     by_weight: BTreeMap<String, String>,
     /// group key -> (byte range of the matrix, byte range of the count)
     ranges: BTreeMap<String, (ByteRange, ByteRange)>,
+    /// the element type of every matrix
+    pub storage: Storage,
     mmap: Mmap,
 }
 
@@ -225,6 +290,11 @@ impl Gram {
         let data_start = 8 + header_len;
         let infos = metadata.tensors();
         let (mut groups, mut by_weight, mut ranges) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        // the element type is the file's own (the first matrix's); every matrix must share it
+        let storage = match gmeta.keys().next().and_then(|k| infos.get(&format!("{k}.gram"))).map(|i| i.dtype) {
+            Some(Dtype::F32) => Storage::F32,
+            _ => Storage::F64,
+        };
         for (key, g) in gmeta {
             let n = g.get("features").and_then(Value::as_u64).ok_or_else(|| bad(format!("{key}: no \"features\"")))? as usize;
             let Some(Value::Object(ws)) = g.get("weights") else { return Err(bad(format!("{key}: no \"weights\" table"))) };
@@ -245,10 +315,10 @@ impl Gram {
                 Ok((data_start + info.data_offsets.0, data_start + info.data_offsets.1))
             };
             let plen = n.checked_mul(n + 1).map(|x| x / 2).ok_or_else(|| bad(format!("{key}: {n} features overflow")))?;
-            ranges.insert(key.clone(), (range("gram", Dtype::F64, plen)?, range("gram_count", Dtype::I64, 1)?));
+            ranges.insert(key.clone(), (range("gram", storage.dtype(), plen)?, range("gram_count", Dtype::I64, 1)?));
             groups.insert(key.clone(), GramGroup { key: key.clone(), weights, features: n });
         }
-        Ok(Gram { path: path.to_path_buf(), meta, groups, by_weight, ranges, mmap })
+        Ok(Gram { path: path.to_path_buf(), meta, groups, by_weight, ranges, storage, mmap })
     }
 
     /// Refuses a Gram sidecar of another model, or whose inputs do not fit the weights.
@@ -268,7 +338,8 @@ impl Gram {
     /// The packed matrix of input `key` and its token count, validated.
     pub fn packed(&self, key: &str) -> Result<(Vec<f64>, i64)> {
         let ((a, b), (c, d)) = self.ranges[key];
-        let packed: Vec<f64> = self.mmap[a..b].chunks_exact(8).map(|x| f64::from_le_bytes(x.try_into().expect("8 bytes"))).collect();
+        let width = self.storage.bytes();
+        let packed: Vec<f64> = (a..b).step_by(width).map(|at| self.storage.read(&self.mmap, at)).collect();
         let count = i64::from_le_bytes(self.mmap[c..d].try_into().map_err(|_| Error::gram(&self.path, "bad count"))?);
         let n = self.groups[key].features;
         validate(key, &packed, n, count).map_err(|m| Error::gram(&self.path, m))?;
@@ -282,16 +353,19 @@ impl Gram {
     pub fn check_signal(&self, key: &str) -> Result<()> {
         let ((a, _), _) = *self.ranges.get(key).ok_or_else(|| Error::Internal(format!("no Gram input {key}")))?;
         let n = self.groups[key].features;
-        let diag = (0..n).map(|i| {
-            let at = a + 8 * (i * (i + 1) / 2 + i);
-            f64::from_le_bytes(self.mmap[at..at + 8].try_into().expect("8 bytes"))
-        });
+        let width = self.storage.bytes();
+        let diag = (0..n).map(|i| self.storage.read(&self.mmap, a + width * (i * (i + 1) / 2 + i)));
         no_signal(key, diag, n).map_err(|m| Error::gram(&self.path, m))
     }
 
     pub fn info(&self) -> GramInfo {
         let get = |k: &str| self.meta.get(k).cloned().unwrap_or(Value::Null);
-        GramInfo { calibration: get("calibration"), mode: get("mode").as_str().unwrap_or("dense").to_string(), sequential: get("sequential") }
+        GramInfo {
+            calibration: get("calibration"),
+            mode: get("mode").as_str().unwrap_or("dense").to_string(),
+            sequential: get("sequential"),
+            storage: self.storage,
+        }
     }
 }
 
@@ -339,6 +413,11 @@ pub fn merge_gram(paths: &[PathBuf], out: &Path) -> Result<(usize, i64, serde_js
     // the writer checks the layout against a checkpoint; here the inputs agree with each other and
     // were checked against theirs when written, so the layout is taken as recorded
     let mut info = first.info();
+    // the sums are taken in float64 from the stored values; a float32 input makes the output float32
+    // (its rounding is already in the sum, and storing wider would not undo it)
+    if grams.iter().any(|g| g.storage == Storage::F32) {
+        info.storage = Storage::F32;
+    }
     if let Value::Object(c) = &mut info.calibration {
         let total =
             |k: &str| grams.iter().map(|g| g.meta.get("calibration").and_then(|c| c.get(k)).and_then(Value::as_i64).unwrap_or(0)).sum::<i64>();
@@ -372,29 +451,31 @@ impl GramWriter {
         let mut meta = like.meta.clone();
         meta.insert("calibration".into(), info.calibration);
         meta.insert("llmprune_version".into(), env!("CARGO_PKG_VERSION").into());
+        meta.insert("storage".into(), info.storage.name().into());
         let groups: Vec<GramGroup> = like.groups.values().cloned().collect();
-        GramWriter::start(path, Value::Object(meta).to_string(), &groups)
+        GramWriter::start(path, Value::Object(meta).to_string(), &groups, info.storage)
     }
 
-    /// Lays out the header (each input's matrix, then its count, in `groups` order) under the
-    /// `llmprune` metadata `meta`, and creates the temporary file at its final size.
-    fn start(path: &Path, meta: String, groups: &[GramGroup]) -> Result<GramWriter> {
+    /// Lays out the header under the `llmprune` metadata `meta` and creates the temporary file at its
+    /// final size. float64: each input's matrix, then its count, in `groups` order; float32: every
+    /// count first, then the matrices, so that each value sits at a multiple of its size.
+    fn start(path: &Path, meta: String, groups: &[GramGroup], storage: Storage) -> Result<GramWriter> {
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), serde_json::json!({"llmprune": meta}));
         let mut slots = BTreeMap::new();
-        let mut offset = 0u64;
-        for g in groups {
-            let bytes = (g.packed_len() * 8) as u64;
+        let counts_first = storage == Storage::F32;
+        let mut offset = if counts_first { 8 * groups.len() as u64 } else { 0 };
+        for (i, g) in groups.iter().enumerate() {
+            let bytes = (g.packed_len() * storage.bytes()) as u64;
+            let count_at = if counts_first { 8 * i as u64 } else { offset + bytes };
             header.insert(
                 format!("{}.gram", g.key),
-                serde_json::json!({"dtype": "F64", "shape": [g.packed_len()], "data_offsets": [offset, offset + bytes]}),
+                serde_json::json!({"dtype": storage.dtype(), "shape": [g.packed_len()], "data_offsets": [offset, offset + bytes]}),
             );
-            header.insert(
-                format!("{}.gram_count", g.key),
-                serde_json::json!({"dtype": "I64", "shape": [1], "data_offsets": [offset + bytes, offset + bytes + 8]}),
-            );
-            slots.insert(g.key.clone(), (offset, g.clone(), false));
-            offset += bytes + 8;
+            header
+                .insert(format!("{}.gram_count", g.key), serde_json::json!({"dtype": "I64", "shape": [1], "data_offsets": [count_at, count_at + 8]}));
+            slots.insert(g.key.clone(), (offset, count_at, g.clone(), false));
+            offset += bytes + if counts_first { 0 } else { 8 };
         }
         let data_len = offset;
         let mut json = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Internal(e.to_string()))?;
@@ -414,6 +495,6 @@ impl GramWriter {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io(path, e));
         }
-        Ok(GramWriter { path: path.to_path_buf(), tmp, file: Some(file), data_start, slots })
+        Ok(GramWriter { path: path.to_path_buf(), tmp, file: Some(file), data_start, slots, storage })
     }
 }
