@@ -294,3 +294,70 @@ def test_gram_writer_refuses_impossible_matrices(gram_model, tmp_path):
         with pytest.raises(_core.LlmpruneError, match="non-finite"):
             w.write(key, bad, count)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args,gram",
+    [(["--method", "sparsegpt", "--sparsity", "0.5"], True), pytest.param(["--method", "wanda", "--pattern", "2:4"], False, marks=pytest.mark.slow)],
+)
+def test_sequential_pruned_out_equals_apply_and_keeps_no_gram_file(run_cli, gram_model, tmp_path, args, gram):
+    """`stats --sequential --pruned-out DIR` writes the checkpoint `apply` writes from the same
+    pass's sidecars, bit for bit, without a Gram file: each block's matrices are used and dropped."""
+    model = copy_model(gram_model, tmp_path / "w")
+    for f in (R.SIDECAR_NAME, _core.DEFAULT_GRAM):
+        (model / f).unlink()
+    common = ["stats", model, "--sequential", *args, *(["--gram"] if gram else []), "--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    code, _, err = run_cli([*common, "--out", kept / "s.safetensors", *(["--gram-out", kept / "g.safetensors"] if gram else [])])
+    assert code == 0, err
+    code, _, err = run_cli(
+        ["apply", model, *args, "--stats", kept / "s.safetensors", *(["--gram", kept / "g.safetensors"] if gram else []), "--out", tmp_path / "applied"]
+    )
+    assert code == 0 and "does not reproduce" not in err, err
+    before = sorted(p.name for p in model.iterdir())
+    code, out, err = run_cli([*common, "--out", tmp_path / "s2.safetensors", "--pruned-out", tmp_path / "pruned", "--json"])
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["pruned"]["out"] == str(tmp_path / "pruned") and summary["pruned"]["weights_pruned"] > 0 and "gram" not in summary
+    assert sorted(p.name for p in model.iterdir()) == before  # no Gram file (nor anything else) written into the model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["applied", "kept", "pruned", "s2.safetensors", "w"]
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == sorted(p.name for p in (tmp_path / "applied").iterdir())
+    got, metas = R.read_checkpoint(tmp_path / "pruned")
+    want, _ = R.read_checkpoint(tmp_path / "applied")
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].data == t.data, name
+    prov = json.loads(next(iter(metas.values()))["llmprune"])
+    assert prov["written_by"] == "stats --sequential --pruned-out" and prov["method"] == args[1] and prov["sequential"]["method"] == args[1]
+
+
+def test_pruned_out_bad_input_writes_nothing(run_cli, gram_model, tmp_path):
+    model = copy_model(gram_model, tmp_path / "w")
+    (tmp_path / "taken").mkdir()
+    before = tree_hashes(tmp_path)
+    seq = ["--sequential", "--method", "wanda", "--sparsity", "0.5", "--nsamples", "1", "--seqlen", "8", "--device", "cpu"]
+    for args, contains in (
+        (["--pruned-out", tmp_path / "p"], "applies with --sequential only"),
+        ([*seq, "--pruned-out", tmp_path / "taken"], "exists"),
+        ([*seq, "--compensate", "--pruned-out", tmp_path / "p"], "cannot write the biases"),
+    ):
+        code, out, err = run_cli(["stats", model, *args])
+        assert_clean_error(code, out, err, contains=contains)
+        assert tree_hashes(tmp_path) == before
+
+
+def test_spilled_blocks_are_deleted_once_written(tmp_path):
+    """--pruned-out's disk: a block's spill file goes as soon as every tensor in it is in a shard."""
+    import torch
+
+    from llmprune.reconstruct import SpilledTensors
+
+    spilled = SpilledTensors(tmp_path)
+    spilled.add(0, {"a": torch.ones(2, 2), "b": torch.zeros(3)})
+    spilled.add(1, {"c": torch.full((2,), 7.0)})
+    assert "a" in spilled and "x" not in spilled and torch.equal(spilled["c"], torch.full((2,), 7.0))
+    spilled.release(["a"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block-00000.safetensors", "block-00001.safetensors"] and "a" not in spilled
+    spilled.release(["b", "c"])
+    assert list(tmp_path.iterdir()) == [] and len(spilled) == 0

@@ -334,9 +334,16 @@ def changed_weights(model: nn.Module, modules: list[str], ckpt: Checkpoint) -> d
     return {mapping[k]: state[k] for k in sorted(keys)}
 
 
-def write_checkpoint(ckpt: Checkpoint, changed: Mapping[str, torch.Tensor], out_dir: Path, provenance: dict[str, Any]) -> None:
+def write_checkpoint(
+    ckpt: Checkpoint,
+    changed: Mapping[str, torch.Tensor],
+    out_dir: Path,
+    provenance: dict[str, Any],
+    after_shard: Callable[[list[str]], None] | None = None,
+) -> None:
     """The input's shards with the `changed` tensors replaced (each cast to the input tensor's dtype),
-    and every other file of the input (index, config, tokenizer) copied."""
+    and every other file of the input (index, config, tokenizer) copied. `after_shard(names)` is told,
+    after each shard is written, which of the changed tensors it held (so their copies can go)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -353,6 +360,9 @@ def write_checkpoint(ckpt: Checkpoint, changed: Mapping[str, torch.Tensor], out_
         (out_dir / f).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out_dir / f), metadata=meta)
         _give_plain_mode(out_dir / f)
+        if after_shard is not None:
+            after_shard([name for name in tensors if name in changed])
+        del tensors
     _core.copy_model_files(str(ckpt.dir), str(out_dir), with_index=True)
 
 

@@ -541,6 +541,15 @@ class SpilledTensors(Mapping[str, torch.Tensor]):
         for name in tensors:
             self.where[name] = path
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.where
+
+    def release(self, names: list[str]) -> None:
+        """Forget `names` (written elsewhere), and delete each block file none of whose tensors is left."""
+        files = {self.where.pop(n) for n in names if n in self.where}
+        for path in files - set(self.where.values()):
+            path.unlink(missing_ok=True)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 

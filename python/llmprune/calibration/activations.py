@@ -167,6 +167,7 @@ def collect_stats(
     streamer: LayerStreamer | None = None,
     on_hidden: Callable[[int, torch.Tensor], None] | None = None,
     gram: GramTarget | None = None,
+    on_pruned: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> StatsResult:
     """Statistics of every prunable weight over `samples` ([nsamples, seqlen] token ids).
 
@@ -174,7 +175,8 @@ def collect_stats(
     all-reduced, so every rank returns the global statistics. `on_hidden(i, h)` sees the inputs of
     block i ([n, L, H], a buffer reused afterwards: copy what you keep) and, with i = number of
     blocks, the last block's outputs; the gradient pass keeps them. With `gram`, the Gram matrices of
-    every block's inputs are written there as the blocks complete (gram.py).
+    every block's inputs are written there as the blocks complete (gram.py). In sequential mode,
+    `on_pruned(i, weights)` receives block i's pruned weights (float32, as the checkpoint lays them out).
     """
     t0 = time.perf_counter()
     info = dist or DistInfo()
@@ -250,7 +252,11 @@ def collect_stats(
             unreached.extend(name for name, _, _ in prunable if name not in block_stats)
             del hooks
             if sequential is not None:
-                zeroed, skipped = prune_block(streamer, i, block_stats, sequential, mask_fn, block_grams)
+                kept: dict[str, torch.Tensor] | None = {} if on_pruned is not None else None
+                zeroed, skipped = prune_block(streamer, i, block_stats, sequential, mask_fn, block_grams, keep=kept)
+                if on_pruned is not None and kept is not None:
+                    on_pruned(i, kept)
+                del kept
                 pruned.update(zeroed)
                 uncompensated.extend(skipped)
                 del block_grams

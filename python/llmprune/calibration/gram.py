@@ -48,7 +48,7 @@ class GramTarget:
     """Where `collect_stats` writes Gram statistics, and the calibration facts recorded with them
     (`tokens` is filled in by the pass)."""
 
-    path: Path
+    path: Path | None  # None: the matrices are used in the pass (sequential mode) and dropped
     calibration: dict[str, Any] = field(default_factory=dict)
     # the stored element type: "float64", or "float32" (half the size; the sums are float64 either way)
     storage: str = "float64"
@@ -284,7 +284,7 @@ class GramPass:
                 layout.append((g.key, g.weights, g.features))
         self.inputs = len(layout)
         self.bytes = sum(n * (n + 1) // 2 * STORAGE_BYTES[self.target.storage] + 8 for _, _, n in layout)
-        if self.dist.rank == 0:
+        if self.dist.rank == 0 and self.target.path is not None:
             self._announce()
             writer = _core.GramWriter(str(self.target.path), str(self.streamer.ckpt.dir), layout, json.dumps(self.info))
             self.writer = writer.__enter__()
@@ -297,6 +297,7 @@ class GramPass:
 
         from llmprune.console import err
 
+        assert self.target.path is not None
         ckpt = self.streamer.ckpt
         model_bytes = sum((ckpt.dir / f).stat().st_size for f in ckpt.files)
         folder = self.target.path.resolve().parent
@@ -330,9 +331,12 @@ class GramPass:
             for group, packed, count in bg.results():
                 self.writer.write(group.key, packed, count)
 
-    def finish(self) -> GramSummary:
+    def finish(self) -> GramSummary | None:
+        """The file written; None when the target keeps no file."""
         if self.writer is not None:
             self.writer.finish()
             self.writer.__exit__(None, None, None)
             self.writer = None
+        if self.target.path is None:
+            return None
         return GramSummary(path=self.target.path, inputs=self.inputs, bytes=self.bytes)

@@ -92,11 +92,18 @@ def core_sparsegpt(weight: np.ndarray, gram: np.ndarray, **kw: Any) -> tuple[np.
 
 
 def prune_block(
-    streamer: LayerStreamer, i: int, stats: dict[str, LayerStats], seq: Sequential, mask_fn: MaskFn, grams: dict[str, np.ndarray] | None = None
+    streamer: LayerStreamer,
+    i: int,
+    stats: dict[str, LayerStats],
+    seq: Sequential,
+    mask_fn: MaskFn,
+    grams: dict[str, np.ndarray] | None = None,
+    keep: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, int], list[str]]:
     """Prune block i's weights in memory as `apply` would from these stats: zero them with the
     method's masks or, when the run reconstructs, through the core's SparseGPT sweep on the block's
     Gram matrices `grams` (weight name -> H); with compensation, add (W − W')μ to each output bias.
+    With `keep`, each pruned weight is also put there (float32, laid out as the checkpoint stores it).
     Returns the weights zeroed per tensor and the pruned linears that cannot carry a bias."""
     pruned, uncompensated = {}, []
     names = [name for name, _, _ in streamer.prunable(i)]
@@ -129,8 +136,11 @@ def prune_block(
             assert mask is not None  # every method but sparsegpt (which reconstructs) masks first
             new_w = np.where(mask, np.float32(0), w_np)
         new = torch.from_numpy(np.ascontiguousarray(new_w))
+        stored = new.t() if axis == 0 else new
         with torch.no_grad():
-            mod.weight.copy_((new.t() if axis == 0 else new).to(mod.weight.device, mod.weight.dtype))
+            mod.weight.copy_(stored.to(mod.weight.device, mod.weight.dtype))
+        if keep is not None:
+            keep[name] = stored.contiguous()
         pruned[name] = int(mask.sum())
         if seq.compensate and not _compensate(streamer, i, mod, name, w_np, new_w, s):
             uncompensated.append(name)

@@ -256,6 +256,16 @@ def stats_cmd(
             show_default="MODEL/llmprune-teacher.safetensors",
         ),
     ] = None,
+    pruned_out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--pruned-out",
+            metavar="DIR",
+            parser=path_parser("--pruned-out"),
+            help="--sequential: also write the checkpoint this pass prunes to DIR, the same as `apply` with its statistics would; with --gram, each block's Gram matrices are used and dropped, and no Gram file is kept unless --gram-out names one.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Compute activation statistics (the stats sidecar), one decoder block in memory at a time.
 
@@ -336,6 +346,15 @@ def stats_cmd(
             hint="take them in two passes: `llmprune stats MODEL --gram`, then `llmprune stats MODEL --grad` "
             "(the second keeps the Gram file and replaces the activation statistics with ones that carry gradients)",
         )
+    if pruned_out is not None:
+        if seq is None:
+            raise UsageError("--pruned-out applies with --sequential only", hint="add --sequential --method M --sparsity S, or run llmprune apply")
+        if compensate:
+            raise UsageError("--pruned-out cannot write the biases --compensate adds", hint="drop --pruned-out and run llmprune apply after this pass")
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            from llmprune.calibration import pruned_out as po
+
+            po.check(model, pruned_out)
     if gram_dtype not in ("float64", "float32"):
         raise UsageError(f"unknown --gram-dtype {gram_dtype!r}", hint="use float64 or float32")
     if gram_dtype != "float64" and not gram:
@@ -354,10 +373,16 @@ def stats_cmd(
     seqlen = check_pass_inputs(model, device, dtype, seqlen)
     out_path = Path(out) if out is not None else _default_out(model)
     _check_out(out_path)
-    gram_target = _gram_target(model, gram_out, out_path) if gram else None
+    gram_target: Any = None
+    if gram and pruned_out is not None and gram_out is None:  # the matrices live only in the pass
+        from llmprune.calibration.gram import GramTarget
+
+        gram_target = GramTarget(None)
+    elif gram:
+        gram_target = _gram_target(model, gram_out, out_path)
     if gram_target is not None:
         gram_target.storage = gram_dtype
-    if gram_target is not None and out_path.is_file():
+    if gram_target is not None and gram_target.path is not None and out_path.is_file():
         err.print(
             f"note: the activation statistics in {out_path} are recomputed in the same pass and replaced "
             "(the Gram matrices need the pass anyway; it adds little to its time)",
@@ -369,7 +394,7 @@ def stats_cmd(
         from llmprune.calibration.teacher import TEACHER_NAME
 
         teacher_path = Path(teacher_out) if teacher_out is not None else _default_out(model, TEACHER_NAME, "--teacher-out")
-        if teacher_path.resolve() in {out_path.resolve(), *([gram_target.path.resolve()] if gram_target is not None else [])}:
+        if teacher_path.resolve() in {out_path.resolve(), *([gram_target.path.resolve()] if gram_target is not None and gram_target.path is not None else [])}:
             raise UsageError(
                 f"--teacher-out names {teacher_path}, which another output of this pass also names", hint="the teacher logits go into a file of their own"
             )
@@ -387,7 +412,12 @@ def stats_cmd(
         _warn_if_slow_on_cpu(model, device, nsamples, seqlen)
 
     info = init_distributed(device)
+    pruned_writer = None
     try:
+        if pruned_out is not None and info.rank == 0:
+            from llmprune.calibration.pruned_out import PrunedOutput
+
+            pruned_writer = PrunedOutput(model, pruned_out)
         samples = calibration_samples(calib, load_tokenizer(model), nsamples, seqlen, seed)
         grad_result = None
         if grad:
@@ -405,7 +435,17 @@ def stats_cmd(
                 model, samples, device=device, dtype=dtype, dist=info, progress=True, gram=gram_target, streamer=streamer, on_hidden=collector
             )
         else:
-            result = collect_stats(model, samples, device=device, dtype=dtype, sequential=seq, dist=info, progress=True, gram=gram_target)
+            result = collect_stats(
+                model,
+                samples,
+                device=device,
+                dtype=dtype,
+                sequential=seq,
+                dist=info,
+                progress=True,
+                gram=gram_target,
+                on_pruned=pruned_writer.add if pruned_writer is not None else None,
+            )
         if info.rank == 0:
             sidecar.write(
                 out_path,
@@ -419,6 +459,9 @@ def stats_cmd(
                 blocks=result.block_cos,
                 experts=result.experts,
             )
+        pruned_dir = None
+        if pruned_writer is not None and seq is not None:
+            pruned_dir = pruned_writer.commit(_pruned_provenance(model, seq, {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}))
         teacher_bytes = None
         if teacher_logits is not None and teacher_path is not None:
             from llmprune import _core
@@ -435,6 +478,8 @@ def stats_cmd(
             teacher_bytes = T.write(teacher_path, collector.result(meta))
         info.barrier()
     finally:
+        if pruned_writer is not None:
+            pruned_writer.close()
         shutdown_distributed(info)
     if info.rank != 0:
         return
@@ -461,6 +506,8 @@ def stats_cmd(
         summary["gram"] = {"out": str(result.gram.path), "inputs": result.gram.inputs, "bytes": result.gram.bytes}
     if teacher_bytes is not None:
         summary["teacher"] = {"out": str(teacher_path), "k": teacher_logits, "bytes": teacher_bytes}
+    if pruned_dir is not None:
+        summary["pruned"] = {"out": str(pruned_dir), "weights_pruned": sum(result.pruned.values())}
     if json_out:
         summary.update({"layers": len(result.layers), "dtype": result.dtype, "world_size": result.world_size, "mode": result.mode})
         print_json(summary)
@@ -473,6 +520,26 @@ def stats_cmd(
         + (f"; Gram matrices of {result.gram.inputs} inputs ({_size(result.gram.bytes)}) in {result.gram.path}" if result.gram is not None else "")
         + (f"; teacher top-{teacher_logits} log-probabilities ({_size(teacher_bytes)}) in {teacher_path}" if teacher_bytes is not None else "")
     )
+    if pruned_dir is not None:
+        typer.echo(f"wrote {pruned_dir}: the checkpoint this pass pruned ({sum(result.pruned.values()):,} weights zeroed)")
+
+
+def _pruned_provenance(model: Path, seq: Any, calibration: dict[str, Any]) -> dict[str, Any]:
+    """What the output of --pruned-out records of how it was made (the shards' `llmprune` metadata)."""
+    from llmprune import _core
+    from llmprune.model.checkpoint import Checkpoint
+
+    target = {"pattern": f"{seq.pattern[0]}:{seq.pattern[1]}"} if seq.pattern is not None else {"sparsity": seq.sparsity}
+    return {
+        "llmprune_version": _core.__version__,
+        "method": seq.method,
+        **target,
+        "update": "sparsegpt" if seq.reconstructs else None,
+        "sequential": seq.as_meta(),
+        "calibration": calibration,
+        "written_by": "stats --sequential --pruned-out",
+        "source_fingerprint": Checkpoint(model).fingerprint,
+    }
 
 
 def _gram_target(model: Path, gram_out: Path | None, stats_out: Path) -> Any:
