@@ -124,3 +124,42 @@ def test_sparsegpt_memory_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "max RSS" in proc.stdout and "peak anonymous" in proc.stdout, proc.stdout
     assert not any(tmp_path.iterdir()), "the checkpoint and the output are removed"
+
+
+@pytest.mark.slow
+def test_scale_bench_tiny(tmp_path):
+    """scale_bench.py on the tiny shape at 1 and 2 blocks, a few steps: each measured at both depths (block-influence
+    at 2 alone), fitted and extrapolated to finite figures, the table written between its markers, nothing left behind."""
+    import json
+    import math
+
+    steps = ["stats-gram64", "apply-wanda", "apply-sparsegpt", "apply-block-influence", "eval"]
+    md = tmp_path / "doc.md"
+    md.write_text("before\n<!-- scale_bench.py table: begin -->\nold\n<!-- scale_bench.py table: end -->\nafter\n")
+    work = tmp_path / "w"
+    cmd = [
+        sys.executable, str(ROOT / "benches" / "scale_bench.py"), "--shape", "tiny", "--layers", "1,2", "--work-dir", str(work),
+        "--steps", ",".join(steps), "--json", str(tmp_path / "r.json"), "--markdown", str(md),
+    ]
+    proc = subprocess.run(cmd + (["--memlimit-gb", "2"] if _cgroup_v1_writable() else []), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert list(doc["rows"]) == [*steps, "cp"], doc["rows"].keys()
+    for name, row in doc["rows"].items():
+        for b in ("1", "2"):
+            m = row["depths"][b]
+            if name == "apply-block-influence" and b == "1":
+                assert "skipped" in m, m
+                continue
+            assert m["wall"] > 0 and m["cpu"] > 0 and m["peak_rss"] > 0 and m["disk"] >= 0, (name, m)
+            if name.startswith("apply-"):
+                assert row["cp"][b]["wall"] > 0, (name, row["cp"])
+        assert all(math.isfinite(row["fit"][k][v]) for k in ("wall", "disk") for v in ("fixed", "per_block")), (name, row["fit"])
+        assert list(row["extrapolated"]) == ["7B", "13B", "70B", "405B"], row["extrapolated"]
+        assert all(math.isfinite(e["wall"]) and math.isfinite(e["disk"]) for e in row["extrapolated"].values()), (name, row["extrapolated"])
+    assert doc["rows"]["stats-gram64"]["depths"]["2"]["disk"] > doc["rows"]["stats-gram64"]["depths"]["1"]["disk"]
+    text = md.read_text()
+    assert text.startswith("before\n<!-- scale_bench.py table: begin -->\nCommand: `python benches/scale_bench.py") and text.endswith("after\n"), text
+    assert "| `apply --method sparsegpt --sparsity 0.5` |" in text and "70B (80 blocks): wall, disk" in text and "\nold\n" not in text, text
+    assert "load average" in text
+    assert not list(work.iterdir()), "the checkpoints and outputs are removed"
