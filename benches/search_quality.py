@@ -2,9 +2,11 @@
 `llmprune search` finds (EvoPress) against uniform, OWL and the hand-made block-0 schedule
 (unstructured), and against Block Influence (depth), on docs/quality.md's protocol.
 
-A row is METHOD@S (unstructured, mean sparsity S) or depth@N (N blocks removed). Unstructured rows
-compare `uniform`, `owl`, `first:0.3` (block 0 at 0.3, the rest scaled to mean S; 70% only) and
-`search`; depth rows compare Block Influence with `search`. Every search runs `llmprune search` with
+A row is METHOD@S (unstructured or structured, mean sparsity S) or depth@N (N blocks removed).
+Unstructured rows compare `uniform`, `owl`, `first:0.3` (block 0 at 0.3, the rest scaled to mean S;
+70% only) and `search`; structured rows (flap, wanda-sp, magnitude-sp, hywia) compare `uniform` (its
+default width multiple, 128), `uniform` with width multiple 1 (the search's), `global` and `search`;
+depth rows compare Block Influence with `search`. Every search runs `llmprune search` with
 its defaults (or --search-args) on the calibration statistics of the protocol, then `llmprune apply
 --allocation FILE`; its wall time and the KL divergence it reports are in the table.
 
@@ -27,6 +29,7 @@ from common import fmt_ppl, llmprune_timed, ratio
 MD_BEGIN = "<!-- search_quality.py table: begin -->"
 MD_END = "<!-- search_quality.py table: end -->"
 HAND_FIRST = 0.3  # docs/quality.md's hand-made schedule: block 0 at 0.3 at 70%
+STRUCTURED = ("flap", "wanda-sp", "magnitude-sp", "hywia")
 
 
 def first_block(value: float, sparsity: float, blocks: int) -> list[float]:
@@ -64,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             variants = [("block-influence", ["--method", "block-influence", "--remove-blocks", str(n)], None)]
             search = ["--method", "block-influence", "--remove-blocks", str(n)]
             variants.append(("search", ["--method", "block-influence", "--allocation", str(schedule)], search))
+        elif head in STRUCTURED:
+            base = ["--method", head, "--sparsity", target]
+            variants = [
+                ("uniform", base, None),
+                ("uniform, width 1", [*base, "--width-multiple", "1"], None),
+                ("global", [*base, "--allocation", "global"], None),
+                ("search", ["--method", head, "--allocation", str(schedule)], base),
+            ]
         else:
             s = float(target)
             base = ["--method", head, "--sparsity", target]
@@ -77,10 +88,18 @@ def main(argv: list[str] | None = None) -> int:
             row: dict = {"row": spec, "allocation": label}
             if search_args is not None:
                 res, seconds = llmprune_timed(["search", str(model), *search_args, *calib, *extra, "--out", str(schedule), "--force"])
-                row.update(search_seconds=round(seconds, 1), search=res["search"], removed_blocks=res.get("removed_blocks"), block_sparsity=res.get("block_sparsity"))
+                row.update(
+                    search_seconds=round(seconds, 1), search=res["search"], removed_blocks=res.get("removed_blocks"), block_sparsity=res.get("block_sparsity")
+                )
             res = session.apply(str(model), *apply_args, "--out", str(out), "--force")
             row.setdefault("removed_blocks", res.get("removed_blocks"))
             row.setdefault("block_sparsity", res.get("block_sparsity"))
+            if "achieved_sparsity" in res:  # structured: what was removed, and the layers' widths
+                row.update(
+                    achieved=res["achieved_sparsity"],
+                    widths=[x["intermediate_size"] for x in res["per_layer"]],
+                    kv_heads=[x["num_key_value_heads"] for x in res["per_layer"]],
+                )
             row["perplexity"] = session.eval(out)["perplexity"]
             shutil.rmtree(out, ignore_errors=True)
             rows.append(row)
@@ -110,14 +129,35 @@ def markdown_table(rows: list[dict], dense: float, args, session: C.Session) -> 
             shape = f"block 0 {b[0]:.3f}, others {min(b[1:]):.3f}-{max(b[1:]):.3f}"
         else:
             shape = "-"
+        if r.get("widths"):
+            w, kv = r["widths"], r["kv_heads"]
+            shape = f"MLP {min(w)}-{max(w)}, kv heads {min(kv)}-{max(kv)} (removed {r['achieved']:.4f})"
         kl = "-"
         if r.get("search"):
             sd = r["search"]
             kl = f"{sd['start_fitness_all_windows']:.3f} -> {sd['best_fitness_all_windows']:.3f}"
-        cells.append([r["row"], f"`{r['allocation']}`", shape, fmt_ppl(r["perplexity"]), ratio(r["perplexity"], dense),
-                      ratio(r["perplexity"], base.get(r["row"])), kl, f"{r['search_seconds']:.0f}" if r.get("search_seconds") else "-"])
-    columns = ["row", "allocation", "blocks", "perplexity", f"ratio to dense ({dense:.2f})", "ratio to uniform / Block Influence",
-               "search KL (start -> found)", "search s"]
+        cells.append(
+            [
+                r["row"],
+                f"`{r['allocation']}`",
+                shape,
+                fmt_ppl(r["perplexity"]),
+                ratio(r["perplexity"], dense),
+                ratio(r["perplexity"], base.get(r["row"])),
+                kl,
+                f"{r['search_seconds']:.0f}" if r.get("search_seconds") else "-",
+            ]
+        )
+    columns = [
+        "row",
+        "allocation",
+        "blocks",
+        "perplexity",
+        f"ratio to dense ({dense:.2f})",
+        "ratio to uniform / Block Influence",
+        "search KL (start -> found)",
+        "search s",
+    ]
     return C.markdown(session.command, facts, columns, "llrrrrrr", cells)
 
 

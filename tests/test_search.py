@@ -248,7 +248,10 @@ def test_bad_input_is_refused_and_nothing_is_written(run_cli, dense, tmp_path):
         (["--method", "wanda", "--sparsity", "0.5", "--step", "0.6"], "no level besides 0.5"),
         (["--method", "wanda", "--sparsity", "0.5", "--survivors", "2,2"], "last selection step"),
         (["--method", "wanda", "--sparsity", "0.5", "--survivors", "2,1", "--tokens", "32"], "one value per selection step"),
-        (["--method", "flap", "--sparsity", "0.2"], "does not cover flap"),
+        (["--method", "reap", "--sparsity", "0.2"], "does not cover reap"),
+        (["--method", "wanda", "--sparsity", "0.5", "--width-multiple", "8"], "--width-multiple applies to the structured methods"),
+        (["--method", "flap", "--sparsity", "0.3", "--step", "0.12"], "out of reach for block 0"),
+        (["--method", "flap", "--sparsity", "0.3", "--update"], "--update applies to unstructured methods"),
         (["--method", "sparsegpt", "--sparsity", "0.5"], "needs input Gram statistics"),
         (["--method", "wanda", "--sparsity", "0.5", "--update"], "needs input Gram statistics"),
         (["--method", "wanda", "--sparsity", "0.5", "--damp", "0.02"], "apply to sparsegpt and --update"),
@@ -284,6 +287,132 @@ def test_bad_input_is_refused_and_nothing_is_written(run_cli, dense, tmp_path):
             assert_clean_error(code, stdout, err, contains="per-block sparsities")
         assert not (tmp_path / "x").exists()
     assert tree_hashes(dense) == before
+
+
+def _structured_schedule(dense: Path, path: Path, method: str, values: list[float], width_multiple: int = 1) -> Path:
+    """A structured schedule document for `dense`, as search writes one (without its search record)."""
+    from llmprune.model.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(dense)
+    doc = {
+        "format": "llmprune-schedule",
+        "format_version": 1,
+        "model_fingerprint": ckpt.fingerprint,
+        "model_content_sha256": ckpt.content_digest(),
+        "method": method,
+        "kind": "structured",
+        "sparsity": sum(values) / len(values),
+        "block_sparsity": values,
+        "width_multiple": width_multiple,
+    }
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _kept(t: torch.Tensor, cut: tuple | None) -> torch.Tensor:
+    """The rows and columns of `t` a planner's (row ranges, column ranges) keep."""
+    if cut is None:
+        return t
+    rows, cols = cut
+    if rows is not None:
+        t = t[torch.cat([torch.arange(a, b) for a, b in rows])]
+    if cols is not None:
+        t = t[:, torch.cat([torch.arange(a, b) for a, b in cols])]
+    return t
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp"])
+def test_a_structured_block_built_on_the_fly_equals_apply_bit_for_bit(run_cli, dense, tmp_path, method):
+    """Each block at its level, as the search builds it (the dense weights with the removed groups
+    zeroed, the compensated biases), holds exactly what `apply --allocation FILE` writes in its kept
+    rows and columns, and computes what the physically smaller block of load_pruned computes."""
+    from llmprune import _core
+    from llmprune import search as sr
+    from llmprune.model.pruned import load_pruned
+    from llmprune.model.stream import LayerStreamer
+
+    candidate = (2, -1, 1, -2)
+    values = [sr.level_sparsity(0.3, 0.1, lv) for lv in candidate]
+    schedule = _structured_schedule(dense, tmp_path / "s.json", method, values)
+    out = tmp_path / "applied"
+    code, stdout, err = run_cli(["apply", dense, "--method", method, "--allocation", schedule, "--out", out, "--json"])
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["allocation"] == "schedule" and summary["loader"] == "llmprune.load_pruned"
+    written, _ = R.read_checkpoint(out)
+    streamer = LayerStreamer(dense, device="cpu", with_head=True)
+    planner = _core.StructuredPlanner(str(dense), method, width_multiple=1)
+    builder = sr.StructuredLevels(streamer, planner, lambda lv: sr.level_sparsity(0.3, 0.1, lv))
+    pruned = load_pruned(out)
+    samples = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    h = streamer.capture(samples)
+    compared = 0
+    for i, level in enumerate(candidate):
+        plan = builder.plan(i, level)
+        assert len(plan["attn_keep"]) == summary["per_layer"][i]["num_key_value_heads"]
+        assert len(plan["mlp_keep"]) == summary["per_layer"][i]["intermediate_size"]
+        streamer.load_block(i)
+        builder.begin(i)
+        builder.set(i, candidate[(i + 1) % 4])  # another level first: set() must undo it
+        builder.set(i, level)
+        for name, mod, _axis in streamer.prunable(i):
+            assert torch.equal(_kept(mod.weight.detach(), plan["slices"].get(name)), torch.from_numpy(R.to_f32(written[name]))), name
+            bias = name.removesuffix(".weight") + ".bias"
+            if bias in written:
+                assert mod.bias is not None, bias
+                assert torch.equal(_kept(mod.bias.detach(), plan["slices"].get(name, (None, None))[:1] + (None,)), torch.from_numpy(R.to_f32(written[bias]))), (
+                    bias
+                )
+            compared += 1
+        ours = streamer.run_block(i, h)
+        with torch.no_grad():
+            layer = pruned.model.layers[i]
+            pos = torch.arange(h.shape[1]).unsqueeze(0)
+            theirs = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pruned.model.rotary_emb(h, pos))
+            theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        h = ours
+        builder.end(i)
+        streamer.free_block(i)
+    assert compared == 4 * 7
+
+
+def test_a_structured_schedule_round_trips_through_apply(run_cli, dense, tmp_path):
+    schedule = tmp_path / "w.json"
+    args = ["search", dense, "--method", "flap", "--sparsity", "0.3", *WINDOWS, *QUICK, "--levels", "2", "--step", "0.1", "--out", schedule, "--json"]
+    code, stdout, err = run_cli(args)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    doc = json.loads(schedule.read_text())
+    assert doc["kind"] == "structured" and doc["width_multiple"] == 1 and doc["compensate"] is True
+    values = doc["block_sparsity"]
+    assert len(values) == 4 and sum(values) / 4 == pytest.approx(0.3, abs=1e-12)
+    assert summary["search"]["best_fitness_all_windows"] <= summary["search"]["start_fitness_all_windows"] + 1e-9
+    out = tmp_path / "narrow"
+    code, stdout, err = run_cli(["apply", dense, "--method", "flap", "--allocation", schedule, "--out", out, "--json"])
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["allocation"] == "schedule" and s["sparsity"] == pytest.approx(0.3)
+    assert abs(s["achieved_sparsity"] - 0.3) < 0.05
+    prov = _provenance(out)
+    assert prov["allocation"] == "schedule" and prov["layer_sparsity"] == pytest.approx(values) and "search" in prov
+    # each layer as uniform allocation at its own sparsity would prune it
+    for i, v in enumerate(values):
+        code, stdout, err = run_cli(["apply", dense, "--method", "flap", "--sparsity", str(v), "--width-multiple", "1", "--out", tmp_path / f"u{i}", "--json"])
+        if v == 0 or code != 0:
+            continue
+        assert json.loads(stdout)["per_layer"][i]["intermediate_size"] == s["per_layer"][i]["intermediate_size"]
+    # refused: another method, another sparsity, another width multiple, an unstructured method
+    for extra, message in (
+        (["--method", "wanda-sp"], "searched for flap, not wanda-sp"),
+        (["--method", "flap", "--sparsity", "0.2"], "searched for sparsity 0.3"),
+        (["--method", "flap", "--width-multiple", "8"], "width multiple 1, not 8"),
+        (["--method", "wanda", "--sparsity", "0.3"], "per-block widths (structured)"),
+        (["--method", "flap", "--skip-first", "1"], "--skip-first"),
+    ):
+        code, stdout, err = run_cli(["apply", dense, *extra, "--allocation", schedule, "--out", tmp_path / "x"])
+        assert_clean_error(code, stdout, err, contains=message)
+        assert not (tmp_path / "x").exists()
 
 
 def test_ctrl_c_writes_the_best_schedule_so_far(dense, tmp_path):

@@ -5,6 +5,7 @@ for every function and method the same parameters and defaults."""
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -95,6 +96,7 @@ def apply_structured(
     reconstruct: bool = False,
     gram: StrPath | None = None,
     damp: float = 0.01,
+    layer_sparsity: Sequence[float] | None = None,
 ) -> str:
     """Structured pruning (method flap, magnitude-sp, wanda-sp or hywia): remove attention groups and
     MLP channels until `sparsity` of the decoder blocks' parameters are gone, and write the smaller
@@ -102,7 +104,34 @@ def apply_structured(
     removed channels' mean contribution into output-projection biases (None: on for flap only).
     hywia only (None: its defaults, see docs/hywia.md): fusion adaptive|fine|coarse, taylor
     first|mix, fusion_temperature > 0, skip_first / skip_last layers kept whole. reconstruct refits
-    the output projections on the kept channels with the Gram sidecar `gram` and `damp`."""
+    the output projections on the kept channels with the Gram sidecar `gram` and `damp`.
+    layer_sparsity (a searched schedule, mean `sparsity`): each layer removes its own share by the
+    uniform rule, with any kept head count; allocation stays uniform (its width multiple applies)."""
+
+class StructuredPlanner:
+    """Structured pruning of one decoder layer at any sparsity, exactly as apply_structured with a
+    schedule writes it (what `llmprune search` scores)."""
+
+    layers: int
+    compensate: bool
+    warnings: list[str]
+    def __init__(
+        self,
+        model_dir: StrPath,
+        method: str,
+        *,
+        width_multiple: int | None = None,
+        compensate: bool | None = None,
+        stats: StrPath | None = None,
+        threads: int | None = None,
+        fusion: str | None = None,
+        taylor: str | None = None,
+        fusion_temperature: float | None = None,
+    ) -> None: ...
+    def layer(self, layer: int, sparsity: float) -> dict[str, Any]:
+        """{"attn_keep", "mlp_keep", "removed_params", "params", "slices": {tensor: (row ranges or
+        None, column ranges or None)}, "tensors": {tensor: (shape or None, float32 values)}}: the
+        kept groups, the sliced tensors' kept ranges, and the biases computed or added."""
 
 def apply_depth(
     model_dir: StrPath,

@@ -3,7 +3,8 @@
 
 Every decoder block gets an integer level; a candidate is the tuple of levels. Unstructured methods:
 block b is pruned at sparsity S + level_b * step, so the blocks' mean sparsity stays S as long as the
-levels sum to zero. Depth: level 1 removes the block, level 0 keeps it; the levels sum to the number
+levels sum to zero. Structured: block b removes about S + level_b * step of its own parameters
+(uniform allocation's rule at that sparsity), the mean again S. Depth: level 1 removes the block, level 0 keeps it; the levels sum to the number
 of blocks removed. The search is EvoPress's (1 + λ) algorithm:
 
 - mutation: a level switch, one block a level up and another a level down, repeated
@@ -17,7 +18,8 @@ Candidates are evaluated layer-streamed (model/stream.py): each block is loaded 
 step and every candidate's activations pass through it; candidates that agree on the blocks before
 block i share their activations up to it. A block at a level is built on the fly from the dense
 weights: for mask-only methods with the core's own masks (`_core.compute_mask`, exactly as `apply`
-computes them), cached packed (one bit per weight) within a memory budget.
+computes them), cached packed (one bit per weight) within a memory budget; for structured methods
+with the removed groups zeroed as the core's plan (`_core.StructuredPlanner`) removes them.
 """
 
 from __future__ import annotations
@@ -302,6 +304,86 @@ class SweepLevels(MaskLevels):
                     mod.weight.copy_(self._dense[name])
                 else:
                     mod.weight.copy_((w.t() if axis == 0 else w).to(mod.weight.device, mod.weight.dtype))
+
+
+def _keep_mask(ranges: list[tuple[int, int]] | None, n: int) -> torch.Tensor | None:
+    """A bool vector of length n, True on the kept ranges; None when the whole axis is kept."""
+    if ranges is None:
+        return None
+    keep = torch.zeros(n, dtype=torch.bool)
+    for a, b in ranges:
+        keep[a:b] = True
+    return keep
+
+
+class StructuredLevels:
+    """Block i at level l for a structured method: the groups `apply --allocation FILE` removes from
+    that block at sparsity(l) (the core's own plan, `_core.StructuredPlanner`) zeroed in the dense
+    weights, with the compensated biases it writes. A zeroed attention group or MLP channel adds
+    nothing to the block's output, so the block computes what the physically smaller one does. The
+    plans (kept ranges and biases, no weights) are cached for every (block, level)."""
+
+    def __init__(self, streamer: LayerStreamer, planner: Any, sparsity_of: Callable[[int], float]):
+        self.streamer, self.planner, self.sparsity_of = streamer, planner, sparsity_of
+        self._cache: dict[tuple[int, int], dict[str, Any]] = {}
+        self._dense: dict[str, tuple[Any, torch.Tensor, torch.Tensor | None]] = {}
+        self.built = 0
+
+    def plan(self, i: int, level: int) -> dict[str, Any]:
+        key = (i, level)
+        if key not in self._cache:
+            self._cache[key] = self.planner.layer(i, self.sparsity_of(level))
+            self.built += 1
+        return self._cache[key]
+
+    def begin(self, i: int) -> None:
+        self._dense = {}
+        for name, mod, _ in self.streamer.prunable(i):
+            bias = mod.bias.detach().clone() if getattr(mod, "bias", None) is not None else None
+            self._dense[name] = (mod, mod.weight.detach().clone(), bias)
+
+    def end(self, i: int) -> None:
+        self._dense = {}
+
+    def skips(self, level: int) -> bool:
+        return False
+
+    def set(self, i: int, level: int) -> None:
+        p = self.plan(i, level)
+        slices, tensors = p["slices"], p["tensors"]
+        for name, (mod, dense, dense_bias) in self._dense.items():
+            w = dense
+            cut = slices.get(name)
+            if cut is not None:
+                rows, cols = _keep_mask(cut[0], dense.shape[0]), _keep_mask(cut[1], dense.shape[1])
+                w = dense.clone()
+                if rows is not None:
+                    w[~rows.to(w.device)] = 0
+                if cols is not None:
+                    w[:, ~cols.to(w.device)] = 0
+            bname = name[: -len(".weight")] + ".bias" if name.endswith(".weight") else name + ".bias"
+            b = dense_bias
+            if bname in tensors:
+                b = torch.from_numpy(np.asarray(tensors[bname][1])).to(dense.device, dense.dtype)
+                if b.shape[0] != dense.shape[0]:  # an added bias of an input projection: its kept rows
+                    keep = _keep_mask(cut[0] if cut is not None else None, dense.shape[0])
+                    full = torch.zeros(dense.shape[0], dtype=dense.dtype, device=dense.device)
+                    full[keep.to(full.device) if keep is not None else slice(None)] = b
+                    b = full
+            elif dense_bias is not None and bname in slices:
+                keep = _keep_mask(slices[bname][0], dense_bias.shape[0])
+                b = dense_bias.clone()
+                if keep is not None:
+                    b[~keep.to(b.device)] = 0
+            with torch.no_grad():
+                mod.weight.copy_(w)
+                if b is not None:
+                    if getattr(mod, "bias", None) is None:
+                        self.streamer.add_block_parameter(i, mod, "bias", b.clone())
+                    else:
+                        mod.bias.copy_(b)
+                elif getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()  # added for another level of this block
 
 
 class DepthLevels:

@@ -30,6 +30,7 @@ from llmprune.cli.options import (
     parse_target,
     path_parser,
     searched_schedule,
+    structured_schedule,
     target_label,
     unstructured_extras,
 )
@@ -345,7 +346,7 @@ def apply_cmd(
     if method in methods("structured"):
         if pattern is not None:
             raise UsageError(f"--pattern applies to unstructured methods; structured method {method} takes --sparsity S")
-        if sparsity is None:
+        if sparsity is None and allocation in (None, "uniform", "global"):
             raise UsageError(f"structured method {method} needs --sparsity S, the fraction of decoder-block parameters to remove", "e.g. --sparsity 0.2")
         unstructured_only = {
             "--scope": scope != "row",
@@ -450,7 +451,7 @@ def searched_provenance(path: str, doc: dict[str, Any]) -> dict[str, str]:
 def apply_structured(
     model: Path,
     method: str,
-    sparsity: float,
+    sparsity: float | None,
     allocation: str | None,
     compensate: bool | None,
     stats: Path | None,
@@ -464,9 +465,24 @@ def apply_structured(
 
     default_allocation = next(m["allocation"] for m in method_registry()["structured"] if m["name"] == method)
     allocation = allocation or default_allocation
+    provenance: dict[str, str] | None = None
+    layer_sparsity: list[float] | None = None
+    label = allocation if allocation != default_allocation else "row"
     if allocation not in ("global", "uniform"):
-        raise UsageError(f"unknown --allocation {allocation!r}", "choose uniform or global")
-    out_dir = out if out is not None else default_out(model, method, sparsity, None, allocation if allocation != default_allocation else "row")
+        layer_sparsity, doc = structured_schedule(Path(allocation), model, method)
+        searched = float(doc.get("sparsity", -1))
+        if sparsity is not None and abs(sparsity - searched) > 1e-9:
+            raise UsageError(
+                f"--allocation {allocation} was searched for sparsity {searched:g}, not {sparsity:g}", hint=f"drop --sparsity, or pass --sparsity {searched:g}"
+            )
+        sparsity = sum(layer_sparsity) / len(layer_sparsity)
+        wm = doc.get("width_multiple", 1)
+        if hywia.get("width_multiple") is not None and hywia["width_multiple"] != wm:
+            raise UsageError(f"--allocation {allocation} was searched with width multiple {wm}, not {hywia['width_multiple']}", hint="drop --width-multiple")
+        hywia = {**hywia, "width_multiple": wm}
+        provenance, label, allocation = searched_provenance(allocation, doc), "schedule", "uniform"
+    assert sparsity is not None
+    out_dir = out if out is not None else default_out(model, method, sparsity, None, label)
     if out is None and hywia.get("reconstruct"):
         out_dir = out_dir.with_name(out_dir.name + "-reconstruct")
     summary = _with_progress(
@@ -481,6 +497,8 @@ def apply_structured(
             threads=threads,
             force=force,
             progress=on_tensor,
+            provenance=provenance,
+            layer_sparsity=layer_sparsity,
             **hywia,
         )
     )

@@ -266,7 +266,9 @@ def searched_schedule(path: Path, model: Path, kind: str) -> dict[str, Any] | No
     if doc is None:  # read_schedule reports a missing, unreadable or invalid file
         return None
     if doc.get("kind") != kind:
-        what = "which blocks to remove (depth)" if doc.get("kind") == "depth" else "per-block sparsities (unstructured)"
+        what = {"depth": "which blocks to remove (depth)", "structured": "per-block widths (structured)"}.get(
+            str(doc.get("kind")), "per-block sparsities (unstructured)"
+        )
         raise UsageError(f"--allocation {path} is a schedule of {what}", hint=f"use it with --method {doc.get('method')}")
     ckpt = Checkpoint(model)
     if doc.get("model_fingerprint") != ckpt.fingerprint or doc.get("model_content_sha256") != ckpt.content_digest():
@@ -287,6 +289,24 @@ def depth_schedule(path: Path, model: Path) -> tuple[list[int], dict[str, Any]]:
     if not isinstance(blocks, list) or not blocks or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
         raise UsageError(f"--allocation {path}: removed_blocks must be a non-empty list of block indices")
     return blocks, doc
+
+
+def structured_schedule(path: Path, model: Path, method: str) -> tuple[list[float], dict[str, Any]]:
+    """Each block's sparsity from a structured schedule file of `llmprune search`, and its document."""
+    hint = f"give the schedule file `llmprune search MODEL --method {method} --sparsity S` wrote, or uniform or global"
+    if path.is_dir() or not path.is_file():
+        raise UsageError(f"--allocation {path}: no such file (structured methods take uniform, global or a schedule file)", hint)
+    doc = searched_schedule(path, model, "structured")
+    if doc is None:
+        raise UsageError(f"--allocation {path} is not a structured schedule", hint)
+    if doc.get("method") != method:
+        raise UsageError(
+            f"--allocation {path} was searched for {doc.get('method')}, not {method}", hint=f"use it with --method {doc.get('method')}, or search for {method}"
+        )
+    values = doc.get("block_sparsity")
+    if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in values):
+        raise UsageError(f"--allocation {path}: block_sparsity must be a non-empty list of sparsities in [0, 1)")
+    return [float(v) for v in values], doc
 
 
 class _Number(str):

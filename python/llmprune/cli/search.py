@@ -1,5 +1,6 @@
-"""`llmprune search MODEL --method M`: EvoPress's search for where to cut (llmprune/search.py), written
-as a schedule file that `apply --allocation FILE` takes."""
+"""`llmprune search MODEL --method M`: EvoPress's search for where to cut (llmprune/search.py): each
+block's sparsity (unstructured), width (structured) or which blocks to remove (depth), written as a
+schedule file that `apply --allocation FILE` takes."""
 
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ SEARCH_EPILOG = """Examples:
 llmprune stats ./model
 llmprune search ./model --method wanda --sparsity 0.7 --out wanda70.json
 llmprune apply ./model --method wanda --sparsity 0.7 --allocation wanda70.json
+
+\b
+# each block's width (structured, 20% of the blocks' parameters)
+llmprune search ./model --method flap --sparsity 0.2 --out flap20.json
+llmprune apply ./model --method flap --allocation flap20.json
 
 \b
 # which 6 blocks to remove
@@ -154,19 +160,50 @@ def _warn_if_slow_on_cpu(model: Path, device: str, settings: Any, nsamples: int,
         )
 
 
+def structured_builder(streamer: Any, model: Path, method: str, stats: Path | None, width_multiple: int, space: Any, sparsity_of: Any) -> Any:
+    """The builder of a structured search's candidates, its extreme levels checked on every block
+    before the search starts (a level that would empty a block's attention or MLP is an error now,
+    not in generation 40)."""
+    from llmprune import _core
+    from llmprune import search as sr
+
+    planner = _core.StructuredPlanner(str(model), method, width_multiple=width_multiple, stats=str(stats) if stats is not None else None)
+    for w in planner.warnings:
+        warn(w)
+    builder = sr.StructuredLevels(streamer, planner, sparsity_of)
+    for i in range(space.blocks):
+        for level in (space.lo[i], space.hi[i]):
+            try:
+                builder.plan(i, level)
+            except _core.LlmpruneError as exc:
+                raise UsageError(
+                    f"level {level:+d} (sparsity {sparsity_of(level):g}) is out of reach for block {i}: {exc}",
+                    hint="pass fewer --levels or a smaller --step",
+                ) from None
+    return builder
+
+
 def search_cmd(
     ctx: typer.Context,
     model: ModelArg,
     method: Annotated[
         str,
         typer.Option(
-            "--method", "-m", metavar="METHOD", help="An unstructured method (magnitude, wanda, stade, stade-w) or block-influence (depth).", show_default=False
+            "--method",
+            "-m",
+            metavar="METHOD",
+            help="An unstructured method (magnitude, wanda, stade, stade-w, sparsegpt), a structured one (flap, wanda-sp, magnitude-sp, hywia) or block-influence (depth).",
+            show_default=False,
         ),
     ],
     sparsity: Annotated[
         Optional[float],
         typer.Option(
-            "--sparsity", "-s", metavar="S", help="Unstructured: the mean sparsity of the blocks. Depth: the fraction of blocks removed.", show_default=False
+            "--sparsity",
+            "-s",
+            metavar="S",
+            help="Unstructured: the mean sparsity of the blocks. Structured: the share of the decoder blocks' parameters removed. Depth: the fraction of blocks removed.",
+            show_default=False,
         ),
     ] = None,
     remove_blocks: Annotated[
@@ -191,9 +228,18 @@ def search_cmd(
         Optional[str],
         typer.Option("--tokens", metavar="T,..", help="Calibration tokens of each selection step (whole windows).", show_default="256,1024"),
     ] = None,
-    levels: Annotated[int, typer.Option("--levels", metavar="N", help="Unstructured: levels on each side of the target sparsity.")] = DEFAULT_LEVELS,
+    levels: Annotated[
+        int, typer.Option("--levels", metavar="N", help="Unstructured and structured: levels on each side of the target sparsity.")
+    ] = DEFAULT_LEVELS,
     step: Annotated[
-        Optional[float], typer.Option("--step", metavar="F", help="Unstructured: sparsity between two levels.", show_default="min(S, 1-S) / --levels")
+        Optional[float],
+        typer.Option("--step", metavar="F", help="Unstructured and structured: sparsity between two levels.", show_default="min(S, 1-S) / --levels"),
+    ] = None,
+    width_multiple: Annotated[
+        Optional[int],
+        typer.Option(
+            "--width-multiple", metavar="N", help="Structured: round each block's kept MLP width to a multiple of N, as apply does.", show_default="1"
+        ),
     ] = None,
     topk: Annotated[
         Optional[int],
@@ -240,7 +286,8 @@ def search_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Choose where to cut by search: EvoPress's evolutionary search for each decoder block's
-    sparsity (unstructured methods, mean sparsity S) or for which blocks to remove (depth), scored by
+    sparsity (unstructured methods, mean sparsity S), each block's width (structured methods, mean
+    share S of the blocks' parameters) or for which blocks to remove (depth), scored by
     the KL divergence of the pruned model's next-token distribution from the dense model's, layer
     streamed. Writes a schedule file for `apply --allocation FILE`. Ctrl-C writes the best schedule
     found so far."""
@@ -248,11 +295,14 @@ def search_cmd(
     from llmprune import search as sr
     from llmprune.methods import method_registry, methods
 
-    unstructured, depth = methods("unstructured"), methods("depth")
-    if method not in unstructured + depth:
-        if method in methods("structured") + methods("experts"):
-            raise UsageError(f"search does not cover {method} yet", hint=f"search with {', '.join(unstructured)} or {', '.join(depth)}")
-        raise UsageError(f"unknown --method {method!r}", hint=f"choose one of {', '.join(unstructured + depth)}")
+    unstructured, depth, structured = methods("unstructured"), methods("depth"), methods("structured")
+    if method not in unstructured + depth + structured:
+        if method in methods("experts"):
+            raise UsageError(f"search does not cover {method} yet", hint=f"search with {', '.join(unstructured + structured + depth)}")
+        raise UsageError(f"unknown --method {method!r}", hint=f"choose one of {', '.join(unstructured + structured + depth)}")
+    is_structured = method in structured
+    if width_multiple is not None and not is_structured:
+        raise UsageError(f"--width-multiple applies to the structured methods ({', '.join(structured)}), not to {method}")
     sweep = method == "sparsegpt" or update
     if update and method not in unstructured:
         raise UsageError(f"--update applies to unstructured methods, not to {method}")
@@ -271,6 +321,7 @@ def search_cmd(
     check_int("--offspring", offspring)
     check_int("--levels", levels)
     check_int("--topk", topk)
+    check_int("--width-multiple", width_multiple)
     check_real("--step", step, lo=0, hi=1, lo_open=True, hi_open=True)
     is_depth = method in depth
     if is_depth:
@@ -301,10 +352,12 @@ def search_cmd(
     ckpt = Checkpoint(model)
     check_pass_inputs(model, device, dtype, None)
     seqlen = window_length(load_config(model), seqlen, default=DEFAULT_SEQLEN)
-    needs = next(m for m in method_registry()["unstructured" if not is_depth else "depth"] if m["name"] == method).get("needs_stats", True)
+    kind = "depth" if is_depth else "structured" if is_structured else "unstructured"
+    needs = next(m for m in method_registry()[kind] if m["name"] == method).get("needs_stats", True)
     stats_path = stats if stats is not None else model / sc_mod.SIDECAR_NAME
     sidecar = None
-    if stats is not None or (needs and not is_depth) or stats_path.is_file():
+    # structured: the core's planner finds, reads and checks the sidecar itself
+    if not is_structured and (stats is not None or (needs and not is_depth) or stats_path.is_file()):
         if not stats_path.is_file():
             raise UsageError(f"method {method} needs activation statistics, and {model} has no {sc_mod.SIDECAR_NAME}", hint="run llmprune stats MODEL first")
         sidecar = sc_mod.read(stats_path)
@@ -374,7 +427,9 @@ def search_cmd(
         def sparsity_of(lv: int) -> float:
             return sr.level_sparsity(sp, step_v, lv)
 
-        if sweep:
+        if is_structured:
+            builder = structured_builder(streamer, model, method, stats, width_multiple or 1, space, sparsity_of)
+        elif sweep:
             builder = sr.SweepLevels(streamer, method, layer_stats, sparsity_of, gram_path, damp=damp, blocksize=blocksize)
         else:
             builder = sr.MaskLevels(streamer, method, layer_stats, sparsity_of, available_memory() // 4)
@@ -445,8 +500,13 @@ def search_cmd(
         search_doc["start_removed_blocks"] = [b for b, lv in enumerate(start) if lv == 1]
     else:
         assert sparsity is not None
-        doc.update(kind="unstructured", sparsity=sparsity, block_sparsity=[sr.level_sparsity(sparsity, step_v, lv) for lv in result.best])
-        search_doc.update(levels=levels, step=step_v, block_levels=list(result.best), start="uniform", update=update)
+        doc.update(kind=kind, sparsity=sparsity, block_sparsity=[sr.level_sparsity(sparsity, step_v, lv) for lv in result.best])
+        search_doc.update(levels=levels, step=step_v, block_levels=list(result.best), start="uniform")
+        if is_structured:
+            doc.update(width_multiple=width_multiple or 1, compensate=builder.planner.compensate)
+            search_doc["plans_built"] = builder.built
+        else:
+            search_doc["update"] = update
         if sweep:
             search_doc.update(damp=damp, blocksize=blocksize, level_files_bytes=builder.bytes_on_disk, levels_built=builder.built)
     doc["search"] = search_doc
@@ -466,11 +526,11 @@ def search_cmd(
         f"searched {result.generations_done} generations in {search_doc['seconds']:.0f} s: {what}; KL on all {nsamples} windows "
         f"{final[0]:.4f} ({search_doc['start']}) -> {final[1]:.4f}; wrote {target_path}"
     )
-    cmd = f"llmprune apply {model} --method {method} " + ("" if is_depth else f"--sparsity {sparsity:g} ") + f"--allocation {target_path}"
+    cmd = f"llmprune apply {model} --method {method} " + ("" if is_depth or is_structured else f"--sparsity {sparsity:g} ") + f"--allocation {target_path}"
     typer.echo(f"next: {cmd}")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("search", no_args_is_help=True, epilog=SEARCH_EPILOG, short_help="Choose each block's sparsity, or the blocks to remove, by search.")(
+    app.command("search", no_args_is_help=True, epilog=SEARCH_EPILOG, short_help="Choose each block's sparsity or width, or the blocks to remove, by search.")(
         search_cmd
     )

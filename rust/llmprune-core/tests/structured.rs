@@ -7,7 +7,9 @@ use std::path::Path;
 
 use llmprune_core::error::Error;
 use llmprune_core::io::checkpoint::Checkpoint;
-use llmprune_core::structured::{apply_structured, Fusion, GroupAllocation, HywiaOptions, StructMethod, StructuredOptions, StructuredSummary};
+use llmprune_core::structured::{
+    apply_structured, Fusion, GroupAllocation, HywiaOptions, LayerPlanner, StructMethod, StructuredOptions, StructuredSummary,
+};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -153,6 +155,7 @@ fn opts(model: &Path, out: &Path, method: StructMethod, sparsity: f64, allocatio
         provenance: BTreeMap::new(),
         hywia: None,
         reconstruct: None,
+        layer_sparsity: None,
     }
 }
 
@@ -311,6 +314,61 @@ fn flap_compensation_adds_biases() {
             assert_eq!(map["model.layers.0.self_attn.q_proj.bias"], map["model.layers.0.self_attn.q_proj.weight"]);
         }
     }
+}
+
+/// A schedule prunes each layer as uniform allocation would at that layer's sparsity, and the
+/// layer planner (what `llmprune search` scores) gives the same kept groups and compensated biases.
+#[test]
+fn a_schedule_prunes_each_layer_at_its_own_sparsity() {
+    let root = tempfile::tempdir().unwrap();
+    let m = root.path().join("m");
+    let ts = llama_tensors(false);
+    write_model(&m, &ts, &llama_config(KV), false);
+    write_sidecar(&m, &ts);
+    let u1 = GroupAllocation::Uniform { width_multiple: 1 };
+    let scheduled = StructuredOptions { layer_sparsity: Some(vec![0.1, 0.5]), ..opts(&m, &root.path().join("s"), StructMethod::Flap, 0.3, u1) };
+    let s = run(&scheduled).unwrap();
+    assert_eq!(s.allocation, "schedule");
+    let out = read(&root.path().join("s"));
+    let planner = LayerPlanner::open(&opts(&m, &root.path().join("unused"), StructMethod::Flap, 0.3, u1)).unwrap();
+    assert!(planner.compensate() && planner.layers() == LAYERS);
+    for (l, sp) in [(0usize, 0.1), (1, 0.5)] {
+        // the layer as uniform allocation at its own sparsity writes it
+        let u = root.path().join(format!("u{l}"));
+        let su = run(&opts(&m, &u, StructMethod::Flap, sp, u1)).unwrap();
+        assert_eq!(s.per_layer[l], su.per_layer[l], "layer {l}");
+        let uo = read(&u);
+        let at = planner.layer(l, sp).unwrap();
+        assert_eq!(at.plan.attn_keep.len(), s.per_layer[l].num_key_value_heads);
+        assert_eq!(at.plan.mlp_keep.len(), s.per_layer[l].intermediate_size);
+        for (name, v) in out.iter().filter(|(n, _)| n.starts_with(&format!("model.layers.{l}."))) {
+            match uo.get(name) {
+                Some(u) => assert_eq!(u, v, "{name}"),
+                // a bias the schedule adds because another layer prunes that module
+                None => assert!(name.ends_with(".bias"), "{name}"),
+            }
+        }
+        // the planner's computed biases are the bytes written
+        for (name, a) in at.edits.added.values().flatten().map(|a| (&a.name, a)) {
+            let vals: Vec<f32> = a.data.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            assert_eq!(out[name].1, vals, "{name}");
+        }
+    }
+    // bad schedules
+    let bad = |ls: Vec<f64>, sp: f64| {
+        run(&StructuredOptions { layer_sparsity: Some(ls), ..opts(&m, &root.path().join("bad"), StructMethod::Flap, sp, u1) })
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(vec![0.3], 0.3).contains("2 decoder layers"));
+    assert!(bad(vec![0.1, 0.3], 0.3).contains("average"));
+    let global = StructuredOptions {
+        layer_sparsity: Some(vec![0.3, 0.3]),
+        ..opts(&m, &root.path().join("bad"), StructMethod::Flap, 0.3, GroupAllocation::Global)
+    };
+    assert!(run(&global).unwrap_err().to_string().contains("global allocation"));
+    assert!(!root.path().join("bad").exists());
+    assert!(planner.layer(LAYERS, 0.3).is_err() && planner.layer(0, 1.0).is_err());
 }
 
 /// Σ_{j removed} W_ij μ_j (+ old bias), μ_j = (j + 1) / 4 as written by write_sidecar; the removed

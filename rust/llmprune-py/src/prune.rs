@@ -179,10 +179,160 @@ fn apply_checkpoint(
     run_reporting(py, progress, |report| apply::apply(&opts, report).and_then(|s| to_json(&s)))
 }
 
+/// hywia's fusion, taylor, temperature, skip-first and skip-last options, as given.
+type HywiaArgs<'a> = (Option<&'a str>, Option<&'a str>, Option<f64>, Option<usize>, Option<usize>);
+
+#[allow(clippy::too_many_arguments)]
+fn structured_options(
+    model_dir: PathBuf,
+    out_dir: PathBuf,
+    method: &str,
+    sparsity: f64,
+    allocation: Option<&str>,
+    width_multiple: Option<usize>,
+    compensate: Option<bool>,
+    stats: Option<PathBuf>,
+    threads: Option<usize>,
+    force: bool,
+    provenance: Option<BTreeMap<String, String>>,
+    (fusion, taylor, fusion_temperature, skip_first, skip_last): HywiaArgs<'_>,
+    reconstruct: Option<(Option<PathBuf>, f64)>,
+    layer_sparsity: Option<Vec<f64>>,
+) -> PyResult<structured::StructuredOptions> {
+    let given = fusion.is_some() || taylor.is_some() || fusion_temperature.is_some() || skip_first.is_some() || skip_last.is_some();
+    let hywia = if given {
+        let d = structured::HywiaOptions::default();
+        Some(structured::HywiaOptions {
+            fusion: fusion.map_or(Ok(d.fusion), str::parse).map_err(CoreError)?,
+            taylor: taylor.map_or(Ok(d.taylor), str::parse).map_err(CoreError)?,
+            temperature: fusion_temperature.unwrap_or(d.temperature),
+            skip_first,
+            skip_last,
+        })
+    } else {
+        None
+    };
+    let method: StructMethod = method.parse().map_err(CoreError)?;
+    let allocation = structured::GroupAllocation::parse(allocation.unwrap_or("uniform"), width_multiple).map_err(CoreError)?;
+    Ok(structured::StructuredOptions {
+        model_dir,
+        out_dir,
+        method,
+        sparsity,
+        allocation,
+        compensate,
+        stats,
+        threads,
+        force,
+        provenance: provenance.unwrap_or_default(),
+        hywia,
+        reconstruct,
+        layer_sparsity,
+    })
+}
+
+/// Structured pruning of one decoder layer at any sparsity, as `apply_structured` with a schedule
+/// writes it: what `llmprune search` builds its candidates from. Opened once (scores every layer).
+#[pyclass(name = "StructuredPlanner", module = "llmprune._core")]
+struct PyStructuredPlanner {
+    inner: structured::LayerPlanner,
+}
+
+#[pymethods]
+impl PyStructuredPlanner {
+    #[new]
+    #[pyo3(signature = (model_dir, method, *, width_multiple=None, compensate=None, stats=None, threads=None,
+        fusion=None, taylor=None, fusion_temperature=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        model_dir: PathBuf,
+        method: &str,
+        width_multiple: Option<usize>,
+        compensate: Option<bool>,
+        stats: Option<PathBuf>,
+        threads: Option<usize>,
+        fusion: Option<&str>,
+        taylor: Option<&str>,
+        fusion_temperature: Option<f64>,
+    ) -> PyResult<Self> {
+        let opts = structured_options(
+            model_dir.clone(),
+            model_dir,
+            method,
+            0.0,
+            Some("uniform"),
+            width_multiple,
+            compensate,
+            stats,
+            threads,
+            false,
+            None,
+            (fusion, taylor, fusion_temperature, None, None),
+            None,
+            None,
+        )?;
+        let inner = detached(py, || structured::LayerPlanner::open(&opts))?;
+        Ok(PyStructuredPlanner { inner })
+    }
+
+    #[getter]
+    fn layers(&self) -> usize {
+        self.inner.layers()
+    }
+
+    #[getter]
+    fn compensate(&self) -> bool {
+        self.inner.compensate()
+    }
+
+    #[getter]
+    fn warnings(&self) -> Vec<String> {
+        self.inner.warnings().to_vec()
+    }
+
+    /// Layer `layer` removing about `sparsity` of its parameters: {"attn_keep", "mlp_keep",
+    /// "removed_params", "params", "slices": {tensor: (row ranges or None, column ranges or None)},
+    /// "tensors": {tensor: (shape, float32 values)} for the biases computed or added}.
+    fn layer<'py>(&self, py: Python<'py>, layer: usize, sparsity: f64) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        use llmprune_core::structured::slice::Op;
+        use pyo3::types::PyDict;
+        let at = detached(py, || self.inner.layer(layer, sparsity))?;
+        let out = PyDict::new(py);
+        out.set_item("attn_keep", at.plan.attn_keep.clone())?;
+        out.set_item("mlp_keep", at.plan.mlp_keep.clone())?;
+        out.set_item("removed_params", at.removed_params)?;
+        out.set_item("params", at.params)?;
+        let slices = PyDict::new(py);
+        let tensors = PyDict::new(py);
+        let ranges = |r: &Option<Vec<std::ops::Range<usize>>>| r.as_ref().map(|v| v.iter().map(|r| (r.start, r.end)).collect::<Vec<_>>());
+        let values = |dtype, data: &[u8]| PyArray1::from_vec(py, llmprune_core::io::dtype::decode(dtype, data));
+        for (name, op) in &at.edits.ops {
+            match op {
+                Op::Slice { rows, cols } => slices.set_item(name, (ranges(rows), ranges(cols)))?,
+                Op::Replace(data) => {
+                    let dtype = self.inner.dtype_of(name).map_err(CoreError)?;
+                    tensors.set_item(name, (py.None(), values(dtype, data)))?;
+                }
+                Op::Computed { shape, data } => {
+                    let dtype = self.inner.dtype_of(name).map_err(CoreError)?;
+                    tensors.set_item(name, (shape.clone(), values(dtype, data)))?;
+                }
+            }
+        }
+        for a in at.edits.added.values().flatten() {
+            tensors.set_item(&a.name, (a.shape.clone(), values(a.dtype, &a.data)))?;
+        }
+        out.set_item("slices", slices)?;
+        out.set_item("tensors", tensors)?;
+        Ok(out)
+    }
+}
+
 #[pyfunction]
 #[pyo3(signature = (model_dir, out_dir, method, *, sparsity, allocation=None, width_multiple=None, compensate=None, stats=None,
     threads=None, force=false, provenance=None, progress=None, fusion=None, taylor=None, fusion_temperature=None,
-    skip_first=None, skip_last=None, reconstruct=false, gram=None, damp=0.01))]
+    skip_first=None, skip_last=None, reconstruct=false, gram=None, damp=0.01, layer_sparsity=None))]
 #[allow(clippy::too_many_arguments)]
 fn apply_structured(
     py: Python<'_>,
@@ -206,36 +356,24 @@ fn apply_structured(
     reconstruct: bool,
     gram: Option<PathBuf>,
     damp: f64,
+    layer_sparsity: Option<Vec<f64>>,
 ) -> PyResult<String> {
-    let given = fusion.is_some() || taylor.is_some() || fusion_temperature.is_some() || skip_first.is_some() || skip_last.is_some();
-    let hywia = if given {
-        let d = structured::HywiaOptions::default();
-        Some(structured::HywiaOptions {
-            fusion: fusion.map_or(Ok(d.fusion), str::parse).map_err(CoreError)?,
-            taylor: taylor.map_or(Ok(d.taylor), str::parse).map_err(CoreError)?,
-            temperature: fusion_temperature.unwrap_or(d.temperature),
-            skip_first,
-            skip_last,
-        })
-    } else {
-        None
-    };
-    let method: StructMethod = method.parse().map_err(CoreError)?;
-    let allocation = structured::GroupAllocation::parse(allocation.unwrap_or("uniform"), width_multiple).map_err(CoreError)?;
-    let opts = structured::StructuredOptions {
+    let opts = structured_options(
         model_dir,
         out_dir,
         method,
         sparsity,
         allocation,
+        width_multiple,
         compensate,
         stats,
         threads,
         force,
-        provenance: provenance.unwrap_or_default(),
-        hywia,
-        reconstruct: reconstruct.then_some((gram, damp)),
-    };
+        provenance,
+        (fusion, taylor, fusion_temperature, skip_first, skip_last),
+        reconstruct.then_some((gram, damp)),
+        layer_sparsity,
+    )?;
     run_reporting(py, progress, |report| structured::apply_structured(&opts, report).and_then(|s| to_json(&s)))
 }
 
@@ -552,6 +690,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparsegpt, m)?)?;
     m.add_function(wrap_pyfunction!(apply_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(apply_structured, m)?)?;
+    m.add_class::<PyStructuredPlanner>()?;
     m.add_function(wrap_pyfunction!(compute_mask, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(default_input_axis, m)?)?;

@@ -58,6 +58,9 @@ pub struct StructuredOptions {
     /// Refit the output projections on the kept channels (`--reconstruct`), with the Gram sidecar
     /// (None: the default one) and this damping.
     pub reconstruct: Option<(Option<PathBuf>, f64)>,
+    /// A searched schedule: each layer's own share of its parameters to remove (their mean is
+    /// `sparsity`), planned by the uniform rule with `allocation`'s width multiple; None: `allocation`.
+    pub layer_sparsity: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -155,7 +158,23 @@ fn layer_budgets(ckpt: &Checkpoint, rules: &Rules) -> Vec<LayerBudget> {
         .collect()
 }
 
-pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progress) -> Result<()>) -> Result<StructuredSummary> {
+/// What a structured run knows before it plans: the checkpoint and sidecar, the group rules, every
+/// layer's scores and parameter budget, the layers kept whole, and the Gram sidecar of a refit.
+struct Prepared {
+    run: Run,
+    rules: Rules,
+    scores: Vec<LayerScores>,
+    fusion: Option<Vec<LayerFusion>>,
+    budgets: Vec<LayerBudget>,
+    frozen: Vec<bool>,
+    gram: Option<(crate::sidecar::gram::Gram, f64)>,
+    hywia: Option<(HywiaOptions, usize, usize)>,
+    /// Requested, or the method's default (compensation_unloadable may still turn a default off).
+    compensate: bool,
+    pool: std::sync::Arc<rayon::ThreadPool>,
+}
+
+fn prepare(opts: &StructuredOptions) -> Result<Prepared> {
     if !(0.0..1.0).contains(&opts.sparsity) {
         return Err(Error::arg(format!("sparsity must be in [0, 1), got {}", opts.sparsity)));
     }
@@ -164,6 +183,21 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     }
     if let Some(o) = &opts.hywia {
         o.validate()?;
+    }
+    if let Some(ls) = &opts.layer_sparsity {
+        if opts.allocation == GroupAllocation::Global {
+            return Err(Error::arg("a schedule gives every layer its own sparsity; global allocation does not go with it"));
+        }
+        if opts.hywia.as_ref().is_some_and(|o| o.skip_first.is_some() || o.skip_last.is_some()) {
+            return Err(Error::arg_hint("a schedule sets every layer's sparsity, the skipped ones included", "drop --skip-first/--skip-last"));
+        }
+        let mean = ls.iter().sum::<f64>() / ls.len().max(1) as f64;
+        if (mean - opts.sparsity).abs() > 1e-6 {
+            return Err(Error::arg(format!(
+                "the schedule's layer sparsities average {mean:.6}, not the sparsity {} it was given with",
+                opts.sparsity
+            )));
+        }
     }
     let compensate = opts.compensate.unwrap_or(opts.method.compensates_by_default());
     let mut run = Run::open_checkpoint(&opts.model_dir)?;
@@ -197,7 +231,8 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         (StructMethod::Hywia, o) => {
             let o = o.clone().unwrap_or_default();
             o.validate()?;
-            let (first, last) = o.skipped(rules.layers.len())?;
+            // a schedule chooses every layer's sparsity: no layer is kept whole by rule
+            let (first, last) = if opts.layer_sparsity.is_some() { (0, 0) } else { o.skipped(rules.layers.len())? };
             Some((o, first, last))
         }
         (_, None) => None,
@@ -237,7 +272,102 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         _ => (pool.install(|| metric::score_layers(opts.method, &rules, ckpt, sidecar))?, None),
     };
     let budgets = layer_budgets(ckpt, &rules);
-    let plans = plan::plan_skipping(&scores, &budgets, opts.sparsity, opts.allocation, &frozen, &|kv| config::heads_describable(&rules, kv))?;
+    Ok(Prepared { run, rules, scores, fusion, budgets, frozen, gram, hywia, compensate, pool })
+}
+
+/// Builds structured pruning's edits one layer at a time, at any sparsity, as `apply_structured`
+/// with a schedule writes them (`llmprune search` scores its candidates with it).
+pub struct LayerPlanner {
+    prep: Prepared,
+    compensate: bool,
+    add_attn: bool,
+    add_mlp: bool,
+    width_multiple: usize,
+}
+
+/// One layer at one sparsity: the kept groups, and every edit of its tensors.
+pub struct LayerAtSparsity {
+    pub plan: LayerPlan,
+    pub edits: Edits,
+    pub removed_params: u64,
+    pub params: u64,
+}
+
+impl LayerPlanner {
+    /// `opts` as for `apply_structured` with a schedule (its output directory and sparsity unused).
+    pub fn open(opts: &StructuredOptions) -> Result<LayerPlanner> {
+        let width_multiple = match opts.allocation {
+            GroupAllocation::Uniform { width_multiple } => width_multiple,
+            GroupAllocation::Global => {
+                return Err(Error::arg("a schedule gives every layer its own sparsity; global allocation does not go with it"))
+            }
+        };
+        if opts.reconstruct.is_some() {
+            return Err(Error::arg("searching with --reconstruct is not supported; search without it, then apply with --reconstruct"));
+        }
+        // as with a schedule (hywia keeps no layer whole by rule); its mean is the given sparsity
+        let mut prep = prepare(&StructuredOptions { layer_sparsity: Some(vec![opts.sparsity]), ..opts.clone() })?;
+        // what a schedule that removes something of every module kind adds: any layer may
+        let some: Vec<LayerPlan> =
+            prep.scores.iter().map(|s| LayerPlan { attn_keep: (1..s.attn.len()).collect(), mlp_keep: (1..s.mlp.len()).collect() }).collect();
+        let mut compensate = prep.compensate;
+        if let Some(why) = compensation_unloadable(&prep.rules, &some, compensate) {
+            if opts.compensate.is_some() {
+                return Err(Error::arg_hint(why, "pass --no-compensate"));
+            }
+            prep.run.warnings.push(format!("bias compensation is off (the default for {} where it can load): {why}", opts.method.name()));
+            compensate = false;
+        }
+        let add_attn = slice::needs_added_bias(&prep.rules, &some, compensate, true);
+        let add_mlp = slice::needs_added_bias(&prep.rules, &some, compensate, false);
+        Ok(LayerPlanner { prep, compensate, add_attn, add_mlp, width_multiple })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.prep.rules.layers.len()
+    }
+
+    pub fn compensate(&self) -> bool {
+        self.compensate
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        &self.prep.run.warnings
+    }
+
+    /// The checkpoint dtype of tensor `name`.
+    pub fn dtype_of(&self, name: &str) -> Result<safetensors::Dtype> {
+        self.prep.run.ckpt.get(name).map(|(_, t)| t.dtype).ok_or_else(|| Error::Internal(format!("{name} is not in the checkpoint")))
+    }
+
+    /// Layer `i` removing about `sparsity` of its parameters.
+    pub fn layer(&self, i: usize, sparsity: f64) -> Result<LayerAtSparsity> {
+        let p = &self.prep;
+        if i >= p.rules.layers.len() {
+            return Err(Error::arg(format!("layer {i} does not exist; the model has {} decoder layers", p.rules.layers.len())));
+        }
+        if !(0.0..1.0).contains(&sparsity) {
+            return Err(Error::arg(format!("sparsity must be in [0, 1), got {sparsity}")));
+        }
+        let plan = plan::plan_scheduled(&p.scores[i..=i], &p.budgets[i..=i], &[sparsity], self.width_multiple)
+            .map_err(|e| Error::arg(e.to_string().replace("layer 0", &format!("layer {i}"))))?
+            .remove(0);
+        let edits = p.pool.install(|| {
+            slice::layer_edits(&p.run.ckpt, p.run.sidecar.as_ref(), &p.rules.layers[i], &plan, self.compensate, self.add_attn, self.add_mlp)
+        })?;
+        Ok(LayerAtSparsity { removed_params: plan.removed_params(&p.scores[i], &p.budgets[i]), params: p.budgets[i].params, plan, edits })
+    }
+}
+
+pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progress) -> Result<()>) -> Result<StructuredSummary> {
+    let Prepared { mut run, rules, scores, fusion, budgets, frozen, gram, hywia, compensate, pool } = prepare(opts)?;
+    let plans = match &opts.layer_sparsity {
+        Some(ls) => {
+            let GroupAllocation::Uniform { width_multiple } = opts.allocation else { unreachable!("refused by prepare") };
+            plan::plan_scheduled(&scores, &budgets, ls, width_multiple)?
+        }
+        None => plan::plan_skipping(&scores, &budgets, opts.sparsity, opts.allocation, &frozen, &|kv| config::heads_describable(&rules, kv))?,
+    };
     let mut compensate = compensate;
     if let Some(why) = compensation_unloadable(&rules, &plans, compensate) {
         if opts.compensate.is_some() {
@@ -253,6 +383,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     let shapes = config::layer_shapes(&rules, &plans);
     let params_removed: u64 = plans.iter().zip(&scores).zip(&budgets).map(|((p, s), b)| p.removed_params(s, b)).sum();
     let (block_before, model_before) = count_params(ckpt, &rules);
+    let allocation_name = if opts.layer_sparsity.is_some() { "schedule" } else { opts.allocation.name() };
 
     let staging = run.stage(&opts.out_dir, opts.force)?;
     let run = run;
@@ -260,7 +391,10 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
     let mut prov = serde_json::Map::new();
     prov.insert("method".into(), opts.method.name().into());
     prov.insert("sparsity".into(), opts.sparsity.into());
-    prov.insert("allocation".into(), opts.allocation.name().into());
+    prov.insert("allocation".into(), allocation_name.into());
+    if let Some(ls) = &opts.layer_sparsity {
+        prov.insert("layer_sparsity".into(), ls.clone().into());
+    }
     if let GroupAllocation::Uniform { width_multiple } = opts.allocation {
         prov.insert("width_multiple".into(), width_multiple.into());
     }
@@ -335,7 +469,7 @@ pub fn apply_structured(opts: &StructuredOptions, progress: &mut dyn FnMut(Progr
         out: out.display().to_string(),
         method: opts.method.name().into(),
         sparsity: opts.sparsity,
-        allocation: opts.allocation.name().into(),
+        allocation: allocation_name.into(),
         width_multiple: match opts.allocation {
             GroupAllocation::Uniform { width_multiple } => Some(width_multiple),
             GroupAllocation::Global => None,

@@ -175,6 +175,15 @@ pub fn plan_skipping(
             uniform(scores, budgets, local, frozen, &|k| k == 0 || skipped > 0 || kv_allowed(k), width_multiple)
         }
     };
+    check_nothing_emptied(&plans, scores, |i, what| {
+        format!("sparsity {sparsity} with {} allocation would remove {what} in layer {i}; lower --sparsity", allocation.name())
+    })?;
+    Ok(plans)
+}
+
+/// An error (worded by `message(layer, what)`) where a plan keeps no attention group or no MLP
+/// channel of a layer.
+fn check_nothing_emptied(plans: &[LayerPlan], scores: &[LayerScores], message: impl Fn(usize, &str) -> String) -> Result<()> {
     for (i, (p, s)) in plans.iter().zip(scores).enumerate() {
         let what = if p.attn_keep.is_empty() {
             Some(format!("all {} of its attention groups (key/value heads with their query heads)", s.attn.len()))
@@ -184,12 +193,34 @@ pub fn plan_skipping(
             None
         };
         if let Some(what) = what {
-            return Err(Error::arg(format!(
-                "sparsity {sparsity} with {} allocation would remove {what} in layer {i}; lower --sparsity",
-                allocation.name()
-            )));
+            return Err(Error::arg(message(i, &what)));
         }
     }
+    Ok(())
+}
+
+/// A searched schedule's plan: layer i removes about `layer_sparsity[i]` of its own parameters by
+/// the uniform rule (`uniform_layer`), with any kept head count (the layers differ, so no stock
+/// config describes the output unless they happen to agree) and the kept MLP widths rounded to
+/// `width_multiple`.
+pub fn plan_scheduled(scores: &[LayerScores], budgets: &[LayerBudget], layer_sparsity: &[f64], width_multiple: usize) -> Result<Vec<LayerPlan>> {
+    if layer_sparsity.len() != scores.len() {
+        return Err(Error::arg_hint(
+            format!("the schedule gives {} layer sparsities, and the model has {} decoder layers", layer_sparsity.len(), scores.len()),
+            "search this model: llmprune search MODEL --method METHOD --sparsity S",
+        ));
+    }
+    if let Some((i, s)) = layer_sparsity.iter().enumerate().find(|(_, s)| !(0.0..1.0).contains(*s)) {
+        return Err(Error::arg(format!("the schedule's sparsity {s} for layer {i} is not in [0, 1)")));
+    }
+    let plans: Vec<LayerPlan> =
+        scores.iter().zip(budgets).zip(layer_sparsity).map(|((s, b), &sp)| uniform_layer(s, b, sp, &|_| true, width_multiple)).collect();
+    check_nothing_emptied(&plans, scores, |i, what| {
+        format!(
+            "the schedule's sparsity {} for layer {i} would remove {what}; search again with fewer --levels or a smaller --step",
+            layer_sparsity[i]
+        )
+    })?;
     Ok(plans)
 }
 
@@ -266,17 +297,24 @@ fn uniform(
             if skip {
                 return LayerPlan { attn_keep: (0..s.attn.len()).collect(), mlp_keep: (0..s.mlp.len()).collect() };
             }
-            let h = nearest_allowed(sparsity * s.attn.len() as f64, s.attn.len(), kv_allowed);
-            let rest = sparsity * b.params as f64 - (h as u64 * b.attn_cost) as f64;
-            let c = if b.mlp_cost == 0 { 0.0 } else { (rest / b.mlp_cost as f64 + 0.5).floor().max(0.0) };
-            let width = s.mlp.len();
-            let c = width - round_width(width - (c as usize).min(width), width, width_multiple);
-            LayerPlan {
-                attn_keep: keep_all_but(s.attn.len(), ascending(&s.attn).into_iter().take(h)),
-                mlp_keep: keep_all_but(s.mlp.len(), ascending(&s.mlp).into_iter().take(c)),
-            }
+            uniform_layer(s, b, sparsity, kv_allowed, width_multiple)
         })
         .collect()
+}
+
+/// One layer removing about `sparsity` of its parameters: h attention groups (the count nearest
+/// S·G that `kv_allowed` leaves), then the MLP channels that bring it closest to S, the kept width
+/// rounded to `width_multiple`; the lowest scores go, lower index first on ties.
+pub fn uniform_layer(s: &LayerScores, b: &LayerBudget, sparsity: f64, kv_allowed: &dyn Fn(usize) -> bool, width_multiple: usize) -> LayerPlan {
+    let h = nearest_allowed(sparsity * s.attn.len() as f64, s.attn.len(), kv_allowed);
+    let rest = sparsity * b.params as f64 - (h as u64 * b.attn_cost) as f64;
+    let c = if b.mlp_cost == 0 { 0.0 } else { (rest / b.mlp_cost as f64 + 0.5).floor().max(0.0) };
+    let width = s.mlp.len();
+    let c = width - round_width(width - (c as usize).min(width), width, width_multiple);
+    LayerPlan {
+        attn_keep: keep_all_but(s.attn.len(), ascending(&s.attn).into_iter().take(h)),
+        mlp_keep: keep_all_but(s.mlp.len(), ascending(&s.mlp).into_iter().take(c)),
+    }
 }
 
 #[cfg(test)]
@@ -406,5 +444,25 @@ mod tests {
         assert!(GroupAllocation::parse("uniform", Some(0)).is_err());
         assert!(GroupAllocation::parse("global", Some(64)).unwrap_err().to_string().contains("uniform"));
         assert_eq!(GroupAllocation::parse("global", None).unwrap(), GroupAllocation::Global);
+    }
+
+    #[test]
+    fn a_schedule_plans_each_layer_at_its_own_sparsity() {
+        let scores = vec![layer(&[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0]), layer(&[5.0, 1.0], &[4.0, 3.0, 2.0, 1.0])];
+        let b = LayerBudget { attn_cost: 10, mlp_cost: 1, params: 40 };
+        // each layer exactly as uniform allocation at its own sparsity
+        let p = plan_scheduled(&scores, &[b, b], &[0.0, 0.3], 1).unwrap();
+        assert_eq!(p[0], LayerPlan { attn_keep: vec![0, 1], mlp_keep: vec![0, 1, 2, 3] });
+        assert_eq!(p[1], plan(&scores, &[b, b], 0.3, GroupAllocation::Uniform { width_multiple: 1 }).unwrap()[1]);
+        // equal sparsities: uniform allocation
+        assert_eq!(
+            plan_scheduled(&scores, &[b, b], &[0.3, 0.3], 1).unwrap(),
+            plan(&scores, &[b, b], 0.3, GroupAllocation::Uniform { width_multiple: 1 }).unwrap()
+        );
+        let e = plan_scheduled(&scores, &[b, b], &[0.3], 1).unwrap_err().to_string();
+        assert!(e.contains("1 layer sparsities") && e.contains("2 decoder layers"), "{e}");
+        assert!(plan_scheduled(&scores, &[b, b], &[0.3, 1.0], 1).unwrap_err().to_string().contains("not in [0, 1)"));
+        let e = plan_scheduled(&scores, &[b, b], &[0.0, 0.9], 1).unwrap_err().to_string();
+        assert!(e.contains("layer 1") && e.contains("0.9"), "{e}");
     }
 }

@@ -238,6 +238,22 @@ pub fn needs_added_bias(rules: &Rules, plans: &[LayerPlan], compensate: bool, at
         })
 }
 
+/// The edits of one layer alone; `add_attn`/`add_mlp` as `build_edits` decides them for the model.
+pub fn layer_edits(
+    ckpt: &Checkpoint,
+    sidecar: Option<&Sidecar>,
+    layer: &crate::structured::arch::Layer,
+    plan: &LayerPlan,
+    compensate: bool,
+    add_attn: bool,
+    add_mlp: bool,
+) -> Result<Edits> {
+    let mut edits = Edits::default();
+    module_edits(ckpt, sidecar, None, &layer.attn, &plan.attn_keep, compensate, add_attn, &mut edits)?;
+    module_edits(ckpt, sidecar, None, &layer.mlp, &plan.mlp_keep, compensate, add_mlp, &mut edits)?;
+    Ok(edits)
+}
+
 pub fn build_edits(
     ckpt: &Checkpoint,
     sidecar: Option<&Sidecar>,
