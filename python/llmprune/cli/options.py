@@ -272,7 +272,7 @@ def searched_schedule(path: Path, model: Path, kind: str) -> dict[str, Any] | No
         raise UsageError(f"--allocation {path} is a schedule of {what}", hint=f"use it with --method {doc.get('method')}")
     ckpt = Checkpoint(model)
     if doc.get("model_fingerprint") != ckpt.fingerprint or doc.get("model_content_sha256") != ckpt.content_digest():
-        from llmprune.cli.search import rerun_hint
+        from llmprune.cli.search_defaults import rerun_hint
 
         raise UsageError(f"--allocation {path} was searched on another model (its tensors differ from {model}'s)", hint=rerun_hint(model, doc))
     return doc
