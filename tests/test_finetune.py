@@ -265,3 +265,14 @@ def test_missing_peft(run_cli, bad_model, tmp_path):
         run_cli, bad_model, ["--data", text_file(tmp_path), *FAST], env=cli_env(PYTHONPATH=path),
         contains="peft", hint_contains="pip install 'llmprune[finetune]'",
     )
+
+
+@pytest.mark.parametrize(
+    "losses, first, last",
+    [([5.0], 5.0, 5.0), ([5.0, 4.0, 3.0], 5.0, 3.0), ([float(i) for i in range(8, 0, -1)], 6.5, 2.5), ([float(i) for i in range(30, 0, -1)], 25.5, 5.5)],
+)
+def test_first_and_last_loss_never_share_a_step(losses, first, last):
+    from llmprune.finetune import TrainResult
+
+    r = TrainResult(losses, 0, 0.0, "float32")
+    assert (r.loss_first(), r.loss_last()) == (first, last)

@@ -68,11 +68,16 @@ class TrainResult:
     trainable_params: int = 0
     loss_after: float = math.nan  # the first batch's loss after the last step (dropout off)
 
+    def window(self) -> int:
+        """Steps averaged for the first and the last loss: LOSS_WINDOW, or half the steps when
+        fewer, so the two means never share a step (with one step, both are its loss)."""
+        return max(1, min(LOSS_WINDOW, len(self.losses) // 2))
+
     def loss_first(self) -> float:
-        return _mean(self.losses[:LOSS_WINDOW])
+        return _mean(self.losses[: self.window()])
 
     def loss_last(self) -> float:
-        return _mean(self.losses[-LOSS_WINDOW:])
+        return _mean(self.losses[-self.window() :])
 
 
 def _mean(xs: list[float]) -> float:

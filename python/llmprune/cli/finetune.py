@@ -214,7 +214,7 @@ def finetune_cmd(
     if json_out:
         print_json(summary)
         return
-    window = min(ft.LOSS_WINDOW, total)
+    window = result.window()
     typer.echo(
         f"{'full' if full else f'lora r={rank}'}{' distillation' if teacher is not None else ''} on {len(result.modules)} linears: {total} steps, {result.tokens:,} tokens of {source} on {dev}; "
         f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} (mean of the first / last {window} steps); "
