@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -279,35 +276,3 @@ def test_first_and_last_loss_never_share_a_step(losses, first, last):
 
     r = TrainResult(losses, 0, 0.0, "float32")
     assert (r.loss_first(), r.loss_last()) == (first, last)
-
-
-RSS_PROBE = """
-import os, sys, torch
-from llmprune.finetune import map_large_allocations
-if sys.argv[1] == "fixed":
-    assert map_large_allocations()
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-x = torch.ones(8 << 20, dtype=torch.uint8)
-del x  # by default this raises glibc's mmap threshold above 8 MiB
-base = rss()
-xs = [torch.ones(8 << 20, dtype=torch.uint8) for _ in range(20)]
-keep = xs.pop()  # the newest stays alive above the others
-del xs
-print((rss() - base) >> 20)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the mmap threshold is glibc's")
-def test_freed_tensors_go_back_to_the_system():
-    """After map_large_allocations (which train_lora calls), tensors freed below a live one return
-    their memory; without it, glibc keeps them in its heap (the growth of a training run's peak)."""
-    env = {k: v for k, v in cli_env().items() if not k.startswith("MALLOC_")}  # glibc's own defaults
-    held = {}
-    for mode in ("fixed", "default"):
-        out = subprocess.run([sys.executable, "-c", RSS_PROBE, mode], capture_output=True, text=True, check=True, env=env)
-        held[mode] = int(out.stdout.split()[-1])
-    assert held["fixed"] <= 40, held  # the live 8 MiB tensor, and slack
-    assert held["default"] >= 120, held  # 19 freed 8 MiB tensors kept: the fault the setting removes

@@ -12,11 +12,9 @@ every other tensor is copied unchanged.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -41,9 +39,6 @@ DIVERGED_MARGIN = 1.0
 # (recovery changes a weight by a small fraction of its size; a large learning rate can leave the
 # loss of a small model unmoved, a normalized layer hiding the damage, while destroying the weights)
 MAX_RELATIVE_UPDATE = 10.0
-# glibc's mallopt parameter for the size from which an allocation gets its own mapping
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 20
 
 
 @dataclass
@@ -148,26 +143,6 @@ def _precision(device: torch.device) -> tuple[str, torch.dtype | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def map_large_allocations() -> bool:
-    """Gives every CPU allocation of 1 MiB or more its own mapping, returned to the system when freed.
-
-    By default glibc raises this threshold each time such a mapped block is freed (up to 32 MiB), so
-    after the first training step the activations, logits and gradients of every later step come
-    from the heap, whose freed blocks the next step's differently sized tensors cannot all reuse:
-    a 30-step LoRA run on SmolLM2 then peaked at 10-11 GiB instead of about 6 (docs/quality.md,
-    "Block reconstruction"). Fixing the threshold stops that growth. True when the C library took
-    the setting; False off glibc (musl and others have no such threshold, or no mallopt)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-
-
 def batch_indices(n: int, batch_size: int, steps: int, seed: int):
     """`steps` batches of row indices of n rows, each epoch in a fresh random order (per `seed`)."""
     gen = torch.Generator().manual_seed(seed)
@@ -221,7 +196,6 @@ def train_lora(
     """Fine-tunes LoRA adapters on `samples` [N, L] and returns the merged model (on the CPU). With
     `lora` None, trains the weights of the block linears named `full_targets` themselves instead,
     every zero weight staying zero. With `distill`, the loss is the teacher's (Distill)."""
-    map_large_allocations()
     torch.manual_seed(train.seed)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
